@@ -1,1 +1,141 @@
+//! The session store: the routing table "session id → worker id" shared by proxies.
+//!
+//! [`Store`] is blockyard's `session.Store` interface made Rust-native: every operation returns a
+//! `Result`, so "no session" and "backend down" are different answers. Four implementations share
+//! one conformance suite (`tests/store_conformance.rs`):
+//!
+//! - [`MemoryStore`]: in-process, the embedded default;
+//! - [`PostgresStore`]: the source of truth, table `blockyard_sessions`;
+//! - [`RedisStore`]: hashes `{prefix}session:{id}` plus a per-worker index;
+//! - [`LayeredStore`]: a cache store over a primary store.
 
+mod entry;
+mod error;
+mod layered;
+mod memory;
+mod options;
+mod postgres;
+mod redis;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use entry::{Entry, MAX_ID_BYTES, validate_id};
+pub use error::{StoreError, redact_url};
+pub use layered::{LayeredStats, LayeredStore};
+pub use memory::MemoryStore;
+pub use options::StoreOptions;
+pub use postgres::{DEFAULT_SCHEMA, PostgresStore};
+pub use redis::{DEFAULT_PREFIX, RedisOptions, RedisStore};
+
+/// Result of a store operation.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which sessions a maintenance sweep removes.
+#[derive(Debug, Clone, Copy)]
+pub enum Sweep<'a> {
+    /// Sessions whose `expires_at` has passed (the Postgres expiry loop).
+    Expired,
+    /// Sessions whose last access is older than `max_age` (plus the touch window, see
+    /// [`StoreOptions::touch_window`]), optionally only those of the given workers.
+    Idle {
+        max_age: Duration,
+        workers: Option<&'a [String]>,
+    },
+}
+
+/// A session routing table.
+///
+/// Worker-level operations (`delete_by_worker`, `count_for_worker`, `reroute_worker`,
+/// `entries_for_worker`) cost O(sessions of that worker) in every implementation. Reads and counts
+/// never include sessions whose idle TTL has passed, even before a sweep removed them.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Looks a session up; `None` when it does not exist or has expired.
+    async fn get(&self, id: &str) -> Result<Option<Entry>>;
+
+    /// Creates or replaces a session and restarts its idle TTL.
+    async fn set(&self, id: &str, entry: &Entry) -> Result<()>;
+
+    /// Sets `last_access` to now and restarts the idle TTL; `false` when the session is absent.
+    async fn touch(&self, id: &str) -> Result<bool>;
+
+    /// Removes one session; `false` when it was absent.
+    async fn delete(&self, id: &str) -> Result<bool>;
+
+    /// Removes the given sessions (absent ones are skipped); returns how many were removed.
+    async fn delete_many(&self, ids: &[String]) -> Result<u64>;
+
+    /// Removes every session of a worker; returns how many were removed.
+    async fn delete_by_worker(&self, worker_id: &str) -> Result<u64>;
+
+    /// Number of live sessions of a worker.
+    async fn count_for_worker(&self, worker_id: &str) -> Result<u64>;
+
+    /// Number of live sessions of all the given workers together.
+    async fn count_for_workers(&self, worker_ids: &[String]) -> Result<u64>;
+
+    /// Live session counts of every worker that has at least one session.
+    async fn counts_by_worker(&self) -> Result<BTreeMap<String, u64>>;
+
+    /// Moves every session of `from` to `to`; returns how many moved.
+    async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64>;
+
+    /// Snapshot of a worker's live sessions.
+    async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>>;
+
+    /// Removes at most `limit` sessions selected by `sweep` and returns their ids.
+    ///
+    /// Sweeps run in bounded batches so that a million expired rows never hold locks long
+    /// enough to stall proxies; [`Store::sweep`] loops over batches.
+    async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>>;
+
+    /// The options this store was built with.
+    fn options(&self) -> &StoreOptions;
+
+    /// Runs `sweep` to completion in batches of [`StoreOptions::batch_size`]; returns how many
+    /// sessions were removed.
+    async fn sweep(&self, sweep: Sweep<'_>) -> Result<u64> {
+        if let Sweep::Idle {
+            workers: Some([]), ..
+        } = sweep
+        {
+            return Ok(0);
+        }
+        let limit = self.options().batch_size;
+        let mut removed = 0;
+        loop {
+            let batch = self.sweep_batch(sweep, limit).await?;
+            removed += batch.len() as u64;
+            if batch.len() < limit {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Removes sessions idle longer than `max_age`.
+    async fn sweep_idle(&self, max_age: Duration) -> Result<u64> {
+        self.sweep(Sweep::Idle {
+            max_age,
+            workers: None,
+        })
+        .await
+    }
+
+    /// Removes sessions idle longer than `max_age` that belong to one of `worker_ids`, so that
+    /// one policy's TTL never deletes another policy's sessions.
+    async fn sweep_idle_for_workers(&self, max_age: Duration, worker_ids: &[String]) -> Result<u64> {
+        self.sweep(Sweep::Idle {
+            max_age,
+            workers: Some(worker_ids),
+        })
+        .await
+    }
+
+    /// Removes sessions whose `expires_at` has passed.
+    async fn expire(&self) -> Result<u64> {
+        self.sweep(Sweep::Expired).await
+    }
+}

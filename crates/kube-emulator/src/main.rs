@@ -1,0 +1,59 @@
+//! `kube-emulator` binary: serves an in-memory API server until interrupted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "kube-emulator", about = "In-memory Kubernetes API server for tests")]
+struct Args {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Write a kubeconfig pointing at the emulator to this file.
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+    /// Events retained for resuming watches; older versions get 410 Gone.
+    #[arg(long, default_value_t = 10_000)]
+    history_limit: usize,
+    /// Seconds between watch bookmarks.
+    #[arg(long, default_value_t = 5)]
+    bookmark_interval: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let emulator = kube_emulator::Emulator::builder()
+        .listen(args.listen)
+        .history_limit(args.history_limit)
+        .bookmark_interval(Duration::from_secs(args.bookmark_interval.max(1)))
+        .start()
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    if let Some(path) = &args.kubeconfig_out {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, emulator.kubeconfig()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("kube-emulator listening on {}", emulator.url());
+    wait_for_signal().await?;
+    emulator.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

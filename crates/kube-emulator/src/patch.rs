@@ -1,0 +1,373 @@
+//! The four PATCH flavours: JSON merge patch (RFC 7386), JSON patch (RFC 6902),
+//! strategic merge patch and server-side apply.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Patch body formats, keyed by request `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    Json,
+    Merge,
+    Strategic,
+    Apply,
+}
+
+impl PatchKind {
+    pub fn from_content_type(ct: &str) -> ApiResult<Self> {
+        let base = ct.split(';').next().unwrap_or("").trim();
+        match base {
+            "application/json-patch+json" => Ok(Self::Json),
+            "application/merge-patch+json" => Ok(Self::Merge),
+            "application/strategic-merge-patch+json" => Ok(Self::Strategic),
+            "application/apply-patch+yaml" | "application/apply-patch+cbor" => Ok(Self::Apply),
+            _ => Err(ApiError::unsupported_media_type(ct)),
+        }
+    }
+}
+
+/// RFC 7386 merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    json_patch::merge(target, patch);
+}
+
+/// RFC 6902 JSON patch; failures (e.g. a failed `test`) are 422 like the API server.
+pub fn json_patch(target: &mut Value, patch: &Value) -> ApiResult<()> {
+    let ops: json_patch::Patch = serde_json::from_value(patch.clone())
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+    json_patch::patch(target, &ops)
+        .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))
+}
+
+/// Merge key for list fields that Kubernetes merges by key in strategic merge patch.
+/// Lists not named here are replaced wholesale, as for most built-in list fields.
+fn merge_key(field: &str) -> Option<&'static str> {
+    match field {
+        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
+        | "imagePullSecrets" | "readinessGates" => Some("name"),
+        "conditions" => Some("type"),
+        "ports" => Some("containerPort"),
+        "volumeMounts" => Some("mountPath"),
+        "ownerReferences" => Some("uid"),
+        _ => None,
+    }
+}
+
+/// Primitive lists that strategic merge treats as sets.
+fn is_set_list(field: &str) -> bool {
+    field == "finalizers"
+}
+
+/// Strategic merge patch with the directives clients actually send
+/// (`$patch: replace|delete`, `$deleteFromPrimitiveList/…`, `$setElementOrder/…` is ignored).
+pub fn strategic_merge(target: &mut Value, patch: &Value) {
+    let Some(patch_map) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if patch_map.get("$patch").and_then(Value::as_str) == Some("replace") {
+        let mut replaced = patch.clone();
+        if let Some(m) = replaced.as_object_mut() {
+            m.remove("$patch");
+        }
+        *target = replaced;
+        return;
+    }
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Some(target_map) = target.as_object_mut() else { return };
+    for (key, pv) in patch_map {
+        if key == "$patch" || key.starts_with("$setElementOrder/") || key == "$retainKeys" {
+            continue;
+        }
+        if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(list), Some(remove)) = (
+                target_map.get_mut(field).and_then(Value::as_array_mut),
+                pv.as_array(),
+            ) {
+                list.retain(|x| !remove.contains(x));
+            }
+            continue;
+        }
+        match pv {
+            Value::Null => {
+                target_map.remove(key);
+            }
+            Value::Object(_) => {
+                if pv.get("$patch").and_then(Value::as_str) == Some("delete") {
+                    target_map.remove(key);
+                    continue;
+                }
+                let slot = target_map.entry(key.clone()).or_insert(Value::Null);
+                strategic_merge(slot, pv);
+            }
+            Value::Array(items) => {
+                let existing = target_map.get_mut(key).and_then(Value::as_array_mut);
+                match (merge_key(key), existing) {
+                    (Some(mk), Some(list)) => merge_keyed_list(list, items, mk),
+                    (None, Some(list)) if is_set_list(key) => {
+                        for item in items {
+                            if !list.contains(item) {
+                                list.push(item.clone());
+                            }
+                        }
+                    }
+                    _ => {
+                        let cleaned: Vec<Value> = items
+                            .iter()
+                            .filter(|i| i.get("$patch").is_none())
+                            .cloned()
+                            .collect();
+                        target_map.insert(key.clone(), Value::Array(cleaned));
+                    }
+                }
+            }
+            _ => {
+                target_map.insert(key.clone(), pv.clone());
+            }
+        }
+    }
+}
+
+fn merge_keyed_list(list: &mut Vec<Value>, items: &[Value], mk: &str) {
+    if items
+        .iter()
+        .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"))
+    {
+        *list = items
+            .iter()
+            .filter(|i| i.get("$patch").is_none())
+            .cloned()
+            .collect();
+        return;
+    }
+    for item in items {
+        let Some(key_value) = item.get(mk) else {
+            list.push(item.clone());
+            continue;
+        };
+        let pos = list.iter().position(|e| e.get(mk) == Some(key_value));
+        let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
+        match (pos, delete) {
+            (Some(i), true) => {
+                list.remove(i);
+            }
+            (None, true) => {}
+            (Some(i), false) => strategic_merge(&mut list[i], item),
+            (None, false) => {
+                let mut fresh = Value::Object(Map::new());
+                strategic_merge(&mut fresh, item);
+                list.push(fresh);
+            }
+        }
+    }
+}
+
+/// Fields owned by server-side-apply managers, as JSON pointers to leaf values.
+///
+/// Only *appliers* are tracked. A non-apply write that changes a field takes it away
+/// from every applier (as an `Update` manager would take ownership), so later applies
+/// conflict only with fields another applier still owns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FieldOwners {
+    appliers: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl FieldOwners {
+    pub fn is_empty(&self) -> bool {
+        self.appliers.is_empty()
+    }
+
+    /// Managers and their field counts, for `metadata.managedFields`-like reporting.
+    pub fn managers(&self) -> impl Iterator<Item = (&String, &BTreeSet<String>)> {
+        self.appliers.iter()
+    }
+
+    /// Drops ownership of every field whose value differs between `old` and `new`.
+    pub fn forget_changed(&mut self, old: &Value, new: &Value) {
+        for fields in self.appliers.values_mut() {
+            fields.retain(|p| old.pointer(p) == new.pointer(p));
+        }
+        self.appliers.retain(|_, f| !f.is_empty());
+    }
+}
+
+/// Leaf fields an applier can own: everything except identity/system metadata.
+/// Lists are atomic leaves.
+fn owned_leaves(v: &Value) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    if let Some(map) = v.as_object() {
+        for (k, child) in map {
+            match k.as_str() {
+                "apiVersion" | "kind" => {}
+                "metadata" => {
+                    for mk in ["labels", "annotations"] {
+                        if let Some(m) = child.get(mk) {
+                            flatten(m, &format!("/metadata/{mk}"), &mut out);
+                        }
+                    }
+                    if let Some(f) = child.get("finalizers") {
+                        out.insert("/metadata/finalizers".into(), f.clone());
+                    }
+                }
+                _ => flatten(child, &format!("/{}", escape(k)), &mut out),
+            }
+        }
+    }
+    out
+}
+
+fn escape(k: &str) -> String {
+    k.replace('~', "~0").replace('/', "~1")
+}
+
+fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, child) in map {
+                flatten(child, &format!("{prefix}/{}", escape(k)), out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+    }
+}
+
+fn remove_pointer(v: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let key = last.replace("~1", "/").replace("~0", "~");
+    let parent_value = if parent.is_empty() { Some(v) } else { v.pointer_mut(parent) };
+    if let Some(Value::Object(m)) = parent_value {
+        m.remove(&key);
+    }
+}
+
+/// Merges an applied configuration into the live object for `manager`.
+///
+/// Returns the conflicting field paths when another applier owns a field with a
+/// different value and `force` is false. Fields the manager applied before but
+/// omits now are removed unless someone else owns them.
+pub fn server_side_apply(
+    live: &Value,
+    applied: &Value,
+    manager: &str,
+    force: bool,
+    owners: &mut FieldOwners,
+) -> Result<Value, Vec<String>> {
+    let leaves = owned_leaves(applied);
+    let mut conflicts = Vec::new();
+    for (path, value) in &leaves {
+        let live_value = live.pointer(path);
+        if live_value == Some(value) {
+            continue;
+        }
+        for (other, fields) in &owners.appliers {
+            if other != manager && fields.contains(path) {
+                conflicts.push(format!("conflict with \"{other}\": {path}"));
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        return Err(conflicts);
+    }
+    let mut merged = live.clone();
+    if !merged.is_object() {
+        merged = Value::Object(Map::new());
+    }
+    apply_merge(&mut merged, applied);
+    let previous = owners.appliers.remove(manager).unwrap_or_default();
+    for path in previous.difference(&leaves.keys().cloned().collect()) {
+        let owned_elsewhere = owners.appliers.values().any(|f| f.contains(path));
+        if !owned_elsewhere {
+            remove_pointer(&mut merged, path);
+        }
+    }
+    for (path, value) in &leaves {
+        for fields in owners.appliers.values_mut() {
+            if live.pointer(path) != Some(value) {
+                fields.remove(path);
+            }
+        }
+    }
+    owners.appliers.retain(|_, f| !f.is_empty());
+    owners
+        .appliers
+        .insert(manager.to_string(), leaves.into_keys().collect());
+    Ok(merged)
+}
+
+/// Like a merge patch, but `null` in an applied configuration means "set null" is not
+/// meaningful to us, so it removes the field just like merge patch does.
+fn apply_merge(target: &mut Value, applied: &Value) {
+    json_patch::merge(target, applied);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strategic_merges_containers_and_conditions_by_key() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}]},
+            "metadata": {"finalizers": ["x"]}});
+        strategic_merge(&mut pod, &json!({
+            "spec": {"containers": [{"name": "b", "image": "b:2"}, {"name": "c", "image": "c:1"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            "metadata": {"finalizers": ["y"]}}));
+        assert_eq!(pod["spec"]["containers"], json!([
+            {"name": "a", "image": "a:1"}, {"name": "b", "image": "b:2"}, {"name": "c", "image": "c:1"}]));
+        assert_eq!(pod["status"]["conditions"], json!([
+            {"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}]));
+        assert_eq!(pod["metadata"]["finalizers"], json!(["x", "y"]));
+        strategic_merge(&mut pod, &json!({"spec": {"containers": [{"name": "a", "$patch": "delete"}]},
+            "$deleteFromPrimitiveList/finalizers": ["x"]}));
+        assert_eq!(pod["spec"]["containers"].as_array().map(Vec::len), Some(2));
+        strategic_merge(&mut pod, &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["x"]}}));
+        assert_eq!(pod["metadata"]["finalizers"], json!(["y"]));
+    }
+
+    #[test]
+    fn strategic_null_deletes() {
+        let mut v = json!({"spec": {"a": 1, "b": 2}});
+        strategic_merge(&mut v, &json!({"spec": {"a": null}}));
+        assert_eq!(v, json!({"spec": {"b": 2}}));
+    }
+
+    #[test]
+    fn apply_conflicts_between_managers_unless_forced() {
+        let mut owners = FieldOwners::default();
+        let live = Value::Null;
+        let a = json!({"spec": {"holder": "a", "renew": 1}});
+        let live = server_side_apply(&live, &a, "a", false, &mut owners).expect("first apply");
+        // Same value: shared, no conflict.
+        let same = json!({"spec": {"holder": "a"}});
+        assert!(server_side_apply(&live, &same, "b", false, &mut owners.clone()).is_ok());
+        let b = json!({"spec": {"holder": "b"}});
+        let err = server_side_apply(&live, &b, "b", false, &mut owners).expect_err("conflict");
+        assert_eq!(err.len(), 1);
+        let live = server_side_apply(&live, &b, "b", true, &mut owners).expect("forced");
+        assert_eq!(live["spec"]["holder"], "b");
+        // Manager a re-applies without `renew`: the field it alone owned disappears.
+        let live = server_side_apply(&live, &json!({"spec": {}}), "a", false, &mut owners).expect("shrink");
+        assert_eq!(live, json!({"spec": {"holder": "b"}}));
+    }
+
+    #[test]
+    fn updates_take_ownership_away_from_appliers() {
+        let mut owners = FieldOwners::default();
+        let live = server_side_apply(&Value::Null, &json!({"spec": {"h": "a"}}), "a", false, &mut owners)
+            .expect("apply");
+        let mut updated = live.clone();
+        updated["spec"]["h"] = json!("z");
+        owners.forget_changed(&live, &updated);
+        assert!(server_side_apply(&updated, &json!({"spec": {"h": "b"}}), "b", false, &mut owners).is_ok());
+    }
+}

@@ -1,0 +1,110 @@
+//! The catalogue of served resource types: built-ins plus those created by CRDs.
+
+use std::sync::Arc;
+
+use crate::schema::Schema;
+
+/// Everything the server needs to know about one served group/version/resource.
+#[derive(Debug, Clone)]
+pub struct ResourceType {
+    /// API group; empty for the core group.
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub plural: String,
+    pub singular: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    /// Whether `/status` is a separate subresource (then the main endpoint ignores `.status`).
+    pub status_subresource: bool,
+    /// Structural schema for custom resources; `None` for built-ins.
+    pub schema: Option<Arc<Schema>>,
+    /// True for types defined by a CustomResourceDefinition.
+    pub custom: bool,
+}
+
+impl ResourceType {
+    /// `apiVersion` value for objects of this type.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Storage key: objects are shared between versions of the same group/resource.
+    pub fn storage_key(&self) -> StorageKey {
+        StorageKey {
+            group: self.group.clone(),
+            plural: self.plural.clone(),
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    fn builtin(
+        group: &str,
+        version: &str,
+        kind: &str,
+        plural: &str,
+        namespaced: bool,
+        status: bool,
+        short_names: &[&str],
+    ) -> Self {
+        Self {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            singular: kind.to_lowercase(),
+            namespaced,
+            short_names: short_names.iter().map(|s| s.to_string()).collect(),
+            categories: Vec::new(),
+            status_subresource: status,
+            schema: None,
+            custom: false,
+        }
+    }
+}
+
+/// Identifies one storage bucket (group + plural, independent of version).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorageKey {
+    pub group: String,
+    pub plural: String,
+}
+
+/// The resources every emulator serves from the start.
+pub fn builtin_resources() -> Vec<ResourceType> {
+    let mut pods = ResourceType::builtin("", "v1", "Pod", "pods", true, true, &["po"]);
+    pods.categories = vec!["all".into()];
+    let mut deployments =
+        ResourceType::builtin("apps", "v1", "Deployment", "deployments", true, true, &["deploy"]);
+    deployments.categories = vec!["all".into()];
+    let mut replicasets =
+        ResourceType::builtin("apps", "v1", "ReplicaSet", "replicasets", true, true, &["rs"]);
+    replicasets.categories = vec!["all".into()];
+    vec![
+        ResourceType::builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
+        pods,
+        ResourceType::builtin("", "v1", "Event", "events", true, false, &["ev"]),
+        ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, false, &["cm"]),
+        ResourceType::builtin("events.k8s.io", "v1", "Event", "events", true, false, &["ev"]),
+        ResourceType::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, false, &[]),
+        deployments,
+        replicasets,
+        ResourceType::builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+            true,
+            &["crd", "crds"],
+        ),
+    ]
+}

@@ -1,0 +1,508 @@
+//! HTTP routing: maps Kubernetes REST paths and verbs onto the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::discovery;
+use crate::error::{ApiError, ApiResult};
+use crate::patch::PatchKind;
+use crate::resources::ResourceType;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::store::{DeleteOptions, Deleted, Store, Subresource, WatchEvent, WatchStart, WriteOptions};
+use crate::testing::ControlState;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+pub(crate) struct AppState {
+    pub store: Arc<Store>,
+    pub control: Arc<ControlState>,
+    pub bookmark_interval: Duration,
+    pub address: String,
+}
+
+/// Where a resource request points.
+struct Target {
+    rt: ResourceType,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// The single request entry point; every failure becomes a `Status` response.
+pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string())),
+    };
+    let result = route(&state, &parts.method, parts.uri.path(), &query, &parts.headers, body).await;
+    match result {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn route(
+    state: &Arc<AppState>,
+    method: &Method,
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let resources = state.store.resources();
+    match segments.as_slice() {
+        ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
+        ["healthz" | "readyz" | "livez"] => {
+            return Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("ok"))
+                .unwrap_or_default());
+        }
+        ["api"] => return Ok(json_response(StatusCode::OK, &discovery::core_versions(&state.address))),
+        ["apis"] => return Ok(json_response(StatusCode::OK, &discovery::group_list(&resources))),
+        ["api", "v1"] => {
+            let list = discovery::resource_list(&resources, "", "v1").ok_or_else(|| ApiError::no_route(path))?;
+            return Ok(json_response(StatusCode::OK, &list));
+        }
+        ["apis", group] => {
+            let g = discovery::group(&resources, group).ok_or_else(|| ApiError::no_route(path))?;
+            return Ok(json_response(StatusCode::OK, &g));
+        }
+        ["apis", group, version] => {
+            let list = discovery::resource_list(&resources, group, version).ok_or_else(|| ApiError::no_route(path))?;
+            return Ok(json_response(StatusCode::OK, &list));
+        }
+        _ => {}
+    }
+    let (target, legacy_watch) = resolve(&resources, &segments).ok_or_else(|| ApiError::no_route(path))?;
+    let watch = legacy_watch || flag(query, "watch");
+    let verb = verb_of(method, &target, watch);
+    let (latency, fault) = state.control.check(&target.rt.plural, verb);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if let Some(err) = fault {
+        return Err(err);
+    }
+    let rt = &target.rt;
+    let ns = target.namespace.clone().unwrap_or_default();
+    let sub = match target.subresource.as_deref() {
+        None => Subresource::Main,
+        Some("status") if rt.status_subresource => Subresource::Status,
+        Some(other) => return Err(ApiError::no_route(&format!("{}/{other}", rt.plural))),
+    };
+    let store = &state.store;
+    match (verb, target.name.as_deref()) {
+        ("get", Some(name)) => Ok(json_response(StatusCode::OK, &store.get(rt, &ns, name)?)),
+        ("list", None) => list(store, &target, query),
+        ("watch", _) => watch(state, &target, query),
+        ("create", None) => {
+            let obj = parse_json(&body)?;
+            let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
+            Ok(json_response(StatusCode::CREATED, &created))
+        }
+        ("update", Some(name)) => {
+            let obj = parse_json(&body)?;
+            let updated = store.update(rt, &ns, name, obj, sub, &write_options(query, headers))?;
+            Ok(json_response(StatusCode::OK, &updated))
+        }
+        ("patch", Some(name)) => {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let kind = PatchKind::from_content_type(content_type)?;
+            let patch = if kind == PatchKind::Apply { parse_yaml(&body)? } else { parse_json(&body)? };
+            let existed = store.get(rt, &ns, name).is_ok();
+            let patched = store.patch(rt, &ns, name, kind, &patch, sub, &write_options(query, headers))?;
+            let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
+            Ok(json_response(code, &patched))
+        }
+        ("delete", Some(name)) => {
+            let opts = delete_options(query, &body)?;
+            match store.delete(rt, &ns, name, &opts)? {
+                Deleted::Pending(obj) => Ok(json_response(StatusCode::OK, &obj)),
+                Deleted::Removed(obj) => {
+                    if rt.group.is_empty() && rt.plural == "pods" {
+                        return Ok(json_response(StatusCode::OK, &obj));
+                    }
+                    let status = json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                        "details": {"name": name, "group": rt.group, "kind": rt.plural,
+                                    "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)}
+                    });
+                    Ok(json_response(StatusCode::OK, &status))
+                }
+            }
+        }
+        ("deletecollection", None) => {
+            let opts = delete_options(query, &body)?;
+            let (labels, fields) = selectors(store, rt, query)?;
+            let items = store.delete_collection(rt, target.namespace.as_deref(), &labels, &fields, &opts)?;
+            let list = json!({
+                "kind": rt.list_kind(), "apiVersion": rt.api_version(),
+                "metadata": {"resourceVersion": store.resource_version().to_string()},
+                "items": items,
+            });
+            Ok(json_response(StatusCode::OK, &list))
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({method} {path})"
+        ))),
+    }
+}
+
+/// Resolves `/api/v1/...` and `/apis/{g}/{v}/...` resource paths (and legacy `/watch/` paths).
+fn resolve(resources: &[ResourceType], segments: &[&str]) -> Option<(Target, bool)> {
+    let (group, version, rest) = match segments {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let (rest, legacy_watch) = match rest {
+        ["watch", rest @ ..] => (rest, true),
+        _ => (rest, false),
+    };
+    let find = |plural: &str| {
+        resources
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+            .cloned()
+    };
+    let target = |rt: ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
+        rt,
+        namespace: ns.map(str::to_string),
+        name: name.map(str::to_string),
+        subresource: sub.map(str::to_string),
+    };
+    let t = match rest {
+        // The namespace object itself and its subresources.
+        ["namespaces", name] if group.is_empty() => target(find("namespaces")?, None, Some(name), None),
+        ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => {
+            target(find("namespaces")?, None, Some(name), Some(sub))
+        }
+        ["namespaces", ns, plural, tail @ ..] => {
+            let rt = find(plural)?;
+            if !rt.namespaced {
+                return None;
+            }
+            match tail {
+                [] => target(rt, Some(ns), None, None),
+                [name] => target(rt, Some(ns), Some(name), None),
+                [name, sub] => target(rt, Some(ns), Some(name), Some(sub)),
+                _ => return None,
+            }
+        }
+        [plural, tail @ ..] => {
+            let rt = find(plural)?;
+            match tail {
+                [] => target(rt, None, None, None),
+                [name] if !rt.namespaced => target(rt, None, Some(name), None),
+                [name, sub] if !rt.namespaced => target(rt, None, Some(name), Some(sub)),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some((t, legacy_watch))
+}
+
+fn verb_of(method: &Method, target: &Target, watch: bool) -> &'static str {
+    let item = target.name.is_some();
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if item => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if item => "delete",
+        Method::DELETE => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+fn flag(query: &HashMap<String, String>, name: &str) -> bool {
+    query.get(name).is_some_and(|v| v == "true" || v == "1")
+}
+
+fn selectors(store: &Store, rt: &ResourceType, query: &HashMap<String, String>) -> ApiResult<(LabelSelector, FieldSelector)> {
+    let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let fields = store.field_selector(rt, query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    Ok((labels, fields))
+}
+
+fn list(store: &Store, target: &Target, query: &HashMap<String, String>) -> ApiResult<Response> {
+    let rt = &target.rt;
+    let (labels, fields) = selectors(store, rt, query)?;
+    let limit = match query.get("limit") {
+        Some(l) if !l.is_empty() => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        ),
+        _ => None,
+    };
+    let page = store.list(
+        rt,
+        target.namespace.as_deref(),
+        &labels,
+        &fields,
+        limit,
+        query.get("continue").map(String::as_str),
+    )?;
+    let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
+    if let Some(c) = page.continue_token {
+        metadata["continue"] = json!(c);
+    }
+    let list = json!({
+        "kind": rt.list_kind(),
+        "apiVersion": rt.api_version(),
+        "metadata": metadata,
+        "items": page.items,
+    });
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// Filters the global event stream down to one watch's resource, namespace and selectors.
+struct WatchFilter {
+    rt: ResourceType,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl WatchFilter {
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// The wire line for an event, translating selector transitions the way the API
+    /// server does (entering the selection is ADDED, leaving it is DELETED).
+    fn line(&self, ev: &WatchEvent) -> Option<String> {
+        if ev.key != self.rt.storage_key() || self.namespace.as_ref().is_some_and(|n| *n != ev.namespace) {
+            return None;
+        }
+        let now = self.matches(&ev.object);
+        let before = ev.previous.as_ref().map(|p| self.matches(p));
+        let ty = match (ev.kind.as_str(), now, before) {
+            ("MODIFIED", true, Some(false)) => "ADDED",
+            ("MODIFIED", false, Some(true)) => "DELETED",
+            (_, false, _) => return None,
+            (t, true, _) => t,
+        };
+        Some(format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", ev.json))
+    }
+}
+
+fn watch(state: &Arc<AppState>, target: &Target, query: &HashMap<String, String>) -> ApiResult<Response> {
+    let rt = target.rt.clone();
+    let (labels, mut fields) = selectors(&state.store, &rt, query)?;
+    if let Some(name) = &target.name {
+        fields = state.store.field_selector(&rt, &format!("metadata.name={name}"))?;
+    }
+    let send_initial = flag(query, "sendInitialEvents");
+    let start = match query.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => WatchStart::Current,
+        Some(_) if send_initial => WatchStart::Current,
+        Some(rv) => WatchStart::After(
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+        ),
+    };
+    let bookmarks = flag(query, "allowWatchBookmarks");
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| *t > 0)
+        .map(Duration::from_secs);
+    let filter = WatchFilter {
+        rt,
+        namespace: target.namespace.clone(),
+        labels,
+        fields,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let first: Option<String> = match state.store.subscribe(&filter.rt, filter.namespace.as_deref(), start) {
+        Ok(sub) => {
+            let task = WatchTask {
+                filter,
+                tx,
+                bookmark_interval: bookmarks.then_some(state.bookmark_interval),
+                timeout,
+                initial_events_end: send_initial,
+                epoch: state.control.watch_epoch(),
+            };
+            tokio::spawn(task.run(sub));
+            None
+        }
+        // Like the API server: a 200 response carrying a single ERROR event.
+        Err(e) => Some(format!("{{\"type\":\"ERROR\",\"object\":{}}}\n", e.to_status())),
+    };
+    let body = match first {
+        Some(line) => Body::from(line),
+        None => {
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+            });
+            Body::from_stream(stream)
+        }
+    };
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(body)
+        .unwrap_or_default())
+}
+
+struct WatchTask {
+    filter: WatchFilter,
+    tx: mpsc::Sender<Bytes>,
+    bookmark_interval: Option<Duration>,
+    timeout: Option<Duration>,
+    initial_events_end: bool,
+    epoch: tokio::sync::watch::Receiver<u64>,
+}
+
+impl WatchTask {
+    async fn run(mut self, mut sub: crate::store::Subscription) {
+        let mut last_rv = sub.start_rv;
+        for ev in &sub.backlog {
+            if let Some(line) = self.filter.line(ev)
+                && self.tx.send(Bytes::from(line)).await.is_err()
+            {
+                return;
+            }
+            last_rv = last_rv.max(ev.rv);
+        }
+        if self.initial_events_end {
+            let line = self.bookmark(last_rv, true);
+            if self.tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let period = self.bookmark_interval.unwrap_or(Duration::from_secs(3600));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        self.epoch.mark_unchanged();
+        loop {
+            let sleep_until_deadline = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                received = sub.receiver.recv() => match received {
+                    Ok(ev) => {
+                        if ev.rv <= sub.start_rv {
+                            continue;
+                        }
+                        last_rv = ev.rv;
+                        if let Some(line) = self.filter.line(&ev)
+                            && self.tx.send(Bytes::from(line)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // Too slow to keep up (or shut down): end the watch; the client resumes.
+                    Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
+                },
+                _ = ticker.tick(), if self.bookmark_interval.is_some() => {
+                    if self.tx.send(self.bookmark(last_rv, false)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = self.epoch.changed() => return,
+                _ = sleep_until_deadline => return,
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+
+    fn bookmark(&self, rv: u64, initial_events_end: bool) -> Bytes {
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if initial_events_end {
+            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let obj = json!({"kind": self.filter.rt.kind, "apiVersion": self.filter.rt.api_version(), "metadata": metadata});
+        Bytes::from(format!("{{\"type\":\"BOOKMARK\",\"object\":{obj}}}\n"))
+    }
+}
+
+fn write_options(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteOptions {
+    let manager = query.get("fieldManager").cloned().or_else(|| {
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
+    });
+    WriteOptions {
+        dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
+        field_manager: manager,
+        force: flag(query, "force"),
+    }
+}
+
+fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteOptions> {
+    let body: Value = if body.is_empty() { json!({}) } else { parse_json(body)? };
+    let grace = query
+        .get("gracePeriodSeconds")
+        .and_then(|g| g.parse::<i64>().ok())
+        .or_else(|| body.get("gracePeriodSeconds").and_then(Value::as_i64));
+    let policy = query
+        .get("propagationPolicy")
+        .cloned()
+        .or_else(|| body.get("propagationPolicy").and_then(Value::as_str).map(str::to_string));
+    let orphan = policy.as_deref() == Some("Orphan") || body.get("orphanDependents") == Some(&json!(true));
+    let dry_run = query.get("dryRun").is_some_and(|v| v == "All")
+        || body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|v| v == "All"));
+    let pre = |f: &str| body.pointer(&format!("/preconditions/{f}")).and_then(Value::as_str).map(str::to_string);
+    Ok(DeleteOptions {
+        grace_period_seconds: grace,
+        precondition_uid: pre("uid"),
+        precondition_rv: pre("resourceVersion"),
+        orphan,
+        dry_run,
+    })
+}
+
+fn parse_json(body: &Bytes) -> ApiResult<Value> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn parse_yaml(body: &Bytes) -> ApiResult<Value> {
+    serde_yaml_ng::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(value.to_string()))
+        .unwrap_or_default()
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &e.to_status())
+}

@@ -1,0 +1,1109 @@
+//! Object storage: an etcd-like global `resourceVersion`, bounded event history and
+//! watch fan-out, plus the write semantics every resource shares (optimistic
+//! concurrency, generation, status subresource, finalizers, graceful pod deletion,
+//! owner-reference garbage collection).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use crate::crd;
+use crate::error::{ApiError, ApiResult, Cause};
+use crate::patch::{self, FieldOwners, PatchKind};
+use crate::resources::{ResourceType, StorageKey, builtin_resources};
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::util::{self, format_time, has_finalizers, meta_mut, meta_str, now_rfc3339};
+
+/// Tunables for a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How many events are retained for watches that resume from a `resourceVersion`.
+    /// Older versions get `410 Gone`.
+    pub history_limit: usize,
+    /// Capacity of the live fan-out channel; a watcher that falls further behind is closed.
+    pub watch_buffer: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            history_limit: 10_000,
+            watch_buffer: 16_384,
+        }
+    }
+}
+
+/// Watch event types as they appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One committed change. The object is serialized once and shared by all watchers.
+#[derive(Debug)]
+pub struct WatchEvent {
+    pub rv: u64,
+    pub key: StorageKey,
+    pub namespace: String,
+    pub kind: EventType,
+    pub object: Value,
+    pub json: String,
+    /// The object before a modification, to translate selector transitions.
+    pub previous: Option<Value>,
+}
+
+/// Which subresource a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    Main,
+    Status,
+}
+
+/// Options shared by write verbs.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub dry_run: bool,
+    pub field_manager: Option<String>,
+    pub force: bool,
+}
+
+/// Parsed `DeleteOptions`.
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOptions {
+    pub grace_period_seconds: Option<i64>,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+    pub orphan: bool,
+    pub dry_run: bool,
+}
+
+/// Result of a delete: removed now, or marked for deletion (grace period / finalizers).
+#[derive(Debug)]
+pub enum Deleted {
+    Removed(Value),
+    Pending(Value),
+}
+
+/// A page of list results.
+#[derive(Debug)]
+pub struct ListPage {
+    pub items: Vec<Value>,
+    pub resource_version: u64,
+    pub continue_token: Option<String>,
+}
+
+/// How a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchStart {
+    /// `resourceVersion` unset or `0`: synthetic ADDED events for current objects first.
+    Current,
+    /// Resume after this version; 410 if it is older than the retained history.
+    After(u64),
+}
+
+/// A registered watch: backlog to replay, then the live channel.
+pub struct Subscription {
+    pub backlog: Vec<Arc<WatchEvent>>,
+    pub receiver: broadcast::Receiver<Arc<WatchEvent>>,
+    pub start_rv: u64,
+}
+
+struct Stored {
+    obj: Value,
+    owners: FieldOwners,
+}
+
+type ObjectKey = (String, String);
+
+struct Inner {
+    rv: u64,
+    resources: Vec<ResourceType>,
+    buckets: HashMap<StorageKey, BTreeMap<ObjectKey, Stored>>,
+    history: VecDeque<Arc<WatchEvent>>,
+    /// Events with `rv <= compacted` have been dropped from history.
+    compacted: u64,
+    /// Pods in their termination grace period, by (namespace, name) -> (uid, deadline).
+    terminating: HashMap<ObjectKey, (String, Instant)>,
+    /// Upper bound applied to pod grace periods (test helper).
+    max_grace: Option<Duration>,
+    /// owner uid -> dependents, for garbage collection on owner removal.
+    dependents: HashMap<String, HashSet<(StorageKey, String, String)>>,
+}
+
+/// The in-memory object store shared by all request handlers.
+pub struct Store {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Arc<WatchEvent>>,
+    config: StoreConfig,
+}
+
+const POD_STATUS_FIELDS: &[&str] = &["status.phase", "spec.nodeName"];
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Self {
+        let (events, _) = broadcast::channel(config.watch_buffer.max(16));
+        let store = Self {
+            inner: Mutex::new(Inner {
+                rv: 1,
+                resources: builtin_resources(),
+                buckets: HashMap::new(),
+                history: VecDeque::new(),
+                compacted: 0,
+                terminating: HashMap::new(),
+                max_grace: None,
+                dependents: HashMap::new(),
+            }),
+            events,
+            config,
+        };
+        if let Some(ns_type) = store.resource("", "v1", "namespaces") {
+            for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+                let obj = json!({"metadata": {"name": name}});
+                let _ = store.create(&ns_type, "", obj, &WriteOptions::default());
+            }
+        }
+        store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave partial writes behind (every
+        // commit is a single map insert), so a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// All served resource types.
+    pub fn resources(&self) -> Vec<ResourceType> {
+        self.lock().resources.clone()
+    }
+
+    /// Looks up a served type by group, version and plural name.
+    pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<ResourceType> {
+        self.lock()
+            .resources
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+            .cloned()
+    }
+
+    pub fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> ApiResult<Value> {
+        let inner = self.lock();
+        let stored = inner
+            .buckets
+            .get(&rt.storage_key())
+            .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
+            .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))?;
+        Ok(present(rt, &stored.obj))
+    }
+
+    /// Lists objects in key order, filtered and paginated.
+    pub fn list(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> ApiResult<ListPage> {
+        let start = match continue_token {
+            Some(t) if !t.is_empty() => Some(decode_continue(t)?),
+            _ => None,
+        };
+        let inner = self.lock();
+        let mut items = Vec::new();
+        let mut continue_key = None;
+        if let Some(bucket) = inner.buckets.get(&rt.storage_key()) {
+            let lower = match (&start, ns) {
+                (Some(k), _) => std::ops::Bound::Excluded(k.clone()),
+                (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
+                (None, None) => std::ops::Bound::Unbounded,
+            };
+            for ((ons, oname), stored) in bucket.range((lower, std::ops::Bound::Unbounded)) {
+                if let Some(ns) = ns
+                    && ons != ns
+                {
+                    break;
+                }
+                if !labels.matches(&stored.obj) || !fields.matches(&stored.obj) {
+                    continue;
+                }
+                if limit.is_some_and(|l| l > 0 && items.len() == l) {
+                    continue_key = items
+                        .last()
+                        .map(|o: &Value| {
+                            let n = meta_str(o, "name").unwrap_or(oname).to_string();
+                            (meta_str(o, "namespace").unwrap_or("").to_string(), n)
+                        });
+                    break;
+                }
+                items.push(present(rt, &stored.obj));
+            }
+        }
+        Ok(ListPage {
+            items,
+            resource_version: inner.rv,
+            continue_token: continue_key.map(|(ns, name)| encode_continue(&ns, &name)),
+        })
+    }
+
+    pub fn field_selector(&self, rt: &ResourceType, s: &str) -> ApiResult<FieldSelector> {
+        let extra: &[&str] = if rt.group.is_empty() && rt.plural == "pods" {
+            POD_STATUS_FIELDS
+        } else {
+            &[]
+        };
+        FieldSelector::parse(s, extra)
+    }
+
+    /// Registers a watch atomically with respect to commits, so no event is missed.
+    pub fn subscribe(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        start: WatchStart,
+    ) -> ApiResult<Subscription> {
+        let inner = self.lock();
+        let receiver = self.events.subscribe();
+        let key = rt.storage_key();
+        let backlog = match start {
+            WatchStart::Current => inner
+                .buckets
+                .get(&key)
+                .map(|b| {
+                    b.iter()
+                        .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons))
+                        .map(|((ons, _), s)| {
+                            let object = present(rt, &s.obj);
+                            Arc::new(WatchEvent {
+                                rv: inner.rv,
+                                key: key.clone(),
+                                namespace: ons.clone(),
+                                kind: EventType::Added,
+                                json: object.to_string(),
+                                object,
+                                previous: None,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            WatchStart::After(rv) => {
+                if rv < inner.compacted {
+                    return Err(ApiError::gone(format!(
+                        "too old resource version: {rv} ({})",
+                        inner.compacted + 1
+                    )));
+                }
+                inner.history.iter().filter(|e| e.rv > rv).cloned().collect()
+            }
+        };
+        Ok(Subscription {
+            backlog,
+            receiver,
+            start_rv: inner.rv,
+        })
+    }
+
+    pub fn create(&self, rt: &ResourceType, ns: &str, body: Value, opts: &WriteOptions) -> ApiResult<Value> {
+        let mut inner = self.lock();
+        self.create_locked(&mut inner, rt, ns, body, opts)
+    }
+
+    fn create_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
+        check_kind(rt, &obj)?;
+        let ns = scope_namespace(rt, ns, &obj)?;
+        if rt.namespaced {
+            ensure_namespace(inner, &ns)?;
+        }
+        let meta = meta_mut(&mut obj).ok_or_else(|| ApiError::bad_request("object must be a JSON object"))?;
+        let mut name = meta.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        if name.is_empty()
+            && let Some(prefix) = meta.get("generateName").and_then(Value::as_str)
+        {
+            name = format!("{prefix}{}", util::random_suffix());
+        }
+        if name.is_empty() {
+            return Err(ApiError::invalid(&rt.group, &rt.kind, "", vec![Cause {
+                reason: "FieldValueRequired",
+                field: "metadata.name".into(),
+                message: "Required value: name or generateName is required".into(),
+            }]));
+        }
+        if !util::is_dns_subdomain(&name) {
+            return Err(ApiError::invalid(&rt.group, &rt.kind, &name, vec![Cause {
+                reason: "FieldValueInvalid",
+                field: "metadata.name".into(),
+                message: format!("Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"),
+            }]));
+        }
+        meta.insert("name".into(), json!(name));
+        if rt.namespaced {
+            meta.insert("namespace".into(), json!(ns));
+        } else {
+            meta.remove("namespace");
+        }
+        meta.insert("uid".into(), json!(util::new_uid()));
+        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+        meta.insert("generation".into(), json!(1));
+        for system in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"] {
+            meta.remove(system);
+        }
+        set_type(rt, &mut obj);
+        prepare_create(rt, &mut obj);
+        validate(rt, &mut obj, &name)?;
+        let key = rt.storage_key();
+        let obj_key = (ns.clone(), name.clone());
+        if inner.buckets.get(&key).is_some_and(|b| b.contains_key(&obj_key)) {
+            return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
+        }
+        let mut owners = FieldOwners::default();
+        if opts.field_manager.is_some() && opts.force {
+            // Created by server-side apply: the caller applied exactly these fields.
+        }
+        if opts.dry_run {
+            return Ok(obj);
+        }
+        if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+            register_crd(inner, &obj, &name)?;
+            obj["status"] = crd::established_status(&obj, &now_rfc3339());
+        }
+        owners = std::mem::take(&mut owners);
+        let committed = self.commit(inner, rt, obj_key, Some(Stored { obj, owners }), EventType::Added);
+        Ok(present(rt, &committed))
+    }
+
+    /// PUT: full replacement with optimistic concurrency.
+    pub fn update(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        body: Value,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
+        check_kind(rt, &body)?;
+        if let Some(body_name) = meta_str(&body, "name")
+            && body_name != name
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        let mut inner = self.lock();
+        let current = get_stored(&inner, rt, ns, name)?;
+        let expected_rv = meta_str(&body, "resourceVersion").filter(|rv| !rv.is_empty());
+        if let Some(rv) = expected_rv
+            && Some(rv) != meta_str(&current.obj, "resourceVersion")
+        {
+            return Err(ApiError::conflict(&rt.group, &rt.plural, name, "the object has been modified; please apply your changes to the latest version and try again"));
+        }
+        let old = current.obj.clone();
+        let owners = current.owners.clone();
+        self.write_locked(&mut inner, rt, ns, name, old, body, owners, sub, opts)
+    }
+
+    /// PATCH in any of the supported formats; server-side apply may create.
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        kind: PatchKind,
+        body: &Value,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
+        let mut inner = self.lock();
+        let existing = inner
+            .buckets
+            .get(&rt.storage_key())
+            .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
+            .map(|s| (s.obj.clone(), s.owners.clone()));
+        let manager = opts.field_manager.clone().unwrap_or_default();
+        let Some((old, mut owners)) = existing else {
+            if kind != PatchKind::Apply || sub == Subresource::Status {
+                return Err(ApiError::not_found(&rt.group, &rt.plural, name));
+            }
+            let mut created = body.clone();
+            if let Some(m) = meta_mut(&mut created) {
+                m.insert("name".into(), json!(name));
+            }
+            let mut owners = FieldOwners::default();
+            let applied = patch::server_side_apply(&Value::Null, &created, &manager, true, &mut owners)
+                .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
+            let result = self.create_locked(&mut inner, rt, ns, applied, opts)?;
+            if let Some(stored) = inner
+                .buckets
+                .get_mut(&rt.storage_key())
+                .and_then(|b| b.get_mut(&(ns.to_string(), name.to_string())))
+            {
+                stored.owners = owners;
+            }
+            return Ok(result);
+        };
+        let mut patched = old.clone();
+        match kind {
+            PatchKind::Merge => patch::merge_patch(&mut patched, body),
+            PatchKind::Json => patch::json_patch(&mut patched, body)?,
+            PatchKind::Strategic => {
+                if rt.custom {
+                    return Err(ApiError::unsupported_media_type(
+                        "application/strategic-merge-patch+json is not supported for custom resources",
+                    ));
+                }
+                patch::strategic_merge(&mut patched, body)
+            }
+            PatchKind::Apply => {
+                if manager.is_empty() {
+                    return Err(ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"));
+                }
+                check_kind(rt, body)?;
+                patched = patch::server_side_apply(&old, body, &manager, opts.force, &mut owners)
+                    .map_err(|conflicts| {
+                        ApiError::new(409, "Conflict", format!("Apply failed with {} conflict(s): {}", conflicts.len(), conflicts.join("; ")))
+                    })?;
+            }
+        }
+        if meta_str(&patched, "resourceVersion") != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::conflict(&rt.group, &rt.plural, name, "the object has been modified; please apply your changes to the latest version and try again"));
+        }
+        if kind != PatchKind::Apply {
+            owners.forget_changed(&old, &patched);
+        }
+        self.write_locked(&mut inner, rt, ns, name, old, patched, owners, sub, opts)
+    }
+
+    /// Shared tail of update and patch: preserve system metadata, honour the status
+    /// subresource, validate, bump generation, commit, and finish deletion if due.
+    #[allow(clippy::too_many_arguments)]
+    fn write_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        old: Value,
+        mut new: Value,
+        mut owners: FieldOwners,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
+        if !new.is_object() {
+            return Err(ApiError::bad_request("object must be a JSON object"));
+        }
+        if sub == Subresource::Status {
+            let status = new.get("status").cloned();
+            new = old.clone();
+            match status {
+                Some(s) => new["status"] = s,
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        } else if rt.status_subresource {
+            match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        }
+        if let Some(m) = meta_mut(&mut new) {
+            for keep in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"] {
+                match old.get("metadata").and_then(|om| om.get(keep)) {
+                    Some(v) => m.insert(keep.to_string(), v.clone()),
+                    None => m.remove(keep),
+                };
+            }
+            m.remove("managedFields");
+        }
+        set_type(rt, &mut new);
+        validate(rt, &mut new, name)?;
+        if spec_of(&old) != spec_of(&new) {
+            let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+            new["metadata"]["generation"] = json!(generation + 1);
+        }
+        if opts.dry_run {
+            return Ok(present(rt, &new));
+        }
+        if new == old {
+            // No-op writes do not bump resourceVersion, as in Kubernetes.
+            return Ok(present(rt, &new));
+        }
+        let is_crd = rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions";
+        if is_crd && sub == Subresource::Main {
+            register_crd(inner, &new, name)?;
+        }
+        let obj_key = (ns.to_string(), name.to_string());
+        if owners.is_empty() {
+            owners = FieldOwners::default();
+        }
+        let committed = self.commit(inner, rt, obj_key.clone(), Some(Stored { obj: new, owners }), EventType::Modified);
+        self.finish_deletion_if_done(inner, rt, &obj_key);
+        Ok(present(rt, &committed))
+    }
+
+    /// Removes an object that is marked for deletion once nothing holds it back.
+    fn finish_deletion_if_done(&self, inner: &mut Inner, rt: &ResourceType, key: &ObjectKey) {
+        let Some(stored) = inner.buckets.get(&rt.storage_key()).and_then(|b| b.get(key)) else {
+            return;
+        };
+        if stored.obj.pointer("/metadata/deletionTimestamp").is_none()
+            || has_finalizers(&stored.obj)
+            || inner.terminating.contains_key(key) && is_pod(rt)
+        {
+            return;
+        }
+        self.remove_locked(inner, rt, key.clone(), false);
+    }
+
+    pub fn delete(&self, rt: &ResourceType, ns: &str, name: &str, opts: &DeleteOptions) -> ApiResult<Deleted> {
+        let mut inner = self.lock();
+        self.delete_locked(&mut inner, rt, ns, name, opts)
+    }
+
+    fn delete_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Deleted> {
+        let current = get_stored(inner, rt, ns, name)?;
+        let obj = current.obj.clone();
+        if let Some(uid) = &opts.precondition_uid
+            && meta_str(&obj, "uid") != Some(uid.as_str())
+        {
+            return Err(ApiError::conflict(&rt.group, &rt.plural, name, &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta_str(&obj, "uid").unwrap_or("")
+            )));
+        }
+        if let Some(rv) = &opts.precondition_rv
+            && meta_str(&obj, "resourceVersion") != Some(rv.as_str())
+        {
+            return Err(ApiError::conflict(&rt.group, &rt.plural, name, &format!(
+                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                meta_str(&obj, "resourceVersion").unwrap_or("")
+            )));
+        }
+        if opts.dry_run {
+            return Ok(Deleted::Pending(present(rt, &obj)));
+        }
+        let key = (ns.to_string(), name.to_string());
+        let grace = if is_pod(rt) && !pod_finished(&obj) {
+            let requested = opts
+                .grace_period_seconds
+                .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .unwrap_or(30)
+                .max(0);
+            match inner.max_grace {
+                Some(max) => requested.min(max.as_secs() as i64),
+                None => requested,
+            }
+        } else {
+            0
+        };
+        if grace == 0 && !has_finalizers(&obj) {
+            inner.terminating.remove(&key);
+            let removed = self.remove_locked(inner, rt, key, opts.orphan);
+            return Ok(Deleted::Removed(present(rt, &removed)));
+        }
+        if grace > 0 {
+            let deadline = Instant::now() + Duration::from_secs(grace as u64);
+            let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
+            let entry = inner.terminating.entry(key.clone()).or_insert((uid, deadline));
+            if deadline < entry.1 {
+                entry.1 = deadline;
+            }
+        } else {
+            inner.terminating.remove(&key);
+        }
+        let mut marked = obj.clone();
+        if let Some(m) = meta_mut(&mut marked) {
+            if !m.contains_key("deletionTimestamp") || grace == 0 {
+                let at = SystemTime::now() + Duration::from_secs(grace as u64);
+                m.insert("deletionTimestamp".into(), json!(format_time(at, false)));
+            }
+            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        }
+        if marked == obj {
+            return Ok(Deleted::Pending(present(rt, &obj)));
+        }
+        let owners = current.owners.clone();
+        let committed = self.commit(inner, rt, key.clone(), Some(Stored { obj: marked, owners }), EventType::Modified);
+        self.finish_deletion_if_done(inner, rt, &key);
+        Ok(Deleted::Pending(present(rt, &committed)))
+    }
+
+    /// Deletes every object matching the selectors; returns the affected objects.
+    pub fn delete_collection(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Vec<Value>> {
+        let mut inner = self.lock();
+        let keys: Vec<ObjectKey> = inner
+            .buckets
+            .get(&rt.storage_key())
+            .map(|b| {
+                b.iter()
+                    .filter(|((ons, _), s)| {
+                        ns.is_none_or(|n| n == ons) && labels.matches(&s.obj) && fields.matches(&s.obj)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(keys.len());
+        for (ons, name) in keys {
+            match self.delete_locked(&mut inner, rt, &ons, &name, opts)? {
+                Deleted::Removed(o) | Deleted::Pending(o) => out.push(o),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the object now, emits DELETED, and cascades to dependents and namespace contents.
+    fn remove_locked(&self, inner: &mut Inner, rt: &ResourceType, key: ObjectKey, orphan: bool) -> Value {
+        let removed = self.commit(inner, rt, key.clone(), None, EventType::Deleted);
+        inner.terminating.remove(&key);
+        if rt.group.is_empty() && rt.plural == "namespaces" {
+            self.purge_namespace(inner, &key.1);
+        }
+        if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+            self.unregister_crd(inner, &removed);
+        }
+        if let Some(uid) = meta_str(&removed, "uid")
+            && let Some(deps) = inner.dependents.remove(uid)
+            && !orphan
+        {
+            for (skey, ns, name) in deps {
+                let Some(dep_rt) = inner.resources.iter().find(|r| r.storage_key() == skey).cloned() else {
+                    continue;
+                };
+                let _ = self.delete_locked(inner, &dep_rt, &ns, &name, &DeleteOptions::default());
+            }
+        }
+        removed
+    }
+
+    fn purge_namespace(&self, inner: &mut Inner, ns: &str) {
+        let types: Vec<ResourceType> = inner.resources.iter().filter(|r| r.namespaced).cloned().collect();
+        let mut seen = HashSet::new();
+        for rt in types {
+            if !seen.insert(rt.storage_key()) {
+                continue;
+            }
+            let keys: Vec<ObjectKey> = inner
+                .buckets
+                .get(&rt.storage_key())
+                .map(|b| b.keys().filter(|(o, _)| o == ns).cloned().collect())
+                .unwrap_or_default();
+            for key in keys {
+                self.remove_locked(inner, &rt, key, true);
+            }
+        }
+    }
+
+    fn unregister_crd(&self, inner: &mut Inner, crd: &Value) {
+        let Ok(types) = crd::resource_types(crd) else { return };
+        let Some(first) = types.first() else { return };
+        let skey = first.storage_key();
+        let keys: Vec<ObjectKey> = inner.buckets.get(&skey).map(|b| b.keys().cloned().collect()).unwrap_or_default();
+        for key in keys {
+            self.remove_locked(inner, first, key, true);
+        }
+        inner.buckets.remove(&skey);
+        inner.resources.retain(|r| !(r.custom && r.storage_key() == skey));
+    }
+
+    /// Applies a change, assigns the next resourceVersion, records history and fans out.
+    /// Returns the committed (or, for deletes, the final) object.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        key: ObjectKey,
+        new: Option<Stored>,
+        kind: EventType,
+    ) -> Value {
+        inner.rv += 1;
+        let rv = inner.rv;
+        let skey = rt.storage_key();
+        let bucket = inner.buckets.entry(skey.clone()).or_default();
+        let previous = bucket.remove(&key).map(|s| s.obj);
+        let object = match new {
+            Some(mut stored) => {
+                stored.obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                let obj = stored.obj.clone();
+                bucket.insert(key.clone(), stored);
+                obj
+            }
+            None => {
+                let mut obj = previous.clone().unwrap_or(Value::Null);
+                if let Some(m) = meta_mut(&mut obj) {
+                    m.insert("resourceVersion".into(), json!(rv.to_string()));
+                }
+                obj
+            }
+        };
+        let object_for_index = if kind == EventType::Deleted { None } else { Some(&object) };
+        update_dependents(inner, &skey, &key, previous.as_ref(), object_for_index);
+        let event = Arc::new(WatchEvent {
+            rv,
+            key: skey,
+            namespace: key.0,
+            kind,
+            json: object.to_string(),
+            object: object.clone(),
+            previous: if kind == EventType::Modified { previous } else { None },
+        });
+        inner.history.push_back(event.clone());
+        while inner.history.len() > self.config.history_limit.max(1) {
+            if let Some(old) = inner.history.pop_front() {
+                inner.compacted = old.rv;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(event);
+        object
+    }
+
+    /// Removes pods whose grace period has ended. Called periodically by the emulator.
+    pub fn reap_terminated_pods(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let due: Vec<ObjectKey> = inner
+            .terminating
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let Some(pods) = inner.resources.iter().find(|r| is_pod(r)).cloned() else { return };
+        for key in due {
+            inner.terminating.remove(&key);
+            self.finish_deletion_if_done(&mut inner, &pods, &key);
+        }
+    }
+
+    /// Ends all current grace periods now (test helper).
+    pub fn expire_grace_periods(&self) {
+        {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            for entry in inner.terminating.values_mut() {
+                entry.1 = now;
+            }
+        }
+        self.reap_terminated_pods();
+    }
+
+    /// Caps grace periods of future pod deletions (test helper).
+    pub fn set_max_grace_period(&self, max: Option<Duration>) {
+        self.lock().max_grace = max;
+    }
+
+    /// Read-modify-write of one object outside the HTTP path (test helpers).
+    pub fn modify(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> ApiResult<Value> {
+        let mut inner = self.lock();
+        let current = get_stored(&inner, rt, ns, name)?;
+        let mut obj = current.obj.clone();
+        let owners = current.owners.clone();
+        f(&mut obj);
+        let key = (ns.to_string(), name.to_string());
+        let committed = self.commit(&mut inner, rt, key, Some(Stored { obj, owners }), EventType::Modified);
+        Ok(present(rt, &committed))
+    }
+}
+
+fn is_pod(rt: &ResourceType) -> bool {
+    rt.group.is_empty() && rt.plural == "pods"
+}
+
+fn pod_finished(pod: &Value) -> bool {
+    matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn get_stored<'a>(inner: &'a Inner, rt: &ResourceType, ns: &str, name: &str) -> ApiResult<&'a Stored> {
+    inner
+        .buckets
+        .get(&rt.storage_key())
+        .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
+        .ok_or_else(|| ApiError::not_found(&rt.group, &rt.plural, name))
+}
+
+fn update_dependents(
+    inner: &mut Inner,
+    skey: &StorageKey,
+    key: &ObjectKey,
+    old: Option<&Value>,
+    new: Option<&Value>,
+) {
+    let owner_uids = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(|o| o.pointer("/metadata/ownerReferences"))
+            .and_then(Value::as_array)
+            .map(|refs| refs.iter().filter_map(|r| r.get("uid")?.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    let (old_uids, new_uids) = (owner_uids(old), owner_uids(new));
+    if old_uids == new_uids {
+        return;
+    }
+    let entry = (skey.clone(), key.0.clone(), key.1.clone());
+    for uid in old_uids {
+        if let Some(set) = inner.dependents.get_mut(&uid) {
+            set.remove(&entry);
+            if set.is_empty() {
+                inner.dependents.remove(&uid);
+            }
+        }
+    }
+    for uid in new_uids {
+        inner.dependents.entry(uid).or_default().insert(entry.clone());
+    }
+}
+
+/// The object as returned for a request on `rt` (apiVersion of the requested version).
+fn present(rt: &ResourceType, obj: &Value) -> Value {
+    let mut out = obj.clone();
+    if rt.custom {
+        out["apiVersion"] = json!(rt.api_version());
+    }
+    out
+}
+
+fn set_type(rt: &ResourceType, obj: &mut Value) {
+    obj["apiVersion"] = json!(rt.api_version());
+    obj["kind"] = json!(rt.kind);
+}
+
+/// Rejects bodies whose `kind`/`apiVersion` name a different type.
+fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    }
+    if let Some(kind) = obj.get("kind").and_then(Value::as_str)
+        && !kind.is_empty()
+        && kind != rt.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({}) does not match the expected API version ({}) or kind {kind} does not match {}",
+            obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""),
+            rt.api_version(),
+            rt.kind
+        )));
+    }
+    if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+        && !av.is_empty()
+        && rt.custom
+        && av.split('/').next() != Some(rt.group.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({})",
+            rt.api_version()
+        )));
+    }
+    Ok(())
+}
+
+fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<String> {
+    if !rt.namespaced {
+        return Ok(String::new());
+    }
+    let body_ns = meta_str(obj, "namespace").unwrap_or("");
+    if !body_ns.is_empty() && !url_ns.is_empty() && body_ns != url_ns {
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
+    let ns = if url_ns.is_empty() { body_ns } else { url_ns };
+    if ns.is_empty() {
+        return Err(ApiError::bad_request("a namespace must be specified for a namespaced resource"));
+    }
+    Ok(ns.to_string())
+}
+
+fn ensure_namespace(inner: &Inner, ns: &str) -> ApiResult<()> {
+    let key = StorageKey { group: String::new(), plural: "namespaces".into() };
+    let stored = inner
+        .buckets
+        .get(&key)
+        .and_then(|b| b.get(&(String::new(), ns.to_string())))
+        .ok_or_else(|| ApiError::not_found("", "namespaces", ns))?;
+    if stored.obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(ApiError::new(403, "Forbidden", format!("unable to create new content in namespace {ns} because it is being terminated")));
+    }
+    Ok(())
+}
+
+/// Server-side initialisation on create, per resource.
+fn prepare_create(rt: &ResourceType, obj: &mut Value) {
+    let Some(map) = obj.as_object_mut() else { return };
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "pods") => {
+            map.insert("status".into(), json!({"phase": "Pending", "qosClass": "BestEffort"}));
+        }
+        ("", "namespaces") => {
+            map.insert("status".into(), json!({"phase": "Active"}));
+        }
+        _ if rt.status_subresource => {
+            map.remove("status");
+        }
+        _ => {}
+    }
+}
+
+/// Built-in validation (minimal) and structural-schema validation for custom resources.
+fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
+    let mut causes = Vec::new();
+    if let Some(schema) = &rt.schema {
+        causes.extend(schema.apply_to_object(obj));
+    }
+    if is_pod(rt) {
+        match obj.pointer("/spec/containers").and_then(Value::as_array) {
+            Some(cs) if !cs.is_empty() => {
+                for (i, c) in cs.iter().enumerate() {
+                    for field in ["name", "image"] {
+                        if c.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+                            causes.push(Cause {
+                                reason: "FieldValueRequired",
+                                field: format!("spec.containers[{i}].{field}"),
+                                message: "Required value".into(),
+                            });
+                        }
+                    }
+                }
+            }
+            _ => causes.push(Cause {
+                reason: "FieldValueRequired",
+                field: "spec.containers".into(),
+                message: "Required value".into(),
+            }),
+        }
+    }
+    if rt.group == "apiextensions.k8s.io"
+        && rt.plural == "customresourcedefinitions"
+        && let Err(c) = crd::resource_types(obj)
+    {
+        causes.extend(c);
+    }
+    if let Some(labels) = obj.pointer("/metadata/labels") {
+        let valid = labels.as_object().is_some_and(|m| m.values().all(Value::is_string));
+        if !valid {
+            causes.push(Cause {
+                reason: "FieldValueInvalid",
+                field: "metadata.labels".into(),
+                message: "label values must be strings".into(),
+            });
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&rt.group, &rt.kind, name, causes))
+    }
+}
+
+/// Everything but metadata and status: a change here bumps `generation`.
+fn spec_of(obj: &Value) -> Map<String, Value> {
+    obj.as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn register_crd(inner: &mut Inner, crd: &Value, name: &str) -> ApiResult<()> {
+    let types = crd::resource_types(crd)
+        .map_err(|c| ApiError::invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, c))?;
+    if let Some(first) = types.first() {
+        let skey = first.storage_key();
+        if inner.resources.iter().any(|r| !r.custom && r.storage_key() == skey) {
+            return Err(ApiError::invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, vec![Cause {
+                reason: "FieldValueInvalid",
+                field: "spec.names.plural".into(),
+                message: "conflicts with a built-in resource".into(),
+            }]));
+        }
+        inner.resources.retain(|r| !(r.custom && r.storage_key() == skey));
+    }
+    inner.resources.extend(types);
+    Ok(())
+}
+
+fn encode_continue(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}").bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(token: &str) -> ApiResult<ObjectKey> {
+    let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    if token.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes.ok_or_else(bad)?).map_err(|_| bad())?;
+    let (ns, name) = text.split_once('/').ok_or_else(bad)?;
+    Ok((ns.to_string(), name.to_string()))
+}
+
+impl Store {
+    /// Drops all retained history (test helper): older versions now get 410 Gone.
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+}

@@ -1,0 +1,180 @@
+//! Test controls: things a real cluster does on its own (kubelet status updates,
+//! grace periods expiring, connections dropping, errors) made explicit and
+//! deterministic for tests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ApiResult};
+use crate::store::Store;
+use crate::util::now_rfc3339;
+
+/// A failure to inject: the next `count` matching requests fail with `code`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Resource plural (e.g. `pods`); `None` matches every resource.
+    pub resource: Option<String>,
+    /// Lowercase verb (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`,
+    /// `deletecollection`); `None` matches every verb.
+    pub verb: Option<String>,
+    pub count: u32,
+    pub code: u16,
+}
+
+impl Fault {
+    /// The next `count` requests on `resource` fail with 500 InternalError.
+    pub fn internal_errors(resource: &str, count: u32) -> Self {
+        Self {
+            resource: Some(resource.to_string()),
+            verb: None,
+            count,
+            code: 500,
+        }
+    }
+
+    /// Restricts the fault to one verb.
+    pub fn on_verb(mut self, verb: &str) -> Self {
+        self.verb = Some(verb.to_string());
+        self
+    }
+}
+
+#[derive(Default)]
+struct Faults {
+    rules: Vec<Fault>,
+    latency: Duration,
+}
+
+/// Shared between the server and the [`Control`] handle.
+pub(crate) struct ControlState {
+    faults: Mutex<Faults>,
+    watch_epoch: watch::Sender<u64>,
+}
+
+impl ControlState {
+    pub(crate) fn new() -> Self {
+        Self {
+            faults: Mutex::new(Faults::default()),
+            watch_epoch: watch::channel(0).0,
+        }
+    }
+
+    /// Receives a change whenever open watches must be dropped.
+    pub(crate) fn watch_epoch(&self) -> watch::Receiver<u64> {
+        self.watch_epoch.subscribe()
+    }
+
+    pub(crate) fn drop_watches(&self) {
+        self.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Latency to add and an injected error for this request, if any.
+    pub(crate) fn check(&self, resource: &str, verb: &str) -> (Duration, Option<ApiError>) {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let latency = faults.latency;
+        let hit = faults.rules.iter_mut().find(|f| {
+            f.count > 0
+                && f.resource.as_deref().is_none_or(|r| r == resource)
+                && f.verb.as_deref().is_none_or(|v| v == verb)
+        });
+        let err = hit.map(|f| {
+            f.count -= 1;
+            let reason = match f.code {
+                429 => "TooManyRequests",
+                503 => "ServiceUnavailable",
+                504 => "Timeout",
+                _ => "InternalError",
+            };
+            ApiError::new(f.code, reason, format!("injected failure for {verb} {resource}"))
+        });
+        faults.rules.retain(|f| f.count > 0);
+        (latency, err)
+    }
+}
+
+/// Handle for test-only manipulation of a running emulator.
+#[derive(Clone)]
+pub struct Control {
+    pub(crate) store: Arc<Store>,
+    pub(crate) state: Arc<ControlState>,
+}
+
+impl Control {
+    /// Sets `status.phase` of a pod, as the kubelet would.
+    pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) -> ApiResult<Value> {
+        let pods = self.pods()?;
+        self.store.modify(&pods, namespace, name, |pod| {
+            pod["status"]["phase"] = json!(phase);
+        })
+    }
+
+    /// Sets the pod's `Ready` condition (and `ContainersReady`), as the kubelet would.
+    pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) -> ApiResult<Value> {
+        let pods = self.pods()?;
+        self.store.modify(&pods, namespace, name, |pod| {
+            let status = if ready { "True" } else { "False" };
+            let now = now_rfc3339();
+            let mut conditions: Vec<Value> = pod["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for ty in ["Ready", "ContainersReady"] {
+                conditions.retain(|c| c["type"] != ty);
+                conditions.push(json!({"type": ty, "status": status, "lastTransitionTime": now}));
+            }
+            pod["status"]["conditions"] = Value::Array(conditions);
+        })
+    }
+
+    /// Ends every running pod grace period now; pods without finalizers disappear.
+    pub fn expire_grace_periods(&self) {
+        self.store.expire_grace_periods();
+    }
+
+    /// Caps the grace period of future pod deletions (`None` removes the cap).
+    pub fn set_max_grace_period(&self, max: Option<Duration>) {
+        self.store.set_max_grace_period(max);
+    }
+
+    /// Closes every open watch stream; clients must reconnect.
+    pub fn drop_watches(&self) {
+        self.state.drop_watches();
+    }
+
+    /// Forgets all retained watch history, so resuming any older version gets 410 Gone.
+    pub fn compact_history(&self) {
+        self.store.compact();
+    }
+
+    /// Adds a fault rule; rules are consumed in insertion order.
+    pub fn inject(&self, fault: Fault) {
+        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.rules.push(fault);
+    }
+
+    /// Adds a fixed delay to every request.
+    pub fn set_latency(&self, latency: Duration) {
+        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.latency = latency;
+    }
+
+    /// Removes all fault rules and latency.
+    pub fn clear_faults(&self) {
+        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        *faults = Faults::default();
+    }
+
+    /// Direct access to the object store (for seeding data without HTTP).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn pods(&self) -> ApiResult<crate::resources::ResourceType> {
+        self.store
+            .resource("", "v1", "pods")
+            .ok_or_else(|| ApiError::internal("pods are not served"))
+    }
+}

@@ -1,0 +1,58 @@
+use thiserror::Error;
+
+/// Why a store operation failed.
+///
+/// Backend errors are kept apart from "not found" (which is `Ok(None)` / `Ok(false)`), so a
+/// caller can always tell an absent session from an unreachable database.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A session or worker id that no store accepts (see [`super::validate_id`]).
+    #[error("invalid {kind}: {reason}")]
+    InvalidId { kind: &'static str, reason: String },
+    /// Bad store configuration (URL, schema name, options).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Postgres failed or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// Postgres migrations failed.
+    #[error("postgres migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Redis failed or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored session could not be decoded (e.g. a hash written by hand without `worker_id`).
+    #[error("corrupt session {id:?}: {detail}")]
+    Corrupt { id: String, detail: String },
+}
+
+/// A URL with its password replaced by `***`, safe to print or log.
+///
+/// Input that does not parse as a URL is replaced entirely: it might still hold a secret.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Cannot fail: a URL with a password has a host.
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(redact_url("not a url :s3cret@"), "<unparsable URL>");
+    }
+}

@@ -1,0 +1,47 @@
+use std::time::Duration;
+
+/// Settings shared by every store implementation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Idle TTL: `set` and `touch` restart it, and a session not touched for this long expires
+    /// (Redis key TTL, Postgres `expires_at`). Zero means sessions never expire.
+    pub idle_ttl: Duration,
+    /// Touch coalescing window of [`super::LayeredStore`]: the primary is touched at most once
+    /// per window per session, so its `last_access` may lag the real one by up to this much.
+    ///
+    /// Every store adds the window to its idle cutoffs and to `expires_at`, so a session touched
+    /// within its TTL is never swept. Configure the operator with the proxies' window.
+    pub touch_window: Duration,
+    /// Rows or keys handled per batch by sweeps and bulk worker operations.
+    pub batch_size: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            idle_ttl: Duration::ZERO,
+            touch_window: Duration::ZERO,
+            batch_size: 1000,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Options with the given idle TTL and defaults otherwise.
+    pub fn with_idle_ttl(idle_ttl: Duration) -> Self {
+        Self {
+            idle_ttl,
+            ..Self::default()
+        }
+    }
+
+    /// How long after its last touch a session may be removed by an idle sweep of `max_age`.
+    pub fn idle_cutoff_age(&self, max_age: Duration) -> Duration {
+        max_age + self.touch_window
+    }
+
+    /// The TTL written to a store, widened by the touch window (zero stays "never").
+    pub fn expiry_ttl(&self) -> Option<Duration> {
+        (!self.idle_ttl.is_zero()).then(|| self.idle_ttl + self.touch_window)
+    }
+}

@@ -1,0 +1,627 @@
+//! Redis store: blockyard's session hashes plus a per-worker index.
+//!
+//! Layout under the key prefix `P` (default `blockyard:`):
+//!
+//! - `P session:{id}`: hash `worker_id`, `user_sub`, `last_access` (Unix seconds), TTL = idle
+//!   TTL — exactly blockyard's format;
+//! - `P session-index:worker:{worker}`: sorted set of the worker's session ids, scored by the
+//!   session's expiry in Unix milliseconds (`+inf` without TTL), so expired members are pruned by
+//!   score and never counted;
+//! - `P session-index:workers`: set of worker ids that have an index.
+//!
+//! Every write goes through a Lua script that updates the hash and the index together, and
+//! worker-level operations walk only the worker's index: O(sessions of that worker) instead of
+//! blockyard's `SCAN` of the whole keyspace. Index members are verified against the hash
+//! (`worker_id` must still match), so an index made stale by a foreign writer is repaired, not
+//! trusted.
+//!
+//! Hashes written by a writer that does not maintain the index (blockyard itself) are found by
+//! an incremental, non-blocking `SCAN` that adds them to the index before each worker-level
+//! operation, unless [`RedisOptions::index_only`] says every writer maintains the index.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, redact_url, validate_id};
+
+/// blockyard's default key prefix.
+pub const DEFAULT_PREFIX: &str = "blockyard:";
+
+/// Settings of the Redis store beyond [`StoreOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// Prefix of every key (blockyard's `{prefix}session:{id}`).
+    pub prefix: String,
+    /// `true` when every writer maintains the per-worker index (all use this library): skips the
+    /// full-keyspace `SCAN` that finds hashes written by blockyard or other foreign writers.
+    pub index_only: bool,
+    /// Per-command timeout; a Redis that stops answering fails operations after this long.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_string(),
+            index_only: false,
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Shared Lua helpers: key names and the index score of a session key.
+const LUA_PRELUDE: &str = r#"
+local P = ARGV[1]
+local function skey(id) return P .. 'session:' .. id end
+local function ikey(w) return P .. 'session-index:worker:' .. w end
+local WORKERS = P .. 'session-index:workers'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function index(id, w, pttl)
+  local score = '+inf'
+  if pttl >= 0 then score = string.format('%.0f', now_ms() + pttl) end
+  redis.call('ZADD', ikey(w), score, id)
+  redis.call('SADD', WORKERS, w)
+end
+local function unindex(id, w)
+  redis.call('ZREM', ikey(w), id)
+  if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+end
+local function write_ttl(key, ttl)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl); return ttl * 1000 end
+  redis.call('PERSIST', key)
+  return -1
+end
+"#;
+
+/// ARGV: prefix, id, worker, user_sub, last_access, ttl seconds.
+const SET: &str = r#"
+local id, w = ARGV[2], ARGV[3]
+local key = skey(id)
+local old = redis.call('HGET', key, 'worker_id')
+if old and old ~= w then unindex(id, old) end
+redis.call('HSET', key, 'worker_id', w, 'user_sub', ARGV[4], 'last_access', ARGV[5])
+index(id, w, write_ttl(key, tonumber(ARGV[6])))
+return 1
+"#;
+
+/// ARGV: prefix, id, ttl seconds. Returns 1 when the session exists.
+const TOUCH: &str = r#"
+local id = ARGV[2]
+local key = skey(id)
+local w = redis.call('HGET', key, 'worker_id')
+if not w then return 0 end
+redis.call('HSET', key, 'last_access', redis.call('TIME')[1])
+index(id, w, write_ttl(key, tonumber(ARGV[3])))
+return 1
+"#;
+
+/// ARGV: prefix, ids… Returns how many existed.
+const DELETE: &str = r#"
+local n = 0
+for i = 2, #ARGV do
+  local key = skey(ARGV[i])
+  local w = redis.call('HGET', key, 'worker_id')
+  n = n + redis.call('DEL', key)
+  if w then unindex(ARGV[i], w) end
+end
+return n
+"#;
+
+/// ARGV: prefix, worker, limit. Deletes up to `limit` index members' sessions.
+/// Returns {members processed, sessions deleted}.
+const DELETE_WORKER_BATCH: &str = r#"
+local w = ARGV[2]
+local ids = redis.call('ZRANGE', ikey(w), 0, tonumber(ARGV[3]) - 1)
+local n = 0
+for _, id in ipairs(ids) do
+  if redis.call('HGET', skey(id), 'worker_id') == w then
+    n = n + redis.call('DEL', skey(id))
+  end
+  redis.call('ZREM', ikey(w), id)
+end
+if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+return {#ids, n}
+"#;
+
+/// ARGV: prefix, from, to, limit. Moves up to `limit` index members' sessions.
+/// Returns {members processed, sessions moved}.
+const REROUTE_BATCH: &str = r#"
+local from, to = ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGE', ikey(from), 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+local n = 0
+for i = 1, #ids, 2 do
+  local id, score = ids[i], ids[i + 1]
+  if redis.call('HGET', skey(id), 'worker_id') == from then
+    redis.call('HSET', skey(id), 'worker_id', to)
+    redis.call('ZADD', ikey(to), score, id)
+    n = n + 1
+  end
+  redis.call('ZREM', ikey(from), id)
+end
+if n > 0 then redis.call('SADD', WORKERS, to) end
+if redis.call('EXISTS', ikey(from)) == 0 then redis.call('SREM', WORKERS, from) end
+return {#ids / 2, n}
+"#;
+
+/// ARGV: prefix, worker. Prunes expired and stale members, then returns the live sessions as a
+/// flat list {id, user_sub, last_access, …}.
+const LIVE_ENTRIES: &str = r#"
+local w = ARGV[2]
+redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now_ms())
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
+  local h = redis.call('HMGET', skey(id), 'worker_id', 'user_sub', 'last_access')
+  if h[1] == w then
+    out[#out + 1] = id
+    out[#out + 1] = h[2] or ''
+    out[#out + 1] = h[3] or ''
+  else
+    redis.call('ZREM', ikey(w), id)
+  end
+end
+if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+return out
+"#;
+
+/// ARGV: prefix, worker. Like LIVE_ENTRIES but returns only the count.
+const LIVE_COUNT: &str = r#"
+local w = ARGV[2]
+redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now_ms())
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
+  if redis.call('HGET', skey(id), 'worker_id') == w then n = n + 1
+  else redis.call('ZREM', ikey(w), id) end
+end
+if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+return n
+"#;
+
+/// ARGV: prefix, worker, cutoff (Unix seconds), limit. Deletes up to `limit` sessions of the
+/// worker whose last access is before the cutoff; returns their ids.
+const IDLE_BATCH: &str = r#"
+local w, cutoff, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
+  if #out >= limit then break end
+  local h = redis.call('HMGET', skey(id), 'worker_id', 'last_access')
+  if h[1] ~= w then
+    redis.call('ZREM', ikey(w), id)
+  elseif tonumber(h[2]) == nil or tonumber(h[2]) < cutoff then
+    redis.call('DEL', skey(id))
+    redis.call('ZREM', ikey(w), id)
+    out[#out + 1] = id
+  end
+end
+if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+return out
+"#;
+
+/// KEYS: session keys found by SCAN; ARGV: prefix. Adds hashes missing from their worker's index.
+const ADOPT: &str = r#"
+local plen = #skey('')
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('TYPE', key).ok == 'hash' then
+    local w = redis.call('HGET', key, 'worker_id')
+    local id = string.sub(key, plen + 1)
+    if w and not redis.call('ZSCORE', ikey(w), id) then
+      index(id, w, redis.call('PTTL', key))
+      n = n + 1
+    end
+  end
+end
+return n
+"#;
+
+/// ARGV: prefix. Drops expired members from every index.
+const PRUNE_EXPIRED: &str = r#"
+local now = now_ms()
+for _, w in ipairs(redis.call('SMEMBERS', WORKERS)) do
+  redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now)
+  if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+end
+return 1
+"#;
+
+struct Scripts {
+    set: Script,
+    touch: Script,
+    delete: Script,
+    delete_worker_batch: Script,
+    reroute_batch: Script,
+    live_entries: Script,
+    live_count: Script,
+    idle_batch: Script,
+    adopt: Script,
+    prune_expired: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let s = |body: &str| Script::new(&format!("{LUA_PRELUDE}{body}"));
+        Self {
+            set: s(SET),
+            touch: s(TOUCH),
+            delete: s(DELETE),
+            delete_worker_batch: s(DELETE_WORKER_BATCH),
+            reroute_batch: s(REROUTE_BATCH),
+            live_entries: s(LIVE_ENTRIES),
+            live_count: s(LIVE_COUNT),
+            idle_batch: s(IDLE_BATCH),
+            adopt: s(ADOPT),
+            prune_expired: s(PRUNE_EXPIRED),
+        }
+    }
+}
+
+/// Sessions in Redis, wire-compatible with blockyard (see the module docs for the key layout).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    options: StoreOptions,
+    redis: RedisOptions,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("options", &self.options)
+            .field("redis", &self.redis)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`). A malformed URL or an unreachable server is
+    /// an error naming the URL without its password.
+    pub async fn connect(url: &str, options: StoreOptions, redis: RedisOptions) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Config(format!("redis URL {}: {e}", redact_url(url))))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(redis.response_timeout))
+            .set_response_timeout(Some(redis.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            conn,
+            options,
+            redis,
+            scripts: std::sync::Arc::new(Scripts::new()),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.redis.prefix
+    }
+
+    /// The key of a session's hash.
+    pub fn session_key(&self, id: &str) -> String {
+        format!("{}session:{id}", self.redis.prefix)
+    }
+
+    fn ttl_secs(&self) -> u64 {
+        // Redis's TTL is the idle TTL itself (blockyard's format): the cache is touched on every
+        // request, so it needs no coalescing slack. Sub-second TTLs round up to one second.
+        let ttl = self.options.idle_ttl;
+        ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)
+    }
+
+    /// Adds hashes that no index knows (written by blockyard or another foreign writer) to
+    /// their worker's index, so index walks find them. Incremental `SCAN`: Redis keeps serving
+    /// other clients between steps. Returns how many hashes were adopted.
+    pub async fn adopt_unindexed(&self) -> Result<u64> {
+        let pattern = format!("{}session:*", glob_escape(&self.redis.prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut adopted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut call = self.scripts.adopt.prepare_invoke();
+                call.arg(&self.redis.prefix);
+                for key in &keys {
+                    call.key(key);
+                }
+                adopted += call.invoke_async::<u64>(&mut conn).await?;
+            }
+            if next == 0 {
+                return Ok(adopted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Before a worker-level operation: make foreign hashes visible to the index.
+    async fn adopt_if_needed(&self) -> Result<()> {
+        if !self.redis.index_only {
+            self.adopt_unindexed().await?;
+        }
+        Ok(())
+    }
+
+    async fn live_count(&self, worker: &str) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        Ok(self
+            .scripts
+            .live_count
+            .arg(&self.redis.prefix)
+            .arg(worker)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    async fn indexed_workers(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .smembers(format!("{}session-index:workers", self.redis.prefix))
+            .await?)
+    }
+
+    /// Runs a `{processed, affected}` batch script until the index is exhausted.
+    async fn drain(&self, script: &Script, args: &[&str]) -> Result<u64> {
+        let limit = self.options.batch_size.max(1);
+        let mut conn = self.conn.clone();
+        let mut total = 0;
+        loop {
+            let mut call = script.prepare_invoke();
+            call.arg(&self.redis.prefix);
+            for a in args {
+                call.arg(*a);
+            }
+            let (processed, affected): (usize, u64) = call.arg(limit).invoke_async(&mut conn).await?;
+            total += affected;
+            if processed < limit {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Escapes glob metacharacters so a prefix matches itself literally in `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// blockyard writes `last_access` as decimal Unix seconds.
+fn parse_last_access(id: &str, raw: &str) -> Result<DateTime<Utc>> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        .ok_or_else(|| StoreError::Corrupt {
+            id: id.to_string(),
+            detail: format!("last_access {raw:?} is not Unix seconds"),
+        })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, id: &str) -> Result<Option<Entry>> {
+        validate_id("session id", id)?;
+        let mut conn = self.conn.clone();
+        let mut hash: HashMap<String, String> = conn.hgetall(self.session_key(id)).await?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let worker_id = hash.remove("worker_id").ok_or_else(|| StoreError::Corrupt {
+            id: id.to_string(),
+            detail: "hash has no worker_id".to_string(),
+        })?;
+        let last_access = parse_last_access(id, hash.get("last_access").map_or("", |s| s))?;
+        Ok(Some(Entry {
+            worker_id,
+            user_sub: hash.remove("user_sub").unwrap_or_default(),
+            last_access,
+        }))
+    }
+
+    async fn set(&self, id: &str, entry: &Entry) -> Result<()> {
+        validate_id("session id", id)?;
+        validate_id("worker id", &entry.worker_id)?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .set
+            .arg(&self.redis.prefix)
+            .arg(id)
+            .arg(&entry.worker_id)
+            .arg(&entry.user_sub)
+            .arg(entry.last_access.timestamp())
+            .arg(self.ttl_secs())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn touch(&self, id: &str) -> Result<bool> {
+        validate_id("session id", id)?;
+        let mut conn = self.conn.clone();
+        let found: i64 = self
+            .scripts
+            .touch
+            .arg(&self.redis.prefix)
+            .arg(id)
+            .arg(self.ttl_secs())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(found == 1)
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool> {
+        validate_id("session id", id)?;
+        Ok(self.delete_many(&[id.to_string()]).await? == 1)
+    }
+
+    async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let mut total = 0;
+        for chunk in ids.chunks(self.options.batch_size.max(1)) {
+            let mut call = self.scripts.delete.prepare_invoke();
+            call.arg(&self.redis.prefix);
+            for id in chunk {
+                call.arg(id);
+            }
+            total += call.invoke_async::<u64>(&mut conn).await?;
+        }
+        Ok(total)
+    }
+
+    async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
+        validate_id("worker id", worker_id)?;
+        self.adopt_if_needed().await?;
+        self.drain(&self.scripts.delete_worker_batch, &[worker_id]).await
+    }
+
+    async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
+        validate_id("worker id", worker_id)?;
+        self.adopt_if_needed().await?;
+        self.live_count(worker_id).await
+    }
+
+    async fn count_for_workers(&self, worker_ids: &[String]) -> Result<u64> {
+        for w in worker_ids {
+            validate_id("worker id", w)?;
+        }
+        if worker_ids.is_empty() {
+            return Ok(0);
+        }
+        self.adopt_if_needed().await?;
+        let mut total = 0;
+        for w in worker_ids.iter().collect::<HashSet<_>>() {
+            total += self.live_count(w).await?;
+        }
+        Ok(total)
+    }
+
+    async fn counts_by_worker(&self) -> Result<BTreeMap<String, u64>> {
+        self.adopt_if_needed().await?;
+        let mut counts = BTreeMap::new();
+        for w in self.indexed_workers().await? {
+            let n = self.live_count(&w).await?;
+            if n > 0 {
+                counts.insert(w, n);
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        self.adopt_if_needed().await?;
+        if from == to {
+            return self.live_count(from).await;
+        }
+        self.drain(&self.scripts.reroute_batch, &[from, to]).await
+    }
+
+    async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
+        validate_id("worker id", worker_id)?;
+        self.adopt_if_needed().await?;
+        let mut conn = self.conn.clone();
+        let flat: Vec<String> = self
+            .scripts
+            .live_entries
+            .arg(&self.redis.prefix)
+            .arg(worker_id)
+            .invoke_async(&mut conn)
+            .await?;
+        flat.chunks_exact(3)
+            .map(|f| {
+                let entry = Entry {
+                    worker_id: worker_id.to_string(),
+                    user_sub: f[1].clone(),
+                    last_access: parse_last_access(&f[0], &f[2])?,
+                };
+                Ok((f[0].clone(), entry))
+            })
+            .collect()
+    }
+
+    async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        match sweep {
+            // Redis expires session hashes itself; only index members need pruning.
+            Sweep::Expired => {
+                let _: i64 = self
+                    .scripts
+                    .prune_expired
+                    .arg(&self.redis.prefix)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(Vec::new())
+            }
+            Sweep::Idle { max_age, workers } => {
+                self.adopt_if_needed().await?;
+                let age = self.options.idle_cutoff_age(max_age);
+                let cutoff = Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+                let workers = match workers {
+                    Some(ws) => ws.to_vec(),
+                    None => self.indexed_workers().await?,
+                };
+                let mut removed = Vec::new();
+                for w in &workers {
+                    if removed.len() >= limit {
+                        break;
+                    }
+                    let ids: Vec<String> = self
+                        .scripts
+                        .idle_batch
+                        .arg(&self.redis.prefix)
+                        .arg(w)
+                        .arg(cutoff)
+                        .arg(limit - removed.len())
+                        .invoke_async(&mut conn)
+                        .await?;
+                    removed.extend(ids);
+                }
+                Ok(removed)
+            }
+        }
+    }
+
+    fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_escape_escapes_metacharacters() {
+        assert_eq!(glob_escape("a*b?[c]\\d:"), "a\\*b\\?\\[c\\]\\\\d:");
+    }
+
+    #[test]
+    fn last_access_must_be_unix_seconds() {
+        assert_eq!(parse_last_access("x", "1700000000").unwrap().timestamp(), 1_700_000_000);
+        assert!(parse_last_access("x", "yesterday").is_err());
+    }
+}
