@@ -12,7 +12,12 @@ use crate::schema::Schema;
 pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
     let mut causes = Vec::new();
     let spec = crd.get("spec").cloned().unwrap_or(Value::Null);
-    let s = |path: &str| spec.pointer(path).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |path: &str| {
+        spec.pointer(path)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let group = s("/group");
     let plural = s("/names/plural");
     let kind = s("/names/kind");
@@ -33,10 +38,15 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
         causes.push(Cause {
             reason: "FieldValueNotSupported",
             field: "spec.scope".into(),
-            message: format!("Unsupported value: {scope:?}: supported values: \"Cluster\", \"Namespaced\""),
+            message: format!(
+                "Unsupported value: {scope:?}: supported values: \"Cluster\", \"Namespaced\""
+            ),
         });
     }
-    let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = crd
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if name != format!("{plural}.{group}") {
         causes.push(Cause {
             reason: "FieldValueInvalid",
@@ -44,7 +54,11 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             message: format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
         });
     }
-    let versions = spec.get("versions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let versions = spec
+        .get("versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if versions.is_empty() {
         causes.push(Cause {
             reason: "FieldValueRequired",
@@ -66,7 +80,12 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
     let strings = |path: &str| -> Vec<String> {
         spec.pointer(path)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let mut types = Vec::new();
@@ -74,7 +93,11 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
         if v.get("served").and_then(Value::as_bool) != Some(true) {
             continue;
         }
-        let version = v.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let version = v
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let schema = match v.pointer("/schema/openAPIV3Schema") {
             Some(raw) => match Schema::parse(raw) {
                 Ok(s) => Some(Arc::new(s)),
@@ -95,7 +118,11 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             version,
             kind: kind.clone(),
             plural: plural.clone(),
-            singular: if singular.is_empty() { kind.to_lowercase() } else { singular },
+            singular: if singular.is_empty() {
+                kind.to_lowercase()
+            } else {
+                singular
+            },
             namespaced: scope == "Namespaced",
             short_names: strings("/names/shortNames"),
             categories: strings("/names/categories"),
@@ -104,12 +131,19 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             custom: true,
         });
     }
-    if causes.is_empty() { Ok(types) } else { Err(causes) }
+    if causes.is_empty() {
+        Ok(types)
+    } else {
+        Err(causes)
+    }
 }
 
 /// The status a real API server reports once a CRD's names are accepted.
 pub fn established_status(crd: &Value, now: &str) -> Value {
-    let names = crd.pointer("/spec/names").cloned().unwrap_or_else(|| json!({}));
+    let names = crd
+        .pointer("/spec/names")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
     let stored: Vec<Value> = crd
         .pointer("/spec/versions")
         .and_then(Value::as_array)

@@ -105,7 +105,10 @@ impl EmulatorBuilder {
             let shutdown = async {
                 let _ = stop_rx.await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "kube-emulator server failed");
             }
         });
@@ -163,17 +166,14 @@ impl Emulator {
     }
 
     /// A kube-rs config pointing at this emulator (namespace `default`).
-    pub fn kube_config(&self) -> Result<kube::Config, kube::Error> {
-        let uri: http::Uri = self
-            .url()
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| kube::Error::InferConfig(kube::config::InferConfigError(e.to_string().into())))?;
+    pub fn kube_config(&self) -> Result<kube::Config, http::uri::InvalidUri> {
+        let uri: http::Uri = self.url().parse()?;
         Ok(kube::Config::new(uri))
     }
 
     /// A kube-rs client for this emulator. Must be called inside a tokio runtime.
-    pub fn client(&self) -> Result<kube::Client, kube::Error> {
-        kube::Client::try_from(self.kube_config()?)
+    pub fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(kube::Client::try_from(self.kube_config()?)?)
     }
 
     /// A kubeconfig document (YAML) for kubectl and other clients.
@@ -193,7 +193,10 @@ impl Emulator {
             let _ = stop.send(());
         }
         let server = &mut self.server;
-        if tokio::time::timeout(Duration::from_secs(5), server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
             self.server.abort();
         }
         self.reaper.abort();

@@ -8,7 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "kube-emulator", about = "In-memory Kubernetes API server for tests")]
+#[command(
+    name = "kube-emulator",
+    about = "In-memory Kubernetes API server for tests"
+)]
 struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -40,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     if let Some(path) = &args.kubeconfig_out {
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, emulator.kubeconfig()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, emulator.kubeconfig())
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
     println!("kube-emulator listening on {}", emulator.url());

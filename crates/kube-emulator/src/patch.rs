@@ -38,16 +38,26 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 pub fn json_patch(target: &mut Value, patch: &Value) -> ApiResult<()> {
     let ops: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-    json_patch::patch(target, &ops)
-        .map_err(|e| ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")))
+    json_patch::patch(target, &ops).map_err(|e| {
+        ApiError::new(
+            422,
+            "Invalid",
+            format!("the server rejected our request due to an error in our request: {e}"),
+        )
+    })
 }
 
 /// Merge key for list fields that Kubernetes merges by key in strategic merge patch.
 /// Lists not named here are replaced wholesale, as for most built-in list fields.
 fn merge_key(field: &str) -> Option<&'static str> {
     match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
-        | "imagePullSecrets" | "readinessGates" => Some("name"),
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "readinessGates" => Some("name"),
         "conditions" => Some("type"),
         "ports" => Some("containerPort"),
         "volumeMounts" => Some("mountPath"),
@@ -79,7 +89,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
     if !target.is_object() {
         *target = Value::Object(Map::new());
     }
-    let Some(target_map) = target.as_object_mut() else { return };
+    let Some(target_map) = target.as_object_mut() else {
+        return;
+    };
     for (key, pv) in patch_map {
         if key == "$patch" || key.starts_with("$setElementOrder/") || key == "$retainKeys" {
             continue;
@@ -178,15 +190,6 @@ pub struct FieldOwners {
 }
 
 impl FieldOwners {
-    pub fn is_empty(&self) -> bool {
-        self.appliers.is_empty()
-    }
-
-    /// Managers and their field counts, for `metadata.managedFields`-like reporting.
-    pub fn managers(&self) -> impl Iterator<Item = (&String, &BTreeSet<String>)> {
-        self.appliers.iter()
-    }
-
     /// Drops ownership of every field whose value differs between `old` and `new`.
     pub fn forget_changed(&mut self, old: &Value, new: &Value) {
         for fields in self.appliers.values_mut() {
@@ -239,9 +242,15 @@ fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
 }
 
 fn remove_pointer(v: &mut Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
     let key = last.replace("~1", "/").replace("~0", "~");
-    let parent_value = if parent.is_empty() { Some(v) } else { v.pointer_mut(parent) };
+    let parent_value = if parent.is_empty() {
+        Some(v)
+    } else {
+        v.pointer_mut(parent)
+    };
     if let Some(Value::Object(m)) = parent_value {
         m.remove(&key);
     }
@@ -318,19 +327,34 @@ mod tests {
             {"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}]},
             "status": {"conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}]},
             "metadata": {"finalizers": ["x"]}});
-        strategic_merge(&mut pod, &json!({
+        strategic_merge(
+            &mut pod,
+            &json!({
             "spec": {"containers": [{"name": "b", "image": "b:2"}, {"name": "c", "image": "c:1"}]},
             "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-            "metadata": {"finalizers": ["y"]}}));
-        assert_eq!(pod["spec"]["containers"], json!([
-            {"name": "a", "image": "a:1"}, {"name": "b", "image": "b:2"}, {"name": "c", "image": "c:1"}]));
-        assert_eq!(pod["status"]["conditions"], json!([
-            {"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}]));
+            "metadata": {"finalizers": ["y"]}}),
+        );
+        assert_eq!(
+            pod["spec"]["containers"],
+            json!([
+            {"name": "a", "image": "a:1"}, {"name": "b", "image": "b:2"}, {"name": "c", "image": "c:1"}])
+        );
+        assert_eq!(
+            pod["status"]["conditions"],
+            json!([
+            {"type": "Ready", "status": "True"}, {"type": "Initialized", "status": "True"}])
+        );
         assert_eq!(pod["metadata"]["finalizers"], json!(["x", "y"]));
-        strategic_merge(&mut pod, &json!({"spec": {"containers": [{"name": "a", "$patch": "delete"}]},
-            "$deleteFromPrimitiveList/finalizers": ["x"]}));
+        strategic_merge(
+            &mut pod,
+            &json!({"spec": {"containers": [{"name": "a", "$patch": "delete"}]},
+            "$deleteFromPrimitiveList/finalizers": ["x"]}),
+        );
         assert_eq!(pod["spec"]["containers"].as_array().map(Vec::len), Some(2));
-        strategic_merge(&mut pod, &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["x"]}}));
+        strategic_merge(
+            &mut pod,
+            &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["x"]}}),
+        );
         assert_eq!(pod["metadata"]["finalizers"], json!(["y"]));
     }
 
@@ -356,18 +380,34 @@ mod tests {
         let live = server_side_apply(&live, &b, "b", true, &mut owners).expect("forced");
         assert_eq!(live["spec"]["holder"], "b");
         // Manager a re-applies without `renew`: the field it alone owned disappears.
-        let live = server_side_apply(&live, &json!({"spec": {}}), "a", false, &mut owners).expect("shrink");
+        let live = server_side_apply(&live, &json!({"spec": {}}), "a", false, &mut owners)
+            .expect("shrink");
         assert_eq!(live, json!({"spec": {"holder": "b"}}));
     }
 
     #[test]
     fn updates_take_ownership_away_from_appliers() {
         let mut owners = FieldOwners::default();
-        let live = server_side_apply(&Value::Null, &json!({"spec": {"h": "a"}}), "a", false, &mut owners)
-            .expect("apply");
+        let live = server_side_apply(
+            &Value::Null,
+            &json!({"spec": {"h": "a"}}),
+            "a",
+            false,
+            &mut owners,
+        )
+        .expect("apply");
         let mut updated = live.clone();
         updated["spec"]["h"] = json!("z");
         owners.forget_changed(&live, &updated);
-        assert!(server_side_apply(&updated, &json!({"spec": {"h": "b"}}), "b", false, &mut owners).is_ok());
+        assert!(
+            server_side_apply(
+                &updated,
+                &json!({"spec": {"h": "b"}}),
+                "b",
+                false,
+                &mut owners
+            )
+            .is_ok()
+        );
     }
 }

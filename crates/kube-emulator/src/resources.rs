@@ -82,19 +82,49 @@ pub struct StorageKey {
 pub fn builtin_resources() -> Vec<ResourceType> {
     let mut pods = ResourceType::builtin("", "v1", "Pod", "pods", true, true, &["po"]);
     pods.categories = vec!["all".into()];
-    let mut deployments =
-        ResourceType::builtin("apps", "v1", "Deployment", "deployments", true, true, &["deploy"]);
+    let mut deployments = ResourceType::builtin(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        true,
+        true,
+        &["deploy"],
+    );
     deployments.categories = vec!["all".into()];
-    let mut replicasets =
-        ResourceType::builtin("apps", "v1", "ReplicaSet", "replicasets", true, true, &["rs"]);
+    let mut replicasets = ResourceType::builtin(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        true,
+        true,
+        &["rs"],
+    );
     replicasets.categories = vec!["all".into()];
     vec![
         ResourceType::builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
         pods,
         ResourceType::builtin("", "v1", "Event", "events", true, false, &["ev"]),
         ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, false, &["cm"]),
-        ResourceType::builtin("events.k8s.io", "v1", "Event", "events", true, false, &["ev"]),
-        ResourceType::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, false, &[]),
+        ResourceType::builtin(
+            "events.k8s.io",
+            "v1",
+            "Event",
+            "events",
+            true,
+            false,
+            &["ev"],
+        ),
+        ResourceType::builtin(
+            "coordination.k8s.io",
+            "v1",
+            "Lease",
+            "leases",
+            true,
+            false,
+            &[],
+        ),
         deployments,
         replicasets,
         ResourceType::builtin(

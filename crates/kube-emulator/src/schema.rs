@@ -187,12 +187,18 @@ impl Schema {
                 if let Some(min) = self.min_items
                     && n < min
                 {
-                    causes.push(invalid_owned(path, format!("must have at least {min} items")));
+                    causes.push(invalid_owned(
+                        path,
+                        format!("must have at least {min} items"),
+                    ));
                 }
                 if let Some(max) = self.max_items
                     && n > max
                 {
-                    causes.push(invalid_owned(path, format!("must have at most {max} items")));
+                    causes.push(invalid_owned(
+                        path,
+                        format!("must have at most {max} items"),
+                    ));
                 }
                 if let Some(item_schema) = &self.items {
                     for (i, item) in items.iter_mut().enumerate() {
@@ -209,17 +215,29 @@ impl Schema {
                 if let Some(min) = self.min_length
                     && len < min
                 {
-                    causes.push(invalid(path, v, &format!("{path} in body should be at least {min} chars long")));
+                    causes.push(invalid(
+                        path,
+                        v,
+                        &format!("{path} in body should be at least {min} chars long"),
+                    ));
                 }
                 if let Some(max) = self.max_length
                     && len > max
                 {
-                    causes.push(invalid(path, v, &format!("{path} in body may not be more than {max} chars long")));
+                    causes.push(invalid(
+                        path,
+                        v,
+                        &format!("{path} in body may not be more than {max} chars long"),
+                    ));
                 }
                 if let Some(re) = &self.pattern
                     && !re.is_match(s)
                 {
-                    causes.push(invalid(path, v, &format!("{path} in body should match '{}'", re.as_str())));
+                    causes.push(invalid(
+                        path,
+                        v,
+                        &format!("{path} in body should match '{}'", re.as_str()),
+                    ));
                 }
             }
             Some("integer") => {
@@ -236,11 +254,9 @@ impl Schema {
                 }
                 self.check_bounds(v, path, causes);
             }
-            Some("boolean") => {
-                if !v.is_boolean() {
-                    causes.push(type_error(path, v, "boolean"));
-                    return;
-                }
+            Some("boolean") if !v.is_boolean() => {
+                causes.push(type_error(path, v, "boolean"));
+                return;
             }
             _ => {}
         }
@@ -249,7 +265,10 @@ impl Schema {
             causes.push(Cause {
                 reason: "FieldValueNotSupported",
                 field: path.to_string(),
-                message: format!("Unsupported value: {v}: supported values: {}", allowed.join(", ")),
+                message: format!(
+                    "Unsupported value: {v}: supported values: {}",
+                    allowed.join(", ")
+                ),
             });
         }
     }
@@ -257,17 +276,41 @@ impl Schema {
     fn check_bounds(&self, v: &Value, path: &str, causes: &mut Vec<Cause>) {
         let Some(n) = v.as_f64() else { return };
         if let Some(min) = self.minimum {
-            let bad = if self.exclusive_minimum { n <= min } else { n < min };
+            let bad = if self.exclusive_minimum {
+                n <= min
+            } else {
+                n < min
+            };
             if bad {
-                let op = if self.exclusive_minimum { "greater than" } else { "greater than or equal to" };
-                causes.push(invalid(path, v, &format!("{path} in body should be {op} {min}")));
+                let op = if self.exclusive_minimum {
+                    "greater than"
+                } else {
+                    "greater than or equal to"
+                };
+                causes.push(invalid(
+                    path,
+                    v,
+                    &format!("{path} in body should be {op} {min}"),
+                ));
             }
         }
         if let Some(max) = self.maximum {
-            let bad = if self.exclusive_maximum { n >= max } else { n > max };
+            let bad = if self.exclusive_maximum {
+                n >= max
+            } else {
+                n > max
+            };
             if bad {
-                let op = if self.exclusive_maximum { "less than" } else { "less than or equal to" };
-                causes.push(invalid(path, v, &format!("{path} in body should be {op} {max}")));
+                let op = if self.exclusive_maximum {
+                    "less than"
+                } else {
+                    "less than or equal to"
+                };
+                causes.push(invalid(
+                    path,
+                    v,
+                    &format!("{path} in body should be {op} {max}"),
+                ));
             }
         }
     }
@@ -310,7 +353,9 @@ fn type_error(path: &str, v: &Value, expected: &str) -> Cause {
     Cause {
         reason: "FieldValueTypeInvalid",
         field: path.to_string(),
-        message: format!("Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""),
+        message: format!(
+            "Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""
+        ),
     }
 }
 
@@ -357,7 +402,13 @@ mod tests {
         let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
         assert_eq!(
             fields,
-            vec!["spec.labels.k", "spec.mode", "spec.name", "spec.size", "spec.tags[0]"]
+            vec![
+                "spec.labels.k",
+                "spec.mode",
+                "spec.name",
+                "spec.size",
+                "spec.tags[0]"
+            ]
         );
         let mut missing = json!({"spec": {}});
         let causes = schema().apply_to_object(&mut missing);

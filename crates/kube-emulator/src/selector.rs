@@ -68,7 +68,9 @@ fn split_top_level(s: &str) -> Vec<&str> {
 }
 
 fn bad(s: &str) -> ApiError {
-    ApiError::bad_request(format!("unable to parse requirement: invalid label selector {s:?}"))
+    ApiError::bad_request(format!(
+        "unable to parse requirement: invalid label selector {s:?}"
+    ))
 }
 
 fn check_key(k: &str, whole: &str) -> ApiResult<String> {
@@ -76,7 +78,11 @@ fn check_key(k: &str, whole: &str) -> ApiResult<String> {
     let ok = !k.is_empty()
         && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-    if ok { Ok(k.to_string()) } else { Err(bad(whole)) }
+    if ok {
+        Ok(k.to_string())
+    } else {
+        Err(bad(whole))
+    }
 }
 
 fn parse_set(rest: &str, whole: &str) -> ApiResult<Vec<String>> {
@@ -138,7 +144,9 @@ impl FieldSelector {
                 )));
             };
             let field = field.trim();
-            if !matches!(field, "metadata.name" | "metadata.namespace") && !supported.contains(&field) {
+            if !matches!(field, "metadata.name" | "metadata.namespace")
+                && !supported.contains(&field)
+            {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {field}"
                 )));
@@ -185,7 +193,11 @@ mod tests {
     #[test]
     fn field_selectors() {
         let o = obj(json!({}));
-        let f = |s: &str| FieldSelector::parse(s, &["status.phase"]).expect("parses").matches(&o);
+        let f = |s: &str| {
+            FieldSelector::parse(s, &["status.phase"])
+                .expect("parses")
+                .matches(&o)
+        };
         assert!(f("metadata.name=a,metadata.namespace==ns"));
         assert!(f("status.phase!=Pending"));
         assert!(!f("status.phase=Pending"));

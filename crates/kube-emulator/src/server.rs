@@ -15,7 +15,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::patch::PatchKind;
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOptions, Deleted, Store, Subresource, WatchEvent, WatchStart, WriteOptions};
+use crate::store::{
+    DeleteOptions, Deleted, Store, Subresource, WatchEvent, WatchStart, WriteOptions,
+};
 use crate::testing::ControlState;
 
 /// Largest request body accepted.
@@ -46,9 +48,19 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         .unwrap_or_default();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
-        Err(e) => return error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string())),
+        Err(e) => {
+            return error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string()));
+        }
     };
-    let result = route(&state, &parts.method, parts.uri.path(), &query, &parts.headers, body).await;
+    let result = route(
+        &state,
+        &parts.method,
+        parts.uri.path(),
+        &query,
+        &parts.headers,
+        body,
+    )
+    .await;
     match result {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
@@ -63,7 +75,11 @@ async fn route(
     headers: &HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let resources = state.store.resources();
     match segments.as_slice() {
         ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
@@ -74,10 +90,21 @@ async fn route(
                 .body(Body::from("ok"))
                 .unwrap_or_default());
         }
-        ["api"] => return Ok(json_response(StatusCode::OK, &discovery::core_versions(&state.address))),
-        ["apis"] => return Ok(json_response(StatusCode::OK, &discovery::group_list(&resources))),
+        ["api"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::core_versions(&state.address),
+            ));
+        }
+        ["apis"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::group_list(&resources),
+            ));
+        }
         ["api", "v1"] => {
-            let list = discovery::resource_list(&resources, "", "v1").ok_or_else(|| ApiError::no_route(path))?;
+            let list = discovery::resource_list(&resources, "", "v1")
+                .ok_or_else(|| ApiError::no_route(path))?;
             return Ok(json_response(StatusCode::OK, &list));
         }
         ["apis", group] => {
@@ -85,12 +112,14 @@ async fn route(
             return Ok(json_response(StatusCode::OK, &g));
         }
         ["apis", group, version] => {
-            let list = discovery::resource_list(&resources, group, version).ok_or_else(|| ApiError::no_route(path))?;
+            let list = discovery::resource_list(&resources, group, version)
+                .ok_or_else(|| ApiError::no_route(path))?;
             return Ok(json_response(StatusCode::OK, &list));
         }
         _ => {}
     }
-    let (target, legacy_watch) = resolve(&resources, &segments).ok_or_else(|| ApiError::no_route(path))?;
+    let (target, legacy_watch) =
+        resolve(&resources, &segments).ok_or_else(|| ApiError::no_route(path))?;
     let watch = legacy_watch || flag(query, "watch");
     let verb = verb_of(method, &target, watch);
     let (latency, fault) = state.control.check(&target.rt.plural, verb);
@@ -111,7 +140,7 @@ async fn route(
     match (verb, target.name.as_deref()) {
         ("get", Some(name)) => Ok(json_response(StatusCode::OK, &store.get(rt, &ns, name)?)),
         ("list", None) => list(store, &target, query),
-        ("watch", _) => watch(state, &target, query),
+        ("watch", _) => serve_watch(state, &target, query),
         ("create", None) => {
             let obj = parse_json(&body)?;
             let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
@@ -128,10 +157,26 @@ async fn route(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let kind = PatchKind::from_content_type(content_type)?;
-            let patch = if kind == PatchKind::Apply { parse_yaml(&body)? } else { parse_json(&body)? };
+            let patch = if kind == PatchKind::Apply {
+                parse_yaml(&body)?
+            } else {
+                parse_json(&body)?
+            };
             let existed = store.get(rt, &ns, name).is_ok();
-            let patched = store.patch(rt, &ns, name, kind, &patch, sub, &write_options(query, headers))?;
-            let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
+            let patched = store.patch(
+                rt,
+                &ns,
+                name,
+                kind,
+                &patch,
+                sub,
+                &write_options(query, headers),
+            )?;
+            let code = if existed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
             Ok(json_response(code, &patched))
         }
         ("delete", Some(name)) => {
@@ -154,7 +199,13 @@ async fn route(
         ("deletecollection", None) => {
             let opts = delete_options(query, &body)?;
             let (labels, fields) = selectors(store, rt, query)?;
-            let items = store.delete_collection(rt, target.namespace.as_deref(), &labels, &fields, &opts)?;
+            let items = store.delete_collection(
+                rt,
+                target.namespace.as_deref(),
+                &labels,
+                &fields,
+                &opts,
+            )?;
             let list = json!({
                 "kind": rt.list_kind(), "apiVersion": rt.api_version(),
                 "metadata": {"resourceVersion": store.resource_version().to_string()},
@@ -185,15 +236,18 @@ fn resolve(resources: &[ResourceType], segments: &[&str]) -> Option<(Target, boo
             .find(|r| r.group == group && r.version == version && r.plural == plural)
             .cloned()
     };
-    let target = |rt: ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
-        rt,
-        namespace: ns.map(str::to_string),
-        name: name.map(str::to_string),
-        subresource: sub.map(str::to_string),
-    };
+    let target =
+        |rt: ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
+            rt,
+            namespace: ns.map(str::to_string),
+            name: name.map(str::to_string),
+            subresource: sub.map(str::to_string),
+        };
     let t = match rest {
         // The namespace object itself and its subresources.
-        ["namespaces", name] if group.is_empty() => target(find("namespaces")?, None, Some(name), None),
+        ["namespaces", name] if group.is_empty() => {
+            target(find("namespaces")?, None, Some(name), None)
+        }
         ["namespaces", name, sub @ ("status" | "finalize")] if group.is_empty() => {
             target(find("namespaces")?, None, Some(name), Some(sub))
         }
@@ -242,9 +296,17 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     query.get(name).is_some_and(|v| v == "true" || v == "1")
 }
 
-fn selectors(store: &Store, rt: &ResourceType, query: &HashMap<String, String>) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let fields = store.field_selector(rt, query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+fn selectors(
+    store: &Store,
+    rt: &ResourceType,
+    query: &HashMap<String, String>,
+) -> ApiResult<(LabelSelector, FieldSelector)> {
+    let labels =
+        LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let fields = store.field_selector(
+        rt,
+        query.get("fieldSelector").map(String::as_str).unwrap_or(""),
+    )?;
     Ok((labels, fields))
 }
 
@@ -295,7 +357,9 @@ impl WatchFilter {
     /// The wire line for an event, translating selector transitions the way the API
     /// server does (entering the selection is ADDED, leaving it is DELETED).
     fn line(&self, ev: &WatchEvent) -> Option<String> {
-        if ev.key != self.rt.storage_key() || self.namespace.as_ref().is_some_and(|n| *n != ev.namespace) {
+        if ev.key != self.rt.storage_key()
+            || self.namespace.as_ref().is_some_and(|n| *n != ev.namespace)
+        {
             return None;
         }
         let now = self.matches(&ev.object);
@@ -310,11 +374,17 @@ impl WatchFilter {
     }
 }
 
-fn watch(state: &Arc<AppState>, target: &Target, query: &HashMap<String, String>) -> ApiResult<Response> {
+fn serve_watch(
+    state: &Arc<AppState>,
+    target: &Target,
+    query: &HashMap<String, String>,
+) -> ApiResult<Response> {
     let rt = target.rt.clone();
     let (labels, mut fields) = selectors(&state.store, &rt, query)?;
     if let Some(name) = &target.name {
-        fields = state.store.field_selector(&rt, &format!("metadata.name={name}"))?;
+        fields = state
+            .store
+            .field_selector(&rt, &format!("metadata.name={name}"))?;
     }
     let send_initial = flag(query, "sendInitialEvents");
     let start = match query.get("resourceVersion").map(String::as_str) {
@@ -338,27 +408,36 @@ fn watch(state: &Arc<AppState>, target: &Target, query: &HashMap<String, String>
         fields,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let first: Option<String> = match state.store.subscribe(&filter.rt, filter.namespace.as_deref(), start) {
-        Ok(sub) => {
-            let task = WatchTask {
-                filter,
-                tx,
-                bookmark_interval: bookmarks.then_some(state.bookmark_interval),
-                timeout,
-                initial_events_end: send_initial,
-                epoch: state.control.watch_epoch(),
-            };
-            tokio::spawn(task.run(sub));
-            None
-        }
-        // Like the API server: a 200 response carrying a single ERROR event.
-        Err(e) => Some(format!("{{\"type\":\"ERROR\",\"object\":{}}}\n", e.to_status())),
-    };
+    let first: Option<String> =
+        match state
+            .store
+            .subscribe(&filter.rt, filter.namespace.as_deref(), start)
+        {
+            Ok(sub) => {
+                let task = WatchTask {
+                    filter,
+                    tx,
+                    bookmark_interval: bookmarks.then_some(state.bookmark_interval),
+                    timeout,
+                    initial_events_end: send_initial,
+                    epoch: state.control.watch_epoch(),
+                };
+                tokio::spawn(task.run(sub));
+                None
+            }
+            // Like the API server: a 200 response carrying a single ERROR event.
+            Err(e) => Some(format!(
+                "{{\"type\":\"ERROR\",\"object\":{}}}\n",
+                e.to_status()
+            )),
+        };
     let body = match first {
         Some(line) => Body::from(line),
         None => {
             let stream = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+                rx.recv()
+                    .await
+                    .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
             });
             Body::from_stream(stream)
         }
@@ -461,22 +540,32 @@ fn write_options(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteO
 }
 
 fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteOptions> {
-    let body: Value = if body.is_empty() { json!({}) } else { parse_json(body)? };
+    let body: Value = if body.is_empty() {
+        json!({})
+    } else {
+        parse_json(body)?
+    };
     let grace = query
         .get("gracePeriodSeconds")
         .and_then(|g| g.parse::<i64>().ok())
         .or_else(|| body.get("gracePeriodSeconds").and_then(Value::as_i64));
-    let policy = query
-        .get("propagationPolicy")
-        .cloned()
-        .or_else(|| body.get("propagationPolicy").and_then(Value::as_str).map(str::to_string));
-    let orphan = policy.as_deref() == Some("Orphan") || body.get("orphanDependents") == Some(&json!(true));
+    let policy = query.get("propagationPolicy").cloned().or_else(|| {
+        body.get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let orphan =
+        policy.as_deref() == Some("Orphan") || body.get("orphanDependents") == Some(&json!(true));
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All")
         || body
             .get("dryRun")
             .and_then(Value::as_array)
             .is_some_and(|d| d.iter().any(|v| v == "All"));
-    let pre = |f: &str| body.pointer(&format!("/preconditions/{f}")).and_then(Value::as_str).map(str::to_string);
+    let pre = |f: &str| {
+        body.pointer(&format!("/preconditions/{f}"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     Ok(DeleteOptions {
         grace_period_seconds: grace,
         precondition_uid: pre("uid"),
@@ -487,11 +576,13 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
 }
 
 fn parse_json(body: &Bytes) -> ApiResult<Value> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn parse_yaml(body: &Bytes) -> ApiResult<Value> {
-    serde_yaml_ng::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
+    serde_yaml_ng::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response {

@@ -248,12 +248,10 @@ impl Store {
                     continue;
                 }
                 if limit.is_some_and(|l| l > 0 && items.len() == l) {
-                    continue_key = items
-                        .last()
-                        .map(|o: &Value| {
-                            let n = meta_str(o, "name").unwrap_or(oname).to_string();
-                            (meta_str(o, "namespace").unwrap_or("").to_string(), n)
-                        });
+                    continue_key = items.last().map(|o: &Value| {
+                        let n = meta_str(o, "name").unwrap_or(oname).to_string();
+                        (meta_str(o, "namespace").unwrap_or("").to_string(), n)
+                    });
                     break;
                 }
                 items.push(present(rt, &stored.obj));
@@ -314,7 +312,12 @@ impl Store {
                         inner.compacted + 1
                     )));
                 }
-                inner.history.iter().filter(|e| e.rv > rv).cloned().collect()
+                inner
+                    .history
+                    .iter()
+                    .filter(|e| e.rv > rv)
+                    .cloned()
+                    .collect()
             }
         };
         Ok(Subscription {
@@ -324,7 +327,13 @@ impl Store {
         })
     }
 
-    pub fn create(&self, rt: &ResourceType, ns: &str, body: Value, opts: &WriteOptions) -> ApiResult<Value> {
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        body: Value,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
         let mut inner = self.lock();
         self.create_locked(&mut inner, rt, ns, body, opts)
     }
@@ -342,26 +351,43 @@ impl Store {
         if rt.namespaced {
             ensure_namespace(inner, &ns)?;
         }
-        let meta = meta_mut(&mut obj).ok_or_else(|| ApiError::bad_request("object must be a JSON object"))?;
-        let mut name = meta.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let meta = meta_mut(&mut obj)
+            .ok_or_else(|| ApiError::bad_request("object must be a JSON object"))?;
+        let mut name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if name.is_empty()
             && let Some(prefix) = meta.get("generateName").and_then(Value::as_str)
         {
             name = format!("{prefix}{}", util::random_suffix());
         }
         if name.is_empty() {
-            return Err(ApiError::invalid(&rt.group, &rt.kind, "", vec![Cause {
-                reason: "FieldValueRequired",
-                field: "metadata.name".into(),
-                message: "Required value: name or generateName is required".into(),
-            }]));
+            return Err(ApiError::invalid(
+                &rt.group,
+                &rt.kind,
+                "",
+                vec![Cause {
+                    reason: "FieldValueRequired",
+                    field: "metadata.name".into(),
+                    message: "Required value: name or generateName is required".into(),
+                }],
+            ));
         }
         if !util::is_dns_subdomain(&name) {
-            return Err(ApiError::invalid(&rt.group, &rt.kind, &name, vec![Cause {
-                reason: "FieldValueInvalid",
-                field: "metadata.name".into(),
-                message: format!("Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"),
-            }]));
+            return Err(ApiError::invalid(
+                &rt.group,
+                &rt.kind,
+                &name,
+                vec![Cause {
+                    reason: "FieldValueInvalid",
+                    field: "metadata.name".into(),
+                    message: format!(
+                        "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"
+                    ),
+                }],
+            ));
         }
         meta.insert("name".into(), json!(name));
         if rt.namespaced {
@@ -372,7 +398,13 @@ impl Store {
         meta.insert("uid".into(), json!(util::new_uid()));
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
         meta.insert("generation".into(), json!(1));
-        for system in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"] {
+        for system in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ] {
             meta.remove(system);
         }
         set_type(rt, &mut obj);
@@ -380,12 +412,12 @@ impl Store {
         validate(rt, &mut obj, &name)?;
         let key = rt.storage_key();
         let obj_key = (ns.clone(), name.clone());
-        if inner.buckets.get(&key).is_some_and(|b| b.contains_key(&obj_key)) {
+        if inner
+            .buckets
+            .get(&key)
+            .is_some_and(|b| b.contains_key(&obj_key))
+        {
             return Err(ApiError::already_exists(&rt.group, &rt.plural, &name));
-        }
-        let mut owners = FieldOwners::default();
-        if opts.field_manager.is_some() && opts.force {
-            // Created by server-side apply: the caller applied exactly these fields.
         }
         if opts.dry_run {
             return Ok(obj);
@@ -394,8 +426,14 @@ impl Store {
             register_crd(inner, &obj, &name)?;
             obj["status"] = crd::established_status(&obj, &now_rfc3339());
         }
-        owners = std::mem::take(&mut owners);
-        let committed = self.commit(inner, rt, obj_key, Some(Stored { obj, owners }), EventType::Added);
+        let owners = FieldOwners::default();
+        let committed = self.commit(
+            inner,
+            rt,
+            obj_key,
+            Some(Stored { obj, owners }),
+            EventType::Added,
+        );
         Ok(present(rt, &committed))
     }
 
@@ -423,7 +461,12 @@ impl Store {
         if let Some(rv) = expected_rv
             && Some(rv) != meta_str(&current.obj, "resourceVersion")
         {
-            return Err(ApiError::conflict(&rt.group, &rt.plural, name, "the object has been modified; please apply your changes to the latest version and try again"));
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         let old = current.obj.clone();
         let owners = current.owners.clone();
@@ -458,8 +501,9 @@ impl Store {
                 m.insert("name".into(), json!(name));
             }
             let mut owners = FieldOwners::default();
-            let applied = patch::server_side_apply(&Value::Null, &created, &manager, true, &mut owners)
-                .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
+            let applied =
+                patch::server_side_apply(&Value::Null, &created, &manager, true, &mut owners)
+                    .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
             let result = self.create_locked(&mut inner, rt, ns, applied, opts)?;
             if let Some(stored) = inner
                 .buckets
@@ -484,17 +528,32 @@ impl Store {
             }
             PatchKind::Apply => {
                 if manager.is_empty() {
-                    return Err(ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"));
+                    return Err(ApiError::bad_request(
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    ));
                 }
                 check_kind(rt, body)?;
                 patched = patch::server_side_apply(&old, body, &manager, opts.force, &mut owners)
                     .map_err(|conflicts| {
-                        ApiError::new(409, "Conflict", format!("Apply failed with {} conflict(s): {}", conflicts.len(), conflicts.join("; ")))
-                    })?;
+                    ApiError::new(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Apply failed with {} conflict(s): {}",
+                            conflicts.len(),
+                            conflicts.join("; ")
+                        ),
+                    )
+                })?;
             }
         }
         if meta_str(&patched, "resourceVersion") != meta_str(&old, "resourceVersion") {
-            return Err(ApiError::conflict(&rt.group, &rt.plural, name, "the object has been modified; please apply your changes to the latest version and try again"));
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         if kind != PatchKind::Apply {
             owners.forget_changed(&old, &patched);
@@ -513,7 +572,7 @@ impl Store {
         name: &str,
         old: Value,
         mut new: Value,
-        mut owners: FieldOwners,
+        owners: FieldOwners,
         sub: Subresource,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
@@ -542,7 +601,15 @@ impl Store {
             }
         }
         if let Some(m) = meta_mut(&mut new) {
-            for keep in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"] {
+            for keep in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "namespace",
+                "name",
+            ] {
                 match old.get("metadata").and_then(|om| om.get(keep)) {
                     Some(v) => m.insert(keep.to_string(), v.clone()),
                     None => m.remove(keep),
@@ -553,7 +620,10 @@ impl Store {
         set_type(rt, &mut new);
         validate(rt, &mut new, name)?;
         if spec_of(&old) != spec_of(&new) {
-            let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
             new["metadata"]["generation"] = json!(generation + 1);
         }
         if opts.dry_run {
@@ -568,17 +638,24 @@ impl Store {
             register_crd(inner, &new, name)?;
         }
         let obj_key = (ns.to_string(), name.to_string());
-        if owners.is_empty() {
-            owners = FieldOwners::default();
-        }
-        let committed = self.commit(inner, rt, obj_key.clone(), Some(Stored { obj: new, owners }), EventType::Modified);
+        let committed = self.commit(
+            inner,
+            rt,
+            obj_key.clone(),
+            Some(Stored { obj: new, owners }),
+            EventType::Modified,
+        );
         self.finish_deletion_if_done(inner, rt, &obj_key);
         Ok(present(rt, &committed))
     }
 
     /// Removes an object that is marked for deletion once nothing holds it back.
     fn finish_deletion_if_done(&self, inner: &mut Inner, rt: &ResourceType, key: &ObjectKey) {
-        let Some(stored) = inner.buckets.get(&rt.storage_key()).and_then(|b| b.get(key)) else {
+        let Some(stored) = inner
+            .buckets
+            .get(&rt.storage_key())
+            .and_then(|b| b.get(key))
+        else {
             return;
         };
         if stored.obj.pointer("/metadata/deletionTimestamp").is_none()
@@ -590,7 +667,13 @@ impl Store {
         self.remove_locked(inner, rt, key.clone(), false);
     }
 
-    pub fn delete(&self, rt: &ResourceType, ns: &str, name: &str, opts: &DeleteOptions) -> ApiResult<Deleted> {
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Deleted> {
         let mut inner = self.lock();
         self.delete_locked(&mut inner, rt, ns, name, opts)
     }
@@ -605,21 +688,32 @@ impl Store {
     ) -> ApiResult<Deleted> {
         let current = get_stored(inner, rt, ns, name)?;
         let obj = current.obj.clone();
+        let owners = current.owners.clone();
         if let Some(uid) = &opts.precondition_uid
             && meta_str(&obj, "uid") != Some(uid.as_str())
         {
-            return Err(ApiError::conflict(&rt.group, &rt.plural, name, &format!(
-                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                meta_str(&obj, "uid").unwrap_or("")
-            )));
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&obj, "uid").unwrap_or("")
+                ),
+            ));
         }
         if let Some(rv) = &opts.precondition_rv
             && meta_str(&obj, "resourceVersion") != Some(rv.as_str())
         {
-            return Err(ApiError::conflict(&rt.group, &rt.plural, name, &format!(
-                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                meta_str(&obj, "resourceVersion").unwrap_or("")
-            )));
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&obj, "resourceVersion").unwrap_or("")
+                ),
+            ));
         }
         if opts.dry_run {
             return Ok(Deleted::Pending(present(rt, &obj)));
@@ -628,7 +722,10 @@ impl Store {
         let grace = if is_pod(rt) && !pod_finished(&obj) {
             let requested = opts
                 .grace_period_seconds
-                .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
                 .unwrap_or(30)
                 .max(0);
             match inner.max_grace {
@@ -646,7 +743,10 @@ impl Store {
         if grace > 0 {
             let deadline = Instant::now() + Duration::from_secs(grace as u64);
             let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
-            let entry = inner.terminating.entry(key.clone()).or_insert((uid, deadline));
+            let entry = inner
+                .terminating
+                .entry(key.clone())
+                .or_insert((uid, deadline));
             if deadline < entry.1 {
                 entry.1 = deadline;
             }
@@ -664,8 +764,16 @@ impl Store {
         if marked == obj {
             return Ok(Deleted::Pending(present(rt, &obj)));
         }
-        let owners = current.owners.clone();
-        let committed = self.commit(inner, rt, key.clone(), Some(Stored { obj: marked, owners }), EventType::Modified);
+        let committed = self.commit(
+            inner,
+            rt,
+            key.clone(),
+            Some(Stored {
+                obj: marked,
+                owners,
+            }),
+            EventType::Modified,
+        );
         self.finish_deletion_if_done(inner, rt, &key);
         Ok(Deleted::Pending(present(rt, &committed)))
     }
@@ -686,7 +794,9 @@ impl Store {
             .map(|b| {
                 b.iter()
                     .filter(|((ons, _), s)| {
-                        ns.is_none_or(|n| n == ons) && labels.matches(&s.obj) && fields.matches(&s.obj)
+                        ns.is_none_or(|n| n == ons)
+                            && labels.matches(&s.obj)
+                            && fields.matches(&s.obj)
                     })
                     .map(|(k, _)| k.clone())
                     .collect()
@@ -702,7 +812,13 @@ impl Store {
     }
 
     /// Removes the object now, emits DELETED, and cascades to dependents and namespace contents.
-    fn remove_locked(&self, inner: &mut Inner, rt: &ResourceType, key: ObjectKey, orphan: bool) -> Value {
+    fn remove_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        key: ObjectKey,
+        orphan: bool,
+    ) -> Value {
         let removed = self.commit(inner, rt, key.clone(), None, EventType::Deleted);
         inner.terminating.remove(&key);
         if rt.group.is_empty() && rt.plural == "namespaces" {
@@ -716,7 +832,12 @@ impl Store {
             && !orphan
         {
             for (skey, ns, name) in deps {
-                let Some(dep_rt) = inner.resources.iter().find(|r| r.storage_key() == skey).cloned() else {
+                let Some(dep_rt) = inner
+                    .resources
+                    .iter()
+                    .find(|r| r.storage_key() == skey)
+                    .cloned()
+                else {
                     continue;
                 };
                 let _ = self.delete_locked(inner, &dep_rt, &ns, &name, &DeleteOptions::default());
@@ -726,7 +847,12 @@ impl Store {
     }
 
     fn purge_namespace(&self, inner: &mut Inner, ns: &str) {
-        let types: Vec<ResourceType> = inner.resources.iter().filter(|r| r.namespaced).cloned().collect();
+        let types: Vec<ResourceType> = inner
+            .resources
+            .iter()
+            .filter(|r| r.namespaced)
+            .cloned()
+            .collect();
         let mut seen = HashSet::new();
         for rt in types {
             if !seen.insert(rt.storage_key()) {
@@ -744,15 +870,23 @@ impl Store {
     }
 
     fn unregister_crd(&self, inner: &mut Inner, crd: &Value) {
-        let Ok(types) = crd::resource_types(crd) else { return };
+        let Ok(types) = crd::resource_types(crd) else {
+            return;
+        };
         let Some(first) = types.first() else { return };
         let skey = first.storage_key();
-        let keys: Vec<ObjectKey> = inner.buckets.get(&skey).map(|b| b.keys().cloned().collect()).unwrap_or_default();
+        let keys: Vec<ObjectKey> = inner
+            .buckets
+            .get(&skey)
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default();
         for key in keys {
             self.remove_locked(inner, first, key, true);
         }
         inner.buckets.remove(&skey);
-        inner.resources.retain(|r| !(r.custom && r.storage_key() == skey));
+        inner
+            .resources
+            .retain(|r| !(r.custom && r.storage_key() == skey));
     }
 
     /// Applies a change, assigns the next resourceVersion, records history and fans out.
@@ -785,7 +919,11 @@ impl Store {
                 obj
             }
         };
-        let object_for_index = if kind == EventType::Deleted { None } else { Some(&object) };
+        let object_for_index = if kind == EventType::Deleted {
+            None
+        } else {
+            Some(&object)
+        };
         update_dependents(inner, &skey, &key, previous.as_ref(), object_for_index);
         let event = Arc::new(WatchEvent {
             rv,
@@ -794,7 +932,11 @@ impl Store {
             kind,
             json: object.to_string(),
             object: object.clone(),
-            previous: if kind == EventType::Modified { previous } else { None },
+            previous: if kind == EventType::Modified {
+                previous
+            } else {
+                None
+            },
         });
         inner.history.push_back(event.clone());
         while inner.history.len() > self.config.history_limit.max(1) {
@@ -817,7 +959,9 @@ impl Store {
             .filter(|(_, (_, deadline))| *deadline <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        let Some(pods) = inner.resources.iter().find(|r| is_pod(r)).cloned() else { return };
+        let Some(pods) = inner.resources.iter().find(|r| is_pod(r)).cloned() else {
+            return;
+        };
         for key in due {
             inner.terminating.remove(&key);
             self.finish_deletion_if_done(&mut inner, &pods, &key);
@@ -855,7 +999,13 @@ impl Store {
         let owners = current.owners.clone();
         f(&mut obj);
         let key = (ns.to_string(), name.to_string());
-        let committed = self.commit(&mut inner, rt, key, Some(Stored { obj, owners }), EventType::Modified);
+        let committed = self.commit(
+            &mut inner,
+            rt,
+            key,
+            Some(Stored { obj, owners }),
+            EventType::Modified,
+        );
         Ok(present(rt, &committed))
     }
 }
@@ -871,7 +1021,12 @@ fn pod_finished(pod: &Value) -> bool {
     )
 }
 
-fn get_stored<'a>(inner: &'a Inner, rt: &ResourceType, ns: &str, name: &str) -> ApiResult<&'a Stored> {
+fn get_stored<'a>(
+    inner: &'a Inner,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+) -> ApiResult<&'a Stored> {
     inner
         .buckets
         .get(&rt.storage_key())
@@ -889,7 +1044,11 @@ fn update_dependents(
     let owner_uids = |v: Option<&Value>| -> Vec<String> {
         v.and_then(|o| o.pointer("/metadata/ownerReferences"))
             .and_then(Value::as_array)
-            .map(|refs| refs.iter().filter_map(|r| r.get("uid")?.as_str().map(str::to_string)).collect())
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r.get("uid")?.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let (old_uids, new_uids) = (owner_uids(old), owner_uids(new));
@@ -906,7 +1065,11 @@ fn update_dependents(
         }
     }
     for uid in new_uids {
-        inner.dependents.entry(uid).or_default().insert(entry.clone());
+        inner
+            .dependents
+            .entry(uid)
+            .or_default()
+            .insert(entry.clone());
     }
 }
 
@@ -927,7 +1090,9 @@ fn set_type(rt: &ResourceType, obj: &mut Value) {
 /// Rejects bodies whose `kind`/`apiVersion` name a different type.
 fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     if !obj.is_object() {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     }
     if let Some(kind) = obj.get("kind").and_then(Value::as_str)
         && !kind.is_empty()
@@ -965,30 +1130,46 @@ fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<St
     }
     let ns = if url_ns.is_empty() { body_ns } else { url_ns };
     if ns.is_empty() {
-        return Err(ApiError::bad_request("a namespace must be specified for a namespaced resource"));
+        return Err(ApiError::bad_request(
+            "a namespace must be specified for a namespaced resource",
+        ));
     }
     Ok(ns.to_string())
 }
 
 fn ensure_namespace(inner: &Inner, ns: &str) -> ApiResult<()> {
-    let key = StorageKey { group: String::new(), plural: "namespaces".into() };
+    let key = StorageKey {
+        group: String::new(),
+        plural: "namespaces".into(),
+    };
     let stored = inner
         .buckets
         .get(&key)
         .and_then(|b| b.get(&(String::new(), ns.to_string())))
         .ok_or_else(|| ApiError::not_found("", "namespaces", ns))?;
     if stored.obj.pointer("/metadata/deletionTimestamp").is_some() {
-        return Err(ApiError::new(403, "Forbidden", format!("unable to create new content in namespace {ns} because it is being terminated")));
+        return Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
+        ));
     }
     Ok(())
 }
 
 /// Server-side initialisation on create, per resource.
 fn prepare_create(rt: &ResourceType, obj: &mut Value) {
-    let Some(map) = obj.as_object_mut() else { return };
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
     match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "pods") => {
-            map.insert("status".into(), json!({"phase": "Pending", "qosClass": "BestEffort"}));
+            map.insert(
+                "status".into(),
+                json!({"phase": "Pending", "qosClass": "BestEffort"}),
+            );
         }
         ("", "namespaces") => {
             map.insert("status".into(), json!({"phase": "Active"}));
@@ -1011,7 +1192,10 @@ fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
             Some(cs) if !cs.is_empty() => {
                 for (i, c) in cs.iter().enumerate() {
                     for field in ["name", "image"] {
-                        if c.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+                        if c.get(field)
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                        {
                             causes.push(Cause {
                                 reason: "FieldValueRequired",
                                 field: format!("spec.containers[{i}].{field}"),
@@ -1035,7 +1219,9 @@ fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
         causes.extend(c);
     }
     if let Some(labels) = obj.pointer("/metadata/labels") {
-        let valid = labels.as_object().is_some_and(|m| m.values().all(Value::is_string));
+        let valid = labels
+            .as_object()
+            .is_some_and(|m| m.values().all(Value::is_string));
         if !valid {
             causes.push(Cause {
                 reason: "FieldValueInvalid",
@@ -1056,7 +1242,9 @@ fn spec_of(obj: &Value) -> Map<String, Value> {
     obj.as_object()
         .map(|m| {
             m.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind")
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         })
@@ -1064,30 +1252,45 @@ fn spec_of(obj: &Value) -> Map<String, Value> {
 }
 
 fn register_crd(inner: &mut Inner, crd: &Value, name: &str) -> ApiResult<()> {
-    let types = crd::resource_types(crd)
-        .map_err(|c| ApiError::invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, c))?;
+    let types = crd::resource_types(crd).map_err(|c| {
+        ApiError::invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, c)
+    })?;
     if let Some(first) = types.first() {
         let skey = first.storage_key();
-        if inner.resources.iter().any(|r| !r.custom && r.storage_key() == skey) {
-            return Err(ApiError::invalid("apiextensions.k8s.io", "CustomResourceDefinition", name, vec![Cause {
-                reason: "FieldValueInvalid",
-                field: "spec.names.plural".into(),
-                message: "conflicts with a built-in resource".into(),
-            }]));
+        if inner
+            .resources
+            .iter()
+            .any(|r| !r.custom && r.storage_key() == skey)
+        {
+            return Err(ApiError::invalid(
+                "apiextensions.k8s.io",
+                "CustomResourceDefinition",
+                name,
+                vec![Cause {
+                    reason: "FieldValueInvalid",
+                    field: "spec.names.plural".into(),
+                    message: "conflicts with a built-in resource".into(),
+                }],
+            ));
         }
-        inner.resources.retain(|r| !(r.custom && r.storage_key() == skey));
+        inner
+            .resources
+            .retain(|r| !(r.custom && r.storage_key() == skey));
     }
     inner.resources.extend(types);
     Ok(())
 }
 
 fn encode_continue(ns: &str, name: &str) -> String {
-    format!("{ns}/{name}").bytes().map(|b| format!("{b:02x}")).collect()
+    format!("{ns}/{name}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn decode_continue(token: &str) -> ApiResult<ObjectKey> {
     let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Option<Vec<u8>> = (0..token.len())

@@ -88,7 +88,11 @@ impl ControlState {
                 504 => "Timeout",
                 _ => "InternalError",
             };
-            ApiError::new(f.code, reason, format!("injected failure for {verb} {resource}"))
+            ApiError::new(
+                f.code,
+                reason,
+                format!("injected failure for {verb} {resource}"),
+            )
         });
         faults.rules.retain(|f| f.count > 0);
         (latency, err)

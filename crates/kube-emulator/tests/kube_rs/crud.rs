@@ -1,0 +1,733 @@
+//! Every verb through `kube::Api`, with the error codes clients depend on.
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
+};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::discovery::Discovery;
+use kube_emulator::Fault;
+use serde_json::json;
+
+use crate::{eventually, start, widget_crd};
+
+fn pod(name: &str, labels: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+    }))
+    .expect("pod")
+}
+
+fn api_error(err: kube::Error) -> kube::core::Status {
+    match err {
+        kube::Error::Api(s) => *s,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+pub fn widgets_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    )
+}
+
+pub async fn install_widgets(client: &kube::Client) {
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+            "customresourcedefinitions",
+        ),
+    );
+    let crd: DynamicObject = serde_json::from_value(widget_crd()).expect("crd");
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("create CRD");
+}
+
+#[tokio::test]
+async fn discovery_lists_builtins_and_custom_resources() {
+    let (emulator, client) = start().await;
+    let version = client.apiserver_version().await.expect("version");
+    assert_eq!(version.major, "1");
+    install_widgets(&client).await;
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let mut found = Vec::new();
+    for group in discovery.groups() {
+        for (ar, _) in group.recommended_resources() {
+            found.push(format!("{}/{}", ar.group, ar.plural));
+        }
+    }
+    for expected in [
+        "/pods",
+        "/namespaces",
+        "/events",
+        "events.k8s.io/events",
+        "coordination.k8s.io/leases",
+        "apps/deployments",
+        "apps/replicasets",
+        "apiextensions.k8s.io/customresourcedefinitions",
+        "example.com/widgets",
+    ] {
+        assert!(
+            found.contains(&expected.to_string()),
+            "{expected} missing from {found:?}"
+        );
+    }
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn create_get_list_and_errors() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("a", json!({"app": "web", "tier": "front"})),
+        )
+        .await
+        .expect("create");
+    let meta = &created.metadata;
+    assert!(
+        meta.uid.is_some() && meta.creation_timestamp.is_some() && meta.resource_version.is_some()
+    );
+    assert_eq!(
+        created.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending")
+    );
+
+    let err = api_error(
+        pods.create(&PostParams::default(), &pod("a", json!({})))
+            .await
+            .expect_err("duplicate"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
+    let err = api_error(pods.get("missing").await.expect_err("missing"));
+    assert_eq!((err.code, err.reason.as_str()), (404, "NotFound"));
+    let nowhere: Api<Pod> = Api::namespaced(client.clone(), "nowhere");
+    let err = api_error(
+        nowhere
+            .create(&PostParams::default(), &pod("x", json!({})))
+            .await
+            .expect_err("no ns"),
+    );
+    assert_eq!(err.code, 404);
+    let mut bad = pod("bad", json!({}));
+    bad.spec.as_mut().expect("spec").containers.clear();
+    let err = api_error(
+        pods.create(&PostParams::default(), &bad)
+            .await
+            .expect_err("invalid"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+    assert!(err.message.contains("spec.containers"), "{}", err.message);
+
+    pods.create(
+        &PostParams::default(),
+        &pod("b", json!({"app": "db", "tier": "back"})),
+    )
+    .await
+    .expect("b");
+    pods.create(&PostParams::default(), &pod("c", json!({"app": "web"})))
+        .await
+        .expect("c");
+    let names = |list: kube::core::ObjectList<Pod>| -> Vec<String> {
+        list.items
+            .into_iter()
+            .map(|p| p.metadata.name.unwrap_or_default())
+            .collect()
+    };
+    for (selector, expected) in [
+        ("app=web", vec!["a", "c"]),
+        ("app==web,tier", vec!["a"]),
+        ("app!=web", vec!["b"]),
+        ("app in (db,cache)", vec!["b"]),
+        ("app notin (db)", vec!["a", "c"]),
+        ("!tier", vec!["c"]),
+    ] {
+        let got = names(
+            pods.list(&ListParams::default().labels(selector))
+                .await
+                .expect("list"),
+        );
+        assert_eq!(got, expected, "selector {selector}");
+    }
+    emulator
+        .control()
+        .set_pod_phase("default", "b", "Running")
+        .expect("phase");
+    let running = names(
+        pods.list(&ListParams::default().fields("status.phase=Running"))
+            .await
+            .expect("list"),
+    );
+    assert_eq!(running, vec!["b"]);
+    let by_name = names(
+        pods.list(&ListParams::default().fields("metadata.name=c"))
+            .await
+            .expect("list"),
+    );
+    assert_eq!(by_name, vec!["c"]);
+    let err = api_error(
+        pods.list(&ListParams::default().fields("spec.bogus=1"))
+            .await
+            .expect_err("bad field"),
+    );
+    assert_eq!(err.code, 400);
+
+    // Pagination returns every object exactly once.
+    let mut seen = Vec::new();
+    let mut params = ListParams::default().limit(2);
+    loop {
+        let page = pods.list(&params).await.expect("page");
+        assert!(page.items.len() <= 2);
+        let token = page.metadata.continue_.clone();
+        seen.extend(names(page));
+        match token {
+            Some(t) if !t.is_empty() => params = params.continue_token(&t),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, vec!["a", "b", "c"]);
+
+    let all: Api<Pod> = Api::all(client.clone());
+    assert_eq!(
+        all.list(&ListParams::default())
+            .await
+            .expect("all")
+            .items
+            .len(),
+        3
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn replace_uses_optimistic_concurrency_and_tracks_generation() {
+    let (emulator, client) = start().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    })).expect("deployment");
+    let created = deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create");
+    assert_eq!(created.metadata.generation, Some(1));
+
+    let mut labelled = created.clone();
+    labelled.metadata.labels = Some([("x".to_string(), "y".to_string())].into());
+    let labelled = deployments
+        .replace("web", &PostParams::default(), &labelled)
+        .await
+        .expect("label");
+    assert_eq!(
+        labelled.metadata.generation,
+        Some(1),
+        "metadata changes keep generation"
+    );
+
+    let mut scaled = labelled.clone();
+    scaled.spec.as_mut().expect("spec").replicas = Some(3);
+    let scaled = deployments
+        .replace("web", &PostParams::default(), &scaled)
+        .await
+        .expect("scale");
+    assert_eq!(scaled.metadata.generation, Some(2));
+
+    // Writing with the stale version loses.
+    let err = api_error(
+        deployments
+            .replace("web", &PostParams::default(), &labelled)
+            .await
+            .expect_err("stale"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"));
+
+    // Status is a subresource for deployments: the main endpoint ignores it.
+    let mut with_status = scaled.clone();
+    with_status.status = Some(serde_json::from_value(json!({"replicas": 7})).expect("status"));
+    let after = deployments
+        .replace("web", &PostParams::default(), &with_status)
+        .await
+        .expect("replace");
+    assert!(after.status.and_then(|s| s.replicas).is_none());
+    let status = deployments
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 7}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(status.status.and_then(|s| s.replicas), Some(7));
+    assert_eq!(
+        status.metadata.generation,
+        Some(2),
+        "status writes keep generation"
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn merge_json_and_strategic_patches() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut p = pod("p", json!({"app": "web"}));
+    p.spec
+        .as_mut()
+        .expect("spec")
+        .containers
+        .push(serde_json::from_value(json!({"name": "side", "image": "envoy:1"})).expect("c"));
+    pods.create(&PostParams::default(), &p)
+        .await
+        .expect("create");
+
+    let merged = pods
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": null, "new": "1"}}})),
+        )
+        .await
+        .expect("merge");
+    assert_eq!(
+        merged.metadata.labels,
+        Some([("new".to_string(), "1".to_string())].into())
+    );
+
+    let jp: json_patch_v4::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}},
+        {"op": "replace", "path": "/spec/containers/0/image", "value": "busybox:2"}
+    ]))
+    .expect("json patch");
+    let patched = pods
+        .patch("p", &PatchParams::default(), &Patch::<()>::Json(jp))
+        .await
+        .expect("json patch");
+    assert_eq!(
+        patched.spec.as_ref().expect("spec").containers[0]
+            .image
+            .as_deref(),
+        Some("busybox:2")
+    );
+    let failing: json_patch_v4::Patch =
+        serde_json::from_value(json!([{"op": "test", "path": "/metadata/name", "value": "other"}]))
+            .expect("patch");
+    let err = api_error(
+        pods.patch("p", &PatchParams::default(), &Patch::<()>::Json(failing))
+            .await
+            .expect_err("test op"),
+    );
+    assert_eq!(err.code, 422);
+
+    // Strategic merge: containers merge by name instead of being replaced.
+    let sm = pods
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"containers": [{"name": "side", "image": "envoy:2"}]}}),
+            ),
+        )
+        .await
+        .expect("strategic");
+    let containers = sm.spec.expect("spec").containers;
+    assert_eq!(containers.len(), 2);
+    assert_eq!(containers[0].image.as_deref(), Some("busybox:2"));
+    assert_eq!(containers[1].image.as_deref(), Some("envoy:2"));
+
+    // A patch carrying a stale resourceVersion is a conflict.
+    let err = api_error(
+        pods.patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"z": "z"}}})),
+        )
+        .await
+        .expect_err("stale patch"),
+    );
+    assert_eq!(err.code, 409);
+    let err = api_error(
+        pods.patch("nope", &PatchParams::default(), &Patch::Merge(json!({})))
+            .await
+            .expect_err("missing"),
+    );
+    assert_eq!(err.code, 404);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_side_apply_creates_merges_and_detects_conflicts() {
+    let (emulator, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let apply = |manager: &str, force: bool| {
+        let mut p = PatchParams::apply(manager);
+        p.force = force;
+        p
+    };
+    let first = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"owner": "alice", "a": "1"}});
+    let created = cms
+        .patch("cfg", &apply("alice", false), &Patch::Apply(&first))
+        .await
+        .expect("apply creates");
+    assert_eq!(
+        created
+            .data
+            .as_ref()
+            .and_then(|d| d.get("a"))
+            .map(String::as_str),
+        Some("1")
+    );
+
+    let bob = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"owner": "bob", "b": "2"}});
+    let err = api_error(
+        cms.patch("cfg", &apply("bob", false), &Patch::Apply(&bob))
+            .await
+            .expect_err("conflict"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"));
+    let forced = cms
+        .patch("cfg", &apply("bob", true), &Patch::Apply(&bob))
+        .await
+        .expect("force");
+    let data = forced.data.expect("data");
+    assert_eq!(data.get("owner").map(String::as_str), Some("bob"));
+    assert_eq!(data.get("a").map(String::as_str), Some("1"));
+
+    // Alice drops field `a` from her configuration: the server removes it.
+    let shrink =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {}});
+    let after = cms
+        .patch("cfg", &apply("alice", false), &Patch::Apply(&shrink))
+        .await
+        .expect("shrink");
+    let data = after.data.expect("data");
+    assert!(!data.contains_key("a"), "{data:?}");
+    assert_eq!(data.get("b").map(String::as_str), Some("2"));
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn custom_resources_are_validated_and_have_a_status_subresource() {
+    let (emulator, client) = start().await;
+    install_widgets(&client).await;
+    let widgets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &widgets_resource());
+    let w = |spec: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": spec})).expect("widget")
+    };
+    let err = api_error(
+        widgets
+            .create(
+                &PostParams::default(),
+                &w(json!({"size": 11, "color": "green", "owner": "Bob1"})),
+            )
+            .await
+            .expect_err("invalid"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+    for field in ["spec.size", "spec.color", "spec.owner"] {
+        assert!(
+            err.message.contains(field),
+            "{field} not in {}",
+            err.message
+        );
+    }
+    let err = api_error(
+        widgets
+            .create(&PostParams::default(), &w(json!({"color": "red"})))
+            .await
+            .expect_err("required"),
+    );
+    assert!(err.message.contains("spec.size"), "{}", err.message);
+    let err = api_error(
+        widgets
+            .create(&PostParams::default(), &w(json!({"size": "big"})))
+            .await
+            .expect_err("type"),
+    );
+    assert_eq!(err.code, 422);
+
+    let mut ok = w(json!({"size": 2, "unknown": true}));
+    ok.data["status"] = json!({"observed": 5});
+    let created = widgets
+        .create(&PostParams::default(), &ok)
+        .await
+        .expect("valid");
+    assert_eq!(
+        created.data["spec"],
+        json!({"size": 2}),
+        "unknown fields are pruned"
+    );
+    assert!(
+        created.data.get("status").is_none(),
+        "status is ignored on create"
+    );
+
+    let status = widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 9}, "status": {"observed": 1}})),
+        )
+        .await
+        .expect("status");
+    assert_eq!(status.data["status"]["observed"], 1);
+    assert_eq!(status.data["spec"]["size"], 2, "/status ignores spec");
+    assert_eq!(status.metadata.generation, Some(1));
+    let main = widgets
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 3}, "status": {"observed": 99}})),
+        )
+        .await
+        .expect("main");
+    assert_eq!(
+        main.data["status"]["observed"], 1,
+        "main endpoint ignores status"
+    );
+    assert_eq!(main.metadata.generation, Some(2));
+    let err = api_error(
+        widgets
+            .patch_status(
+                "w",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"observed": "x"}})),
+            )
+            .await
+            .expect_err("bad status"),
+    );
+    assert_eq!(err.code, 422);
+    let err = api_error(
+        widgets
+            .patch(
+                "w",
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"size": 4}})),
+            )
+            .await
+            .expect_err("strategic on CR"),
+    );
+    assert_eq!(err.code, 415);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn pod_deletion_honours_grace_periods_finalizers_and_preconditions() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("slow", json!({})))
+        .await
+        .expect("create");
+    let pending = pods
+        .delete("slow", &DeleteParams::default().grace_period(600))
+        .await
+        .expect("delete");
+    let marked = pending.left().expect("pod is still terminating");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(600));
+    assert!(
+        pods.get("slow").await.is_ok(),
+        "pod survives until its grace period ends"
+    );
+    emulator.control().expire_grace_periods();
+    assert_eq!(
+        api_error(pods.get("slow").await.expect_err("gone")).code,
+        404
+    );
+
+    pods.create(&PostParams::default(), &pod("quick", json!({})))
+        .await
+        .expect("create");
+    pods.delete("quick", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete");
+    assert_eq!(
+        api_error(pods.get("quick").await.expect_err("gone")).code,
+        404
+    );
+
+    // A short grace period ends on its own.
+    pods.create(&PostParams::default(), &pod("short", json!({})))
+        .await
+        .expect("create");
+    pods.delete("short", &DeleteParams::default().grace_period(1))
+        .await
+        .expect("delete");
+    eventually("pod with 1s grace period disappears", || async {
+        pods.get_opt("short").await.expect("get").is_none()
+    })
+    .await;
+
+    // Preconditions.
+    let p = pods
+        .create(&PostParams::default(), &pod("pre", json!({})))
+        .await
+        .expect("create");
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some("not-the-uid".into()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    assert_eq!(
+        api_error(pods.delete("pre", &dp).await.expect_err("precondition")).code,
+        409
+    );
+    let dp = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: p.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    pods.delete("pre", &dp)
+        .await
+        .expect("delete with matching uid");
+
+    // Finalizers hold objects until cleared.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]}}),
+    )
+    .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    let pending = cms
+        .delete("held", &DeleteParams::default())
+        .await
+        .expect("delete");
+    assert!(pending.is_left(), "finalizer keeps the object");
+    assert!(
+        cms.get("held")
+            .await
+            .expect("still there")
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    cms.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("clear");
+    assert!(cms.get_opt("held").await.expect("get").is_none());
+
+    // deletecollection by label.
+    for (name, tier) in [("x1", "a"), ("x2", "a"), ("x3", "b")] {
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name, "labels": {"tier": tier}}}))
+                .expect("cm"),
+        )
+        .await
+        .expect("create");
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tier=a"),
+    )
+    .await
+    .expect("deletecollection");
+    let left: Vec<String> = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    assert_eq!(left, vec!["x3"]);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn owners_namespaces_and_injected_faults() {
+    let (emulator, client) = start().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team"}})).expect("ns"),
+        )
+        .await
+        .expect("ns");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "team");
+    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "team");
+    let d = deployments
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "d"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}})).expect("d"))
+        .await
+        .expect("deployment");
+    let rs: ReplicaSet =
+        serde_json::from_value(json!({"metadata": {"name": "d-1", "ownerReferences": [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "name": "d", "uid": d.metadata.uid}]},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}}}))
+        .expect("rs");
+    replicasets
+        .create(&PostParams::default(), &rs)
+        .await
+        .expect("rs");
+    deployments
+        .delete("d", &DeleteParams::background())
+        .await
+        .expect("delete deployment");
+    assert!(
+        replicasets.get_opt("d-1").await.expect("get").is_none(),
+        "dependent collected"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "team");
+    pods.create(&PostParams::default(), &pod("p", json!({})))
+        .await
+        .expect("pod");
+    namespaces
+        .delete("team", &DeleteParams::default())
+        .await
+        .expect("delete ns");
+    let all: Api<Pod> = Api::all(client.clone());
+    assert!(
+        all.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    assert!(namespaces.get_opt("team").await.expect("get").is_none());
+
+    let default_pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    emulator
+        .control()
+        .inject(Fault::internal_errors("pods", 2).on_verb("list"));
+    for _ in 0..2 {
+        let err = api_error(
+            default_pods
+                .list(&ListParams::default())
+                .await
+                .expect_err("injected"),
+        );
+        assert_eq!((err.code, err.reason.as_str()), (500, "InternalError"));
+    }
+    default_pods
+        .list(&ListParams::default())
+        .await
+        .expect("faults are used up");
+    emulator.shutdown().await;
+}

@@ -1,0 +1,75 @@
+//! Integration tests driving the emulator with real kube-rs clients.
+
+mod controller;
+mod crud;
+mod lease;
+mod races;
+mod watch;
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube::Client;
+use kube_emulator::Emulator;
+
+/// Starts an emulator and a client for it.
+pub async fn start() -> (Emulator, Client) {
+    let emulator = Emulator::start().await.expect("emulator starts");
+    let client = emulator.client().expect("client");
+    (emulator, client)
+}
+
+/// Polls `check` until it returns true, failing the test after a generous timeout.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small namespaced CRD used by several tests.
+pub fn widget_crd() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wd"]},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "spec": {
+                            "type": "object",
+                            "required": ["size"],
+                            "properties": {
+                                "size": {"type": "integer", "minimum": 1, "maximum": 10},
+                                "color": {"type": "string", "enum": ["red", "blue"]},
+                                "owner": {"type": "string", "pattern": "^[a-z]+$"}
+                            }
+                        },
+                        "status": {
+                            "type": "object",
+                            "properties": {"observed": {"type": "integer"}, "message": {"type": "string"}}
+                        }
+                    }
+                }}
+            }]
+        }
+    })
+}
