@@ -1,0 +1,41 @@
+//! Command-line interface: `session-operator <command>`.
+
+mod connect;
+mod sessions;
+
+use clap::{Parser, Subcommand};
+
+pub use connect::StoreArgs;
+
+/// Keeps session-sticky routing tables consistent with worker pods.
+#[derive(Debug, Parser)]
+#[command(name = "session-operator", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the schema, table and indexes in Postgres (idempotent).
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Inspect and operate on sessions.
+    Sessions(sessions::SessionsArgs),
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate { store } => {
+            let url = store.database_url()?;
+            let pg = store.postgres(url).await?;
+            pg.migrate(&store.schema).await?;
+            println!("migrations applied to schema {}", store.schema);
+            Ok(())
+        }
+        Command::Sessions(args) => sessions::run(args).await,
+    }
+}
