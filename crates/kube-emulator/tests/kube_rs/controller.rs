@@ -15,7 +15,13 @@ use serde::{Deserialize, Serialize};
 use crate::{eventually, start};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "demo.example.com", version = "v1", kind = "Gadget", namespaced, status = "GadgetStatus")]
+#[kube(
+    group = "demo.example.com",
+    version = "v1",
+    kind = "Gadget",
+    namespaced,
+    status = "GadgetStatus"
+)]
 pub struct GadgetSpec {
     pub size: u32,
 }
@@ -31,7 +37,12 @@ struct ReconcileError(#[from] kube::Error);
 
 async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action, ReconcileError> {
     let status = serde_json::json!({"status": {"doubled": gadget.spec.size * 2}});
-    api.patch_status(&gadget.name_any(), &PatchParams::default(), &Patch::Merge(status)).await?;
+    api.patch_status(
+        &gadget.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(status),
+    )
+    .await?;
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -39,30 +50,53 @@ async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action,
 async fn controller_reconciles_custom_resources() {
     let (emulator, client) = start().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &Gadget::crd()).await.expect("CRD from kube-derive is accepted");
+    crds.create(&PostParams::default(), &Gadget::crd())
+        .await
+        .expect("CRD from kube-derive is accepted");
     let gadgets: Api<Gadget> = Api::namespaced(client.clone(), "default");
     let ctx = Arc::new(gadgets.clone());
     let controller = Controller::new(gadgets.clone(), watcher::Config::default())
-        .run(reconcile, |_, _, _| Action::requeue(Duration::from_millis(200)), ctx)
+        .run(
+            reconcile,
+            |_, _, _| Action::requeue(Duration::from_millis(200)),
+            ctx,
+        )
         .for_each(|_| async {});
     let task = tokio::spawn(controller);
 
     for i in 1..=5u32 {
         let g = Gadget::new(&format!("g{i}"), GadgetSpec { size: i });
-        gadgets.create(&PostParams::default(), &g).await.expect("create");
+        gadgets
+            .create(&PostParams::default(), &g)
+            .await
+            .expect("create");
     }
     let all_doubled = || async {
         let list = gadgets.list(&Default::default()).await.expect("list");
-        list.items.len() == 5 && list.items.iter().all(|g| g.status.as_ref().map(|s| s.doubled) == Some(g.spec.size * 2))
+        list.items.len() == 5
+            && list
+                .items
+                .iter()
+                .all(|g| g.status.as_ref().map(|s| s.doubled) == Some(g.spec.size * 2))
     };
     eventually("every gadget reconciled", all_doubled).await;
 
     gadgets
-        .patch("g3", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"size": 10}})))
+        .patch(
+            "g3",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"size": 10}})),
+        )
         .await
         .expect("update spec");
     eventually("spec change reconciled", || async {
-        gadgets.get("g3").await.expect("get").status.map(|s| s.doubled) == Some(20)
+        gadgets
+            .get("g3")
+            .await
+            .expect("get")
+            .status
+            .map(|s| s.doubled)
+            == Some(20)
     })
     .await;
     task.abort();

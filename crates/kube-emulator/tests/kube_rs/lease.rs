@@ -30,7 +30,10 @@ async fn one_leader_and_takeover_after_it_stops_renewing() {
             .and_then(|l| l.spec)
             .and_then(|s| s.holder_identity)
     };
-    eventually("someone leads", || async { *rx_a.borrow() || *rx_b.borrow() }).await;
+    eventually("someone leads", || async {
+        *rx_a.borrow() || *rx_b.borrow()
+    })
+    .await;
     // Over several renewal periods, exactly one contender leads and the lease agrees.
     for _ in 0..20 {
         let (a, b) = (*rx_a.borrow(), *rx_b.borrow());
@@ -38,17 +41,42 @@ async fn one_leader_and_takeover_after_it_stops_renewing() {
         let expected = if a { "a" } else { "b" };
         let current = holder().await;
         // The holder field may lag the manager's channel by one request; never a third party.
-        assert!(current.as_deref() == Some(expected) || current.is_none(), "lease held by {current:?}");
+        assert!(
+            current.as_deref() == Some(expected) || current.is_none(),
+            "lease held by {current:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let a_leads = *rx_a.borrow();
-    let (leader_task, follower_rx, follower) = if a_leads { (task_a, rx_b, "b") } else { (task_b, rx_a, "a") };
-    let transitions_before = leases.get("leader").await.expect("lease").spec.and_then(|s| s.lease_transitions).unwrap_or(0);
+    let (leader_task, follower_rx, follower) = if a_leads {
+        (task_a, rx_b, "b")
+    } else {
+        (task_b, rx_a, "a")
+    };
+    let transitions_before = leases
+        .get("leader")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.lease_transitions)
+        .unwrap_or(0);
     // The leader crashes: it neither renews nor releases.
     leader_task.abort();
     eventually("follower takes over", || async { *follower_rx.borrow() }).await;
-    eventually("lease names the new holder", || async { holder().await.as_deref() == Some(follower) }).await;
-    let transitions_after = leases.get("leader").await.expect("lease").spec.and_then(|s| s.lease_transitions).unwrap_or(0);
-    assert!(transitions_after > transitions_before, "{transitions_before} -> {transitions_after}");
+    eventually("lease names the new holder", || async {
+        holder().await.as_deref() == Some(follower)
+    })
+    .await;
+    let transitions_after = leases
+        .get("leader")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.lease_transitions)
+        .unwrap_or(0);
+    assert!(
+        transitions_after > transitions_before,
+        "{transitions_before} -> {transitions_after}"
+    );
     emulator.shutdown().await;
 }

@@ -10,8 +10,12 @@ use crate::start;
 async fn exactly_one_of_each_conflicting_pair_wins() {
     let (emulator, client) = start().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "race"}, "data": {"n": "0"}})).expect("cm");
-    cms.create(&PostParams::default(), &cm).await.expect("create");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "race"}, "data": {"n": "0"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
     for round in 0..40 {
         let base = cms.get("race").await.expect("get");
         let writers: Vec<_> = (0..2)
@@ -19,14 +23,18 @@ async fn exactly_one_of_each_conflicting_pair_wins() {
                 let cms = cms.clone();
                 let mut next = base.clone();
                 next.data = Some([("n".to_string(), format!("{round}-{w}"))].into());
-                tokio::spawn(async move { cms.replace("race", &PostParams::default(), &next).await })
+                tokio::spawn(
+                    async move { cms.replace("race", &PostParams::default(), &next).await },
+                )
             })
             .collect();
         let mut wins = 0;
         for writer in writers {
             match writer.await.expect("join") {
                 Ok(_) => wins += 1,
-                Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (409, "Conflict")),
+                Err(kube::Error::Api(s)) => {
+                    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"))
+                }
                 Err(other) => panic!("unexpected error {other:?}"),
             }
         }
@@ -39,8 +47,12 @@ async fn exactly_one_of_each_conflicting_pair_wins() {
 async fn retrying_writers_never_lose_updates() {
     let (emulator, client) = start().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "counter"}, "data": {"n": "0"}})).expect("cm");
-    cms.create(&PostParams::default(), &cm).await.expect("create");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "counter"}, "data": {"n": "0"}}))
+            .expect("cm");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
     let (writers, increments) = (8, 10);
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
@@ -53,7 +65,10 @@ async fn retrying_writers_never_lose_updates() {
                         let data = current.data.get_or_insert_with(Default::default);
                         let n: u64 = data.get("n").and_then(|v| v.parse().ok()).expect("number");
                         data.insert("n".into(), (n + 1).to_string());
-                        match cms.replace("counter", &PostParams::default(), &current).await {
+                        match cms
+                            .replace("counter", &PostParams::default(), &current)
+                            .await
+                        {
                             Ok(_) => break,
                             Err(kube::Error::Api(s)) if s.code == 409 => conflicts += 1,
                             Err(other) => panic!("unexpected error {other:?}"),

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, DeleteParams, WatchEvent, WatchParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube_emulator::{Emulator, Fault};
 use serde_json::json;
@@ -29,7 +31,12 @@ async fn server_view(pods: &Api<Pod>) -> BTreeMap<String, String> {
         .expect("list")
         .items
         .into_iter()
-        .map(|p| (p.metadata.name.unwrap_or_default(), p.metadata.resource_version.unwrap_or_default()))
+        .map(|p| {
+            (
+                p.metadata.name.unwrap_or_default(),
+                p.metadata.resource_version.unwrap_or_default(),
+            )
+        })
         .collect()
 }
 
@@ -37,27 +44,45 @@ fn cache_view(store: &reflector::Store<Pod>) -> BTreeMap<String, String> {
     store
         .state()
         .iter()
-        .map(|p| (p.metadata.name.clone().unwrap_or_default(), p.metadata.resource_version.clone().unwrap_or_default()))
+        .map(|p| {
+            (
+                p.metadata.name.clone().unwrap_or_default(),
+                p.metadata.resource_version.clone().unwrap_or_default(),
+            )
+        })
         .collect()
 }
 
 async fn storm(pods: &Api<Pod>, round: usize, count: usize) {
     let pp = PostParams::default();
     for i in 0..count {
-        pods.create(&pp, &pod(&format!("r{round}-{i}"))).await.expect("create");
+        pods.create(&pp, &pod(&format!("r{round}-{i}")))
+            .await
+            .expect("create");
     }
     for i in (0..count).step_by(2) {
         let patch = Patch::Merge(json!({"metadata": {"labels": {"gen": "1"}}}));
-        pods.patch(&format!("r{round}-{i}"), &PatchParams::default(), &patch).await.expect("modify");
+        pods.patch(&format!("r{round}-{i}"), &PatchParams::default(), &patch)
+            .await
+            .expect("modify");
     }
     for i in (0..count).step_by(3) {
-        pods.delete(&format!("r{round}-{i}"), &DeleteParams::default().grace_period(0)).await.expect("delete");
+        pods.delete(
+            &format!("r{round}-{i}"),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+        .expect("delete");
     }
 }
 
 #[tokio::test]
 async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
-    let emulator = Emulator::builder().bookmark_interval(Duration::from_millis(300)).start().await.expect("start");
+    let emulator = Emulator::builder()
+        .bookmark_interval(Duration::from_millis(300))
+        .start()
+        .await
+        .expect("start");
     let client = emulator.client().expect("client");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let (reader, writer) = reflector::store();
@@ -66,11 +91,12 @@ async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
     let stream = watcher(pods.clone(), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
-        .try_for_each(move |event| {
-            if matches!(event, watcher::Event::Init) {
+        // Errors (injected 500s, 410 Gone) are retried by the backoff; keep consuming.
+        .for_each(move |event| {
+            if matches!(event, Ok(watcher::Event::Init)) {
                 counter.fetch_add(1, Ordering::SeqCst);
             }
-            futures::future::ready(Ok(()))
+            futures::future::ready(())
         });
     let task = tokio::spawn(stream);
     reader.wait_until_ready().await.expect("initial list");
@@ -80,18 +106,33 @@ async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
     storm(&pods, 0, 60).await;
     emulator.control().drop_watches();
     storm(&pods, 1, 60).await;
-    eventually("cache matches server after storm", || async { cache_view(&reader) == server_view(&pods).await }).await;
-    assert_eq!(relists.load(Ordering::SeqCst), 1, "resuming after a dropped watch needs no relist");
+    eventually("cache matches server after storm", || async {
+        cache_view(&reader) == server_view(&pods).await
+    })
+    .await;
+    assert_eq!(
+        relists.load(Ordering::SeqCst),
+        1,
+        "resuming after a dropped watch needs no relist"
+    );
 
     // Keep the watcher away while history is compacted: its version is gone (410),
     // so it must relist to recover.
-    emulator.control().inject(Fault::internal_errors("pods", 2).on_verb("watch"));
+    emulator
+        .control()
+        .inject(Fault::internal_errors("pods", 2).on_verb("watch"));
     emulator.control().drop_watches();
     storm(&pods, 2, 30).await;
     emulator.control().compact_history();
-    eventually("watcher relists after 410 Gone", || async { relists.load(Ordering::SeqCst) >= 2 }).await;
+    eventually("watcher relists after 410 Gone", || async {
+        relists.load(Ordering::SeqCst) >= 2
+    })
+    .await;
     storm(&pods, 3, 30).await;
-    eventually("cache matches server after 410", || async { cache_view(&reader) == server_view(&pods).await }).await;
+    eventually("cache matches server after 410", || async {
+        cache_view(&reader) == server_view(&pods).await
+    })
+    .await;
     assert!(!cache_view(&reader).is_empty());
     task.abort();
     emulator.shutdown().await;
@@ -99,25 +140,50 @@ async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
 
 #[tokio::test]
 async fn raw_watch_semantics() {
-    let emulator = Emulator::builder().bookmark_interval(Duration::from_millis(200)).start().await.expect("start");
+    let emulator = Emulator::builder()
+        .bookmark_interval(Duration::from_millis(200))
+        .start()
+        .await
+        .expect("start");
     let client = emulator.client().expect("client");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.create(&PostParams::default(), &pod("w")).await.expect("create");
-    let rv = pods.get("w").await.expect("get").metadata.resource_version.expect("rv");
+    pods.create(&PostParams::default(), &pod("w"))
+        .await
+        .expect("create");
+    let rv = pods
+        .get("w")
+        .await
+        .expect("get")
+        .metadata
+        .resource_version
+        .expect("rv");
 
     // Label selector transitions: leaving the selection is DELETED, re-entering is ADDED.
     let mut params = WatchParams::default().labels("gen=0");
     params.bookmarks = true;
-    let mut stream = pods
-        .watch(&params, &rv)
-        .await
-        .expect("watch")
-        .boxed();
-    pods.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"gen": "5"}}}))).await.expect("leave");
-    pods.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"gen": "0"}}}))).await.expect("enter");
+    let mut stream = pods.watch(&params, &rv).await.expect("watch").boxed();
+    pods.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"gen": "5"}}})),
+    )
+    .await
+    .expect("leave");
+    pods.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"gen": "0"}}})),
+    )
+    .await
+    .expect("enter");
     let mut kinds = Vec::new();
     while kinds.len() < 3 {
-        match stream.try_next().await.expect("event").expect("open stream") {
+        match stream
+            .try_next()
+            .await
+            .expect("event")
+            .expect("open stream")
+        {
             WatchEvent::Added(_) => kinds.push("ADDED"),
             WatchEvent::Deleted(_) => kinds.push("DELETED"),
             WatchEvent::Modified(_) => kinds.push("MODIFIED"),
@@ -126,17 +192,38 @@ async fn raw_watch_semantics() {
         }
     }
     assert_eq!(&kinds[..2], &["DELETED", "ADDED"], "{kinds:?}");
-    assert_eq!(kinds[2], "BOOKMARK", "bookmarks arrive when nothing changes");
+    assert_eq!(
+        kinds[2], "BOOKMARK",
+        "bookmarks arrive when nothing changes"
+    );
     drop(stream);
 
     // A timed-out watch ends on its own.
-    let events: Vec<_> = pods.watch(&WatchParams::default().timeout(1), "0").await.expect("watch").collect().await;
-    assert!(events.iter().any(|e| matches!(e, Ok(WatchEvent::Added(_)))), "rv=0 starts with the current objects");
+    let events: Vec<_> = pods
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await
+        .expect("watch")
+        .collect()
+        .await;
+    assert!(
+        events.iter().any(|e| matches!(e, Ok(WatchEvent::Added(_)))),
+        "rv=0 starts with the current objects"
+    );
 
     // Resuming from a compacted version is 410 Gone.
     emulator.control().compact_history();
-    pods.patch("w", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}}))).await.expect("touch");
-    let mut stream = pods.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    pods.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+    )
+    .await
+    .expect("touch");
+    let mut stream = pods
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     match stream.try_next().await.expect("event") {
         Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
         other => panic!("expected 410, got {other:?}"),
@@ -149,15 +236,27 @@ async fn streaming_list_watch_is_supported() {
     let (emulator, client) = crate::start().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for i in 0..5 {
-        pods.create(&PostParams::default(), &pod(&format!("s{i}"))).await.expect("create");
+        pods.create(&PostParams::default(), &pod(&format!("s{i}")))
+            .await
+            .expect("create");
     }
     let (reader, writer) = reflector::store();
     let cfg = watcher::Config::default().streaming_lists();
-    let task = tokio::spawn(watcher(pods.clone(), cfg).default_backoff().reflect(writer).for_each(|_| async {}));
+    let task = tokio::spawn(
+        watcher(pods.clone(), cfg)
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| async {}),
+    );
     reader.wait_until_ready().await.expect("ready");
     assert_eq!(reader.state().len(), 5);
-    pods.delete("s0", &DeleteParams::default().grace_period(0)).await.expect("delete");
-    eventually("streaming reflector sees delete", || async { reader.state().len() == 4 }).await;
+    pods.delete("s0", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete");
+    eventually("streaming reflector sees delete", || async {
+        reader.state().len() == 4
+    })
+    .await;
     task.abort();
     emulator.shutdown().await;
 }
