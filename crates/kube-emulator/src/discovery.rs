@@ -107,3 +107,71 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}),
     )
 }
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3`: one entry per served group-version.
+///
+/// kubectl reads these documents only to learn that the server accepts the
+/// `fieldValidation` parameter, after which it leaves validation to the server.
+pub fn openapi_v3_root(resources: &[ResourceType]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for r in resources {
+        let p = gv_path(&r.group, &r.version);
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// `/openapi/v3/{api/v1|apis/g/v}`: object paths with their PATCH operations, no schemas.
+pub fn openapi_v3_group_version(
+    resources: &[ResourceType],
+    group: &str,
+    version: &str,
+) -> Option<Value> {
+    let served: Vec<&ResourceType> = resources
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut paths = serde_json::Map::new();
+    let prefix = gv_path(group, version);
+    for r in served {
+        let item = if r.namespaced {
+            format!("/{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("/{prefix}/{}/{{name}}", r.plural)
+        };
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let op = json!({
+            "operationId": format!("patch{}", r.kind),
+            "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": gvk,
+            "parameters": [
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+                {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}}
+            ],
+            "responses": {"200": {"description": "OK"}}
+        });
+        paths.insert(item, json!({"patch": op}));
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (kube-emulator)", "version": "v1.34.0"},
+        "paths": paths,
+        "components": {"schemas": {}}
+    }))
+}

@@ -116,6 +116,22 @@ async fn route(
                 .ok_or_else(|| ApiError::no_route(path))?;
             return Ok(json_response(StatusCode::OK, &list));
         }
+        ["openapi", "v3"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::openapi_v3_root(&resources),
+            ));
+        }
+        ["openapi", "v3", "api", version] => {
+            let doc = discovery::openapi_v3_group_version(&resources, "", version)
+                .ok_or_else(|| ApiError::no_route(path))?;
+            return Ok(json_response(StatusCode::OK, &doc));
+        }
+        ["openapi", "v3", "apis", group, version] => {
+            let doc = discovery::openapi_v3_group_version(&resources, group, version)
+                .ok_or_else(|| ApiError::no_route(path))?;
+            return Ok(json_response(StatusCode::OK, &doc));
+        }
         _ => {}
     }
     let (target, legacy_watch) =
