@@ -17,7 +17,7 @@ mod crd;
 mod discovery;
 pub mod error;
 mod patch;
-mod resources;
+pub mod resources;
 mod schema;
 mod selector;
 mod server;
