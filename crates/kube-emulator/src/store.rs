@@ -496,7 +496,7 @@ impl Store {
             if kind != PatchKind::Apply || sub == Subresource::Status {
                 return Err(ApiError::not_found(&rt.group, &rt.plural, name));
             }
-            let mut created = body.clone();
+            let mut created = applied_for_subresource(rt, body, sub);
             if let Some(m) = meta_mut(&mut created) {
                 m.insert("name".into(), json!(name));
             }
@@ -533,7 +533,13 @@ impl Store {
                     ));
                 }
                 check_kind(rt, body)?;
-                patched = patch::server_side_apply(&old, body, &manager, opts.force, &mut owners)
+                // Ownership is tracked per subresource, as managedFields entries are.
+                let applied = applied_for_subresource(rt, body, sub);
+                let owner_key = match sub {
+                    Subresource::Main => manager.clone(),
+                    Subresource::Status => format!("{manager} (status)"),
+                };
+                patched = patch::server_side_apply(&old, &applied, &owner_key, opts.force, &mut owners)
                     .map_err(|conflicts| {
                     ApiError::new(
                         409,
@@ -1008,6 +1014,23 @@ impl Store {
         );
         Ok(present(rt, &committed))
     }
+}
+
+/// The part of an applied configuration a subresource write can touch.
+fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) -> Value {
+    let mut applied = body.clone();
+    if let Some(map) = applied.as_object_mut() {
+        match sub {
+            Subresource::Main if rt.status_subresource => {
+                map.remove("status");
+            }
+            Subresource::Status => {
+                map.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"));
+            }
+            Subresource::Main => {}
+        }
+    }
+    applied
 }
 
 fn is_pod(rt: &ResourceType) -> bool {

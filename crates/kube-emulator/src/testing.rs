@@ -12,6 +12,18 @@ use crate::error::{ApiError, ApiResult};
 use crate::store::Store;
 use crate::util::now_rfc3339;
 
+/// `obj.status` as a map, replacing anything that is not an object.
+fn status_object(obj: &mut Value) -> Option<&mut serde_json::Map<String, Value>> {
+    let status = obj
+        .as_object_mut()?
+        .entry("status")
+        .or_insert_with(|| json!({}));
+    if !status.is_object() {
+        *status = json!({});
+    }
+    status.as_object_mut()
+}
+
 /// A failure to inject: the next `count` matching requests fail with `code`.
 #[derive(Debug, Clone)]
 pub struct Fault {
@@ -111,7 +123,9 @@ impl Control {
     pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) -> ApiResult<Value> {
         let pods = self.pods()?;
         self.store.modify(&pods, namespace, name, |pod| {
-            pod["status"]["phase"] = json!(phase);
+            if let Some(status) = status_object(pod) {
+                status.insert("phase".into(), json!(phase));
+            }
         })
     }
 
@@ -121,15 +135,19 @@ impl Control {
         self.store.modify(&pods, namespace, name, |pod| {
             let status = if ready { "True" } else { "False" };
             let now = now_rfc3339();
-            let mut conditions: Vec<Value> = pod["status"]["conditions"]
-                .as_array()
+            let Some(status_map) = status_object(pod) else {
+                return;
+            };
+            let mut conditions: Vec<Value> = status_map
+                .get("conditions")
+                .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
             for ty in ["Ready", "ContainersReady"] {
-                conditions.retain(|c| c["type"] != ty);
+                conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some(ty));
                 conditions.push(json!({"type": ty, "status": status, "lastTransitionTime": now}));
             }
-            pod["status"]["conditions"] = Value::Array(conditions);
+            status_map.insert("conditions".into(), Value::Array(conditions));
         })
     }
 

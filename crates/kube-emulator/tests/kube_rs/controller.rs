@@ -7,6 +7,7 @@ use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::watcher;
 use kube::{CustomResource, CustomResourceExt, ResourceExt};
 use schemars::JsonSchema;
@@ -35,15 +36,31 @@ pub struct GadgetStatus {
 #[error(transparent)]
 struct ReconcileError(#[from] kube::Error);
 
-async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action, ReconcileError> {
-    let status = serde_json::json!({"status": {"doubled": gadget.spec.size * 2}});
-    api.patch_status(
-        &gadget.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(status),
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+const FINALIZER: &str = "demo.example.com/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct FinalizerError(#[from] finalizer::Error<ReconcileError>);
+
+/// Uses the kube-runtime finalizer helper (JSON patches with `test` ops) and
+/// server-side apply on the status subresource, as typical operators do.
+async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action, FinalizerError> {
+    let inner = api.clone();
+    Ok(finalizer(&api, FINALIZER, gadget, |event| async move {
+        match event {
+            finalizer::Event::Apply(g) => {
+                let status = serde_json::json!({
+                    "apiVersion": "demo.example.com/v1", "kind": "Gadget",
+                    "status": {"doubled": g.spec.size * 2}
+                });
+                let params = PatchParams::apply("gadget-controller").force();
+                inner.patch_status(&g.name_any(), &params, &Patch::Apply(status)).await?;
+                Ok(Action::requeue(Duration::from_secs(300)))
+            }
+            finalizer::Event::Cleanup(_) => Ok(Action::await_change()),
+        }
+    })
+    .await?)
 }
 
 #[tokio::test]
@@ -97,6 +114,16 @@ async fn controller_reconciles_custom_resources() {
             .status
             .map(|s| s.doubled)
             == Some(20)
+    })
+    .await;
+    let g3 = gadgets.get("g3").await.expect("get");
+    assert_eq!(g3.finalizers(), [FINALIZER.to_string()]);
+    assert_eq!(g3.spec.size, 10, "status apply leaves spec alone");
+
+    // Deletion waits for the controller to remove its finalizer.
+    gadgets.delete("g3", &Default::default()).await.expect("delete");
+    eventually("finalizer cleanup completes deletion", || async {
+        gadgets.get_opt("g3").await.expect("get").is_none()
     })
     .await;
     task.abort();

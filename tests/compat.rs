@@ -1,0 +1,201 @@
+//! Wire compatibility with blockyard: rows and hashes written exactly as blockyard writes them
+//! (raw SQL, raw HSET without any index) are read, counted, rerouted and deleted correctly, and
+//! what this project writes is what blockyard reads.
+
+mod common;
+
+use common::{PgSchema, RedisPrefix};
+use redis::AsyncCommands;
+use session_operator::store::{Entry, PostgresStore, Store, StoreOptions};
+
+const BLOCKYARD_DDL: &str = "
+CREATE TABLE blockyard_sessions (
+    id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL,
+    user_sub TEXT NOT NULL DEFAULT '',
+    last_access TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX blockyard_sessions_expires_at ON blockyard_sessions (expires_at);
+CREATE INDEX blockyard_sessions_worker ON blockyard_sessions (worker_id);
+CREATE INDEX blockyard_sessions_last_access ON blockyard_sessions (last_access);
+";
+
+async fn raw_exec(store: &PostgresStore, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(store.pool())
+        .await
+        .expect("raw sql");
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_over_blockyards_table() {
+    let schema = PgSchema::new().await;
+    // Connect without migrating, create the table as blockyard does, add a row.
+    let store = PostgresStore::connect(&common::pg_url(), &schema.name, StoreOptions::default())
+        .await
+        .unwrap();
+    raw_exec(&store, &format!("CREATE SCHEMA {}", schema.name)).await;
+    raw_exec(&store, BLOCKYARD_DDL).await;
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions VALUES ('s1', 'w1', 'alice', now(), now() + interval '1 hour')",
+    )
+    .await;
+    store.migrate(&schema.name).await.expect("first migrate");
+    store.migrate(&schema.name).await.expect("second migrate");
+    let indexes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'blockyard_sessions'",
+    )
+    .bind(&schema.name)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(indexes, 4, "primary key + blockyard's three indexes, no duplicates");
+    let got = store.get("s1").await.unwrap().expect("row kept");
+    assert_eq!((got.worker_id.as_str(), got.user_sub.as_str()), ("w1", "alice"));
+}
+
+#[tokio::test]
+async fn fresh_migration_creates_blockyards_layout() {
+    let schema = PgSchema::new().await;
+    let store = schema.store(StoreOptions::default()).await;
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, is_nullable::text FROM information_schema.columns
+         WHERE table_schema = $1 AND table_name = 'blockyard_sessions' ORDER BY ordinal_position",
+    )
+    .bind(&schema.name)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let expected = [
+        ("id", "text"),
+        ("worker_id", "text"),
+        ("user_sub", "text"),
+        ("last_access", "timestamp with time zone"),
+        ("expires_at", "timestamp with time zone"),
+    ];
+    assert_eq!(columns.len(), expected.len());
+    for ((name, ty, nullable), (en, et)) in columns.iter().zip(expected) {
+        assert_eq!((name.as_str(), ty.as_str(), nullable.as_str()), (en, et, "NO"));
+    }
+    for col in ["expires_at", "worker_id", "last_access"] {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND indexdef LIKE '%(' || $2 || ')'",
+        )
+        .bind(&schema.name)
+        .bind(col)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "index on {col}");
+    }
+}
+
+#[tokio::test]
+async fn postgres_rows_written_by_blockyard() {
+    let schema = PgSchema::new().await;
+    let store = schema.store(StoreOptions::default()).await;
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions (id, worker_id, user_sub, last_access, expires_at) VALUES
+           ('a1', 'old', 'alice', now(), now() + interval '30 minutes'),
+           ('a2', 'old', '', now(), '9999-12-31 23:59:59+00'),
+           ('gone', 'old', '', now() - interval '2 hours', now() - interval '1 hour'),
+           ('b1', 'other', 'bob', now(), now() + interval '30 minutes')",
+    )
+    .await;
+    assert_eq!(store.get("a1").await.unwrap().unwrap().user_sub, "alice");
+    assert_eq!(store.get("gone").await.unwrap(), None, "expired rows are not served");
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 2);
+    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 2);
+    assert_eq!(store.get("a2").await.unwrap().unwrap().worker_id, "new");
+    assert_eq!(store.expire().await.unwrap(), 1);
+    assert_eq!(store.delete_by_worker("new").await.unwrap(), 2);
+    assert_eq!(store.counts_by_worker().await.unwrap().into_iter().collect::<Vec<_>>(), vec![("other".into(), 1)]);
+}
+
+#[tokio::test]
+async fn postgres_rows_written_here_read_as_blockyard_reads_them() {
+    let schema = PgSchema::new().await;
+    let store = schema.store(StoreOptions::default()).await; // idle TTL 0: never expires
+    store.set("s", &Entry::new("w", "carol")).await.unwrap();
+    let (worker, sub, far_future): (String, String, bool) = sqlx::query_as(
+        "SELECT worker_id, user_sub, expires_at > now() + interval '100 years' FROM blockyard_sessions WHERE id = 's'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((worker.as_str(), sub.as_str(), far_future), ("w", "carol", true));
+}
+
+/// HSET + EXPIRE exactly as blockyard's Redis store writes a session: no index.
+async fn blockyard_hset(conn: &mut redis::aio::MultiplexedConnection, prefix: &str, id: &str, worker: &str) {
+    let key = format!("{prefix}session:{id}");
+    let now = chrono::Utc::now().timestamp().to_string();
+    let _: () = conn
+        .hset_multiple(&key, &[("worker_id", worker), ("user_sub", "u"), ("last_access", now.as_str())])
+        .await
+        .unwrap();
+    let _: () = conn.expire(&key, 1800).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_hashes_written_by_blockyard() {
+    let prefix = RedisPrefix::new();
+    let store = prefix.store(StoreOptions::default(), false).await;
+    let mut conn = prefix.conn().await;
+    for i in 0..25 {
+        blockyard_hset(&mut conn, &prefix.prefix, &format!("f{i}"), "old").await;
+    }
+    blockyard_hset(&mut conn, &prefix.prefix, "other", "keep").await;
+    store.set("mine", &Entry::new("old", "")).await.unwrap();
+
+    assert_eq!(store.get("f3").await.unwrap().unwrap().worker_id, "old");
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 26);
+    assert_eq!(store.entries_for_worker("old").await.unwrap().len(), 26);
+    assert_eq!(store.counts_by_worker().await.unwrap()["keep"], 1);
+    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 26);
+    assert_eq!(store.get("f7").await.unwrap().unwrap().worker_id, "new");
+    // blockyard keeps writing unindexed sessions for the old worker (a lagging proxy).
+    blockyard_hset(&mut conn, &prefix.prefix, "late", "old").await;
+    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 1);
+    assert_eq!(store.delete_by_worker("new").await.unwrap(), 27);
+    assert_eq!(store.get("f1").await.unwrap(), None);
+    assert_eq!(store.get("other").await.unwrap().unwrap().worker_id, "keep");
+}
+
+#[tokio::test]
+async fn redis_index_repairs_after_foreign_changes() {
+    let prefix = RedisPrefix::new();
+    let store = prefix.store(StoreOptions::default(), false).await;
+    let mut conn = prefix.conn().await;
+    store.set("s1", &Entry::new("a", "")).await.unwrap();
+    store.set("s2", &Entry::new("a", "")).await.unwrap();
+    // blockyard moves s1 to b and deletes s2 behind the index's back.
+    let _: () = conn.hset(format!("{}session:s1", prefix.prefix), "worker_id", "b").await.unwrap();
+    let _: () = conn.del(format!("{}session:s2", prefix.prefix)).await.unwrap();
+    assert_eq!(store.count_for_worker("a").await.unwrap(), 0);
+    assert_eq!(store.count_for_worker("b").await.unwrap(), 1);
+    assert_eq!(store.reroute_worker("a", "c").await.unwrap(), 0);
+    assert_eq!(store.get("s1").await.unwrap().unwrap().worker_id, "b");
+}
+
+#[tokio::test]
+async fn redis_hashes_written_here_read_as_blockyard_reads_them() {
+    let prefix = RedisPrefix::new();
+    let store = prefix
+        .store(StoreOptions::with_idle_ttl(std::time::Duration::from_secs(1800)), true)
+        .await;
+    let entry = Entry::new("w", "dave");
+    store.set("s", &entry).await.unwrap();
+    let mut conn = prefix.conn().await;
+    let key = format!("{}session:s", prefix.prefix);
+    let hash: std::collections::HashMap<String, String> = conn.hgetall(&key).await.unwrap();
+    assert_eq!(hash["worker_id"], "w");
+    assert_eq!(hash["user_sub"], "dave");
+    assert_eq!(hash["last_access"], entry.last_access.timestamp().to_string());
+    assert_eq!(hash.len(), 3, "no extra fields in blockyard's hash");
+    let ttl: i64 = conn.ttl(&key).await.unwrap();
+    assert!((1790..=1800).contains(&ttl), "ttl {ttl}");
+}

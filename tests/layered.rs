@@ -1,0 +1,191 @@
+//! Layered store (Redis over Postgres): touch coalescing, and consistency when Redis becomes
+//! unreachable mid-operation. Redis is reached through a TCP proxy the tests can cut.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ChaosProxy, PgSchema, RedisPrefix};
+use session_operator::store::{Entry, LayeredStore, PostgresStore, RedisStore, Store, StoreOptions};
+
+struct Setup {
+    layered: Arc<LayeredStore>,
+    primary: Arc<PostgresStore>,
+    cache: Arc<RedisStore>,
+    proxy: ChaosProxy,
+    _schema: PgSchema,
+    _prefix: RedisPrefix,
+}
+
+async fn setup(options: StoreOptions) -> Setup {
+    let schema = PgSchema::new().await;
+    let prefix = RedisPrefix::new();
+    let proxy = ChaosProxy::start("127.0.0.1:6379").await;
+    let primary = Arc::new(schema.store(options.clone()).await);
+    let cache = Arc::new(prefix.store_at(&proxy.redis_url(), options.clone(), true).await);
+    let layered = Arc::new(LayeredStore::new(cache.clone(), primary.clone(), options));
+    Setup {
+        layered,
+        primary,
+        cache,
+        proxy,
+        _schema: schema,
+        _prefix: prefix,
+    }
+}
+
+/// Waits until the layered store trusts its cache again (repairs run at most once a second).
+async fn until_repaired(store: &LayeredStore) {
+    for _ in 0..100 {
+        let _ = store.get("probe").await.unwrap();
+        if !store.stats().bypassing {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cache never repaired: {:?}", store.stats());
+}
+
+async fn worker_of(store: &dyn Store, id: &str) -> Option<String> {
+    store.get(id).await.unwrap().map(|e| e.worker_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coalesced_touches_skip_the_primary() {
+    let s = setup(StoreOptions {
+        touch_window: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    })
+    .await;
+    s.layered.set("s", &Entry::new("w", "")).await.unwrap();
+    for _ in 0..10 {
+        assert!(s.layered.touch("s").await.unwrap());
+    }
+    let stats = s.layered.stats();
+    assert_eq!((stats.primary_touches, stats.coalesced_touches), (0, 10), "{stats:?}");
+    assert!(!s.layered.touch("absent").await.unwrap());
+    assert_eq!(s.layered.stats().primary_touches, 1, "a miss asks the primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_through_without_window() {
+    let s = setup(StoreOptions::default()).await;
+    s.layered.set("s", &Entry::new("w", "")).await.unwrap();
+    for _ in 0..5 {
+        assert!(s.layered.touch("s").await.unwrap());
+    }
+    assert_eq!(s.layered.stats().primary_touches, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sweep_never_deletes_a_session_touched_within_its_ttl() {
+    // Window 2 s, idle TTL 3 s: the primary's last_access lags by up to the window, and every
+    // store widens its idle cutoff by the window to stay correct.
+    let options = StoreOptions {
+        touch_window: Duration::from_secs(2),
+        ..StoreOptions::default()
+    };
+    let s = setup(options).await;
+    let max_age = Duration::from_secs(3);
+    s.layered.set("s", &Entry::new("w", "")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(s.layered.touch("s").await.unwrap());
+    assert_eq!(s.layered.stats().coalesced_touches, 1, "touch must be coalesced");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Last real touch 1.5 s ago (< 3 s TTL); the primary last saw it 3 s ago.
+    assert_eq!(s.layered.sweep_idle(max_age).await.unwrap(), 0);
+    assert_eq!(s.primary.sweep_idle(max_age).await.unwrap(), 0, "the operator sweeps the primary");
+    assert!(s.layered.get("s").await.unwrap().is_some());
+    // Untouched past TTL + window: removed, from the cache too.
+    tokio::time::sleep(Duration::from_millis(3600)).await;
+    assert_eq!(s.layered.sweep_idle(max_age).await.unwrap(), 1);
+    assert_eq!(s.layered.get("s").await.unwrap(), None);
+    assert_eq!(s.cache.get("s").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_fall_back_to_the_primary_while_redis_is_down() {
+    let s = setup(StoreOptions::default()).await;
+    s.layered.set("s", &Entry::new("w", "")).await.unwrap();
+    s.proxy.cut();
+    assert_eq!(worker_of(s.layered.as_ref(), "s").await.as_deref(), Some("w"));
+    assert!(s.layered.touch("s").await.unwrap());
+    s.layered.set("t", &Entry::new("v", "")).await.unwrap();
+    assert_eq!(worker_of(s.layered.as_ref(), "t").await.as_deref(), Some("v"));
+    assert!(s.layered.stats().cache_errors > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reroute_delete_and_set_during_an_outage_leave_no_stale_worker() {
+    let s = setup(StoreOptions::default()).await;
+    for id in ["r1", "r2", "d1", "x1"] {
+        s.layered.set(id, &Entry::new("old", "")).await.unwrap();
+        // Warm the cache.
+        assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("old"));
+    }
+    s.proxy.cut();
+    s.layered.delete("d1").await.unwrap();
+    s.layered.set("x1", &Entry::new("other", "")).await.unwrap();
+    assert_eq!(s.layered.reroute_worker("old", "new").await.unwrap(), 2);
+    assert!(s.layered.stats().bypassing);
+    let check = |when: &'static str| {
+        let layered = s.layered.clone();
+        async move {
+            assert_eq!(worker_of(layered.as_ref(), "r1").await.as_deref(), Some("new"), "{when}");
+            assert_eq!(worker_of(layered.as_ref(), "r2").await.as_deref(), Some("new"), "{when}");
+            assert_eq!(worker_of(layered.as_ref(), "d1").await, None, "{when}");
+            assert_eq!(worker_of(layered.as_ref(), "x1").await.as_deref(), Some("other"), "{when}");
+        }
+    };
+    check("during the outage").await;
+    s.proxy.restore();
+    until_repaired(&s.layered).await;
+    check("after repair").await;
+    // The cache itself no longer holds the stale worker for any of them.
+    for id in ["r1", "r2", "d1", "x1"] {
+        let cached = s.cache.get(id).await.unwrap().map(|e| e.worker_id);
+        assert_ne!(cached.as_deref(), Some("old"), "{id} stale in cache");
+    }
+    assert_eq!(worker_of(s.cache.as_ref(), "r1").await.as_deref(), Some("new"), "refilled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cut_in_the_middle_of_a_large_reroute() {
+    let s = setup(StoreOptions {
+        batch_size: 50,
+        ..StoreOptions::default()
+    })
+    .await;
+    let ids: Vec<String> = (0..3000).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        s.layered.set(id, &Entry::new("old", "")).await.unwrap();
+    }
+    let (moved, ()) = tokio::join!(s.layered.reroute_worker("old", "new"), async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        s.proxy.cut();
+    });
+    assert_eq!(moved.unwrap(), 3000);
+    assert!(s.layered.stats().cache_errors > 0, "the cut must hit the reroute");
+    for when in ["during the outage", "after repair"] {
+        for id in ids.iter().step_by(7) {
+            assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("new"), "{id} {when}");
+        }
+        s.proxy.restore();
+        until_repaired(&s.layered).await;
+    }
+    let stale = s.cache.count_for_worker("old").await.unwrap();
+    assert_eq!(stale, 0, "stale cache entries for the old worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweeps_remove_swept_sessions_from_the_cache() {
+    let s = setup(StoreOptions::default()).await;
+    let mut old = Entry::new("w", "");
+    old.last_access -= chrono::TimeDelta::seconds(600);
+    s.layered.set("idle", &old).await.unwrap();
+    assert!(s.cache.get("idle").await.unwrap().is_some());
+    assert_eq!(s.layered.sweep_idle(Duration::from_secs(60)).await.unwrap(), 1);
+    assert_eq!(s.cache.get("idle").await.unwrap(), None);
+    assert_eq!(s.layered.get("idle").await.unwrap(), None);
+}
