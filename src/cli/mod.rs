@@ -24,6 +24,11 @@ pub enum Command {
     },
     /// Inspect and operate on sessions.
     Sessions(sessions::SessionsArgs),
+    /// Run benchmarks and print their figures.
+    Bench {
+        #[command(subcommand)]
+        bench: crate::bench::BenchCommand,
+    },
 }
 
 /// Runs the parsed command.
@@ -37,5 +42,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sessions(args) => sessions::run(args).await,
+        Command::Bench { bench } => crate::bench::run(bench).await,
     }
 }

@@ -349,6 +349,31 @@ impl RedisStore {
         }
     }
 
+    /// Writes many sessions in pipelined round trips (bulk imports, benchmarks); each session is
+    /// written by the same script as [`Store::set`], index included.
+    pub async fn set_many(&self, sessions: &[(String, Entry)]) -> Result<()> {
+        for (id, entry) in sessions {
+            validate_id("session id", id)?;
+            validate_id("worker id", &entry.worker_id)?;
+        }
+        let mut conn = self.conn.clone();
+        for chunk in sessions.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (id, entry) in chunk {
+                let mut call = self.scripts.set.prepare_invoke();
+                call.arg(&self.redis.prefix)
+                    .arg(id)
+                    .arg(&entry.worker_id)
+                    .arg(&entry.user_sub)
+                    .arg(entry.last_access.timestamp())
+                    .arg(self.ttl_secs());
+                pipe.invoke_script(&call).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+
     /// Before a worker-level operation: make foreign hashes visible to the index.
     async fn adopt_if_needed(&self) -> Result<()> {
         if !self.redis.index_only {

@@ -75,7 +75,7 @@ async fn controller_reconciles_custom_resources() {
     let controller = Controller::new(gadgets.clone(), watcher::Config::default())
         .run(
             reconcile,
-            |_, _, _| Action::requeue(Duration::from_millis(200)),
+            |_, e, _| { eprintln!("reconcile error: {e:?}"); Action::requeue(Duration::from_millis(200)) },
             ctx,
         )
         .for_each(|_| async {});

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole test suite: makes sure Postgres and Redis answer (installing and starting them from
+# Debian packages on a fresh machine), then runs formatting and lint checks, every test of the
+# workspace, and the benchmarks in smoke mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_HOST=127.0.0.1 PG_PORT=5432 REDIS_PORT=6379
+
+answers() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_for() {
+  for _ in $(seq 1 60); do answers "$1" "$2" && return 0; sleep 0.5; done
+  echo "error: nothing answers on $1:$2" >&2
+  return 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+ensure_postgres() {
+  answers $PG_HOST $PG_PORT && return 0
+  echo "Postgres does not answer on $PG_HOST:$PG_PORT; installing/starting it" >&2
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  local version; version=$(ls /etc/postgresql | sort -V | tail -n1)
+  local hba="/etc/postgresql/$version/main/pg_hba.conf"
+  # Test machine only: local TCP connections without a password, as on the development machines.
+  if ! as_root grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  wait_for $PG_HOST $PG_PORT
+}
+
+ensure_redis() {
+  answers 127.0.0.1 $REDIS_PORT && return 0
+  echo "Redis does not answer on 127.0.0.1:$REDIS_PORT; installing/starting it" >&2
+  command -v redis-server >/dev/null || apt_install redis-server
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port $REDIS_PORT --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_for 127.0.0.1 $REDIS_PORT
+}
+
+ensure_kubectl() {
+  command -v kubectl >/dev/null && return 0
+  echo "kubectl not found; installing Debian's kubernetes-client for the emulator's kubectl test" >&2
+  apt_install kubernetes-client || echo "warning: kubectl unavailable; its test will say so" >&2
+}
+
+ensure_postgres
+ensure_redis
+ensure_kubectl
+
+# A database of its own for this run, dropped afterwards.
+db="session_operator_test_$$"
+admin_url="postgres://postgres@$PG_HOST:$PG_PORT/postgres"
+psql_admin() { psql "$admin_url" -v ON_ERROR_STOP=1 -qc "$1" >/dev/null; }
+psql_admin "CREATE DATABASE $db"
+trap 'psql_admin "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true' EXIT
+export DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT/$db"
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
+cargo run -q -- bench store --smoke
+if [ -f crates/kube-emulator/benches/emulator.rs ]; then
+  BENCH_SMOKE=1 cargo bench -q -p kube-emulator --bench emulator
+fi
+echo "all tests passed"
