@@ -539,21 +539,25 @@ impl Store {
                     Subresource::Main => manager.clone(),
                     Subresource::Status => format!("{manager} (status)"),
                 };
-                patched = patch::server_side_apply(&old, &applied, &owner_key, opts.force, &mut owners)
-                    .map_err(|conflicts| {
-                    ApiError::new(
-                        409,
-                        "Conflict",
-                        format!(
-                            "Apply failed with {} conflict(s): {}",
-                            conflicts.len(),
-                            conflicts.join("; ")
-                        ),
-                    )
-                })?;
+                patched =
+                    patch::server_side_apply(&old, &applied, &owner_key, opts.force, &mut owners)
+                        .map_err(|conflicts| {
+                        ApiError::new(
+                            409,
+                            "Conflict",
+                            format!(
+                                "Apply failed with {} conflict(s): {}",
+                                conflicts.len(),
+                                conflicts.join("; ")
+                            ),
+                        )
+                    })?;
             }
         }
-        if meta_str(&patched, "resourceVersion") != meta_str(&old, "resourceVersion") {
+        check_shape(&patched)?;
+        if let Some(rv) = meta_str(&patched, "resourceVersion")
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
             return Err(ApiError::conflict(
                 &rt.group,
                 &rt.plural,
@@ -582,9 +586,7 @@ impl Store {
         sub: Subresource,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
-        if !new.is_object() {
-            return Err(ApiError::bad_request("object must be a JSON object"));
-        }
+        check_shape(&new)?;
         if sub == Subresource::Status {
             let status = new.get("status").cloned();
             new = old.clone();
@@ -1025,12 +1027,25 @@ fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) ->
                 map.remove("status");
             }
             Subresource::Status => {
-                map.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"));
+                map.retain(|k, _| {
+                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
+                });
             }
             Subresource::Main => {}
         }
     }
     applied
+}
+
+/// Objects must be maps with map `metadata`, as they must decode into ObjectMeta.
+fn check_shape(obj: &Value) -> ApiResult<()> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request("object must be a JSON object"));
+    }
+    if obj.get("metadata").is_some_and(|m| !m.is_object()) {
+        return Err(ApiError::bad_request("metadata must be a JSON object"));
+    }
+    Ok(())
 }
 
 fn is_pod(rt: &ResourceType) -> bool {
@@ -1112,11 +1127,7 @@ fn set_type(rt: &ResourceType, obj: &mut Value) {
 
 /// Rejects bodies whose `kind`/`apiVersion` name a different type.
 fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
-    if !obj.is_object() {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
+    check_shape(obj)?;
     if let Some(kind) = obj.get("kind").and_then(Value::as_str)
         && !kind.is_empty()
         && kind != rt.kind

@@ -54,7 +54,9 @@ async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action,
                     "status": {"doubled": g.spec.size * 2}
                 });
                 let params = PatchParams::apply("gadget-controller").force();
-                inner.patch_status(&g.name_any(), &params, &Patch::Apply(status)).await?;
+                inner
+                    .patch_status(&g.name_any(), &params, &Patch::Apply(status))
+                    .await?;
                 Ok(Action::requeue(Duration::from_secs(300)))
             }
             finalizer::Event::Cleanup(_) => Ok(Action::await_change()),
@@ -75,7 +77,10 @@ async fn controller_reconciles_custom_resources() {
     let controller = Controller::new(gadgets.clone(), watcher::Config::default())
         .run(
             reconcile,
-            |_, e, _| { eprintln!("reconcile error: {e:?}"); Action::requeue(Duration::from_millis(200)) },
+            |_, e, _| {
+                eprintln!("reconcile error: {e:?}");
+                Action::requeue(Duration::from_millis(200))
+            },
             ctx,
         )
         .for_each(|_| async {});
@@ -121,7 +126,10 @@ async fn controller_reconciles_custom_resources() {
     assert_eq!(g3.spec.size, 10, "status apply leaves spec alone");
 
     // Deletion waits for the controller to remove its finalizer.
-    gadgets.delete("g3", &Default::default()).await.expect("delete");
+    gadgets
+        .delete("g3", &Default::default())
+        .await
+        .expect("delete");
     eventually("finalizer cleanup completes deletion", || async {
         gadgets.get_opt("g3").await.expect("get").is_none()
     })

@@ -415,6 +415,42 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
     let data = after.data.expect("data");
     assert!(!data.contains_key("a"), "{data:?}");
     assert_eq!(data.get("b").map(String::as_str), Some("2"));
+
+    // One manager applying spec and status separately: the subresources are owned
+    // separately, so neither apply removes the other's fields.
+    install_widgets(&client).await;
+    let widgets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &widgets_resource());
+    let spec = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 2}});
+    widgets
+        .patch("w", &apply("ctl", true), &Patch::Apply(&spec))
+        .await
+        .expect("apply spec");
+    let status = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "status": {"observed": 2}});
+    let w = widgets
+        .patch_status("w", &apply("ctl", true), &Patch::Apply(&status))
+        .await
+        .expect("apply status");
+    assert_eq!(
+        (
+            w.data["spec"]["size"].as_i64(),
+            w.data["status"]["observed"].as_i64()
+        ),
+        (Some(2), Some(2))
+    );
+    let w = widgets
+        .patch("w", &apply("ctl", true), &Patch::Apply(&spec))
+        .await
+        .expect("re-apply spec");
+    assert_eq!(w.data["status"]["observed"], 2);
+    let invalid = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 0}});
+    let err = api_error(
+        widgets
+            .patch("w", &apply("ctl", true), &Patch::Apply(&invalid))
+            .await
+            .expect_err("invalid apply"),
+    );
+    assert_eq!(err.code, 422);
     emulator.shutdown().await;
 }
 

@@ -2,6 +2,7 @@
 
 mod controller;
 mod crud;
+mod errors;
 mod lease;
 mod races;
 mod watch;
