@@ -25,6 +25,16 @@ async fn send(
     }
 }
 
+/// method, uri, content type, body, expected code, expected reason
+type Case = (
+    &'static str,
+    String,
+    &'static str,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 #[tokio::test]
 async fn bad_requests_get_status_errors() {
     let (emulator, client) = start().await;
@@ -38,7 +48,7 @@ async fn bad_requests_get_status_errors() {
         200
     );
 
-    let cases: Vec<(&str, String, &str, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("POST", pods.into(), json, b"{not json".to_vec(), 400, "BadRequest"),
         ("POST", pods.into(), json, b"[1,2]".to_vec(), 400, "BadRequest"),
         ("POST", pods.into(), json, br#"{"kind":"Service","metadata":{"name":"x"}}"#.to_vec(), 400, "BadRequest"),
