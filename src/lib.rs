@@ -1,9 +1,11 @@
 //! session-operator: keeps session-sticky routing tables consistent with worker pods.
 //!
-//! - [`store`]: the session-store library (memory, Postgres, Redis, layered);
-//! - [`bench`]: benchmarks behind `session-operator bench`;
-//! - [`cli`]: the `session-operator` command line;
-//! - [`telemetry`]: logging.
+//! Modules:
+//!
+//! - [`store`] — the session-store library (memory, Postgres, Redis, layered);
+//! - [`bench`] — benchmarks behind `session-operator bench`;
+//! - [`cli`] — the `session-operator` command line;
+//! - [`telemetry`] — logging setup.
 
 pub mod bench;
 pub mod cli;

@@ -51,9 +51,15 @@ async fn migrations_are_idempotent_over_blockyards_table() {
     .fetch_one(store.pool())
     .await
     .unwrap();
-    assert_eq!(indexes, 4, "primary key + blockyard's three indexes, no duplicates");
+    assert_eq!(
+        indexes, 4,
+        "primary key + blockyard's three indexes, no duplicates"
+    );
     let got = store.get("s1").await.unwrap().expect("row kept");
-    assert_eq!((got.worker_id.as_str(), got.user_sub.as_str()), ("w1", "alice"));
+    assert_eq!(
+        (got.worker_id.as_str(), got.user_sub.as_str()),
+        ("w1", "alice")
+    );
 }
 
 #[tokio::test]
@@ -77,7 +83,10 @@ async fn fresh_migration_creates_blockyards_layout() {
     ];
     assert_eq!(columns.len(), expected.len());
     for ((name, ty, nullable), (en, et)) in columns.iter().zip(expected) {
-        assert_eq!((name.as_str(), ty.as_str(), nullable.as_str()), (en, et, "NO"));
+        assert_eq!(
+            (name.as_str(), ty.as_str(), nullable.as_str()),
+            (en, et, "NO")
+        );
     }
     for col in ["expires_at", "worker_id", "last_access"] {
         let n: i64 = sqlx::query_scalar(
@@ -106,13 +115,25 @@ async fn postgres_rows_written_by_blockyard() {
     )
     .await;
     assert_eq!(store.get("a1").await.unwrap().unwrap().user_sub, "alice");
-    assert_eq!(store.get("gone").await.unwrap(), None, "expired rows are not served");
+    assert_eq!(
+        store.get("gone").await.unwrap(),
+        None,
+        "expired rows are not served"
+    );
     assert_eq!(store.count_for_worker("old").await.unwrap(), 2);
     assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 2);
     assert_eq!(store.get("a2").await.unwrap().unwrap().worker_id, "new");
     assert_eq!(store.expire().await.unwrap(), 1);
     assert_eq!(store.delete_by_worker("new").await.unwrap(), 2);
-    assert_eq!(store.counts_by_worker().await.unwrap().into_iter().collect::<Vec<_>>(), vec![("other".into(), 1)]);
+    assert_eq!(
+        store
+            .counts_by_worker()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![("other".into(), 1)]
+    );
 }
 
 #[tokio::test]
@@ -126,15 +147,30 @@ async fn postgres_rows_written_here_read_as_blockyard_reads_them() {
     .fetch_one(store.pool())
     .await
     .unwrap();
-    assert_eq!((worker.as_str(), sub.as_str(), far_future), ("w", "carol", true));
+    assert_eq!(
+        (worker.as_str(), sub.as_str(), far_future),
+        ("w", "carol", true)
+    );
 }
 
 /// HSET + EXPIRE exactly as blockyard's Redis store writes a session: no index.
-async fn blockyard_hset(conn: &mut redis::aio::MultiplexedConnection, prefix: &str, id: &str, worker: &str) {
+async fn blockyard_hset(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    id: &str,
+    worker: &str,
+) {
     let key = format!("{prefix}session:{id}");
     let now = chrono::Utc::now().timestamp().to_string();
     let _: () = conn
-        .hset_multiple(&key, &[("worker_id", worker), ("user_sub", "u"), ("last_access", now.as_str())])
+        .hset_multiple(
+            &key,
+            &[
+                ("worker_id", worker),
+                ("user_sub", "u"),
+                ("last_access", now.as_str()),
+            ],
+        )
         .await
         .unwrap();
     let _: () = conn.expire(&key, 1800).await.unwrap();
@@ -173,8 +209,14 @@ async fn redis_index_repairs_after_foreign_changes() {
     store.set("s1", &Entry::new("a", "")).await.unwrap();
     store.set("s2", &Entry::new("a", "")).await.unwrap();
     // blockyard moves s1 to b and deletes s2 behind the index's back.
-    let _: () = conn.hset(format!("{}session:s1", prefix.prefix), "worker_id", "b").await.unwrap();
-    let _: () = conn.del(format!("{}session:s2", prefix.prefix)).await.unwrap();
+    let _: () = conn
+        .hset(format!("{}session:s1", prefix.prefix), "worker_id", "b")
+        .await
+        .unwrap();
+    let _: () = conn
+        .del(format!("{}session:s2", prefix.prefix))
+        .await
+        .unwrap();
     assert_eq!(store.count_for_worker("a").await.unwrap(), 0);
     assert_eq!(store.count_for_worker("b").await.unwrap(), 1);
     assert_eq!(store.reroute_worker("a", "c").await.unwrap(), 0);
@@ -185,7 +227,10 @@ async fn redis_index_repairs_after_foreign_changes() {
 async fn redis_hashes_written_here_read_as_blockyard_reads_them() {
     let prefix = RedisPrefix::new();
     let store = prefix
-        .store(StoreOptions::with_idle_ttl(std::time::Duration::from_secs(1800)), true)
+        .store(
+            StoreOptions::with_idle_ttl(std::time::Duration::from_secs(1800)),
+            true,
+        )
         .await;
     let entry = Entry::new("w", "dave");
     store.set("s", &entry).await.unwrap();
@@ -194,7 +239,10 @@ async fn redis_hashes_written_here_read_as_blockyard_reads_them() {
     let hash: std::collections::HashMap<String, String> = conn.hgetall(&key).await.unwrap();
     assert_eq!(hash["worker_id"], "w");
     assert_eq!(hash["user_sub"], "dave");
-    assert_eq!(hash["last_access"], entry.last_access.timestamp().to_string());
+    assert_eq!(
+        hash["last_access"],
+        entry.last_access.timestamp().to_string()
+    );
     assert_eq!(hash.len(), 3, "no extra fields in blockyard's hash");
     let ttl: i64 = conn.ttl(&key).await.unwrap();
     assert!((1790..=1800).contains(&ttl), "ttl {ttl}");

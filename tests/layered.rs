@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{ChaosProxy, PgSchema, RedisPrefix};
-use session_operator::store::{Entry, LayeredStore, PostgresStore, RedisStore, Store, StoreOptions};
+use session_operator::store::{
+    Entry, LayeredStore, PostgresStore, RedisStore, Store, StoreOptions,
+};
 
 struct Setup {
     layered: Arc<LayeredStore>,
@@ -23,7 +25,11 @@ async fn setup(options: StoreOptions) -> Setup {
     let prefix = RedisPrefix::new();
     let proxy = ChaosProxy::start("127.0.0.1:6379").await;
     let primary = Arc::new(schema.store(options.clone()).await);
-    let cache = Arc::new(prefix.store_at(&proxy.redis_url(), options.clone(), true).await);
+    let cache = Arc::new(
+        prefix
+            .store_at(&proxy.redis_url(), options.clone(), true)
+            .await,
+    );
     let layered = Arc::new(LayeredStore::new(cache.clone(), primary.clone(), options));
     Setup {
         layered,
@@ -63,9 +69,17 @@ async fn coalesced_touches_skip_the_primary() {
         assert!(s.layered.touch("s").await.unwrap());
     }
     let stats = s.layered.stats();
-    assert_eq!((stats.primary_touches, stats.coalesced_touches), (0, 10), "{stats:?}");
+    assert_eq!(
+        (stats.primary_touches, stats.coalesced_touches),
+        (0, 10),
+        "{stats:?}"
+    );
     assert!(!s.layered.touch("absent").await.unwrap());
-    assert_eq!(s.layered.stats().primary_touches, 1, "a miss asks the primary");
+    assert_eq!(
+        s.layered.stats().primary_touches,
+        1,
+        "a miss asks the primary"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -91,11 +105,19 @@ async fn idle_sweep_never_deletes_a_session_touched_within_its_ttl() {
     s.layered.set("s", &Entry::new("w", "")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(s.layered.touch("s").await.unwrap());
-    assert_eq!(s.layered.stats().coalesced_touches, 1, "touch must be coalesced");
+    assert_eq!(
+        s.layered.stats().coalesced_touches,
+        1,
+        "touch must be coalesced"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Last real touch 1.5 s ago (< 3 s TTL); the primary last saw it 3 s ago.
     assert_eq!(s.layered.sweep_idle(max_age).await.unwrap(), 0);
-    assert_eq!(s.primary.sweep_idle(max_age).await.unwrap(), 0, "the operator sweeps the primary");
+    assert_eq!(
+        s.primary.sweep_idle(max_age).await.unwrap(),
+        0,
+        "the operator sweeps the primary"
+    );
     assert!(s.layered.get("s").await.unwrap().is_some());
     // Untouched past TTL + window: removed, from the cache too.
     tokio::time::sleep(Duration::from_millis(3600)).await;
@@ -109,10 +131,16 @@ async fn reads_fall_back_to_the_primary_while_redis_is_down() {
     let s = setup(StoreOptions::default()).await;
     s.layered.set("s", &Entry::new("w", "")).await.unwrap();
     s.proxy.cut();
-    assert_eq!(worker_of(s.layered.as_ref(), "s").await.as_deref(), Some("w"));
+    assert_eq!(
+        worker_of(s.layered.as_ref(), "s").await.as_deref(),
+        Some("w")
+    );
     assert!(s.layered.touch("s").await.unwrap());
     s.layered.set("t", &Entry::new("v", "")).await.unwrap();
-    assert_eq!(worker_of(s.layered.as_ref(), "t").await.as_deref(), Some("v"));
+    assert_eq!(
+        worker_of(s.layered.as_ref(), "t").await.as_deref(),
+        Some("v")
+    );
     assert!(s.layered.stats().cache_errors > 0);
 }
 
@@ -122,7 +150,10 @@ async fn reroute_delete_and_set_during_an_outage_leave_no_stale_worker() {
     for id in ["r1", "r2", "d1", "x1"] {
         s.layered.set(id, &Entry::new("old", "")).await.unwrap();
         // Warm the cache.
-        assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("old"));
+        assert_eq!(
+            worker_of(s.layered.as_ref(), id).await.as_deref(),
+            Some("old")
+        );
     }
     s.proxy.cut();
     s.layered.delete("d1").await.unwrap();
@@ -132,10 +163,22 @@ async fn reroute_delete_and_set_during_an_outage_leave_no_stale_worker() {
     let check = |when: &'static str| {
         let layered = s.layered.clone();
         async move {
-            assert_eq!(worker_of(layered.as_ref(), "r1").await.as_deref(), Some("new"), "{when}");
-            assert_eq!(worker_of(layered.as_ref(), "r2").await.as_deref(), Some("new"), "{when}");
+            assert_eq!(
+                worker_of(layered.as_ref(), "r1").await.as_deref(),
+                Some("new"),
+                "{when}"
+            );
+            assert_eq!(
+                worker_of(layered.as_ref(), "r2").await.as_deref(),
+                Some("new"),
+                "{when}"
+            );
             assert_eq!(worker_of(layered.as_ref(), "d1").await, None, "{when}");
-            assert_eq!(worker_of(layered.as_ref(), "x1").await.as_deref(), Some("other"), "{when}");
+            assert_eq!(
+                worker_of(layered.as_ref(), "x1").await.as_deref(),
+                Some("other"),
+                "{when}"
+            );
         }
     };
     check("during the outage").await;
@@ -147,7 +190,11 @@ async fn reroute_delete_and_set_during_an_outage_leave_no_stale_worker() {
         let cached = s.cache.get(id).await.unwrap().map(|e| e.worker_id);
         assert_ne!(cached.as_deref(), Some("old"), "{id} stale in cache");
     }
-    assert_eq!(worker_of(s.cache.as_ref(), "r1").await.as_deref(), Some("new"), "refilled");
+    assert_eq!(
+        worker_of(s.cache.as_ref(), "r1").await.as_deref(),
+        Some("new"),
+        "refilled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -166,10 +213,17 @@ async fn redis_cut_in_the_middle_of_a_large_reroute() {
         s.proxy.cut();
     });
     assert_eq!(moved.unwrap(), 3000);
-    assert!(s.layered.stats().cache_errors > 0, "the cut must hit the reroute");
+    assert!(
+        s.layered.stats().cache_errors > 0,
+        "the cut must hit the reroute"
+    );
     for when in ["during the outage", "after repair"] {
         for id in ids.iter().step_by(7) {
-            assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("new"), "{id} {when}");
+            assert_eq!(
+                worker_of(s.layered.as_ref(), id).await.as_deref(),
+                Some("new"),
+                "{id} {when}"
+            );
         }
         s.proxy.restore();
         until_repaired(&s.layered).await;
@@ -185,7 +239,10 @@ async fn sweeps_remove_swept_sessions_from_the_cache() {
     old.last_access -= chrono::TimeDelta::seconds(600);
     s.layered.set("idle", &old).await.unwrap();
     assert!(s.cache.get("idle").await.unwrap().is_some());
-    assert_eq!(s.layered.sweep_idle(Duration::from_secs(60)).await.unwrap(), 1);
+    assert_eq!(
+        s.layered.sweep_idle(Duration::from_secs(60)).await.unwrap(),
+        1
+    );
     assert_eq!(s.cache.get("idle").await.unwrap(), None);
     assert_eq!(s.layered.get("idle").await.unwrap(), None);
 }

@@ -42,7 +42,10 @@ async fn postgres(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
 
 async fn redis(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
     let prefix = RedisPrefix::new();
-    (Arc::new(prefix.store(opts, false).await), Fixture::Redis(prefix))
+    (
+        Arc::new(prefix.store(opts, false).await),
+        Fixture::Redis(prefix),
+    )
 }
 
 async fn layered(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
@@ -96,7 +99,11 @@ async fn touch_refreshes_last_access(store: Arc<dyn Store>) {
     let before = Utc::now() - TimeDelta::seconds(2);
     assert!(store.touch("s").await.unwrap());
     let got = store.get("s").await.unwrap().expect("still there");
-    assert!(got.last_access >= before, "last_access {} not refreshed", got.last_access);
+    assert!(
+        got.last_access >= before,
+        "last_access {} not refreshed",
+        got.last_access
+    );
     assert_eq!(got.worker_id, "w");
     assert_eq!(got.user_sub, "user");
 }
@@ -106,7 +113,10 @@ async fn delete_one_and_many(store: Arc<dyn Store>) {
     assert!(store.delete("w-s0").await.unwrap());
     assert!(!store.delete("w-s0").await.unwrap());
     assert_eq!(store.get("w-s0").await.unwrap(), None);
-    let n = store.delete_many(&strings(&["w-s1", "w-s2", "unknown"])).await.unwrap();
+    let n = store
+        .delete_many(&strings(&["w-s1", "w-s2", "unknown"]))
+        .await
+        .unwrap();
     assert_eq!(n, 2);
     assert_eq!(store.count_for_worker("w").await.unwrap(), 0);
     assert_eq!(store.delete_many(&[]).await.unwrap(), 0);
@@ -131,10 +141,25 @@ async fn counts(store: Arc<dyn Store>) {
     assert_eq!(store.count_for_worker("a").await.unwrap(), 3);
     assert_eq!(store.count_for_worker("zzz").await.unwrap(), 0);
     assert_eq!(store.count_for_workers(&[]).await.unwrap(), 0);
-    assert_eq!(store.count_for_workers(&strings(&["a", "b", "zzz"])).await.unwrap(), 5);
-    assert_eq!(store.count_for_workers(&strings(&["a", "a"])).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .count_for_workers(&strings(&["a", "b", "zzz"]))
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        store
+            .count_for_workers(&strings(&["a", "a"]))
+            .await
+            .unwrap(),
+        3
+    );
     let all = store.counts_by_worker().await.unwrap();
-    assert_eq!(all.into_iter().collect::<Vec<_>>(), vec![("a".into(), 3), ("b".into(), 2)]);
+    assert_eq!(
+        all.into_iter().collect::<Vec<_>>(),
+        vec![("a".into(), 3), ("b".into(), 2)]
+    );
 }
 
 async fn reroute_moves_everything(store: Arc<dyn Store>) {
@@ -144,7 +169,11 @@ async fn reroute_moves_everything(store: Arc<dyn Store>) {
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
     assert_eq!(store.count_for_worker("new").await.unwrap(), 32);
     for id in moved.iter().chain(&existing) {
-        assert_eq!(store.get(id).await.unwrap().unwrap().worker_id, "new", "{id}");
+        assert_eq!(
+            store.get(id).await.unwrap().unwrap().worker_id,
+            "new",
+            "{id}"
+        );
     }
     assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 0);
     assert_eq!(store.reroute_worker("unknown", "new").await.unwrap(), 0);
@@ -174,7 +203,10 @@ async fn entries_snapshot(store: Arc<dyn Store>) {
 
 async fn sweep_idle_removes_only_idle(store: Arc<dyn Store>) {
     for i in 0..15 {
-        store.set(&format!("old{i}"), &aged("a", 600)).await.unwrap();
+        store
+            .set(&format!("old{i}"), &aged("a", 600))
+            .await
+            .unwrap();
     }
     store.set("fresh", &aged("a", 5)).await.unwrap();
     store.set("old-b", &aged("b", 600)).await.unwrap();
@@ -182,7 +214,13 @@ async fn sweep_idle_removes_only_idle(store: Arc<dyn Store>) {
     assert!(store.get("fresh").await.unwrap().is_some());
     assert_eq!(store.get("old3").await.unwrap(), None);
     assert_eq!(store.get("old-b").await.unwrap(), None);
-    assert_eq!(store.count_for_workers(&strings(&["a", "b"])).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .count_for_workers(&strings(&["a", "b"]))
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 async fn sweep_idle_restricted_to_workers(store: Arc<dyn Store>) {
@@ -193,9 +231,18 @@ async fn sweep_idle_restricted_to_workers(store: Arc<dyn Store>) {
     }
     let max_age = Duration::from_secs(60);
     assert_eq!(store.sweep_idle_for_workers(max_age, &[]).await.unwrap(), 0);
-    assert_eq!(store.count_for_workers(&strings(&["a", "b", "c"])).await.unwrap(), 27);
     assert_eq!(
-        store.sweep_idle_for_workers(max_age, &strings(&["a", "c", "unknown"])).await.unwrap(),
+        store
+            .count_for_workers(&strings(&["a", "b", "c"]))
+            .await
+            .unwrap(),
+        27
+    );
+    assert_eq!(
+        store
+            .sweep_idle_for_workers(max_age, &strings(&["a", "c", "unknown"]))
+            .await
+            .unwrap(),
         18
     );
     assert_eq!(store.count_for_worker("a").await.unwrap(), 0);
@@ -234,16 +281,29 @@ async fn odd_ids_are_faithful(store: Arc<dyn Store>) {
     for (i, id) in odd.iter().enumerate() {
         let worker = format!("wörker*[{i}]");
         store.set(id, &entry(&worker)).await.unwrap();
-        assert_eq!(store.get(id).await.unwrap().unwrap().worker_id, worker, "{id}");
+        assert_eq!(
+            store.get(id).await.unwrap().unwrap().worker_id,
+            worker,
+            "{id}"
+        );
         let entries = store.entries_for_worker(&worker).await.unwrap();
         assert_eq!(entries.keys().collect::<Vec<_>>(), vec![*id]);
         assert_eq!(store.reroute_worker(&worker, "plain").await.unwrap(), 1);
     }
-    assert_eq!(store.count_for_worker("plain").await.unwrap(), odd.len() as u64);
+    assert_eq!(
+        store.count_for_worker("plain").await.unwrap(),
+        odd.len() as u64
+    );
     // Globs in one id must not match others.
     assert!(store.delete("*").await.unwrap());
-    assert_eq!(store.count_for_worker("plain").await.unwrap(), odd.len() as u64 - 1);
-    assert_eq!(store.delete_by_worker("plain").await.unwrap(), odd.len() as u64 - 1);
+    assert_eq!(
+        store.count_for_worker("plain").await.unwrap(),
+        odd.len() as u64 - 1
+    );
+    assert_eq!(
+        store.delete_by_worker("plain").await.unwrap(),
+        odd.len() as u64 - 1
+    );
 }
 
 async fn bad_ids_are_rejected(store: Arc<dyn Store>) {
@@ -302,7 +362,12 @@ async fn concurrent_set_touch_reroute(store: Arc<dyn Store>) {
     store.reroute_worker("a", "b").await.unwrap();
     assert_eq!(store.count_for_worker("a").await.unwrap(), 0);
     assert_eq!(store.count_for_worker("b").await.unwrap(), 40 + 160);
-    let ids: HashSet<String> = store.entries_for_worker("b").await.unwrap().into_keys().collect();
+    let ids: HashSet<String> = store
+        .entries_for_worker("b")
+        .await
+        .unwrap()
+        .into_keys()
+        .collect();
     assert!(initial.iter().all(|id| ids.contains(id)));
     for id in &initial {
         assert_eq!(store.get(id).await.unwrap().unwrap().worker_id, "b");

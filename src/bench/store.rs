@@ -22,10 +22,19 @@ use crate::store::{
 
 #[derive(Debug, Args)]
 pub struct StoreBench {
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true,
-          default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_url: String,
-    #[arg(long, env = "REDIS_URL", hide_env_values = true, default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     /// Total session counts N to measure at.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
@@ -71,7 +80,10 @@ pub async fn run(mut args: StoreBench) -> anyhow::Result<()> {
         args.callers = 16;
         args.touch_time = Duration::from_millis(500);
     }
-    anyhow::ensure!(args.sizes.iter().all(|&n| n >= args.k), "every size must be >= k");
+    anyhow::ensure!(
+        args.sizes.iter().all(|&n| n >= args.k),
+        "every size must be >= k"
+    );
     let tag = format!("bench_{}", std::process::id());
     let pg = PostgresStore::connect(&args.database_url, &tag, StoreOptions::default())
         .await
@@ -94,7 +106,8 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
     let indexed = RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(true))
         .await
         .context("connecting to Redis")?;
-    let fallback = RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(false)).await?;
+    let fallback =
+        RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(false)).await?;
     let result = async {
         redis_worker_ops(args, &indexed, &fallback).await?;
         postgres_worker_ops(args, pg).await?;
@@ -113,14 +126,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn timed<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<(T, Duration)> {
+async fn timed<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Duration)> {
     let start = Instant::now();
     let out = f.await?;
     Ok((out, start.elapsed()))
 }
 
-fn sessions(range: std::ops::Range<usize>, worker: impl Fn(usize) -> String) -> Vec<(String, Entry)> {
-    range.map(|i| (format!("s{i}"), Entry::new(worker(i), ""))).collect()
+fn sessions(
+    range: std::ops::Range<usize>,
+    worker: impl Fn(usize) -> String,
+) -> Vec<(String, Entry)> {
+    range
+        .map(|i| (format!("s{i}"), Entry::new(worker(i), "")))
+        .collect()
 }
 
 /// Filler worker of session `i`: 1,000 sessions per worker, like a busy fleet.
@@ -128,40 +148,76 @@ fn filler(i: usize) -> String {
     format!("w{}", i / 1000)
 }
 
-async fn redis_worker_ops(args: &StoreBench, store: &RedisStore, fallback: &RedisStore) -> anyhow::Result<()> {
-    println!("\n== Redis: reroute / delete_by_worker of k = {} sessions among N ==", args.k);
+async fn redis_worker_ops(
+    args: &StoreBench,
+    store: &RedisStore,
+    fallback: &RedisStore,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== Redis: reroute / delete_by_worker of k = {} sessions among N ==",
+        args.k
+    );
     println!(
         "{:>9} {:>13} {:>13} {:>15} {:>13} {:>13} {:>9} {:>9}",
-        "N", "reroute ms", "delete ms", "fallback ms", "scan rr ms", "scan del ms", "rr ratio", "del ratio"
+        "N",
+        "reroute ms",
+        "delete ms",
+        "fallback ms",
+        "scan rr ms",
+        "scan del ms",
+        "rr ratio",
+        "del ratio"
     );
     let script = Script::new(SCAN_REROUTE);
     let pattern = format!("{}session:*", store.prefix());
-    let mut conn = redis::Client::open(args.redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    let mut conn = redis::Client::open(args.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
     let hot = sessions(0..args.k, |_| "hot".to_string());
     store.set_many(&hot).await?;
     let mut filled = args.k;
     for &n in &args.sizes {
         store.set_many(&sessions(filled..n, filler)).await?;
         filled = n;
-        let (moved, reroute) = timed(async { Ok(store.reroute_worker("hot", "hot2").await?) }).await?;
+        let (moved, reroute) =
+            timed(async { Ok(store.reroute_worker("hot", "hot2").await?) }).await?;
         let (_, back) = timed(async { Ok(store.reroute_worker("hot2", "hot").await?) }).await?;
         anyhow::ensure!(moved == args.k as u64, "indexed reroute moved {moved}");
-        let (moved_fb, fb) = timed(async { Ok(fallback.reroute_worker("hot", "hot2").await?) }).await?;
-        anyhow::ensure!(moved_fb == args.k as u64, "fallback reroute moved {moved_fb}");
+        let (moved_fb, fb) =
+            timed(async { Ok(fallback.reroute_worker("hot", "hot2").await?) }).await?;
+        anyhow::ensure!(
+            moved_fb == args.k as u64,
+            "fallback reroute moved {moved_fb}"
+        );
         let (moved_scan, scan) = timed(async {
-            Ok(script.arg(&pattern).arg("hot2").arg("hot").invoke_async::<u64>(&mut conn).await?)
+            Ok(script
+                .arg(&pattern)
+                .arg("hot2")
+                .arg("hot")
+                .invoke_async::<u64>(&mut conn)
+                .await?)
         })
         .await?;
-        anyhow::ensure!(moved_scan == args.k as u64, "scan reroute moved {moved_scan}");
+        anyhow::ensure!(
+            moved_scan == args.k as u64,
+            "scan reroute moved {moved_scan}"
+        );
         // The scan moved hashes behind the index's back; the fallback store's SCAN re-indexes.
-        let (deleted, delete) = timed(async { Ok(fallback.delete_by_worker("hot").await?) }).await?;
+        let (deleted, delete) =
+            timed(async { Ok(fallback.delete_by_worker("hot").await?) }).await?;
         anyhow::ensure!(deleted == args.k as u64, "delete removed {deleted}");
         store.set_many(&hot).await?;
-        let (deleted, delete_idx) = timed(async { Ok(store.delete_by_worker("hot").await?) }).await?;
+        let (deleted, delete_idx) =
+            timed(async { Ok(store.delete_by_worker("hot").await?) }).await?;
         anyhow::ensure!(deleted == args.k as u64, "indexed delete removed {deleted}");
         store.set_many(&hot).await?;
         let (deleted, scan_del) = timed(async {
-            Ok(script.arg(&pattern).arg("hot").arg("").invoke_async::<u64>(&mut conn).await?)
+            Ok(script
+                .arg(&pattern)
+                .arg("hot")
+                .arg("")
+                .invoke_async::<u64>(&mut conn)
+                .await?)
         })
         .await?;
         anyhow::ensure!(deleted == args.k as u64, "scan delete removed {deleted}");
@@ -179,11 +235,19 @@ async fn redis_worker_ops(args: &StoreBench, store: &RedisStore, fallback: &Redi
             scan_del.as_secs_f64() / delete_idx.as_secs_f64()
         );
     }
-    println!("(fallback = reroute with the SCAN for foreign, unindexed hashes; scan = blockyard's Lua SCAN script, blocking Redis)");
+    println!(
+        "(fallback = reroute with the SCAN for foreign, unindexed hashes; scan = blockyard's Lua SCAN script, blocking Redis)"
+    );
     Ok(())
 }
 
-async fn pg_fill(pg: &PostgresStore, from: usize, to: usize, worker_sql: &str, expires_sql: &str) -> anyhow::Result<()> {
+async fn pg_fill(
+    pg: &PostgresStore,
+    from: usize,
+    to: usize,
+    worker_sql: &str,
+    expires_sql: &str,
+) -> anyhow::Result<()> {
     let sql = format!(
         "INSERT INTO blockyard_sessions (id, worker_id, user_sub, last_access, expires_at)
          SELECT 's' || i, {worker_sql}, '', now(), {expires_sql} FROM generate_series($1::bigint, $2::bigint - 1) AS i"
@@ -193,15 +257,21 @@ async fn pg_fill(pg: &PostgresStore, from: usize, to: usize, worker_sql: &str, e
         .bind(to as i64)
         .execute(pg.pool())
         .await?;
-    sqlx::query("ANALYZE blockyard_sessions").execute(pg.pool()).await?;
+    sqlx::query("ANALYZE blockyard_sessions")
+        .execute(pg.pool())
+        .await?;
     Ok(())
 }
 
 /// A reroute (or delete, with `to = None`) by sequential scan: the full-scan baseline.
 async fn pg_seqscan(pg: &PostgresStore, from: &str, to: Option<&str>) -> anyhow::Result<u64> {
     let mut tx = pg.pool().begin().await?;
-    sqlx::query("SET LOCAL enable_indexscan = off").execute(&mut *tx).await?;
-    sqlx::query("SET LOCAL enable_bitmapscan = off").execute(&mut *tx).await?;
+    sqlx::query("SET LOCAL enable_indexscan = off")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .execute(&mut *tx)
+        .await?;
     let done = match to {
         Some(to) => {
             sqlx::query("UPDATE blockyard_sessions SET worker_id = $2 WHERE worker_id = $1")
@@ -222,14 +292,18 @@ async fn pg_seqscan(pg: &PostgresStore, from: &str, to: Option<&str>) -> anyhow:
 }
 
 async fn postgres_worker_ops(args: &StoreBench, pg: &PostgresStore) -> anyhow::Result<()> {
-    println!("\n== Postgres: reroute / delete_by_worker of k = {} sessions among N ==", args.k);
+    println!(
+        "\n== Postgres: reroute / delete_by_worker of k = {} sessions among N ==",
+        args.k
+    );
     println!(
         "{:>9} {:>13} {:>13} {:>13} {:>13} {:>9} {:>9}",
         "N", "reroute ms", "delete ms", "seq rr ms", "seq del ms", "rr ratio", "del ratio"
     );
     const FAR: &str = "'9999-12-31 23:59:59+00'::timestamptz";
     let k = args.k;
-    let hot = |pg: &'static str| format!("CASE WHEN i < {k} THEN '{pg}' ELSE 'w' || (i / 1000) END");
+    let hot =
+        |pg: &'static str| format!("CASE WHEN i < {k} THEN '{pg}' ELSE 'w' || (i / 1000) END");
     pg_fill(pg, 0, k, &hot("hot"), FAR).await?;
     let mut filled = k;
     for &n in &args.sizes {
@@ -255,11 +329,17 @@ async fn postgres_worker_ops(args: &StoreBench, pg: &PostgresStore) -> anyhow::R
             seq_del.as_secs_f64() / del.as_secs_f64()
         );
     }
-    sqlx::query("TRUNCATE blockyard_sessions").execute(pg.pool()).await?;
+    sqlx::query("TRUNCATE blockyard_sessions")
+        .execute(pg.pool())
+        .await?;
     Ok(())
 }
 
-async fn layered_touches(args: &StoreBench, pg: &PostgresStore, cache: &RedisStore) -> anyhow::Result<()> {
+async fn layered_touches(
+    args: &StoreBench,
+    pg: &PostgresStore,
+    cache: &RedisStore,
+) -> anyhow::Result<()> {
     println!(
         "\n== Layered touch throughput, {} concurrent callers, {:?} per run ==",
         args.callers, args.touch_time
@@ -267,12 +347,16 @@ async fn layered_touches(args: &StoreBench, pg: &PostgresStore, cache: &RedisSto
     const SESSIONS: usize = 10_000;
     let ids: Arc<Vec<String>> = Arc::new((0..SESSIONS).map(|i| format!("t{i}")).collect());
     let mut results = Vec::new();
-    for (label, window) in [("write-through", Duration::ZERO), ("coalesced (60s window)", Duration::from_secs(60))] {
+    for (label, window) in [
+        ("write-through", Duration::ZERO),
+        ("coalesced (60s window)", Duration::from_secs(60)),
+    ] {
         let options = StoreOptions {
             touch_window: window,
             ..StoreOptions::default()
         };
-        let primary: Arc<dyn Store> = Arc::new(PostgresStore::from_pool(pg.pool().clone(), options.clone()));
+        let primary: Arc<dyn Store> =
+            Arc::new(PostgresStore::from_pool(pg.pool().clone(), options.clone()));
         let layered = Arc::new(LayeredStore::new(Arc::new(cache.clone()), primary, options));
         for id in ids.iter() {
             layered.set(id, &Entry::new("w", "")).await?;
@@ -281,7 +365,8 @@ async fn layered_touches(args: &StoreBench, pg: &PostgresStore, cache: &RedisSto
         let done = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for c in 0..args.callers {
-            let (layered, ids, stop, done) = (layered.clone(), ids.clone(), stop.clone(), done.clone());
+            let (layered, ids, stop, done) =
+                (layered.clone(), ids.clone(), stop.clone(), done.clone());
             tasks.push(tokio::spawn(async move {
                 let mut i = c * 7919;
                 while !stop.load(Ordering::Relaxed) {
@@ -306,12 +391,20 @@ async fn layered_touches(args: &StoreBench, pg: &PostgresStore, cache: &RedisSto
         results.push(rate);
         layered.delete_many(&ids).await?;
     }
-    println!("{:>24}: {:>9.1}x", "coalesced / write-through", results[1] / results[0]);
+    println!(
+        "{:>24}: {:>9.1}x",
+        "coalesced / write-through",
+        results[1] / results[0]
+    );
     Ok(())
 }
 
 /// Latencies of concurrent reads and touches while `sweep` runs.
-async fn under_sweep<F>(pg: &PostgresStore, expired: usize, sweep: F) -> anyhow::Result<(u64, Duration, Vec<Duration>, Vec<Duration>)>
+async fn under_sweep<F>(
+    pg: &PostgresStore,
+    expired: usize,
+    sweep: F,
+) -> anyhow::Result<(u64, Duration, Vec<Duration>, Vec<Duration>)>
 where
     F: std::future::Future<Output = anyhow::Result<u64>>,
 {
@@ -364,8 +457,17 @@ async fn expiry(args: &StoreBench, pg: &PostgresStore) -> anyhow::Result<()> {
     );
     let live = "'9999-12-31 23:59:59+00'::timestamptz";
     for label in ["batched (1000 rows)", "single DELETE"] {
-        sqlx::query("TRUNCATE blockyard_sessions").execute(pg.pool()).await?;
-        pg_fill(pg, 0, args.expired, "'w' || (i / 1000)", "now() - interval '1 hour'").await?;
+        sqlx::query("TRUNCATE blockyard_sessions")
+            .execute(pg.pool())
+            .await?;
+        pg_fill(
+            pg,
+            0,
+            args.expired,
+            "'w' || (i / 1000)",
+            "now() - interval '1 hour'",
+        )
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO blockyard_sessions SELECT 'live' || i, 'w', '', now(), {live} FROM generate_series(0, 9999) AS i"
         )))
@@ -375,10 +477,12 @@ async fn expiry(args: &StoreBench, pg: &PostgresStore) -> anyhow::Result<()> {
             under_sweep(pg, args.expired, async { Ok(pg.expire().await?) }).await?
         } else {
             under_sweep(pg, args.expired, async {
-                Ok(sqlx::query("DELETE FROM blockyard_sessions WHERE expires_at < now()")
-                    .execute(pg.pool())
-                    .await?
-                    .rows_affected())
+                Ok(
+                    sqlx::query("DELETE FROM blockyard_sessions WHERE expires_at < now()")
+                        .execute(pg.pool())
+                        .await?
+                        .rows_affected(),
+                )
             })
             .await?
         };

@@ -87,7 +87,10 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
             match out {
                 Output::Json => print_json(&rows)?,
                 Output::Text => {
-                    println!("{:<40} {:<30} {:<20} LAST ACCESS", "SESSION", "WORKER", "USER");
+                    println!(
+                        "{:<40} {:<30} {:<20} LAST ACCESS",
+                        "SESSION", "WORKER", "USER"
+                    );
                     for (id, e) in &rows {
                         println!(
                             "{id:<40} {:<30} {:<20} {}",
@@ -141,11 +144,21 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
         }
         SessionsCommand::Reroute { from, to } => {
             let n = store.reroute_worker(&from, &to).await?;
-            report(out, "rerouted", n, &format!("{n} sessions rerouted from {from} to {to}"))?;
+            report(
+                out,
+                "rerouted",
+                n,
+                &format!("{n} sessions rerouted from {from} to {to}"),
+            )?;
         }
         SessionsCommand::DeleteWorker { worker } => {
             let n = store.delete_by_worker(&worker).await?;
-            report(out, "deleted", n, &format!("{n} sessions of {worker} deleted"))?;
+            report(
+                out,
+                "deleted",
+                n,
+                &format!("{n} sessions of {worker} deleted"),
+            )?;
         }
         SessionsCommand::SweepIdle { max_age, workers } => {
             let n = if workers.is_empty() {

@@ -65,9 +65,22 @@ mod tests {
 
     #[test]
     fn rejects_empty_long_and_nul() {
-        for bad in [String::new(), "a".repeat(MAX_ID_BYTES + 1), "a\0b".to_string()] {
+        for bad in [
+            String::new(),
+            "a".repeat(MAX_ID_BYTES + 1),
+            "a\0b".to_string(),
+        ] {
             let err = validate_id("session id", &bad).unwrap_err();
-            assert!(matches!(err, StoreError::InvalidId { kind: "session id", .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    StoreError::InvalidId {
+                        kind: "session id",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
     }
 }

@@ -4,6 +4,9 @@ use thiserror::Error;
 ///
 /// Backend errors are kept apart from "not found" (which is `Ok(None)` / `Ok(false)`), so a
 /// caller can always tell an absent session from an unreachable database.
+///
+/// Each message is complete on its own (it includes the backend's message), so backend errors
+/// are not also exposed as `source()`: error reporters that walk the chain would print them twice.
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// A session or worker id that no store accepts (see [`super::validate_id`]).
@@ -14,16 +17,34 @@ pub enum StoreError {
     Config(String),
     /// Postgres failed or could not be reached.
     #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
     /// Postgres migrations failed.
     #[error("postgres migration: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     /// Redis failed or could not be reached.
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
     /// A stored session could not be decoded (e.g. a hash written by hand without `worker_id`).
     #[error("corrupt session {id:?}: {detail}")]
     Corrupt { id: String, detail: String },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Postgres(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Redis(e)
+    }
 }
 
 /// A URL with its password replaced by `***`, safe to print or log.
@@ -52,7 +73,10 @@ mod tests {
             redact_url("postgres://app:s3cret@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
-        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
         assert_eq!(redact_url("not a url :s3cret@"), "<unparsable URL>");
     }
 }

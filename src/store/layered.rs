@@ -260,7 +260,9 @@ impl Store for LayeredStore {
         let _m = self.mutations.begin(None);
         let removed = self.primary.delete_many(ids).await?;
         if let Err(err) = self.cache.delete_many(ids).await {
-            self.cache_write_failed("delete_many", &err, |d| ids.iter().for_each(|id| d.add_id(id)));
+            self.cache_write_failed("delete_many", &err, |d| {
+                ids.iter().for_each(|id| d.add_id(id))
+            });
         }
         Ok(removed)
     }
@@ -306,7 +308,9 @@ impl Store for LayeredStore {
         if !removed.is_empty()
             && let Err(err) = self.cache.delete_many(&removed).await
         {
-            self.cache_write_failed("sweep", &err, |d| removed.iter().for_each(|id| d.add_id(id)));
+            self.cache_write_failed("sweep", &err, |d| {
+                removed.iter().for_each(|id| d.add_id(id))
+            });
         }
         Ok(removed)
     }
@@ -488,11 +492,13 @@ mod tests {
         let mut log = TouchLog::default();
         let start = Instant::now();
         let window = Duration::from_secs(1);
-        for i in 0..2000 {
-            log.record(&i.to_string(), start, window);
+        for i in 0..3000 {
+            log.record(&format!("early{i}"), start, window);
         }
-        log.record("late", start + Duration::from_secs(5), window);
-        assert!(log.last.len() < 2000);
-        assert!(log.last.contains_key("late"));
+        for i in 0..2000 {
+            log.record(&format!("late{i}"), start + Duration::from_secs(5), window);
+        }
+        assert_eq!(log.last.len(), 2000, "entries older than the window are pruned");
+        assert!(log.last.keys().all(|id| id.starts_with("late")));
     }
 }

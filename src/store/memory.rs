@@ -63,7 +63,11 @@ impl Tables {
         }
     }
 
-    fn live_of_worker(&self, worker: &str, now: DateTime<Utc>) -> impl Iterator<Item = (&String, &Record)> {
+    fn live_of_worker(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+    ) -> impl Iterator<Item = (&String, &Record)> {
         self.by_worker
             .get(worker)
             .into_iter()
@@ -84,7 +88,9 @@ impl MemoryStore {
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         // A panic while holding the lock cannot leave the tables half-updated in a way that
         // matters more than losing the whole store, so recover the data.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn expires_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -190,7 +196,10 @@ impl Store for MemoryStore {
         validate_id("worker id", to)?;
         let now = Utc::now();
         let mut tables = self.tables();
-        let ids: Vec<String> = tables.live_of_worker(from, now).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<String> = tables
+            .live_of_worker(from, now)
+            .map(|(id, _)| id.clone())
+            .collect();
         if from == to {
             return Ok(ids.len() as u64);
         }
@@ -243,8 +252,8 @@ impl Store for MemoryStore {
                         .filter_map(|w| tables.by_worker.get(w))
                         .flatten()
                         .filter(|id| tables.sessions.get(*id).is_some_and(idle))
-                        .cloned()
                         .take(limit)
+                        .cloned()
                         .collect(),
                 }
             }

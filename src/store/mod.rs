@@ -126,7 +126,11 @@ pub trait Store: Send + Sync {
 
     /// Removes sessions idle longer than `max_age` that belong to one of `worker_ids`, so that
     /// one policy's TTL never deletes another policy's sessions.
-    async fn sweep_idle_for_workers(&self, max_age: Duration, worker_ids: &[String]) -> Result<u64> {
+    async fn sweep_idle_for_workers(
+        &self,
+        max_age: Duration,
+        worker_ids: &[String],
+    ) -> Result<u64> {
         self.sweep(Sweep::Idle {
             max_age,
             workers: Some(worker_ids),

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, redact_url, validate_id};
+use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
 
 /// Schema blockyard keeps its tables in.
 pub const DEFAULT_SCHEMA: &str = "blockyard";
@@ -43,11 +44,12 @@ impl PostgresStore {
     pub async fn connect(url: &str, schema: &str, options: StoreOptions) -> Result<Self> {
         validate_schema(schema)?;
         let connect = PgConnectOptions::from_str(url)
-            .map_err(|e| {
-                StoreError::Config(format!("database URL {}: {e}", redact_url(url)))
-            })?
+            .map_err(|e| StoreError::Config(format!("invalid database URL: {e}")))?
             .application_name("session-operator")
             .options([("search_path", format!("{schema},public"))]);
+        // One direct connection first: the pool would retry until its timeout and then report
+        // only "timed out", hiding why (refused, bad password, unknown database).
+        PgConnection::connect_with(&connect).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
@@ -267,7 +269,10 @@ impl Store for PostgresStore {
         .bind(worker_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|row| (row.0.clone(), entry_of(row))).collect())
+        Ok(rows
+            .iter()
+            .map(|row| (row.0.clone(), entry_of(row)))
+            .collect())
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {

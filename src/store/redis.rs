@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, redact_url, validate_id};
+use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
 
 /// blockyard's default key prefix.
 pub const DEFAULT_PREFIX: &str = "blockyard:";
@@ -285,7 +285,7 @@ impl RedisStore {
     /// an error naming the URL without its password.
     pub async fn connect(url: &str, options: StoreOptions, redis: RedisOptions) -> Result<Self> {
         let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Config(format!("redis URL {}: {e}", redact_url(url))))?;
+            .map_err(|e| StoreError::Config(format!("invalid Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.response_timeout))
             .set_response_timeout(Some(redis.response_timeout))
@@ -411,7 +411,8 @@ impl RedisStore {
             for a in args {
                 call.arg(*a);
             }
-            let (processed, affected): (usize, u64) = call.arg(limit).invoke_async(&mut conn).await?;
+            let (processed, affected): (usize, u64) =
+                call.arg(limit).invoke_async(&mut conn).await?;
             total += affected;
             if processed < limit {
                 return Ok(total);
@@ -453,10 +454,12 @@ impl Store for RedisStore {
         if hash.is_empty() {
             return Ok(None);
         }
-        let worker_id = hash.remove("worker_id").ok_or_else(|| StoreError::Corrupt {
-            id: id.to_string(),
-            detail: "hash has no worker_id".to_string(),
-        })?;
+        let worker_id = hash
+            .remove("worker_id")
+            .ok_or_else(|| StoreError::Corrupt {
+                id: id.to_string(),
+                detail: "hash has no worker_id".to_string(),
+            })?;
         let last_access = parse_last_access(id, hash.get("last_access").map_or("", |s| s))?;
         Ok(Some(Entry {
             worker_id,
@@ -519,7 +522,8 @@ impl Store for RedisStore {
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
         self.adopt_if_needed().await?;
-        self.drain(&self.scripts.delete_worker_batch, &[worker_id]).await
+        self.drain(&self.scripts.delete_worker_batch, &[worker_id])
+            .await
     }
 
     async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
@@ -604,7 +608,8 @@ impl Store for RedisStore {
             Sweep::Idle { max_age, workers } => {
                 self.adopt_if_needed().await?;
                 let age = self.options.idle_cutoff_age(max_age);
-                let cutoff = Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+                let cutoff =
+                    Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
                 let workers = match workers {
                     Some(ws) => ws.to_vec(),
                     None => self.indexed_workers().await?,
@@ -646,7 +651,10 @@ mod tests {
 
     #[test]
     fn last_access_must_be_unix_seconds() {
-        assert_eq!(parse_last_access("x", "1700000000").unwrap().timestamp(), 1_700_000_000);
+        assert_eq!(
+            parse_last_access("x", "1700000000").unwrap().timestamp(),
+            1_700_000_000
+        );
         assert!(parse_last_access("x", "yesterday").is_err());
     }
 }

@@ -12,7 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 pub fn pg_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 pub fn redis_url() -> String {
@@ -26,13 +27,20 @@ pub fn unique(tag: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{tag}_{}_{}_{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{tag}_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs `fut` to completion on a private runtime: for cleanup from `Drop`.
 fn block_on_cleanup<F: std::future::Future<Output = ()> + Send + 'static>(fut: F) {
     let _ = std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             rt.block_on(fut);
         }
     })
@@ -112,10 +120,20 @@ impl RedisPrefix {
 
 impl Drop for RedisPrefix {
     fn drop(&mut self) {
-        let pattern = format!("{}*", self.prefix.replace('[', "\\[").replace(']', "\\]").replace('*', "\\*"));
+        let pattern = format!(
+            "{}*",
+            self.prefix
+                .replace('[', "\\[")
+                .replace(']', "\\]")
+                .replace('*', "\\*")
+        );
         block_on_cleanup(async move {
-            let Ok(client) = redis::Client::open(redis_url()) else { return };
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+            let Ok(client) = redis::Client::open(redis_url()) else {
+                return;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                return;
+            };
             let mut cursor: u64 = 0;
             loop {
                 let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
@@ -130,7 +148,8 @@ impl Drop for RedisPrefix {
                     return;
                 };
                 if !keys.is_empty() {
-                    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+                    let _: redis::RedisResult<i64> =
+                        redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
                 }
                 if next == 0 {
                     return;
@@ -176,7 +195,12 @@ impl ChaosProxy {
             })
             .abort_handle()
         };
-        Self { addr, cut, conns, accept }
+        Self {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
     }
 
     pub fn redis_url(&self) -> String {

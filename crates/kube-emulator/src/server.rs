@@ -158,12 +158,12 @@ async fn route(
         ("list", None) => list(store, &target, query),
         ("watch", _) => serve_watch(state, &target, query),
         ("create", None) => {
-            let obj = parse_json(&body)?;
+            let obj = parse_body(headers, &body)?;
             let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         ("update", Some(name)) => {
-            let obj = parse_json(&body)?;
+            let obj = parse_body(headers, &body)?;
             let updated = store.update(rt, &ns, name, obj, sub, &write_options(query, headers))?;
             Ok(json_response(StatusCode::OK, &updated))
         }
@@ -589,6 +589,21 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
         orphan,
         dry_run,
     })
+}
+
+/// Decodes a create/update body. Only JSON (and YAML, a superset) is understood;
+/// protobuf and CBOR get 415 so clients can tell the encoding is the problem.
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    match base {
+        "" | "application/json" | "*/*" => parse_json(body),
+        "application/yaml" | "application/x-yaml" | "text/yaml" => parse_yaml(body),
+        _ => Err(ApiError::unsupported_media_type(content_type)),
+    }
 }
 
 fn parse_json(body: &Bytes) -> ApiResult<Value> {

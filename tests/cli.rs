@@ -1,0 +1,197 @@
+//! The `session-operator` binary: migrate, the sessions commands, and its errors.
+
+mod common;
+
+use std::process::Output;
+
+use common::{PgSchema, RedisPrefix};
+use serde_json::Value;
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-operator"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run session-operator")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("json output")
+}
+
+fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure");
+    assert_eq!(out.status.code(), Some(1), "an error exit, not a panic");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn migrate_then_operate_on_sessions_with_both_stores() {
+    let schema = PgSchema::new().await;
+    let prefix = RedisPrefix::new();
+    let pg = common::pg_url();
+    let redis = common::redis_url();
+    let store = [
+        "--database-url",
+        pg.as_str(),
+        "--redis-url",
+        redis.as_str(),
+        "--schema",
+        schema.name.as_str(),
+        "--redis-prefix",
+        prefix.prefix.as_str(),
+    ];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(store.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let call = |args: &[&str]| {
+        let args = with(args);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+
+    assert!(ok(&call(&["migrate"])).contains(&schema.name));
+    ok(&call(&["migrate"])); // idempotent
+    for (id, worker) in [("s1", "pod-a"), ("s2", "pod-a"), ("s3", "pod-b")] {
+        ok(&call(&[
+            "sessions",
+            "set",
+            id,
+            "--worker",
+            worker,
+            "--user-sub",
+            "alice",
+        ]));
+    }
+    let got = json(&call(&["sessions", "get", "s1", "-o", "json"]));
+    assert_eq!(got["entry"]["worker_id"], "pod-a");
+    assert_eq!(got["entry"]["user_sub"], "alice");
+    let counts = json(&call(&["sessions", "count", "-o", "json"]));
+    assert_eq!(counts, serde_json::json!({ "pod-a": 2, "pod-b": 1 }));
+    let text = ok(&call(&["sessions", "count"]));
+    assert!(text.contains("pod-a") && text.contains("TOTAL"), "{text}");
+    let moved = json(&call(&[
+        "sessions", "reroute", "--from", "pod-a", "--to", "pod-c", "-o", "json",
+    ]));
+    assert_eq!(moved["rerouted"], 2);
+    assert!(
+        ok(&call(&[
+            "sessions", "reroute", "--from", "pod-c", "--to", "pod-d"
+        ]))
+        .starts_with("2 sessions rerouted")
+    );
+    let list = json(&call(&[
+        "sessions", "list", "--worker", "pod-d", "-o", "json",
+    ]));
+    assert_eq!(list.as_object().map(|m| m.len()), Some(2));
+    let deleted = json(&call(&["sessions", "delete-worker", "pod-d", "-o", "json"]));
+    assert_eq!(deleted["deleted"], 2);
+    let swept = json(&call(&[
+        "sessions",
+        "sweep-idle",
+        "--max-age",
+        "1h",
+        "--worker",
+        "pod-b",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(swept["removed"], 0);
+    let expired = json(&call(&["sessions", "expire", "-o", "json"]));
+    assert_eq!(expired["removed"], 0);
+    let missing = call(&["sessions", "get", "s1"]);
+    assert!(one_line_error(&missing).contains("not found"));
+}
+
+#[test]
+fn no_store_configured_is_a_clear_error() {
+    let err = one_line_error(&run(&["sessions", "count"], &[]));
+    assert!(err.contains("--database-url"), "{err}");
+}
+
+#[test]
+fn unreachable_stores_fail_fast_without_leaking_passwords() {
+    let pg = run(
+        &[
+            "sessions",
+            "count",
+            "--database-url",
+            "postgres://app:hunter2@127.0.0.1:1/db",
+        ],
+        &[],
+    );
+    let err = one_line_error(&pg);
+    assert!(
+        err.contains("Postgres") && err.contains("app:***@127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let redis = run(
+        &["sessions", "count"],
+        &[("REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")],
+    );
+    let err = one_line_error(&redis);
+    assert!(err.contains("Redis") && !err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn malformed_urls_and_flags_are_rejected() {
+    let err = one_line_error(&run(
+        &["sessions", "count", "--database-url", "not a url hunter2"],
+        &[],
+    ));
+    assert!(!err.contains("hunter2"), "{err}");
+    let err = one_line_error(&run(
+        &["sessions", "count", "--redis-url", "http://x:hunter2@h/"],
+        &[],
+    ));
+    assert!(!err.contains("hunter2"), "{err}");
+    let bad_schema = run(
+        &[
+            "migrate",
+            "--database-url",
+            &common::pg_url(),
+            "--schema",
+            "Robert'); DROP TABLE x;--",
+        ],
+        &[],
+    );
+    assert!(one_line_error(&bad_schema).contains("schema"));
+    // clap's own usage errors exit 2 with a message, never a panic.
+    let out = run(&["sessions", "sweep-idle", "--max-age", "soon"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-age"));
+}
+
+#[test]
+fn help_does_not_print_environment_secrets() {
+    let out = run(
+        &["sessions", "--help"],
+        &[("DATABASE_URL", "postgres://u:hunter2@h/db")],
+    );
+    let help = ok(&out);
+    assert!(
+        help.contains("--database-url") && !help.contains("hunter2"),
+        "{help}"
+    );
+}
