@@ -111,7 +111,7 @@ impl ApiError {
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"
+                "the body of the request was in an unknown format - kube-emulator accepts JSON bodies (and json-patch, merge-patch, strategic-merge-patch, apply-patch+yaml for PATCH); protobuf and CBOR are not supported (got {content_type:?})"
             ),
         )
     }

@@ -154,9 +154,17 @@ async fn route(
     };
     let store = &state.store;
     match (verb, target.name.as_deref()) {
-        ("get", Some(name)) => Ok(json_response(StatusCode::OK, &store.get(rt, &ns, name)?)),
-        ("list", None) => list(store, &target, query),
-        ("watch", _) => serve_watch(state, &target, query),
+        ("get", Some(name)) => {
+            let obj = store.get(rt, &ns, name)?;
+            let obj = if metadata_only(headers) {
+                partial_metadata(&obj)
+            } else {
+                obj
+            };
+            Ok(json_response(StatusCode::OK, &obj))
+        }
+        ("list", None) => list(store, &target, query, metadata_only(headers)),
+        ("watch", _) => serve_watch(state, &target, query, metadata_only(headers)),
         ("create", None) => {
             let obj = parse_body(headers, &body)?;
             let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
@@ -326,7 +334,30 @@ fn selectors(
     Ok((labels, fields))
 }
 
-fn list(store: &Store, target: &Target, query: &HashMap<String, String>) -> ApiResult<Response> {
+/// Whether the client asked for `PartialObjectMetadata` (kube-rs `metadata_watcher`,
+/// `Api::get_metadata`, `list_metadata`).
+fn metadata_only(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("as=PartialObjectMetadata"))
+}
+
+fn partial_metadata(obj: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
+fn list(
+    store: &Store,
+    target: &Target,
+    query: &HashMap<String, String>,
+    metadata_only: bool,
+) -> ApiResult<Response> {
     let rt = &target.rt;
     let (labels, fields) = selectors(store, rt, query)?;
     let limit = match query.get("limit") {
@@ -348,12 +379,22 @@ fn list(store: &Store, target: &Target, query: &HashMap<String, String>) -> ApiR
     if let Some(c) = page.continue_token {
         metadata["continue"] = json!(c);
     }
-    let list = json!({
-        "kind": rt.list_kind(),
-        "apiVersion": rt.api_version(),
-        "metadata": metadata,
-        "items": page.items,
-    });
+    let list = if metadata_only {
+        let items: Vec<Value> = page.items.iter().map(partial_metadata).collect();
+        json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": metadata,
+            "items": items,
+        })
+    } else {
+        json!({
+            "kind": rt.list_kind(),
+            "apiVersion": rt.api_version(),
+            "metadata": metadata,
+            "items": page.items,
+        })
+    };
     Ok(json_response(StatusCode::OK, &list))
 }
 
@@ -363,6 +404,7 @@ struct WatchFilter {
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
+    metadata_only: bool,
 }
 
 impl WatchFilter {
@@ -386,6 +428,10 @@ impl WatchFilter {
             (_, false, _) => return None,
             (t, true, _) => t,
         };
+        if self.metadata_only {
+            let object = partial_metadata(&ev.object);
+            return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
+        }
         Some(format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", ev.json))
     }
 }
@@ -394,6 +440,7 @@ fn serve_watch(
     state: &Arc<AppState>,
     target: &Target,
     query: &HashMap<String, String>,
+    metadata_only: bool,
 ) -> ApiResult<Response> {
     let rt = target.rt.clone();
     let (labels, mut fields) = selectors(&state.store, &rt, query)?;
@@ -422,6 +469,7 @@ fn serve_watch(
         namespace: target.namespace.clone(),
         labels,
         fields,
+        metadata_only,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let first: Option<String> =

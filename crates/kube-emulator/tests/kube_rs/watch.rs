@@ -260,3 +260,46 @@ async fn streaming_list_watch_is_supported() {
     task.abort();
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn metadata_watcher_receives_partial_objects() {
+    let (emulator, client) = crate::start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("m1"))
+        .await
+        .expect("create");
+    let meta = pods.get_metadata("m1").await.expect("get_metadata");
+    assert_eq!(
+        meta.types.as_ref().map(|t| t.kind.as_str()),
+        Some("PartialObjectMetadata")
+    );
+    let list = pods
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list_metadata");
+    assert_eq!(list.items.len(), 1);
+
+    let (reader, writer) = reflector::store();
+    let task = tokio::spawn(
+        kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| async {}),
+    );
+    reader.wait_until_ready().await.expect("ready");
+    pods.create(&PostParams::default(), &pod("m2"))
+        .await
+        .expect("create");
+    eventually("metadata reflector sees both pods", || async {
+        reader.state().len() == 2
+    })
+    .await;
+    let cached = reader.state();
+    assert!(cached.iter().all(|m| {
+        m.types
+            .as_ref()
+            .is_some_and(|t| t.api_version == "meta.k8s.io/v1")
+    }));
+    task.abort();
+    emulator.shutdown().await;
+}
