@@ -281,10 +281,13 @@ async fn metadata_watcher_receives_partial_objects() {
 
     let (reader, writer) = reflector::store();
     let task = tokio::spawn(
-        kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| async {}),
+        watcher(
+            Api::<kube::core::PartialObjectMeta<Pod>>::namespaced(client.clone(), "default"),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| async {}),
     );
     reader.wait_until_ready().await.expect("ready");
     pods.create(&PostParams::default(), &pod("m2"))
