@@ -88,6 +88,17 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
             "shortNames": r.short_names,
             "categories": r.categories,
         }));
+        if crate::server::has_scale(r) {
+            list.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         if r.status_subresource {
             list.push(json!({
                 "name": format!("{}/status", r.plural),

@@ -1200,10 +1200,29 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value) {
     };
     match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "pods") => {
+            if let Some(spec) = map.get_mut("spec") {
+                default_pod_spec(spec);
+            }
             map.insert(
                 "status".into(),
                 json!({"phase": "Pending", "qosClass": "BestEffort"}),
             );
+        }
+        ("apps", "deployments" | "replicasets") => {
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.entry("replicas").or_insert(json!(1));
+                if rt.plural == "deployments" {
+                    spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                    spec.entry("progressDeadlineSeconds").or_insert(json!(600));
+                    spec.entry("strategy")
+                        .or_insert(json!({"type": "RollingUpdate",
+                        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}));
+                }
+                if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
+                    default_pod_spec(pod);
+                }
+            }
+            map.remove("status");
         }
         ("", "namespaces") => {
             map.insert("status".into(), json!({"phase": "Active"}));
@@ -1212,6 +1231,43 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value) {
             map.remove("status");
         }
         _ => {}
+    }
+}
+
+/// The most visible defaults the API server applies to pod specs.
+fn default_pod_spec(spec: &mut Value) {
+    let Some(spec) = spec.as_object_mut() else {
+        return;
+    };
+    spec.entry("restartPolicy").or_insert(json!("Always"));
+    spec.entry("terminationGracePeriodSeconds")
+        .or_insert(json!(30));
+    spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+    spec.entry("schedulerName")
+        .or_insert(json!("default-scheduler"));
+    spec.entry("securityContext").or_insert(json!({}));
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in containers.iter_mut().filter_map(Value::as_object_mut) {
+            let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t);
+            let policy = if matches!(tag, None | Some("latest")) && !image.contains('@') {
+                "Always"
+            } else {
+                "IfNotPresent"
+            };
+            c.entry("imagePullPolicy").or_insert(json!(policy));
+            c.entry("terminationMessagePath")
+                .or_insert(json!("/dev/termination-log"));
+            c.entry("terminationMessagePolicy").or_insert(json!("File"));
+            c.entry("resources").or_insert(json!({}));
+        }
     }
 }
 
@@ -1342,5 +1398,128 @@ impl Store {
         let mut inner = self.lock();
         inner.history.clear();
         inner.compacted = inner.rv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configmaps(store: &Store) -> ResourceType {
+        store
+            .resource("", "v1", "configmaps")
+            .expect("configmaps served")
+    }
+
+    fn cm(name: &str) -> Value {
+        json!({"metadata": {"name": name}, "data": {"k": "v"}})
+    }
+
+    #[test]
+    fn history_window_decides_between_replay_and_gone() {
+        let store = Store::new(StoreConfig {
+            history_limit: 3,
+            watch_buffer: 16,
+        });
+        let rt = configmaps(&store);
+        let opts = WriteOptions::default();
+        let start = store.resource_version();
+        for i in 0..5 {
+            store
+                .create(&rt, "default", cm(&format!("c{i}")), &opts)
+                .expect("create");
+        }
+        let now = store.resource_version();
+        // The last three events are retained: resuming from now-3 replays them all.
+        let sub = store
+            .subscribe(&rt, Some("default"), WatchStart::After(now - 3))
+            .expect("within window");
+        assert_eq!(
+            sub.backlog.iter().map(|e| e.rv).collect::<Vec<_>>(),
+            vec![now - 2, now - 1, now]
+        );
+        // One version older would miss an event: 410.
+        let err = store
+            .subscribe(&rt, Some("default"), WatchStart::After(now - 4))
+            .err()
+            .expect("gone");
+        assert_eq!(err.code, 410);
+        assert!(
+            store
+                .subscribe(&rt, None, WatchStart::After(start))
+                .is_err()
+        );
+        // Current-state watches synthesize ADDED events for every object.
+        let sub = store
+            .subscribe(&rt, Some("default"), WatchStart::Current)
+            .expect("current");
+        assert_eq!(sub.backlog.len(), 5);
+        assert!(sub.backlog.iter().all(|e| e.kind == EventType::Added));
+    }
+
+    #[test]
+    fn writes_bump_versions_and_noops_do_not() {
+        let store = Store::new(StoreConfig::default());
+        let rt = configmaps(&store);
+        let opts = WriteOptions::default();
+        let created = store
+            .create(&rt, "default", cm("a"), &opts)
+            .expect("create");
+        let rv = meta_str(&created, "resourceVersion").map(str::to_string);
+        let same = store
+            .update(
+                &rt,
+                "default",
+                "a",
+                created.clone(),
+                Subresource::Main,
+                &opts,
+            )
+            .expect("noop");
+        assert_eq!(meta_str(&same, "resourceVersion").map(str::to_string), rv);
+        let mut changed = created.clone();
+        changed["data"]["k"] = json!("w");
+        let updated = store
+            .update(
+                &rt,
+                "default",
+                "a",
+                changed.clone(),
+                Subresource::Main,
+                &opts,
+            )
+            .expect("update");
+        assert_ne!(
+            meta_str(&updated, "resourceVersion").map(str::to_string),
+            rv
+        );
+        // `changed` still carries the old version: conflict.
+        changed["data"]["k"] = json!("x");
+        let err = store
+            .update(&rt, "default", "a", changed, Subresource::Main, &opts)
+            .expect_err("conflict");
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        let dry = WriteOptions {
+            dry_run: true,
+            ..WriteOptions::default()
+        };
+        store
+            .create(&rt, "default", cm("dry"), &dry)
+            .expect("dry run");
+        assert!(
+            store.get(&rt, "default", "dry").is_err(),
+            "dry run does not persist"
+        );
+    }
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let token = encode_continue("ns", "name.with-dots");
+        assert_eq!(
+            decode_continue(&token).expect("decodes"),
+            ("ns".to_string(), "name.with-dots".to_string())
+        );
+        assert!(decode_continue("zz").is_err());
+        assert!(decode_continue("abc").is_err());
     }
 }

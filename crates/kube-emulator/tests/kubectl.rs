@@ -134,6 +134,18 @@ metadata: {name: g2, labels: {app: db}}
 spec: {size: 4}
 "#;
 
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: nginx}]}
+"#;
+
 #[test]
 fn kubectl_drives_the_binary() {
     if !kubectl_available() {
@@ -289,6 +301,25 @@ fn kubectl_drives_the_binary() {
     );
     ok(kc, &["delete", "pod", "web", "--grace-period=1"], None);
     assert_eq!(ok(kc, &["get", "pods", "-o", "name"], None).trim(), "");
+
+    // Server-side apply and the scale subresource on a built-in kind.
+    ok(kc, &["apply", "--server-side", "-f", "-"], Some(DEPLOYMENT));
+    ok(kc, &["scale", "deployment", "web", "--replicas=4"], None);
+    assert_eq!(
+        ok(
+            kc,
+            &[
+                "get",
+                "deployment",
+                "web",
+                "-o",
+                "jsonpath={.spec.replicas}"
+            ],
+            None
+        ),
+        "4"
+    );
+    ok(kc, &["delete", "deployment", "web"], None);
 
     ok(kc, &["delete", "gizmo", "g1"], None);
     assert_eq!(

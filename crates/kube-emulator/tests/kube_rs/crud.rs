@@ -276,6 +276,27 @@ async fn replace_uses_optimistic_concurrency_and_tracks_generation() {
         Some(2),
         "status writes keep generation"
     );
+
+    // The scale subresource reads and writes spec.replicas.
+    let scale = deployments.get_scale("web").await.expect("get scale");
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(3));
+    let scaled = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .expect("patch scale");
+    assert_eq!(scaled.spec.and_then(|s| s.replicas), Some(5));
+    let d = deployments.get("web").await.expect("get");
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(5));
+    assert_eq!(d.metadata.generation, Some(3));
+    assert_eq!(
+        d.spec.and_then(|s| s.revision_history_limit),
+        Some(10),
+        "defaults applied on create"
+    );
     emulator.shutdown().await;
 }
 
