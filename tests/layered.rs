@@ -200,30 +200,33 @@ async fn reroute_delete_and_set_during_an_outage_leave_no_stale_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_cut_in_the_middle_of_a_large_reroute() {
     let s = setup(StoreOptions {
-        batch_size: 50,
+        batch_size: 25,
         ..StoreOptions::default()
     })
     .await;
-    let ids: Vec<String> = (0..3000).map(|i| format!("s{i}")).collect();
-    for id in &ids {
-        s.layered.set(id, &Entry::new("old", "")).await.unwrap();
-    }
+    let ids: Vec<String> = (0..5000).map(|i| format!("s{i}")).collect();
+    // Bulk-load both layers with the same rows (a warm cache).
+    sqlx::query(
+        "INSERT INTO blockyard_sessions SELECT 's' || i, 'old', '', now(), 'infinity'
+         FROM generate_series(0, 4999) AS i",
+    )
+    .execute(s.primary.pool())
+    .await
+    .unwrap();
+    let warm: Vec<(String, Entry)> = ids.iter().map(|id| (id.clone(), Entry::new("old", ""))).collect();
+    s.cache.set_many(&warm).await.unwrap();
+    // Cut Redis as soon as the reroute has visibly started in the primary.
     let (moved, ()) = tokio::join!(s.layered.reroute_worker("old", "new"), async {
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        while s.primary.count_for_worker("old").await.unwrap() == 5000 {
+            tokio::task::yield_now().await;
+        }
         s.proxy.cut();
     });
-    assert_eq!(moved.unwrap(), 3000);
-    assert!(
-        s.layered.stats().cache_errors > 0,
-        "the cut must hit the reroute"
-    );
+    assert_eq!(moved.unwrap(), 5000);
+    assert!(s.layered.stats().cache_errors > 0, "the cut must hit the reroute");
     for when in ["during the outage", "after repair"] {
         for id in ids.iter().step_by(7) {
-            assert_eq!(
-                worker_of(s.layered.as_ref(), id).await.as_deref(),
-                Some("new"),
-                "{id} {when}"
-            );
+            assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("new"), "{id} {when}");
         }
         s.proxy.restore();
         until_repaired(&s.layered).await;

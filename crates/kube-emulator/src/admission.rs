@@ -1,0 +1,246 @@
+//! Per-resource rules applied on write, in the spirit of the API server's
+//! registry strategies: body shape checks, namespace scoping, server-set fields and
+//! defaults on create, and validation (built-in minimal rules, CRD schemas).
+
+use serde_json::{Map, Value, json};
+
+use crate::crd;
+use crate::error::{ApiError, ApiResult, Cause};
+use crate::resources::ResourceType;
+use crate::store::Subresource;
+use crate::util::meta_str;
+
+/// The part of an applied configuration a subresource write can touch.
+fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) -> Value {
+    let mut applied = body.clone();
+    if let Some(map) = applied.as_object_mut() {
+        match sub {
+            Subresource::Main if rt.status_subresource => {
+                map.remove("status");
+            }
+            Subresource::Status => {
+                map.retain(|k, _| {
+                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
+                });
+            }
+            Subresource::Main => {}
+        }
+    }
+    applied
+}
+
+/// Objects must be maps with map `metadata`, as they must decode into ObjectMeta.
+fn check_shape(obj: &Value) -> ApiResult<()> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request("object must be a JSON object"));
+    }
+    if obj.get("metadata").is_some_and(|m| !m.is_object()) {
+        return Err(ApiError::bad_request("metadata must be a JSON object"));
+    }
+    Ok(())
+}
+
+fn is_pod(rt: &ResourceType) -> bool {
+    rt.group.is_empty() && rt.plural == "pods"
+}
+
+fn pod_finished(pod: &Value) -> bool {
+    matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Rejects bodies whose `kind`/`apiVersion` name a different type.
+fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    check_shape(obj)?;
+    if let Some(kind) = obj.get("kind").and_then(Value::as_str)
+        && !kind.is_empty()
+        && kind != rt.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({}) does not match the expected API version ({}) or kind {kind} does not match {}",
+            obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""),
+            rt.api_version(),
+            rt.kind
+        )));
+    }
+    if let Some(av) = obj.get("apiVersion").and_then(Value::as_str)
+        && !av.is_empty()
+        && rt.custom
+        && av.split('/').next() != Some(rt.group.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({})",
+            rt.api_version()
+        )));
+    }
+    Ok(())
+}
+
+fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<String> {
+    if !rt.namespaced {
+        return Ok(String::new());
+    }
+    let body_ns = meta_str(obj, "namespace").unwrap_or("");
+    if !body_ns.is_empty() && !url_ns.is_empty() && body_ns != url_ns {
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
+    let ns = if url_ns.is_empty() { body_ns } else { url_ns };
+    if ns.is_empty() {
+        return Err(ApiError::bad_request(
+            "a namespace must be specified for a namespaced resource",
+        ));
+    }
+    Ok(ns.to_string())
+}
+
+/// Server-side initialisation on create, per resource.
+fn prepare_create(rt: &ResourceType, obj: &mut Value) {
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "pods") => {
+            if let Some(spec) = map.get_mut("spec") {
+                default_pod_spec(spec);
+            }
+            map.insert(
+                "status".into(),
+                json!({"phase": "Pending", "qosClass": "BestEffort"}),
+            );
+        }
+        ("apps", "deployments" | "replicasets") => {
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.entry("replicas").or_insert(json!(1));
+                if rt.plural == "deployments" {
+                    spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                    spec.entry("progressDeadlineSeconds").or_insert(json!(600));
+                    spec.entry("strategy")
+                        .or_insert(json!({"type": "RollingUpdate",
+                        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}));
+                }
+                if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
+                    default_pod_spec(pod);
+                }
+            }
+            map.remove("status");
+        }
+        ("", "namespaces") => {
+            map.insert("status".into(), json!({"phase": "Active"}));
+        }
+        _ if rt.status_subresource => {
+            map.remove("status");
+        }
+        _ => {}
+    }
+}
+
+/// The most visible defaults the API server applies to pod specs.
+fn default_pod_spec(spec: &mut Value) {
+    let Some(spec) = spec.as_object_mut() else {
+        return;
+    };
+    spec.entry("restartPolicy").or_insert(json!("Always"));
+    spec.entry("terminationGracePeriodSeconds")
+        .or_insert(json!(30));
+    spec.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+    spec.entry("schedulerName")
+        .or_insert(json!("default-scheduler"));
+    spec.entry("securityContext").or_insert(json!({}));
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for c in containers.iter_mut().filter_map(Value::as_object_mut) {
+            let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t);
+            let policy = if matches!(tag, None | Some("latest")) && !image.contains('@') {
+                "Always"
+            } else {
+                "IfNotPresent"
+            };
+            c.entry("imagePullPolicy").or_insert(json!(policy));
+            c.entry("terminationMessagePath")
+                .or_insert(json!("/dev/termination-log"));
+            c.entry("terminationMessagePolicy").or_insert(json!("File"));
+            c.entry("resources").or_insert(json!({}));
+        }
+    }
+}
+
+/// Built-in validation (minimal) and structural-schema validation for custom resources.
+fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
+    let mut causes = Vec::new();
+    if let Some(schema) = &rt.schema {
+        causes.extend(schema.apply_to_object(obj));
+    }
+    if is_pod(rt) {
+        match obj.pointer("/spec/containers").and_then(Value::as_array) {
+            Some(cs) if !cs.is_empty() => {
+                for (i, c) in cs.iter().enumerate() {
+                    for field in ["name", "image"] {
+                        if c.get(field)
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                        {
+                            causes.push(Cause {
+                                reason: "FieldValueRequired",
+                                field: format!("spec.containers[{i}].{field}"),
+                                message: "Required value".into(),
+                            });
+                        }
+                    }
+                }
+            }
+            _ => causes.push(Cause {
+                reason: "FieldValueRequired",
+                field: "spec.containers".into(),
+                message: "Required value".into(),
+            }),
+        }
+    }
+    if rt.group == "apiextensions.k8s.io"
+        && rt.plural == "customresourcedefinitions"
+        && let Err(c) = crd::resource_types(obj)
+    {
+        causes.extend(c);
+    }
+    if let Some(labels) = obj.pointer("/metadata/labels") {
+        let valid = labels
+            .as_object()
+            .is_some_and(|m| m.values().all(Value::is_string));
+        if !valid {
+            causes.push(Cause {
+                reason: "FieldValueInvalid",
+                field: "metadata.labels".into(),
+                message: "label values must be strings".into(),
+            });
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&rt.group, &rt.kind, name, causes))
+    }
+}
+
+/// Everything but metadata and status: a change here bumps `generation`.
+fn spec_of(obj: &Value) -> Map<String, Value> {
+    obj.as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind")
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
