@@ -11,7 +11,7 @@ use crate::store::Subresource;
 use crate::util::meta_str;
 
 /// The part of an applied configuration a subresource write can touch.
-fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) -> Value {
+pub(crate) fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) -> Value {
     let mut applied = body.clone();
     if let Some(map) = applied.as_object_mut() {
         match sub {
@@ -30,7 +30,7 @@ fn applied_for_subresource(rt: &ResourceType, body: &Value, sub: Subresource) ->
 }
 
 /// Objects must be maps with map `metadata`, as they must decode into ObjectMeta.
-fn check_shape(obj: &Value) -> ApiResult<()> {
+pub(crate) fn check_shape(obj: &Value) -> ApiResult<()> {
     if !obj.is_object() {
         return Err(ApiError::bad_request("object must be a JSON object"));
     }
@@ -40,11 +40,11 @@ fn check_shape(obj: &Value) -> ApiResult<()> {
     Ok(())
 }
 
-fn is_pod(rt: &ResourceType) -> bool {
+pub(crate) fn is_pod(rt: &ResourceType) -> bool {
     rt.group.is_empty() && rt.plural == "pods"
 }
 
-fn pod_finished(pod: &Value) -> bool {
+pub(crate) fn pod_finished(pod: &Value) -> bool {
     matches!(
         pod.pointer("/status/phase").and_then(Value::as_str),
         Some("Succeeded" | "Failed")
@@ -52,7 +52,7 @@ fn pod_finished(pod: &Value) -> bool {
 }
 
 /// Rejects bodies whose `kind`/`apiVersion` name a different type.
-fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+pub(crate) fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     check_shape(obj)?;
     if let Some(kind) = obj.get("kind").and_then(Value::as_str)
         && !kind.is_empty()
@@ -78,7 +78,7 @@ fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     Ok(())
 }
 
-fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<String> {
+pub(crate) fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<String> {
     if !rt.namespaced {
         return Ok(String::new());
     }
@@ -98,7 +98,7 @@ fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> ApiResult<St
 }
 
 /// Server-side initialisation on create, per resource.
-fn prepare_create(rt: &ResourceType, obj: &mut Value) {
+pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
     let Some(map) = obj.as_object_mut() else {
         return;
     };
@@ -176,7 +176,7 @@ fn default_pod_spec(spec: &mut Value) {
 }
 
 /// Built-in validation (minimal) and structural-schema validation for custom resources.
-fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
+pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
     let mut causes = Vec::new();
     if let Some(schema) = &rt.schema {
         causes.extend(schema.apply_to_object(obj));
@@ -232,7 +232,7 @@ fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
 }
 
 /// Everything but metadata and status: a change here bumps `generation`.
-fn spec_of(obj: &Value) -> Map<String, Value> {
+pub(crate) fn spec_of(obj: &Value) -> Map<String, Value> {
     obj.as_object()
         .map(|m| {
             m.iter()

@@ -88,7 +88,7 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
             "shortNames": r.short_names,
             "categories": r.categories,
         }));
-        if crate::server::has_scale(r) {
+        if crate::scale::has_scale(r) {
             list.push(json!({
                 "name": format!("{}/scale", r.plural),
                 "singularName": "",

@@ -13,17 +13,20 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod crd;
 mod discovery;
 pub mod error;
 mod patch;
 pub mod resources;
+mod scale;
 mod schema;
 mod selector;
 mod server;
 pub mod store;
 mod testing;
 mod util;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

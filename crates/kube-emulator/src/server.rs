@@ -8,16 +8,13 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
 
 use crate::discovery;
 use crate::error::{ApiError, ApiResult};
 use crate::patch::PatchKind;
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{
-    DeleteOptions, Deleted, Store, Subresource, WatchEvent, WatchStart, WriteOptions,
-};
+use crate::store::{DeleteOptions, Deleted, Store, Subresource, WriteOptions};
 use crate::testing::ControlState;
 
 /// Largest request body accepted.
@@ -31,11 +28,11 @@ pub(crate) struct AppState {
 }
 
 /// Where a resource request points.
-struct Target {
-    rt: ResourceType,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
+pub(crate) struct Target {
+    pub rt: ResourceType,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub subresource: Option<String>,
 }
 
 /// The single request entry point; every failure becomes a `Status` response.
@@ -147,9 +144,18 @@ async fn route(
     }
     let rt = &target.rt;
     let ns = target.namespace.clone().unwrap_or_default();
-    if target.subresource.as_deref() == Some("scale") && has_scale(rt) {
+    if target.subresource.as_deref() == Some("scale") && crate::scale::has_scale(rt) {
         let name = target.name.as_deref().unwrap_or("");
-        return serve_scale(&state.store, rt, &ns, name, method, headers, &body, query);
+        return crate::scale::serve_scale(
+            &state.store,
+            rt,
+            &ns,
+            name,
+            method,
+            headers,
+            &body,
+            query,
+        );
     }
     let sub = match target.subresource.as_deref() {
         None => Subresource::Main,
@@ -168,7 +174,7 @@ async fn route(
             Ok(json_response(StatusCode::OK, &obj))
         }
         ("list", None) => list(store, &target, query, metadata_only(headers)),
-        ("watch", _) => serve_watch(state, &target, query, metadata_only(headers)),
+        ("watch", _) => crate::watch::serve_watch(state, &target, query, metadata_only(headers)),
         ("create", None) => {
             let obj = parse_body(headers, &body)?;
             let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
@@ -320,11 +326,11 @@ fn verb_of(method: &Method, target: &Target, watch: bool) -> &'static str {
     }
 }
 
-fn flag(query: &HashMap<String, String>, name: &str) -> bool {
+pub(crate) fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     query.get(name).is_some_and(|v| v == "true" || v == "1")
 }
 
-fn selectors(
+pub(crate) fn selectors(
     store: &Store,
     rt: &ResourceType,
     query: &HashMap<String, String>,
@@ -338,112 +344,6 @@ fn selectors(
     Ok((labels, fields))
 }
 
-/// Resources with an `autoscaling/v1` `Scale` subresource.
-pub(crate) fn has_scale(rt: &ResourceType) -> bool {
-    rt.group == "apps" && matches!(rt.plural.as_str(), "deployments" | "replicasets")
-}
-
-/// The `Scale` view of a deployment or replica set.
-fn to_scale(obj: &Value) -> Value {
-    let selector: Vec<String> = obj
-        .pointer("/spec/selector/matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let meta = obj.get("metadata").cloned().unwrap_or_else(|| json!({}));
-    let pick = |f: &str| meta.get(f).cloned().unwrap_or(Value::Null);
-    json!({
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": {
-            "name": pick("name"), "namespace": pick("namespace"), "uid": pick("uid"),
-            "resourceVersion": pick("resourceVersion"), "creationTimestamp": pick("creationTimestamp"),
-        },
-        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
-        "status": {
-            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
-            "selector": selector.join(","),
-        },
-    })
-}
-
-/// GET/PUT/PATCH on `…/scale`: reads and writes `spec.replicas` of the parent object.
-#[allow(clippy::too_many_arguments)]
-fn serve_scale(
-    store: &Store,
-    rt: &ResourceType,
-    ns: &str,
-    name: &str,
-    method: &Method,
-    headers: &HeaderMap,
-    body: &Bytes,
-    query: &HashMap<String, String>,
-) -> ApiResult<Response> {
-    let current = store.get(rt, ns, name)?;
-    let scale = to_scale(&current);
-    let desired = match *method {
-        Method::GET => return Ok(json_response(StatusCode::OK, &scale)),
-        Method::PUT => parse_body(headers, body)?,
-        Method::PATCH => {
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let mut patched = scale.clone();
-            match PatchKind::from_content_type(content_type)? {
-                PatchKind::Json => crate::patch::json_patch(&mut patched, &parse_json(body)?)?,
-                PatchKind::Merge | PatchKind::Strategic => {
-                    crate::patch::merge_patch(&mut patched, &parse_json(body)?)
-                }
-                PatchKind::Apply => crate::patch::merge_patch(&mut patched, &parse_yaml(body)?),
-            }
-            patched
-        }
-        _ => {
-            return Err(ApiError::method_not_allowed(
-                "scale supports get, update and patch",
-            ));
-        }
-    };
-    let replicas = desired
-        .pointer("/spec/replicas")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "autoscaling",
-                "Scale",
-                name,
-                vec![crate::error::Cause {
-                    reason: "FieldValueRequired",
-                    field: "spec.replicas".into(),
-                    message: "Required value".into(),
-                }],
-            )
-        })?;
-    let mut change = json!({"spec": {"replicas": replicas}});
-    if let Some(rv) = desired
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        && !rv.is_empty()
-    {
-        change["metadata"] = json!({"resourceVersion": rv});
-    }
-    let updated = store.patch(
-        rt,
-        ns,
-        name,
-        PatchKind::Merge,
-        &change,
-        Subresource::Main,
-        &write_options(query, headers),
-    )?;
-    Ok(json_response(StatusCode::OK, &to_scale(&updated)))
-}
-
 /// Whether the client asked for `PartialObjectMetadata` (kube-rs `metadata_watcher`,
 /// `Api::get_metadata`, `list_metadata`).
 fn metadata_only(headers: &HeaderMap) -> bool {
@@ -454,7 +354,7 @@ fn metadata_only(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("as=PartialObjectMetadata"))
 }
 
-fn partial_metadata(obj: &Value) -> Value {
+pub(crate) fn partial_metadata(obj: &Value) -> Value {
     json!({
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
@@ -508,198 +408,7 @@ fn list(
     Ok(json_response(StatusCode::OK, &list))
 }
 
-/// Filters the global event stream down to one watch's resource, namespace and selectors.
-struct WatchFilter {
-    rt: ResourceType,
-    namespace: Option<String>,
-    labels: LabelSelector,
-    fields: FieldSelector,
-    metadata_only: bool,
-}
-
-impl WatchFilter {
-    fn matches(&self, obj: &Value) -> bool {
-        self.labels.matches(obj) && self.fields.matches(obj)
-    }
-
-    /// The wire line for an event, translating selector transitions the way the API
-    /// server does (entering the selection is ADDED, leaving it is DELETED).
-    fn line(&self, ev: &WatchEvent) -> Option<String> {
-        if ev.key != self.rt.storage_key()
-            || self.namespace.as_ref().is_some_and(|n| *n != ev.namespace)
-        {
-            return None;
-        }
-        let now = self.matches(&ev.object);
-        let before = ev.previous.as_ref().map(|p| self.matches(p));
-        let ty = match (ev.kind.as_str(), now, before) {
-            ("MODIFIED", true, Some(false)) => "ADDED",
-            ("MODIFIED", false, Some(true)) => "DELETED",
-            (_, false, _) => return None,
-            (t, true, _) => t,
-        };
-        if self.metadata_only {
-            let object = partial_metadata(&ev.object);
-            return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
-        }
-        Some(format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", ev.json))
-    }
-}
-
-fn serve_watch(
-    state: &Arc<AppState>,
-    target: &Target,
-    query: &HashMap<String, String>,
-    metadata_only: bool,
-) -> ApiResult<Response> {
-    let rt = target.rt.clone();
-    let (labels, mut fields) = selectors(&state.store, &rt, query)?;
-    if let Some(name) = &target.name {
-        fields = state
-            .store
-            .field_selector(&rt, &format!("metadata.name={name}"))?;
-    }
-    let send_initial = flag(query, "sendInitialEvents");
-    let start = match query.get("resourceVersion").map(String::as_str) {
-        None | Some("") | Some("0") => WatchStart::Current,
-        Some(_) if send_initial => WatchStart::Current,
-        Some(rv) => WatchStart::After(
-            rv.parse::<u64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
-        ),
-    };
-    let bookmarks = flag(query, "allowWatchBookmarks");
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .filter(|t| *t > 0)
-        .map(Duration::from_secs);
-    let filter = WatchFilter {
-        rt,
-        namespace: target.namespace.clone(),
-        labels,
-        fields,
-        metadata_only,
-    };
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let first: Option<String> =
-        match state
-            .store
-            .subscribe(&filter.rt, filter.namespace.as_deref(), start)
-        {
-            Ok(sub) => {
-                let task = WatchTask {
-                    filter,
-                    tx,
-                    bookmark_interval: bookmarks.then_some(state.bookmark_interval),
-                    timeout,
-                    initial_events_end: send_initial,
-                    epoch: state.control.watch_epoch(),
-                };
-                tokio::spawn(task.run(sub));
-                None
-            }
-            // Like the API server: a 200 response carrying a single ERROR event.
-            Err(e) => Some(format!(
-                "{{\"type\":\"ERROR\",\"object\":{}}}\n",
-                e.to_status()
-            )),
-        };
-    let body = match first {
-        Some(line) => Body::from(line),
-        None => {
-            let stream = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv()
-                    .await
-                    .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
-            });
-            Body::from_stream(stream)
-        }
-    };
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-cache, private")
-        .body(body)
-        .unwrap_or_default())
-}
-
-struct WatchTask {
-    filter: WatchFilter,
-    tx: mpsc::Sender<Bytes>,
-    bookmark_interval: Option<Duration>,
-    timeout: Option<Duration>,
-    initial_events_end: bool,
-    epoch: tokio::sync::watch::Receiver<u64>,
-}
-
-impl WatchTask {
-    async fn run(mut self, mut sub: crate::store::Subscription) {
-        let mut last_rv = sub.start_rv;
-        for ev in &sub.backlog {
-            if let Some(line) = self.filter.line(ev)
-                && self.tx.send(Bytes::from(line)).await.is_err()
-            {
-                return;
-            }
-            last_rv = last_rv.max(ev.rv);
-        }
-        if self.initial_events_end {
-            let line = self.bookmark(last_rv, true);
-            if self.tx.send(line).await.is_err() {
-                return;
-            }
-        }
-        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
-        let period = self.bookmark_interval.unwrap_or(Duration::from_secs(3600));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        self.epoch.mark_unchanged();
-        loop {
-            let sleep_until_deadline = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                received = sub.receiver.recv() => match received {
-                    Ok(ev) => {
-                        if ev.rv <= sub.start_rv {
-                            continue;
-                        }
-                        last_rv = ev.rv;
-                        if let Some(line) = self.filter.line(&ev)
-                            && self.tx.send(Bytes::from(line)).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    // Too slow to keep up (or shut down): end the watch; the client resumes.
-                    Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
-                },
-                _ = ticker.tick(), if self.bookmark_interval.is_some() => {
-                    if self.tx.send(self.bookmark(last_rv, false)).await.is_err() {
-                        return;
-                    }
-                }
-                _ = self.epoch.changed() => return,
-                _ = sleep_until_deadline => return,
-                _ = self.tx.closed() => return,
-            }
-        }
-    }
-
-    fn bookmark(&self, rv: u64, initial_events_end: bool) -> Bytes {
-        let mut metadata = json!({"resourceVersion": rv.to_string()});
-        if initial_events_end {
-            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-        }
-        let obj = json!({"kind": self.filter.rt.kind, "apiVersion": self.filter.rt.api_version(), "metadata": metadata});
-        Bytes::from(format!("{{\"type\":\"BOOKMARK\",\"object\":{obj}}}\n"))
-    }
-}
-
-fn write_options(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteOptions {
+pub(crate) fn write_options(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteOptions {
     let manager = query.get("fieldManager").cloned().or_else(|| {
         headers
             .get(header::USER_AGENT)
@@ -751,7 +460,7 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
 
 /// Decodes a create/update body. Only JSON (and YAML, a superset) is understood;
 /// protobuf and CBOR get 415 so clients can tell the encoding is the problem.
-fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+pub(crate) fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -764,17 +473,17 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
     }
 }
 
-fn parse_json(body: &Bytes) -> ApiResult<Value> {
+pub(crate) fn parse_json(body: &Bytes) -> ApiResult<Value> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn parse_yaml(body: &Bytes) -> ApiResult<Value> {
+pub(crate) fn parse_yaml(body: &Bytes) -> ApiResult<Value> {
     serde_yaml_ng::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response {
+pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response {
     Response::builder()
         .status(code)
         .header(header::CONTENT_TYPE, "application/json")

@@ -7,9 +7,13 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::admission::{
+    applied_for_subresource, check_kind, check_shape, is_pod, pod_finished, prepare_create,
+    scope_namespace, spec_of, validate,
+};
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
 use crate::patch::{self, FieldOwners, PatchKind};
