@@ -3,6 +3,7 @@
 mod controller;
 mod crud;
 mod errors;
+mod helpers;
 mod lease;
 mod races;
 mod watch;

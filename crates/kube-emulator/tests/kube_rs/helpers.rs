@@ -1,0 +1,208 @@
+//! Test helpers of `Control`, cluster-scoped CRDs and clean shutdown.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::json;
+
+use crate::{eventually, start};
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn pod_status_and_grace_helpers() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("p"))
+        .await
+        .expect("create");
+    emulator
+        .control()
+        .set_pod_phase("default", "p", "Running")
+        .expect("phase");
+    emulator
+        .control()
+        .set_pod_ready("default", "p", true)
+        .expect("ready");
+    let status = pods.get("p").await.expect("get").status.expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    let ready = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
+    assert_eq!(ready.status, "True");
+    emulator
+        .control()
+        .set_pod_ready("default", "p", false)
+        .expect("not ready");
+    let conditions = pods
+        .get("p")
+        .await
+        .expect("get")
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default();
+    assert_eq!(
+        conditions.iter().filter(|c| c.type_ == "Ready").count(),
+        1,
+        "condition replaced, not duplicated"
+    );
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False")
+    );
+    assert!(
+        emulator
+            .control()
+            .set_pod_phase("default", "missing", "Running")
+            .is_err()
+    );
+
+    // A capped grace period: the 1 hour default becomes 1 second.
+    emulator
+        .control()
+        .set_max_grace_period(Some(Duration::from_secs(1)));
+    let marked = pods
+        .delete("p", &DeleteParams::default().grace_period(3600))
+        .await
+        .expect("delete");
+    assert_eq!(
+        marked
+            .left()
+            .expect("terminating")
+            .metadata
+            .deletion_grace_period_seconds,
+        Some(1)
+    );
+    eventually("capped grace period ends", || async {
+        pods.get_opt("p").await.expect("get").is_none()
+    })
+    .await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn latency_injection_delays_requests() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    emulator.control().set_latency(Duration::from_millis(300));
+    let started = Instant::now();
+    pods.get_opt("nothing").await.expect("get");
+    // A lower bound only: sleeping guarantees at least this much.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    emulator.control().clear_faults();
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn cluster_scoped_custom_resources() {
+    let (emulator, client) = start().await;
+    let crd_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+        "customresourcedefinitions",
+    );
+    let crds: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
+    let crd: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "realms.example.com"},
+        "spec": {"group": "example.com", "scope": "Cluster",
+            "names": {"plural": "realms", "singular": "realm", "kind": "Realm"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    }))
+    .expect("crd");
+    let created = crds
+        .create(&PostParams::default(), &crd)
+        .await
+        .expect("create CRD");
+    let conditions = created.data["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+    );
+
+    let realm = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Realm"),
+        "realms",
+    );
+    let realms: Api<DynamicObject> = Api::all_with(client.clone(), &realm);
+    let obj: DynamicObject =
+        serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Realm",
+        "metadata": {"name": "north"}, "anything": {"goes": [1, 2]}}))
+        .expect("realm");
+    let created = realms
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create realm");
+    assert!(created.metadata.namespace.is_none());
+    assert_eq!(
+        created.data["anything"]["goes"],
+        json!([1, 2]),
+        "preserve-unknown-fields keeps data"
+    );
+    assert_eq!(
+        realms
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    // There is no namespaced path for a cluster-scoped resource.
+    let namespaced: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &realm);
+    assert!(namespaced.get("north").await.is_err());
+
+    // Deleting the CRD removes its objects and stops serving the resource.
+    crds.delete("realms.example.com", &DeleteParams::default())
+        .await
+        .expect("delete CRD");
+    match realms.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 404),
+        other => panic!("expected 404 after CRD deletion, got {other:?}"),
+    }
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_watches_and_stops_listening() {
+    let (emulator, client) = start().await;
+    let addr = emulator.addr();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut stream = pods
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("watch")
+        .boxed();
+    pods.create(&PostParams::default(), &pod("before"))
+        .await
+        .expect("create");
+    assert!(matches!(
+        stream.next().await,
+        Some(Ok(WatchEvent::Added(_)))
+    ));
+    emulator.shutdown().await;
+    // The stream ends (cleanly or with a transport error) instead of hanging.
+    let rest = tokio::time::timeout(Duration::from_secs(30), stream.collect::<Vec<_>>()).await;
+    assert!(rest.is_ok(), "watch stream did not end after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening after shutdown"
+    );
+}
