@@ -2,6 +2,7 @@
 //! grace periods expiring, connections dropping, errors) made explicit and
 //! deterministic for tests.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ struct Faults {
 pub(crate) struct ControlState {
     faults: Mutex<Faults>,
     watch_epoch: watch::Sender<u64>,
+    /// Counter for pod IPs handed out by `set_pod_phase`.
+    next_ip: AtomicU32,
 }
 
 impl ControlState {
@@ -71,6 +74,7 @@ impl ControlState {
         Self {
             faults: Mutex::new(Faults::default()),
             watch_epoch: watch::channel(0).0,
+            next_ip: AtomicU32::new(0),
         }
     }
 
@@ -119,17 +123,87 @@ pub struct Control {
 }
 
 impl Control {
-    /// Sets `status.phase` of a pod, as the kubelet would.
+    /// Sets `status.phase` of a pod, as the kubelet would. Moving to `Running` also
+    /// fills in what a kubelet reports for a started pod if missing: `startTime`,
+    /// `hostIP`, a unique `podIP`/`podIPs` (10.244.0.0/16) and running `containerStatuses`.
+    /// `Succeeded`/`Failed` mark the containers terminated (exit code 0/1).
     pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) -> ApiResult<Value> {
         let pods = self.pods()?;
+        let ip_index = self.state.next_ip.fetch_add(1, Ordering::Relaxed);
         self.store.modify(&pods, namespace, name, |pod| {
-            if let Some(status) = status_object(pod) {
-                status.insert("phase".into(), json!(phase));
-            }
+            let containers: Vec<(String, String)> = pod
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map(|cs| {
+                    cs.iter()
+                        .map(|c| {
+                            let field = |f: &str| {
+                                c.get(f).and_then(Value::as_str).unwrap_or("").to_string()
+                            };
+                            (field("name"), field("image"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let uid = pod
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let Some(status) = status_object(pod) else {
+                return;
+            };
+            status.insert("phase".into(), json!(phase));
+            let now = now_rfc3339();
+            let ready = status
+                .get("conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.get("type") == Some(&json!("Ready"))
+                            && c.get("status") == Some(&json!("True"))
+                    })
+                });
+            let state = match phase {
+                "Running" => {
+                    status.entry("startTime").or_insert_with(|| json!(now));
+                    status.entry("hostIP").or_insert_with(|| json!("10.0.0.1"));
+                    if !status.contains_key("podIP") {
+                        let ip =
+                            format!("10.244.{}.{}", (ip_index / 250) % 256, ip_index % 250 + 2);
+                        status.insert("podIP".into(), json!(ip));
+                        status.insert("podIPs".into(), json!([{"ip": ip}]));
+                    }
+                    json!({"running": {"startedAt": now}})
+                }
+                "Succeeded" | "Failed" => {
+                    let (code, reason) = if phase == "Succeeded" {
+                        (0, "Completed")
+                    } else {
+                        (1, "Error")
+                    };
+                    json!({"terminated": {"exitCode": code, "reason": reason, "finishedAt": now}})
+                }
+                _ => return,
+            };
+            let running = phase == "Running";
+            let statuses: Vec<Value> = containers
+                .iter()
+                .map(|(cname, image)| {
+                    json!({
+                        "name": cname, "image": image, "imageID": "",
+                        "containerID": format!("emulator://{uid}-{cname}"),
+                        "ready": running && ready, "started": running, "restartCount": 0,
+                        "state": state,
+                    })
+                })
+                .collect();
+            status.insert("containerStatuses".into(), Value::Array(statuses));
         })
     }
 
-    /// Sets the pod's `Ready` condition (and `ContainersReady`), as the kubelet would.
+    /// Sets the pod's `Ready` and `ContainersReady` conditions (and the containers'
+    /// `ready` flags), as the kubelet would.
     pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) -> ApiResult<Value> {
         let pods = self.pods()?;
         self.store.modify(&pods, namespace, name, |pod| {
@@ -148,6 +222,25 @@ impl Control {
                 conditions.push(json!({"type": ty, "status": status, "lastTransitionTime": now}));
             }
             status_map.insert("conditions".into(), Value::Array(conditions));
+            if let Some(statuses) = status_map
+                .get_mut("containerStatuses")
+                .and_then(Value::as_array_mut)
+            {
+                for cs in statuses.iter_mut().filter_map(Value::as_object_mut) {
+                    cs.insert("ready".into(), json!(ready));
+                }
+            }
+        })
+    }
+
+    /// Sets `status.podIP` and `status.podIPs` explicitly.
+    pub fn set_pod_ip(&self, namespace: &str, name: &str, ip: &str) -> ApiResult<Value> {
+        let pods = self.pods()?;
+        self.store.modify(&pods, namespace, name, |pod| {
+            if let Some(status) = status_object(pod) {
+                status.insert("podIP".into(), json!(ip));
+                status.insert("podIPs".into(), json!([{"ip": ip}]));
+            }
         })
     }
 
