@@ -24,6 +24,7 @@ mod schema;
 mod selector;
 mod server;
 pub mod store;
+mod table;
 mod testing;
 mod util;
 mod watch;

@@ -166,15 +166,13 @@ async fn route(
     match (verb, target.name.as_deref()) {
         ("get", Some(name)) => {
             let obj = store.get(rt, &ns, name)?;
-            let obj = if metadata_only(headers) {
-                partial_metadata(&obj)
-            } else {
-                obj
-            };
-            Ok(json_response(StatusCode::OK, &obj))
+            let shown = Representation::from_headers(headers).object(rt, &obj, true);
+            Ok(json_response(StatusCode::OK, &shown))
         }
-        ("list", None) => list(store, &target, query, metadata_only(headers)),
-        ("watch", _) => crate::watch::serve_watch(state, &target, query, metadata_only(headers)),
+        ("list", None) => list(store, &target, query, Representation::from_headers(headers)),
+        ("watch", _) => {
+            crate::watch::serve_watch(state, &target, query, Representation::from_headers(headers))
+        }
         ("create", None) => {
             let obj = parse_body(headers, &body)?;
             let created = store.create(rt, &ns, obj, &write_options(query, headers))?;
@@ -344,14 +342,45 @@ pub(crate) fn selectors(
     Ok((labels, fields))
 }
 
-/// Whether the client asked for `PartialObjectMetadata` (kube-rs `metadata_watcher`,
-/// `Api::get_metadata`, `list_metadata`).
-fn metadata_only(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("as=PartialObjectMetadata"))
+/// How objects are rendered for a read, chosen by the `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Representation {
+    Full,
+    /// `PartialObjectMetadata` (kube-rs `Api<PartialObjectMeta<K>>`, `get_metadata`).
+    Metadata,
+    /// `Table` (kubectl's human-readable `get`).
+    Table,
+}
+
+impl Representation {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let accept: Vec<&str> = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if accept.iter().any(|a| crate::table::wants_table(a)) {
+            Representation::Table
+        } else if accept
+            .iter()
+            .any(|a| a.contains("as=PartialObjectMetadata"))
+        {
+            Representation::Metadata
+        } else {
+            Representation::Full
+        }
+    }
+
+    /// One object as sent on the wire; `with_columns` adds Table column definitions.
+    pub(crate) fn object(self, rt: &ResourceType, obj: &Value, with_columns: bool) -> Value {
+        match self {
+            Representation::Full => obj.clone(),
+            Representation::Metadata => partial_metadata(obj),
+            Representation::Table => {
+                crate::table::table(rt, std::slice::from_ref(obj), json!({}), with_columns)
+            }
+        }
+    }
 }
 
 pub(crate) fn partial_metadata(obj: &Value) -> Value {
@@ -366,7 +395,7 @@ fn list(
     store: &Store,
     target: &Target,
     query: &HashMap<String, String>,
-    metadata_only: bool,
+    representation: Representation,
 ) -> ApiResult<Response> {
     let rt = &target.rt;
     let (labels, fields) = selectors(store, rt, query)?;
@@ -389,21 +418,23 @@ fn list(
     if let Some(c) = page.continue_token {
         metadata["continue"] = json!(c);
     }
-    let list = if metadata_only {
-        let items: Vec<Value> = page.items.iter().map(partial_metadata).collect();
-        json!({
-            "kind": "PartialObjectMetadataList",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": metadata,
-            "items": items,
-        })
-    } else {
-        json!({
+    let list = match representation {
+        Representation::Metadata => {
+            let items: Vec<Value> = page.items.iter().map(partial_metadata).collect();
+            json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": metadata,
+                "items": items,
+            })
+        }
+        Representation::Table => crate::table::table(rt, &page.items, metadata, true),
+        Representation::Full => json!({
             "kind": rt.list_kind(),
             "apiVersion": rt.api_version(),
             "metadata": metadata,
             "items": page.items,
-        })
+        }),
     };
     Ok(json_response(StatusCode::OK, &list))
 }

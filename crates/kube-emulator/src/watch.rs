@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::error::{ApiError, ApiResult};
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::server::{AppState, Target, flag, partial_metadata, selectors};
+use crate::server::{AppState, Representation, Target, flag, selectors};
 use crate::store::{WatchEvent, WatchStart};
 
 /// Filters the global event stream down to one watch's resource, namespace and selectors.
@@ -23,7 +23,9 @@ struct WatchFilter {
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
-    metadata_only: bool,
+    representation: Representation,
+    /// Table watches carry column definitions in their first row only.
+    sent_any: bool,
 }
 
 impl WatchFilter {
@@ -33,7 +35,7 @@ impl WatchFilter {
 
     /// The wire line for an event, translating selector transitions the way the API
     /// server does (entering the selection is ADDED, leaving it is DELETED).
-    fn line(&self, ev: &WatchEvent) -> Option<String> {
+    fn line(&mut self, ev: &WatchEvent) -> Option<String> {
         if ev.key != self.rt.storage_key()
             || self.namespace.as_ref().is_some_and(|n| *n != ev.namespace)
         {
@@ -47,8 +49,10 @@ impl WatchFilter {
             (_, false, _) => return None,
             (t, true, _) => t,
         };
-        if self.metadata_only {
-            let object = partial_metadata(&ev.object);
+        let first = !self.sent_any;
+        self.sent_any = true;
+        if self.representation != Representation::Full {
+            let object = self.representation.object(&self.rt, &ev.object, first);
             return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
         }
         Some(format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", ev.json))
@@ -59,7 +63,7 @@ pub(crate) fn serve_watch(
     state: &Arc<AppState>,
     target: &Target,
     query: &HashMap<String, String>,
-    metadata_only: bool,
+    representation: Representation,
 ) -> ApiResult<Response> {
     let rt = target.rt.clone();
     let (labels, mut fields) = selectors(&state.store, &rt, query)?;
@@ -88,7 +92,8 @@ pub(crate) fn serve_watch(
         namespace: target.namespace.clone(),
         labels,
         fields,
-        metadata_only,
+        representation,
+        sent_any: false,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let first: Option<String> =

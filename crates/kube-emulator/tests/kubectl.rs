@@ -299,6 +299,23 @@ fn kubectl_drives_the_binary() {
         ok(kc, &["get", "pods", "-l", "extra=yes", "-o", "name"], None).trim(),
         "pod/web"
     );
+    // Human-readable output comes from server-side Tables.
+    let table = ok(kc, &["get", "pods"], None);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.contains("web") && table.contains("0/1") && table.contains("Pending"),
+        "{table}"
+    );
     ok(kc, &["delete", "pod", "web", "--grace-period=1"], None);
     assert_eq!(ok(kc, &["get", "pods", "-o", "name"], None).trim(), "");
 

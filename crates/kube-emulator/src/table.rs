@@ -1,0 +1,202 @@
+//! `meta.k8s.io/v1` `Table` responses, which kubectl asks for to print `get` output.
+//!
+//! Columns follow the built-in printers for the kinds we serve; everything else
+//! (including custom resources — `additionalPrinterColumns` are ignored) gets
+//! NAME and AGE.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::resources::ResourceType;
+
+/// Whether the `Accept` header asks for a Table.
+pub fn wants_table(accept: &str) -> bool {
+    accept.contains("as=Table")
+}
+
+fn column(name: &str, ty: &str, format: &str, priority: u8) -> Value {
+    json!({"name": name, "type": ty, "format": format, "description": "", "priority": priority})
+}
+
+/// Column definitions for a resource type.
+pub fn columns(rt: &ResourceType) -> Vec<Value> {
+    let mut cols = vec![column("Name", "string", "name", 0)];
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "pods") => {
+            cols.push(column("Ready", "string", "", 0));
+            cols.push(column("Status", "string", "", 0));
+            cols.push(column("Restarts", "string", "", 0));
+            cols.push(column("Age", "string", "", 0));
+            cols.push(column("IP", "string", "", 1));
+        }
+        ("", "namespaces") => {
+            cols.push(column("Status", "string", "", 0));
+            cols.push(column("Age", "string", "", 0));
+        }
+        ("apps", "deployments") | ("apps", "replicasets") => {
+            cols.push(column("Ready", "string", "", 0));
+            cols.push(column("Age", "string", "", 0));
+        }
+        ("coordination.k8s.io", "leases") => {
+            cols.push(column("Holder", "string", "", 0));
+            cols.push(column("Age", "string", "", 0));
+        }
+        _ => cols.push(column("Age", "string", "", 0)),
+    }
+    cols
+}
+
+/// Cells of one row, in the order of [`columns`].
+pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
+    let name = obj
+        .pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let age = json!(age(obj, now));
+    let int = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "pods") => {
+            let total = obj
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let statuses = obj
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array);
+            let ready = statuses.map_or(0, |s| {
+                s.iter()
+                    .filter(|c| c.get("ready") == Some(&json!(true)))
+                    .count()
+            });
+            let restarts: i64 = statuses.map_or(0, |s| {
+                s.iter()
+                    .filter_map(|c| c.get("restartCount").and_then(Value::as_i64))
+                    .sum()
+            });
+            let status = if obj.pointer("/metadata/deletionTimestamp").is_some() {
+                "Terminating".to_string()
+            } else {
+                obj.pointer("/status/phase")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Unknown")
+                    .to_string()
+            };
+            let ip = obj
+                .pointer("/status/podIP")
+                .and_then(Value::as_str)
+                .unwrap_or("<none>");
+            vec![
+                name,
+                json!(format!("{ready}/{total}")),
+                json!(status),
+                json!(restarts.to_string()),
+                age,
+                json!(ip),
+            ]
+        }
+        ("", "namespaces") => {
+            let phase = obj
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                .unwrap_or("Active");
+            vec![name, json!(phase), age]
+        }
+        ("apps", "deployments") | ("apps", "replicasets") => {
+            let ready = format!("{}/{}", int("/status/readyReplicas"), int("/spec/replicas"));
+            vec![name, json!(ready), age]
+        }
+        ("coordination.k8s.io", "leases") => {
+            let holder = obj
+                .pointer("/spec/holderIdentity")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            vec![name, json!(holder), age]
+        }
+        _ => vec![name, age],
+    }
+}
+
+/// A Table with one row per object; rows carry the object's metadata, as with
+/// the API server's default `includeObject=Metadata`.
+pub fn table(rt: &ResourceType, objects: &[Value], metadata: Value, with_columns: bool) -> Value {
+    let now = SystemTime::now();
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|o| {
+            json!({
+                "cells": cells(rt, o, now),
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o.get("metadata").cloned().unwrap_or_else(|| json!({})),
+                },
+            })
+        })
+        .collect();
+    let mut t = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": metadata, "rows": rows});
+    if with_columns {
+        t["columnDefinitions"] = Value::Array(columns(rt));
+    }
+    t
+}
+
+fn age(obj: &Value, now: SystemTime) -> String {
+    let Some(created) = obj
+        .pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339)
+    else {
+        return "<unknown>".into();
+    };
+    human_duration(now.duration_since(created).unwrap_or_default())
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS(.frac)?Z`.
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// kubectl-style short durations: `45s`, `3m12s`, `25m`, `5h3m`, `20h`, `3d4h`, `12d`.
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..120 => format!("{s}s"),
+        120..600 => format!("{}m{}s", s / 60, s % 60),
+        600..10_800 => format!("{}m", s / 60),
+        10_800..28_800 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        28_800..172_800 => format!("{}h", s / 3600),
+        172_800..691_200 => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_timestamps() {
+        assert_eq!(human_duration(Duration::from_secs(45)), "45s");
+        assert_eq!(human_duration(Duration::from_secs(192)), "3m12s");
+        assert_eq!(
+            human_duration(Duration::from_secs(3 * 86_400 + 4 * 3600)),
+            "3d4h"
+        );
+        let t = parse_rfc3339("2023-11-14T22:13:20Z").expect("parses");
+        assert_eq!(t, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert!(parse_rfc3339("garbage").is_none());
+    }
+}
