@@ -621,6 +621,7 @@ impl Store {
                 "generation",
                 "namespace",
                 "name",
+                "resourceVersion",
             ] {
                 match old.get("metadata").and_then(|om| om.get(keep)) {
                     Some(v) => m.insert(keep.to_string(), v.clone()),
