@@ -17,6 +17,7 @@ mod admission;
 mod crd;
 mod discovery;
 pub mod error;
+mod events;
 mod patch;
 pub mod resources;
 mod scale;

@@ -35,7 +35,14 @@ impl ResourceType {
     }
 
     /// Storage key: objects are shared between versions of the same group/resource.
+    /// events.k8s.io/v1 Events are stored as core/v1 Events.
     pub fn storage_key(&self) -> StorageKey {
+        if crate::events::is_view(self) {
+            return StorageKey {
+                group: String::new(),
+                plural: "events".into(),
+            };
+        }
         StorageKey {
             group: self.group.clone(),
             plural: self.plural.clone(),

@@ -16,6 +16,7 @@ use crate::admission::{
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
+use crate::events;
 use crate::patch::{self, FieldOwners, PatchKind};
 use crate::resources::{ResourceType, StorageKey, builtin_resources};
 use crate::selector::{FieldSelector, LabelSelector};
@@ -268,11 +269,18 @@ impl Store {
         })
     }
 
+    /// Parses a field selector for `rt`; selectors always apply to the stored form.
     pub fn field_selector(&self, rt: &ResourceType, s: &str) -> ApiResult<FieldSelector> {
-        let extra: &[&str] = if rt.group.is_empty() && rt.plural == "pods" {
-            POD_STATUS_FIELDS
-        } else {
-            &[]
+        if events::is_view(rt) {
+            return FieldSelector::parse(
+                &events::view_field_selector(s),
+                events::CORE_EVENT_FIELDS,
+            );
+        }
+        let extra: &[&str] = match (rt.group.as_str(), rt.plural.as_str()) {
+            ("", "pods") => POD_STATUS_FIELDS,
+            ("", "events") => events::CORE_EVENT_FIELDS,
+            _ => &[],
         };
         FieldSelector::parse(s, extra)
     }
@@ -339,6 +347,12 @@ impl Store {
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
         let mut inner = self.lock();
+        if events::is_view(rt) {
+            let core = core_events(&inner)?;
+            let created =
+                self.create_locked(&mut inner, &core, ns, events::view_to_core(&body), opts)?;
+            return Ok(events::core_to_view(&created));
+        }
         self.create_locked(&mut inner, rt, ns, body, opts)
     }
 
@@ -451,6 +465,11 @@ impl Store {
         sub: Subresource,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
+        if events::is_view(rt) {
+            let core = core_events(&self.lock())?;
+            let updated = self.update(&core, ns, name, events::view_to_core(&body), sub, opts)?;
+            return Ok(events::core_to_view(&updated));
+        }
         check_kind(rt, &body)?;
         if let Some(body_name) = meta_str(&body, "name")
             && body_name != name
@@ -489,6 +508,9 @@ impl Store {
         sub: Subresource,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
+        if events::is_view(rt) {
+            return self.patch_event_view(rt, ns, name, kind, body, sub, opts);
+        }
         let mut inner = self.lock();
         let existing = inner
             .buckets
@@ -573,6 +595,58 @@ impl Store {
             owners.forget_changed(&old, &patched);
         }
         self.write_locked(&mut inner, rt, ns, name, old, patched, owners, sub, opts)
+    }
+
+    /// Patches an events.k8s.io/v1 Event: the patch applies to the v1 form, the result
+    /// is stored as core/v1. Server-side apply is treated as a merge (no ownership).
+    #[allow(clippy::too_many_arguments)]
+    fn patch_event_view(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        kind: PatchKind,
+        body: &Value,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> ApiResult<Value> {
+        let mut inner = self.lock();
+        let core = core_events(&inner)?;
+        let existing = get_stored(&inner, &core, ns, name)
+            .ok()
+            .map(|s| (s.obj.clone(), s.owners.clone()));
+        let Some((old, owners)) = existing else {
+            if kind != PatchKind::Apply {
+                return Err(ApiError::not_found(&rt.group, &rt.plural, name));
+            }
+            let mut created = body.clone();
+            if let Some(m) = meta_mut(&mut created) {
+                m.insert("name".into(), json!(name));
+            }
+            let out =
+                self.create_locked(&mut inner, &core, ns, events::view_to_core(&created), opts)?;
+            return Ok(events::core_to_view(&out));
+        };
+        let mut view = events::core_to_view(&old);
+        match kind {
+            PatchKind::Merge | PatchKind::Apply => patch::merge_patch(&mut view, body),
+            PatchKind::Json => patch::json_patch(&mut view, body)?,
+            PatchKind::Strategic => patch::strategic_merge(&mut view, body),
+        }
+        check_shape(&view)?;
+        if let Some(rv) = meta_str(&view, "resourceVersion")
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &rt.group,
+                &rt.plural,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        let new = events::view_to_core(&view);
+        let out = self.write_locked(&mut inner, &core, ns, name, old, new, owners, sub, opts)?;
+        Ok(events::core_to_view(&out))
     }
 
     /// Shared tail of update and patch: preserve system metadata, honour the status
@@ -1023,6 +1097,16 @@ impl Store {
     }
 }
 
+/// The core/v1 Event type, which stores events of both event APIs.
+fn core_events(inner: &Inner) -> ApiResult<ResourceType> {
+    inner
+        .resources
+        .iter()
+        .find(|r| r.group.is_empty() && r.plural == "events")
+        .cloned()
+        .ok_or_else(|| ApiError::internal("core/v1 events are not served"))
+}
+
 fn get_stored<'a>(
     inner: &'a Inner,
     rt: &ResourceType,
@@ -1077,6 +1161,9 @@ fn update_dependents(
 
 /// The object as returned for a request on `rt` (apiVersion of the requested version).
 fn present(rt: &ResourceType, obj: &Value) -> Value {
+    if events::is_view(rt) {
+        return events::core_to_view(obj);
+    }
     let mut out = obj.clone();
     if rt.custom {
         out["apiVersion"] = json!(rt.api_version());

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::{ApiError, ApiResult};
+use crate::events;
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::{AppState, Representation, Target, flag, selectors};
@@ -51,6 +52,11 @@ impl WatchFilter {
         };
         let first = !self.sent_any;
         self.sent_any = true;
+        if events::is_view(&self.rt) {
+            let view = events::core_to_view(&ev.object);
+            let object = self.representation.object(&self.rt, &view, first);
+            return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
+        }
         if self.representation != Representation::Full {
             let object = self.representation.object(&self.rt, &ev.object, first);
             return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));

@@ -206,3 +206,86 @@ async fn shutdown_ends_open_watches_and_stops_listening() {
         "still listening after shutdown"
     );
 }
+
+#[tokio::test]
+async fn events_are_shared_between_the_two_event_apis() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event as NewEvent;
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let p = pods
+        .create(&PostParams::default(), &pod("evented"))
+        .await
+        .expect("create");
+    let reporter = Reporter {
+        controller: "test-controller".into(),
+        instance: Some("i-1".into()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Routed".into(),
+        note: Some("pod joined the routing table".into()),
+        action: "Route".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event, &p.object_ref(&()))
+        .await
+        .expect("publish");
+    recorder
+        .publish(&event, &p.object_ref(&()))
+        .await
+        .expect("publish again (series)");
+
+    // Recorded through events.k8s.io/v1, read through core/v1 with kubectl-describe-style selectors.
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let lp = kube::api::ListParams::default()
+        .fields("involvedObject.name=evented,involvedObject.kind=Pod");
+    let listed = core.list(&lp).await.expect("list core events");
+    assert_eq!(
+        listed.items.len(),
+        1,
+        "repeated events are one object with a series"
+    );
+    let e = &listed.items[0];
+    assert_eq!(e.message.as_deref(), Some("pod joined the routing table"));
+    assert_eq!(e.reporting_component.as_deref(), Some("test-controller"));
+    assert_eq!(e.involved_object.uid, p.metadata.uid);
+
+    // And the other way round: a core event shows up in events.k8s.io/v1, also on watches.
+    let new_api: Api<NewEvent> = Api::namespaced(client.clone(), "default");
+    let mut stream = new_api
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("watch")
+        .boxed();
+    let core_event: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"name": "legacy"}, "involvedObject": {"kind": "Pod", "name": "evented"},
+        "reason": "Old", "message": "from core", "type": "Warning"
+    }))
+    .expect("event");
+    core.create(&PostParams::default(), &core_event)
+        .await
+        .expect("create core event");
+    let mut notes = Vec::new();
+    while notes.len() < 2 {
+        match stream.next().await.expect("stream open").expect("event") {
+            WatchEvent::Added(e) | WatchEvent::Modified(e) => {
+                notes.push(e.note.unwrap_or_default())
+            }
+            _ => {}
+        }
+    }
+    assert!(notes.contains(&"from core".to_string()), "{notes:?}");
+    let fetched = new_api.get("legacy").await.expect("get as events.k8s.io");
+    assert_eq!(
+        fetched.regarding.and_then(|r| r.name).as_deref(),
+        Some("evented")
+    );
+    assert_eq!(fetched.type_.as_deref(), Some("Warning"));
+    emulator.shutdown().await;
+}
