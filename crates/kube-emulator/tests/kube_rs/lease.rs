@@ -15,8 +15,8 @@ async fn one_leader_and_takeover_after_it_stops_renewing() {
         LeaseManagerBuilder::new(client.clone(), "leader")
             .with_namespace("default")
             .with_identity(identity)
-            .with_duration(3)
-            .with_grace(1)
+            .with_duration(6)
+            .with_grace(2)
             .build()
     };
     let (rx_a, task_a) = contender("a").await.expect("manager a").watch().await;
