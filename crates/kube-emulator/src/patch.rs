@@ -322,8 +322,8 @@ pub fn server_side_apply(
     Ok(merged)
 }
 
-/// Like a merge patch, but `null` in an applied configuration means "set null" is not
-/// meaningful to us, so it removes the field just like merge patch does.
+/// Merges an applied configuration into the live object. Maps merge recursively and
+/// lists are replaced (atomic); an explicit `null` removes the field, as in merge patch.
 fn apply_merge(target: &mut Value, applied: &Value) {
     json_patch::merge(target, applied);
 }
