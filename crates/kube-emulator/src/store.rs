@@ -993,7 +993,9 @@ impl Store {
         let previous = bucket.remove(&key).map(|s| s.obj);
         let object = match new {
             Some(mut stored) => {
-                stored.obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                if let Some(m) = meta_mut(&mut stored.obj) {
+                    m.insert("resourceVersion".into(), json!(rv.to_string()));
+                }
                 let obj = stored.obj.clone();
                 bucket.insert(key.clone(), stored);
                 obj
