@@ -49,7 +49,19 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("kube-emulator listening on {}", emulator.url());
     wait_for_signal().await?;
-    emulator.shutdown().await;
+    // A second signal, or a shutdown that takes too long, ends the process at once.
+    let impatient = tokio::spawn(async {
+        let _ = wait_for_signal().await;
+        std::process::exit(130);
+    });
+    if tokio::time::timeout(Duration::from_secs(10), emulator.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("kube-emulator: shutdown timed out");
+        std::process::exit(1);
+    }
+    impatient.abort();
     Ok(())
 }
 

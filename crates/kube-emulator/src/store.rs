@@ -309,7 +309,7 @@ impl Store {
                                 key: key.clone(),
                                 namespace: ons.clone(),
                                 kind: EventType::Added,
-                                json: object.to_string(),
+                                json: serde_json::to_string(&object).unwrap_or_default(),
                                 object,
                                 previous: None,
                             })
@@ -1019,7 +1019,7 @@ impl Store {
             key: skey,
             namespace: key.0,
             kind,
-            json: object.to_string(),
+            json: serde_json::to_string(&object).unwrap_or_default(),
             object: object.clone(),
             previous: if kind == EventType::Modified {
                 previous
