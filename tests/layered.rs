@@ -213,7 +213,10 @@ async fn redis_cut_in_the_middle_of_a_large_reroute() {
     .execute(s.primary.pool())
     .await
     .unwrap();
-    let warm: Vec<(String, Entry)> = ids.iter().map(|id| (id.clone(), Entry::new("old", ""))).collect();
+    let warm: Vec<(String, Entry)> = ids
+        .iter()
+        .map(|id| (id.clone(), Entry::new("old", "")))
+        .collect();
     s.cache.set_many(&warm).await.unwrap();
     // Cut Redis as soon as the reroute has visibly started in the primary.
     let (moved, ()) = tokio::join!(s.layered.reroute_worker("old", "new"), async {
@@ -223,10 +226,17 @@ async fn redis_cut_in_the_middle_of_a_large_reroute() {
         s.proxy.cut();
     });
     assert_eq!(moved.unwrap(), 5000);
-    assert!(s.layered.stats().cache_errors > 0, "the cut must hit the reroute");
+    assert!(
+        s.layered.stats().cache_errors > 0,
+        "the cut must hit the reroute"
+    );
     for when in ["during the outage", "after repair"] {
         for id in ids.iter().step_by(7) {
-            assert_eq!(worker_of(s.layered.as_ref(), id).await.as_deref(), Some("new"), "{id} {when}");
+            assert_eq!(
+                worker_of(s.layered.as_ref(), id).await.as_deref(),
+                Some("new"),
+                "{id} {when}"
+            );
         }
         s.proxy.restore();
         until_repaired(&s.layered).await;

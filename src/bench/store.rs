@@ -115,8 +115,13 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
         expiry(args, pg).await
     }
     .await;
-    // Clean up the benchmark's keys, whatever happened.
-    for w in indexed.counts_by_worker().await.unwrap_or_default().keys() {
+    if let Err(err) = &result {
+        eprintln!("error: {err:#}; cleaning up");
+    }
+    // Clean up the benchmark's keys, whatever happened: index the hashes the baseline script
+    // moved behind the index's back, then delete worker by worker.
+    indexed.adopt_unindexed().await?;
+    for w in indexed.counts_by_worker().await?.keys() {
         indexed.delete_by_worker(w).await?;
     }
     result
@@ -170,21 +175,37 @@ async fn redis_worker_ops(
     );
     let script = Script::new(SCAN_REROUTE);
     let pattern = format!("{}session:*", store.prefix());
+    // The baseline blocks Redis for seconds at 1M keys: no response timeout for it.
     let mut conn = redis::Client::open(args.redis_url.as_str())?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
         .await?;
     let hot = sessions(0..args.k, |_| "hot".to_string());
-    store.set_many(&hot).await?;
+    let restore_hot = || async {
+        store
+            .set_many(&hot)
+            .await
+            .context("restoring the hot worker")
+    };
+    restore_hot().await?;
     let mut filled = args.k;
     for &n in &args.sizes {
-        store.set_many(&sessions(filled..n, filler)).await?;
+        store
+            .set_many(&sessions(filled..n, filler))
+            .await
+            .context("populating Redis")?;
         filled = n;
-        let (moved, reroute) =
-            timed(async { Ok(store.reroute_worker("hot", "hot2").await?) }).await?;
-        let (_, back) = timed(async { Ok(store.reroute_worker("hot2", "hot").await?) }).await?;
+        let (moved, reroute) = timed(async { Ok(store.reroute_worker("hot", "hot2").await?) })
+            .await
+            .context("indexed reroute")?;
+        let (_, back) = timed(async { Ok(store.reroute_worker("hot2", "hot").await?) })
+            .await
+            .context("indexed reroute back")?;
         anyhow::ensure!(moved == args.k as u64, "indexed reroute moved {moved}");
-        let (moved_fb, fb) =
-            timed(async { Ok(fallback.reroute_worker("hot", "hot2").await?) }).await?;
+        let (moved_fb, fb) = timed(async { Ok(fallback.reroute_worker("hot", "hot2").await?) })
+            .await
+            .context("fallback reroute")?;
         anyhow::ensure!(
             moved_fb == args.k as u64,
             "fallback reroute moved {moved_fb}"
@@ -197,20 +218,23 @@ async fn redis_worker_ops(
                 .invoke_async::<u64>(&mut conn)
                 .await?)
         })
-        .await?;
+        .await
+        .context("baseline scan script")?;
         anyhow::ensure!(
             moved_scan == args.k as u64,
             "scan reroute moved {moved_scan}"
         );
         // The scan moved hashes behind the index's back; the fallback store's SCAN re-indexes.
-        let (deleted, delete) =
-            timed(async { Ok(fallback.delete_by_worker("hot").await?) }).await?;
+        let (deleted, delete) = timed(async { Ok(fallback.delete_by_worker("hot").await?) })
+            .await
+            .context("fallback delete")?;
         anyhow::ensure!(deleted == args.k as u64, "delete removed {deleted}");
-        store.set_many(&hot).await?;
-        let (deleted, delete_idx) =
-            timed(async { Ok(store.delete_by_worker("hot").await?) }).await?;
+        restore_hot().await?;
+        let (deleted, delete_idx) = timed(async { Ok(store.delete_by_worker("hot").await?) })
+            .await
+            .context("indexed delete")?;
         anyhow::ensure!(deleted == args.k as u64, "indexed delete removed {deleted}");
-        store.set_many(&hot).await?;
+        restore_hot().await?;
         let (deleted, scan_del) = timed(async {
             Ok(script
                 .arg(&pattern)
@@ -219,9 +243,10 @@ async fn redis_worker_ops(
                 .invoke_async::<u64>(&mut conn)
                 .await?)
         })
-        .await?;
+        .await
+        .context("baseline scan script")?;
         anyhow::ensure!(deleted == args.k as u64, "scan delete removed {deleted}");
-        store.set_many(&hot).await?;
+        restore_hot().await?;
         let _ = delete; // the fallback delete includes a SCAN; reported via the fallback column
         let rr = (reroute + back) / 2;
         println!(

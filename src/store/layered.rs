@@ -498,7 +498,11 @@ mod tests {
         for i in 0..2000 {
             log.record(&format!("late{i}"), start + Duration::from_secs(5), window);
         }
-        assert_eq!(log.last.len(), 2000, "entries older than the window are pruned");
+        assert_eq!(
+            log.last.len(),
+            2000,
+            "entries older than the window are pruned"
+        );
         assert!(log.last.keys().all(|id| id.starts_with("late")));
     }
 }

@@ -357,6 +357,12 @@ impl RedisStore {
             validate_id("worker id", &entry.worker_id)?;
         }
         let mut conn = self.conn.clone();
+        // Pipelined invocations use EVALSHA only: make sure Redis knows the script.
+        self.scripts
+            .set
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await?;
         for chunk in sessions.chunks(1000) {
             let mut pipe = redis::pipe();
             for (id, entry) in chunk {

@@ -175,6 +175,29 @@ fn default_pod_spec(spec: &mut Value) {
     }
 }
 
+/// Folds a Secret's write-only `stringData` into base64 `data`, as the API server does.
+pub(crate) fn fold_string_data(rt: &ResourceType, obj: &mut Value) {
+    if !(rt.group.is_empty() && rt.plural == "secrets") {
+        return;
+    }
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Object(string_data)) = map.remove("stringData") else {
+        return;
+    };
+    let data = map.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    if let Some(data) = data.as_object_mut() {
+        for (k, v) in string_data {
+            let text = v.as_str().unwrap_or_default();
+            data.insert(k, json!(crate::util::base64(text.as_bytes())));
+        }
+    }
+}
+
 /// Built-in validation (minimal) and structural-schema validation for custom resources.
 pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiResult<()> {
     let mut causes = Vec::new();

@@ -114,6 +114,8 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         pods,
         ResourceType::builtin("", "v1", "Event", "events", true, false, &["ev"]),
         ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, false, &["cm"]),
+        ResourceType::builtin("", "v1", "Secret", "secrets", true, false, &[]),
+        ResourceType::builtin("", "v1", "Service", "services", true, true, &["svc"]),
         ResourceType::builtin(
             "events.k8s.io",
             "v1",

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::admission::{
-    applied_for_subresource, check_kind, check_shape, is_pod, pod_finished, prepare_create,
-    scope_namespace, spec_of, validate,
+    applied_for_subresource, check_kind, check_shape, fold_string_data, is_pod, pod_finished,
+    prepare_create, scope_namespace, spec_of, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -427,6 +427,7 @@ impl Store {
         }
         set_type(rt, &mut obj);
         prepare_create(rt, &mut obj);
+        fold_string_data(rt, &mut obj);
         validate(rt, &mut obj, &name)?;
         let key = rt.storage_key();
         let obj_key = (ns.clone(), name.clone());
@@ -705,6 +706,7 @@ impl Store {
             m.remove("managedFields");
         }
         set_type(rt, &mut new);
+        fold_string_data(rt, &mut new);
         validate(rt, &mut new, name)?;
         if spec_of(&old) != spec_of(&new) {
             let generation = old
