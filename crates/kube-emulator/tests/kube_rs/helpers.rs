@@ -289,3 +289,40 @@ async fn events_are_shared_between_the_two_event_apis() {
     assert_eq!(fetched.type_.as_deref(), Some("Warning"));
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn secrets_fold_string_data_and_services_are_served() {
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    let (emulator, client) = start().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "db"}, "stringData": {"password": "foobar"}}),
+    )
+    .expect("secret");
+    let created = secrets
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create");
+    assert!(created.string_data.is_none());
+    let data = created.data.expect("data");
+    assert_eq!(data["password"].0, b"foobar".to_vec());
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}))
+    .expect("service");
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    assert_eq!(
+        services
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    emulator.shutdown().await;
+}
