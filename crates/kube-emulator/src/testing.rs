@@ -282,6 +282,29 @@ impl Control {
         *faults = Faults::default();
     }
 
+    /// Creates an object without going through HTTP, e.g. to seed a test. The type is
+    /// taken from `apiVersion`/`kind`; namespaced objects default to `default`.
+    pub fn create(&self, obj: Value) -> ApiResult<Value> {
+        let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let rt = self
+            .store
+            .resources()
+            .into_iter()
+            .find(|r| r.group == group && r.version == version && r.kind == kind)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("no served resource for {api_version} {kind}"))
+            })?;
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        self.store
+            .create(&rt, &ns, obj, &crate::store::WriteOptions::default())
+    }
+
     /// Direct access to the object store (for seeding data without HTTP).
     pub fn store(&self) -> &Store {
         &self.store
