@@ -406,14 +406,35 @@ fn list(
         ),
         _ => None,
     };
-    let page = store.list(
-        rt,
-        target.namespace.as_deref(),
-        &labels,
-        &fields,
-        limit,
-        query.get("continue").map(String::as_str),
-    )?;
+    let continue_token = query.get("continue").map(String::as_str);
+    let namespace = target.namespace.as_deref();
+    if representation == Representation::Full {
+        // Fast path: items are encoded straight from storage.
+        let page = store.list_encoded(rt, namespace, &labels, &fields, limit, continue_token)?;
+        let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
+        if let Some(c) = page.continue_token {
+            metadata["continue"] = json!(c);
+        }
+        let head =
+            json!({"kind": rt.list_kind(), "apiVersion": rt.api_version(), "metadata": metadata});
+        let mut body = serde_json::to_vec(&head).unwrap_or_default();
+        // Replace the closing brace of the head with the items array.
+        body.pop();
+        body.extend_from_slice(b",\"items\":[");
+        for (i, item) in page.items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap_or_default());
+    }
+    let page = store.list(rt, namespace, &labels, &fields, limit, continue_token)?;
     let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
     if let Some(c) = page.continue_token {
         metadata["continue"] = json!(c);

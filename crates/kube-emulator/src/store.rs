@@ -106,8 +106,8 @@ pub enum Deleted {
 
 /// A page of list results.
 #[derive(Debug)]
-pub struct ListPage {
-    pub items: Vec<Value>,
+pub struct ListPage<T = Value> {
+    pub items: Vec<T>,
     pub resource_version: u64,
     pub continue_token: Option<String>,
 }
@@ -230,12 +230,51 @@ impl Store {
         limit: Option<usize>,
         continue_token: Option<&str>,
     ) -> ApiResult<ListPage> {
+        self.scan(rt, ns, labels, fields, limit, continue_token, |o| {
+            present(rt, o)
+        })
+    }
+
+    /// Like [`Store::list`], but each item is already JSON-encoded. Encoding under the
+    /// lock avoids cloning every object, which dominates large lists.
+    pub fn list_encoded(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> ApiResult<ListPage<Vec<u8>>> {
+        let as_stored = !rt.custom && !events::is_view(rt);
+        self.scan(rt, ns, labels, fields, limit, continue_token, |o| {
+            let encoded = if as_stored {
+                serde_json::to_vec(o)
+            } else {
+                serde_json::to_vec(&present(rt, o))
+            };
+            encoded.unwrap_or_default()
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn scan<T>(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+        mut render: impl FnMut(&Value) -> T,
+    ) -> ApiResult<ListPage<T>> {
         let start = match continue_token {
             Some(t) if !t.is_empty() => Some(decode_continue(t)?),
             _ => None,
         };
         let inner = self.lock();
         let mut items = Vec::new();
+        let mut last_key: Option<&ObjectKey> = None;
         let mut continue_key = None;
         if let Some(bucket) = inner.buckets.get(&rt.storage_key()) {
             let lower = match (&start, ns) {
@@ -243,9 +282,9 @@ impl Store {
                 (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
                 (None, None) => std::ops::Bound::Unbounded,
             };
-            for ((ons, oname), stored) in bucket.range((lower, std::ops::Bound::Unbounded)) {
+            for (key, stored) in bucket.range((lower, std::ops::Bound::Unbounded)) {
                 if let Some(ns) = ns
-                    && ons != ns
+                    && key.0 != ns
                 {
                     break;
                 }
@@ -253,13 +292,11 @@ impl Store {
                     continue;
                 }
                 if limit.is_some_and(|l| l > 0 && items.len() == l) {
-                    continue_key = items.last().map(|o: &Value| {
-                        let n = meta_str(o, "name").unwrap_or(oname).to_string();
-                        (meta_str(o, "namespace").unwrap_or("").to_string(), n)
-                    });
+                    continue_key = last_key.cloned();
                     break;
                 }
-                items.push(present(rt, &stored.obj));
+                items.push(render(&stored.obj));
+                last_key = Some(key);
             }
         }
         Ok(ListPage {
