@@ -506,6 +506,7 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
         precondition_uid: pre("uid"),
         precondition_rv: pre("resourceVersion"),
         orphan,
+        foreground: policy.as_deref() == Some("Foreground"),
         dry_run,
     })
 }

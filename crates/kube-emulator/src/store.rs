@@ -94,6 +94,9 @@ pub struct DeleteOptions {
     pub precondition_uid: Option<String>,
     pub precondition_rv: Option<String>,
     pub orphan: bool,
+    /// `propagationPolicy=Foreground`: the owner stays (with the `foregroundDeletion`
+    /// finalizer) until its dependents are gone.
+    pub foreground: bool,
     pub dry_run: bool,
 }
 
@@ -148,6 +151,8 @@ struct Inner {
     max_grace: Option<Duration>,
     /// owner uid -> dependents, for garbage collection on owner removal.
     dependents: HashMap<String, HashSet<(StorageKey, String, String)>>,
+    /// Owners in foreground deletion, by uid, waiting for their dependents.
+    foreground: HashMap<String, (StorageKey, String, String)>,
 }
 
 /// The in-memory object store shared by all request handlers.
@@ -172,6 +177,7 @@ impl Store {
                 terminating: HashMap::new(),
                 max_grace: None,
                 dependents: HashMap::new(),
+                foreground: HashMap::new(),
             }),
             events,
             config,
@@ -861,7 +867,11 @@ impl Store {
         } else {
             0
         };
-        if grace == 0 && !has_finalizers(&obj) {
+        let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
+        let wait_for_dependents = opts.foreground
+            && !opts.orphan
+            && inner.dependents.get(&uid).is_some_and(|d| !d.is_empty());
+        if grace == 0 && !has_finalizers(&obj) && !wait_for_dependents {
             inner.terminating.remove(&key);
             let removed = self.remove_locked(inner, rt, key, opts.orphan);
             return Ok(Deleted::Removed(present(rt, &removed)));
@@ -881,11 +891,27 @@ impl Store {
         }
         let mut marked = obj.clone();
         if let Some(m) = meta_mut(&mut marked) {
-            if !m.contains_key("deletionTimestamp") || grace == 0 {
+            // deletionTimestamp is set once; a later delete may only shorten the grace period.
+            let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
+            if current_grace.is_none_or(|g| grace < g) {
                 let at = SystemTime::now() + Duration::from_secs(grace as u64);
                 m.insert("deletionTimestamp".into(), json!(format_time(at, false)));
+                m.insert("deletionGracePeriodSeconds".into(), json!(grace));
             }
-            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            if wait_for_dependents {
+                let finalizers = m.entry("finalizers").or_insert_with(|| json!([]));
+                if let Some(list) = finalizers.as_array_mut()
+                    && !list.contains(&json!(FOREGROUND_FINALIZER))
+                {
+                    list.push(json!(FOREGROUND_FINALIZER));
+                }
+            }
+        }
+        if wait_for_dependents {
+            inner.foreground.insert(
+                uid.clone(),
+                (rt.storage_key(), key.0.clone(), key.1.clone()),
+            );
         }
         if marked == obj {
             return Ok(Deleted::Pending(present(rt, &obj)));
@@ -900,8 +926,108 @@ impl Store {
             }),
             EventType::Modified,
         );
+        if wait_for_dependents {
+            let deps: Vec<_> = inner
+                .dependents
+                .get(&uid)
+                .map(|d| d.iter().cloned().collect())
+                .unwrap_or_default();
+            for (skey, dns, dname) in deps {
+                if let Some(dep_rt) = resource_for(inner, &skey) {
+                    let cascade = DeleteOptions {
+                        foreground: true,
+                        ..DeleteOptions::default()
+                    };
+                    let _ = self.delete_locked(inner, &dep_rt, &dns, &dname, &cascade);
+                }
+            }
+        }
         self.finish_deletion_if_done(inner, rt, &key);
-        Ok(Deleted::Pending(present(rt, &committed)))
+        let current = inner
+            .buckets
+            .get(&rt.storage_key())
+            .and_then(|b| b.get(&key))
+            .map(|s| present(rt, &s.obj));
+        Ok(match current {
+            Some(obj) => Deleted::Pending(obj),
+            None => Deleted::Removed(present(rt, &committed)),
+        })
+    }
+
+    /// Lets an owner in foreground deletion go once its last dependent is gone.
+    fn release_foreground_owners(&self, inner: &mut Inner, removed: &Value) {
+        let owner_uids: Vec<String> = removed
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r.get("uid")?.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for uid in owner_uids {
+            if inner.dependents.get(&uid).is_some_and(|d| !d.is_empty()) {
+                continue;
+            }
+            let Some((skey, ns, name)) = inner.foreground.remove(&uid) else {
+                continue;
+            };
+            let Some(owner_rt) = resource_for(inner, &skey) else {
+                continue;
+            };
+            let key = (ns, name);
+            let Some(stored) = inner.buckets.get(&skey).and_then(|b| b.get(&key)) else {
+                continue;
+            };
+            let mut obj = stored.obj.clone();
+            let owners = stored.owners.clone();
+            if let Some(list) = obj
+                .pointer_mut("/metadata/finalizers")
+                .and_then(Value::as_array_mut)
+            {
+                list.retain(|f| f != FOREGROUND_FINALIZER);
+            }
+            self.commit(
+                inner,
+                &owner_rt,
+                key.clone(),
+                Some(Stored { obj, owners }),
+                EventType::Modified,
+            );
+            self.finish_deletion_if_done(inner, &owner_rt, &key);
+        }
+    }
+
+    /// Removes the owner reference to `owner_uid` from an orphaned dependent.
+    fn orphan_dependent(
+        &self,
+        inner: &mut Inner,
+        dep: &(StorageKey, String, String),
+        owner_uid: &str,
+    ) {
+        let (skey, ns, name) = dep;
+        let Some(dep_rt) = resource_for(inner, skey) else {
+            return;
+        };
+        let key = (ns.clone(), name.clone());
+        let Some(stored) = inner.buckets.get(skey).and_then(|b| b.get(&key)) else {
+            return;
+        };
+        let mut obj = stored.obj.clone();
+        let owners = stored.owners.clone();
+        if let Some(refs) = obj
+            .pointer_mut("/metadata/ownerReferences")
+            .and_then(Value::as_array_mut)
+        {
+            refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
+        }
+        self.commit(
+            inner,
+            &dep_rt,
+            key,
+            Some(Stored { obj, owners }),
+            EventType::Modified,
+        );
     }
 
     /// Deletes every object matching the selectors; returns the affected objects.
@@ -955,20 +1081,23 @@ impl Store {
         }
         if let Some(uid) = meta_str(&removed, "uid")
             && let Some(deps) = inner.dependents.remove(uid)
-            && !orphan
         {
-            for (skey, ns, name) in deps {
-                let Some(dep_rt) = inner
-                    .resources
-                    .iter()
-                    .find(|r| r.storage_key() == skey)
-                    .cloned()
-                else {
-                    continue;
-                };
-                let _ = self.delete_locked(inner, &dep_rt, &ns, &name, &DeleteOptions::default());
+            inner.foreground.remove(uid);
+            for dep in deps {
+                if orphan {
+                    self.orphan_dependent(inner, &dep, uid);
+                } else if let Some(dep_rt) = resource_for(inner, &dep.0) {
+                    let _ = self.delete_locked(
+                        inner,
+                        &dep_rt,
+                        &dep.1,
+                        &dep.2,
+                        &DeleteOptions::default(),
+                    );
+                }
             }
         }
+        self.release_foreground_owners(inner, &removed);
         removed
     }
 
@@ -1136,6 +1265,18 @@ impl Store {
         );
         Ok(present(rt, &committed))
     }
+}
+
+/// Finalizer that holds an owner in foreground deletion.
+const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// The (first) served type that stores objects under `skey`.
+fn resource_for(inner: &Inner, skey: &StorageKey) -> Option<ResourceType> {
+    inner
+        .resources
+        .iter()
+        .find(|r| r.storage_key() == *skey)
+        .cloned()
 }
 
 /// The core/v1 Event type, which stores events of both event APIs.

@@ -2,6 +2,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+use kube::ResourceExt;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
 };
@@ -749,6 +750,77 @@ async fn owners_namespaces_and_injected_faults() {
     assert!(
         replicasets.get_opt("d-1").await.expect("get").is_none(),
         "dependent collected"
+    );
+
+    // Foreground: the owner waits, marked, until its dependents (and theirs) are gone.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "team");
+    let d2 = deployments
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "d2"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}})).expect("d2"))
+        .await
+        .expect("deployment");
+    let owned_by = |kind: &str, name: &str, uid: &Option<String>| json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": uid}]);
+    let rs2: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "d2-1", "ownerReferences": owned_by("Deployment", "d2", &d2.metadata.uid)},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}}})).expect("rs");
+    let rs2 = replicasets
+        .create(&PostParams::default(), &rs2)
+        .await
+        .expect("rs");
+    let mut worker = pod("worker", json!({}));
+    worker.metadata.owner_references =
+        serde_json::from_value(owned_by("ReplicaSet", "d2-1", &rs2.metadata.uid)).expect("refs");
+    pods.create(&PostParams::default(), &worker)
+        .await
+        .expect("pod");
+    let pending = deployments
+        .delete("d2", &DeleteParams::foreground())
+        .await
+        .expect("foreground delete");
+    let marked = pending.left().expect("owner waits for dependents");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert!(
+        marked
+            .finalizers()
+            .contains(&"foregroundDeletion".to_string())
+    );
+    assert!(
+        pods.get("worker")
+            .await
+            .expect("pod")
+            .metadata
+            .deletion_timestamp
+            .is_some(),
+        "pod terminating"
+    );
+    assert!(deployments.get_opt("d2").await.expect("get").is_some());
+    emulator.control().expire_grace_periods();
+    eventually("foreground chain completes", || async {
+        deployments.get_opt("d2").await.expect("get").is_none()
+            && replicasets.get_opt("d2-1").await.expect("get").is_none()
+    })
+    .await;
+
+    // Orphan: dependents stay and lose the owner reference.
+    let rs3 = replicasets
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "rs3"}, "spec": {"selector": {"matchLabels": {"a": "b"}}}})).expect("rs3"))
+        .await
+        .expect("rs3");
+    let mut orphan = pod("orphan", json!({}));
+    orphan.metadata.owner_references =
+        serde_json::from_value(owned_by("ReplicaSet", "rs3", &rs3.metadata.uid)).expect("refs");
+    pods.create(&PostParams::default(), &orphan)
+        .await
+        .expect("pod");
+    replicasets
+        .delete("rs3", &DeleteParams::orphan())
+        .await
+        .expect("orphan delete");
+    let kept = pods.get("orphan").await.expect("orphan survives");
+    assert!(
+        kept.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
     );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "team");
