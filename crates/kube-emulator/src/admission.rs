@@ -254,6 +254,19 @@ pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiRes
     }
 }
 
+/// Kinds whose `metadata.generation` counts spec changes; others (ConfigMaps, Secrets,
+/// Events, Leases, Namespaces, Services) have no generation, as in Kubernetes.
+pub(crate) fn tracks_generation(rt: &ResourceType) -> bool {
+    rt.custom
+        || matches!(
+            (rt.group.as_str(), rt.plural.as_str()),
+            ("", "pods")
+                | ("apps", "deployments")
+                | ("apps", "replicasets")
+                | ("apiextensions.k8s.io", "customresourcedefinitions")
+        )
+}
+
 /// Everything but metadata and status: a change here bumps `generation`.
 pub(crate) fn spec_of(obj: &Value) -> Map<String, Value> {
     obj.as_object()

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 use crate::admission::{
     applied_for_subresource, check_kind, check_shape, fold_string_data, is_pod, pod_finished,
-    prepare_create, scope_namespace, spec_of, validate,
+    prepare_create, scope_namespace, spec_of, tracks_generation, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -458,7 +458,11 @@ impl Store {
         }
         meta.insert("uid".into(), json!(util::new_uid()));
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
-        meta.insert("generation".into(), json!(1));
+        if tracks_generation(rt) {
+            meta.insert("generation".into(), json!(1));
+        } else {
+            meta.remove("generation");
+        }
         for system in [
             "resourceVersion",
             "deletionTimestamp",
@@ -751,7 +755,7 @@ impl Store {
         set_type(rt, &mut new);
         fold_string_data(rt, &mut new);
         validate(rt, &mut new, name)?;
-        if spec_of(&old) != spec_of(&new) {
+        if tracks_generation(rt) && spec_of(&old) != spec_of(&new) {
             let generation = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)

@@ -403,6 +403,10 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
         .patch("cfg", &apply("alice", false), &Patch::Apply(&first))
         .await
         .expect("apply creates");
+    assert!(
+        created.metadata.generation.is_none(),
+        "config maps have no generation"
+    );
     assert_eq!(
         created
             .data
