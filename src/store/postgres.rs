@@ -85,6 +85,10 @@ impl PostgresStore {
 
     /// Runs `sql` (which takes `$1` = worker, `$2` = limit, optionally `$3`) in batches until a
     /// batch touches fewer than `batch_size` rows; bounded batches keep row locks short.
+    ///
+    /// Batches pick rows by `ctid` from a locking subquery: `id IN (subquery)` makes Postgres
+    /// hash-join against a full scan of the table, so every batch would cost O(table). The lock
+    /// keeps the `ctid` valid until the outer statement runs.
     async fn batched(&self, sql: &'static str, worker: &str, extra: Option<&str>) -> Result<u64> {
         let limit = self.options.batch_size as i64;
         let mut total = 0;
@@ -208,8 +212,8 @@ impl Store for PostgresStore {
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
         self.batched(
-            "DELETE FROM blockyard_sessions WHERE id IN
-                 (SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2)",
+            "DELETE FROM blockyard_sessions WHERE worker_id = $1 AND ctid = ANY(ARRAY(
+                 SELECT ctid FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))",
             worker_id,
             None,
         )
@@ -251,9 +255,9 @@ impl Store for PostgresStore {
             return self.count_for_worker(from).await;
         }
         self.batched(
-            "UPDATE blockyard_sessions SET worker_id = $3 WHERE id IN
-                 (SELECT id FROM blockyard_sessions
-                  WHERE worker_id = $1 AND expires_at > now() LIMIT $2)",
+            "UPDATE blockyard_sessions SET worker_id = $3 WHERE worker_id = $1 AND ctid = ANY(ARRAY(
+                 SELECT ctid FROM blockyard_sessions
+                 WHERE worker_id = $1 AND expires_at > now() LIMIT $2 FOR UPDATE))",
             from,
             Some(to),
         )
@@ -277,13 +281,15 @@ impl Store for PostgresStore {
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
         // SKIP LOCKED: rows a proxy is touching right now are left for the next batch instead of
-        // making the sweep (and everyone queued behind it) wait.
+        // making the sweep (and everyone queued behind it) wait. ORDER BY walks the index, so
+        // each batch skips the rows earlier batches deleted instead of rescanning them in the
+        // heap (a sequential scan made 1M rows ten times slower).
         let ids = match sweep {
             Sweep::Expired => {
                 sqlx::query_scalar(
-                    "DELETE FROM blockyard_sessions WHERE id IN
-                         (SELECT id FROM blockyard_sessions WHERE expires_at <= now()
-                          LIMIT $1 FOR UPDATE SKIP LOCKED)
+                    "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM blockyard_sessions WHERE expires_at <= now()
+                         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))
                      RETURNING id",
                 )
                 .bind(limit as i64)
@@ -293,11 +299,11 @@ impl Store for PostgresStore {
             Sweep::Idle { max_age, workers } => {
                 let age = self.options.idle_cutoff_age(max_age).as_secs_f64();
                 sqlx::query_scalar(
-                    "DELETE FROM blockyard_sessions WHERE id IN
-                         (SELECT id FROM blockyard_sessions
-                          WHERE last_access < now() - make_interval(secs => $1::float8)
-                            AND ($2::text[] IS NULL OR worker_id = ANY($2))
-                          LIMIT $3 FOR UPDATE SKIP LOCKED)
+                    "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM blockyard_sessions
+                         WHERE last_access < now() - make_interval(secs => $1::float8)
+                           AND ($2::text[] IS NULL OR worker_id = ANY($2))
+                         ORDER BY last_access LIMIT $3 FOR UPDATE SKIP LOCKED))
                      RETURNING id",
                 )
                 .bind(age)

@@ -186,3 +186,33 @@ pub fn openapi_v3_group_version(
         "components": {"schemas": {}}
     }))
 }
+
+/// `/openapi/v2` as JSON: an empty document (no paths, no definitions).
+pub fn openapi_v2_json() -> Value {
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Kubernetes (kube-emulator)", "version": "v1.34.0"},
+        "paths": {},
+        "definitions": {}
+    })
+}
+
+/// The same empty document in the gnostic protobuf encoding older kubectl versions
+/// (before OpenAPI v3 support) insist on. With no definitions, kubectl skips client-side
+/// validation and computes patches from its compiled-in types.
+pub fn openapi_v2_protobuf() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        // Length-delimited field; every length here is below 128 so it fits one byte.
+        out.push((number << 3) | 2);
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"Kubernetes (kube-emulator)"); // Info.title
+    field(&mut info, 2, b"v1.34.0"); // Info.version
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0"); // Document.swagger
+    field(&mut doc, 2, &info); // Document.info
+    field(&mut doc, 8, &[]); // Document.paths
+    doc
+}

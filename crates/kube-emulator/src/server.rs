@@ -113,6 +113,23 @@ async fn route(
                 .ok_or_else(|| ApiError::no_route(path))?;
             return Ok(json_response(StatusCode::OK, &list));
         }
+        ["openapi", "v2"] | ["swagger-2.0.0.pb-v1"] => {
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if accept.contains("protobuf") {
+                return Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(
+                        header::CONTENT_TYPE,
+                        "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                    )
+                    .body(Body::from(discovery::openapi_v2_protobuf()))
+                    .unwrap_or_default());
+            }
+            return Ok(json_response(StatusCode::OK, &discovery::openapi_v2_json()));
+        }
         ["openapi", "v3"] => {
             return Ok(json_response(
                 StatusCode::OK,

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const KUBECTL: &str = "kubectl";
+/// The kubectl to run: `$KUBECTL` if set, else `kubectl` from `PATH`.
+fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
+}
 
 /// Kills the emulator process if the test fails midway.
 struct Server {
@@ -22,7 +25,7 @@ impl Drop for Server {
 }
 
 fn kubectl_available() -> bool {
-    Command::new(KUBECTL)
+    Command::new(kubectl_bin())
         .args(["version", "--client"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -63,7 +66,7 @@ fn start_binary() -> Server {
 }
 
 fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(KUBECTL);
+    let mut cmd = Command::new(kubectl_bin());
     cmd.env("KUBECONFIG", kubeconfig)
         .args(args)
         .stdout(Stdio::piped())
@@ -227,7 +230,7 @@ fn kubectl_drives_the_binary() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.size"));
 
     // `get -w` observes a change made after it started.
-    let mut watch = Command::new(KUBECTL)
+    let mut watch = Command::new(kubectl_bin())
         .env("KUBECONFIG", kc)
         .args([
             "get",
