@@ -27,6 +27,8 @@ struct WatchFilter {
     representation: Representation,
     /// Table watches carry column definitions in their first row only.
     sent_any: bool,
+    /// `apiVersion` of the watched type, for re-rendering custom resources.
+    api_version: String,
 }
 
 impl WatchFilter {
@@ -57,8 +59,16 @@ impl WatchFilter {
             let object = self.representation.object(&self.rt, &view, first);
             return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
         }
-        if self.representation != Representation::Full {
-            let object = self.representation.object(&self.rt, &ev.object, first);
+        // Custom resources stored under another served version are re-rendered with the
+        // version this watch asked for (there is no conversion beyond apiVersion).
+        let other_version = self.rt.custom
+            && ev.object.get("apiVersion").and_then(Value::as_str)
+                != Some(self.api_version.as_str());
+        if self.representation != Representation::Full || other_version {
+            let mut object = self.representation.object(&self.rt, &ev.object, first);
+            if other_version && self.representation == Representation::Full {
+                object["apiVersion"] = json!(self.api_version);
+            }
             return Some(format!("{{\"type\":\"{ty}\",\"object\":{object}}}\n"));
         }
         Some(format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", ev.json))
@@ -100,6 +110,7 @@ pub(crate) fn serve_watch(
         fields,
         representation,
         sent_any: false,
+        api_version: target.rt.api_version(),
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let first: Option<String> =

@@ -326,3 +326,65 @@ async fn secrets_fold_string_data_and_services_are_served() {
     );
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn multi_version_crds_share_objects() {
+    let (emulator, client) = start().await;
+    let crd_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+        "customresourcedefinitions",
+    );
+    let crds: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
+    let schema = json!({"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object",
+        "properties": {"n": {"type": "integer"}}}}}});
+    let crd: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "dials.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "dials", "singular": "dial", "kind": "Dial"},
+            "versions": [
+                {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
+                {"name": "v1", "served": true, "storage": true, "schema": schema}
+            ]}
+    }))
+    .expect("crd");
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("create CRD");
+    let at = |version: &str| {
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("example.com", version, "Dial"),
+            "dials",
+        );
+        Api::<DynamicObject>::namespaced_with(client.clone(), "default", &ar)
+    };
+    let (beta, v1) = (at("v1beta1"), at("v1"));
+    let mut stream = v1
+        .watch(&WatchParams::default(), "0")
+        .await
+        .expect("watch")
+        .boxed();
+    let obj: DynamicObject =
+        serde_json::from_value(json!({"apiVersion": "example.com/v1beta1", "kind": "Dial",
+        "metadata": {"name": "d"}, "spec": {"n": 1}}))
+        .expect("dial");
+    beta.create(&PostParams::default(), &obj)
+        .await
+        .expect("create via v1beta1");
+    let got = v1.get("d").await.expect("get via v1");
+    assert_eq!(
+        got.types.map(|t| t.api_version).as_deref(),
+        Some("example.com/v1")
+    );
+    assert_eq!(got.data["spec"]["n"], 1);
+    match stream.next().await {
+        Some(Ok(WatchEvent::Added(o))) => {
+            assert_eq!(
+                o.types.map(|t| t.api_version).as_deref(),
+                Some("example.com/v1")
+            )
+        }
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    emulator.shutdown().await;
+}
