@@ -279,12 +279,25 @@ impl Store {
             _ => None,
         };
         let inner = self.lock();
+        // Later pages report the first page's version, as the API server does for its
+        // snapshot, so a watch started from the list's version sees every change made
+        // while paging. That version must still be inside the watch history.
+        let list_rv = match &start {
+            Some((rv, _)) if *rv < inner.compacted => {
+                return Err(ApiError::gone(format!(
+                    "The provided continue parameter is too old to display a consistent list result. \
+                     You can start a new list without the continue parameter (resource version {rv})."
+                )));
+            }
+            Some((rv, _)) => *rv,
+            None => inner.rv,
+        };
         let mut items = Vec::new();
         let mut last_key: Option<&ObjectKey> = None;
         let mut continue_key = None;
         if let Some(bucket) = inner.buckets.get(&rt.storage_key()) {
             let lower = match (&start, ns) {
-                (Some(k), _) => std::ops::Bound::Excluded(k.clone()),
+                (Some((_, k)), _) => std::ops::Bound::Excluded(k.clone()),
                 (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
                 (None, None) => std::ops::Bound::Unbounded,
             };
@@ -307,8 +320,8 @@ impl Store {
         }
         Ok(ListPage {
             items,
-            resource_version: inner.rv,
-            continue_token: continue_key.map(|(ns, name)| encode_continue(&ns, &name)),
+            resource_version: list_rv,
+            continue_token: continue_key.map(|(ns, name)| encode_continue(list_rv, &ns, &name)),
         })
     }
 
@@ -1414,14 +1427,15 @@ fn register_crd(inner: &mut Inner, crd: &Value, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn encode_continue(ns: &str, name: &str) -> String {
-    format!("{ns}/{name}")
+/// Continue tokens carry the list's version and the last returned key.
+fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
+    format!("{rv}/{ns}/{name}")
         .bytes()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-fn decode_continue(token: &str) -> ApiResult<ObjectKey> {
+fn decode_continue(token: &str) -> ApiResult<(u64, ObjectKey)> {
     let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
     if !token.len().is_multiple_of(2) {
         return Err(bad());
@@ -1431,8 +1445,10 @@ fn decode_continue(token: &str) -> ApiResult<ObjectKey> {
         .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
         .collect();
     let text = String::from_utf8(bytes.ok_or_else(bad)?).map_err(|_| bad())?;
-    let (ns, name) = text.split_once('/').ok_or_else(bad)?;
-    Ok((ns.to_string(), name.to_string()))
+    let (rv, key) = text.split_once('/').ok_or_else(bad)?;
+    let rv = rv.parse::<u64>().map_err(|_| bad())?;
+    let (ns, name) = key.split_once('/').ok_or_else(bad)?;
+    Ok((rv, (ns.to_string(), name.to_string())))
 }
 
 impl Store {
@@ -1557,10 +1573,10 @@ mod tests {
 
     #[test]
     fn continue_tokens_round_trip() {
-        let token = encode_continue("ns", "name.with-dots");
+        let token = encode_continue(42, "ns", "name.with-dots");
         assert_eq!(
             decode_continue(&token).expect("decodes"),
-            ("ns".to_string(), "name.with-dots".to_string())
+            (42, ("ns".to_string(), "name.with-dots".to_string()))
         );
         assert!(decode_continue("zz").is_err());
         assert!(decode_continue("abc").is_err());

@@ -331,3 +331,83 @@ async fn metadata_watcher_receives_partial_objects() {
     task.abort();
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn paginated_initial_lists_stay_consistent_under_concurrent_writes() {
+    let (emulator, client) = crate::start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for i in 0..40 {
+        pods.create(&PostParams::default(), &pod(&format!("page-{i:02}")))
+            .await
+            .expect("create");
+    }
+    // Continue pages report the first page's version.
+    let first = pods
+        .list(&ListParams::default().limit(10))
+        .await
+        .expect("page 1");
+    pods.patch(
+        "page-00",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"gen": "x"}}})),
+    )
+    .await
+    .expect("write between pages");
+    let token = first.metadata.continue_.clone().expect("more pages");
+    let second = pods
+        .list(&ListParams::default().limit(10).continue_token(&token))
+        .await
+        .expect("page 2");
+    assert_eq!(
+        second.metadata.resource_version,
+        first.metadata.resource_version
+    );
+
+    // A reflector lists 5 at a time while a writer keeps changing early and late keys.
+    let (reader, writer_store) = reflector::store();
+    let task = tokio::spawn(
+        watcher(pods.clone(), watcher::Config::default().page_size(5))
+            .default_backoff()
+            .reflect(writer_store)
+            .for_each(|_| async {}),
+    );
+    let writer_pods = pods.clone();
+    let writer = tokio::spawn(async move {
+        for round in 0..60 {
+            let name = format!("page-{:02}", (round * 7) % 40);
+            let patch = Patch::Merge(json!({"metadata": {"labels": {"gen": round.to_string()}}}));
+            writer_pods
+                .patch(&name, &PatchParams::default(), &patch)
+                .await
+                .expect("modify");
+            writer_pods
+                .create(&PostParams::default(), &pod(&format!("late-{round:02}")))
+                .await
+                .expect("create");
+        }
+    });
+    writer.await.expect("writer");
+    eventually("paged reflector matches the server", || async {
+        cache_view(&reader) == server_view(&pods).await
+    })
+    .await;
+
+    // A continue token whose version left the history is 410 Gone.
+    emulator.control().compact_history();
+    pods.patch(
+        "page-01",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"gen": "y"}}})),
+    )
+    .await
+    .expect("touch");
+    match pods
+        .list(&ListParams::default().limit(10).continue_token(&token))
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 410),
+        other => panic!("expected 410 for an expired continue token, got {other:?}"),
+    }
+    task.abort();
+    emulator.shutdown().await;
+}
