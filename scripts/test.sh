@@ -71,5 +71,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 cargo run -q -- bench store --smoke
 # Benchmark targets built in the test profile and run once with small sizes.
-BENCH_SMOKE=1 cargo test -q -p kube-emulator --benches
+BENCH_SMOKE=1 cargo test -q -p kube-emulator --bench emulator
 echo "all tests passed"
