@@ -58,10 +58,17 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         body,
     )
     .await;
-    match result {
+    let response = match result {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
-    }
+    };
+    tracing::debug!(
+        method = %parts.method,
+        uri = %parts.uri,
+        status = response.status().as_u16(),
+        "kube-emulator request"
+    );
+    response
 }
 
 async fn route(
