@@ -201,13 +201,62 @@ pub struct FieldOwners {
     appliers: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// Suffix of the owner key for applies to the `status` subresource.
+pub const STATUS_OWNER_SUFFIX: &str = " (status)";
+
 impl FieldOwners {
+    /// `metadata.managedFields` entries (operation `Apply`, `FieldsV1`) for the appliers.
+    pub fn managed_fields(&self, api_version: &str) -> Vec<Value> {
+        self.appliers
+            .iter()
+            .map(|(key, paths)| {
+                let (manager, subresource) = match key.strip_suffix(STATUS_OWNER_SUFFIX) {
+                    Some(m) => (m, Some("status")),
+                    None => (key.as_str(), None),
+                };
+                let mut fields = Map::new();
+                for path in paths {
+                    insert_fields_v1(&mut fields, path);
+                }
+                let mut entry = serde_json::json!({
+                    "manager": manager,
+                    "operation": "Apply",
+                    "apiVersion": api_version,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": fields,
+                });
+                if let (Some(sub), Some(m)) = (subresource, entry.as_object_mut()) {
+                    m.insert("subresource".into(), Value::String(sub.into()));
+                }
+                entry
+            })
+            .collect()
+    }
+
     /// Drops ownership of every field whose value differs between `old` and `new`.
     pub fn forget_changed(&mut self, old: &Value, new: &Value) {
         for fields in self.appliers.values_mut() {
             fields.retain(|p| old.pointer(p) == new.pointer(p));
         }
         self.appliers.retain(|_, f| !f.is_empty());
+    }
+}
+
+/// Adds a JSON pointer to a `FieldsV1` set (`{"f:spec": {"f:replicas": {}}}`).
+fn insert_fields_v1(root: &mut Map<String, Value>, pointer: &str) {
+    let mut current = root;
+    for segment in pointer.split('/').skip(1) {
+        let key = format!("f:{}", segment.replace("~1", "/").replace("~0", "~"));
+        let child = current
+            .entry(key)
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !child.is_object() {
+            *child = Value::Object(Map::new());
+        }
+        match child {
+            Value::Object(map) => current = map,
+            _ => return,
+        }
     }
 }
 
@@ -395,6 +444,32 @@ mod tests {
         let live = server_side_apply(&live, &json!({"spec": {}}), "a", false, &mut owners)
             .expect("shrink");
         assert_eq!(live, json!({"spec": {"holder": "b"}}));
+    }
+
+    #[test]
+    fn managed_fields_render_as_fields_v1() {
+        let mut owners = FieldOwners::default();
+        let applied =
+            json!({"metadata": {"labels": {"a/b": "1"}}, "spec": {"replicas": 2, "ports": [1]}});
+        server_side_apply(&Value::Null, &applied, "m", false, &mut owners).expect("apply");
+        let status = json!({"status": {"ready": true}});
+        server_side_apply(
+            &applied,
+            &status,
+            &format!("m{STATUS_OWNER_SUFFIX}"),
+            false,
+            &mut owners,
+        )
+        .expect("status apply");
+        let entries = owners.managed_fields("apps/v1");
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0]["manager"], "m");
+        assert_eq!(
+            entries[0]["fieldsV1"],
+            json!({"f:metadata": {"f:labels": {"f:a/b": {}}}, "f:spec": {"f:ports": {}, "f:replicas": {}}})
+        );
+        assert_eq!(entries[1]["subresource"], "status");
+        assert_eq!(entries[1]["fieldsV1"], json!({"f:status": {"f:ready": {}}}));
     }
 
     #[test]

@@ -407,19 +407,27 @@ impl Store {
         let mut inner = self.lock();
         if events::is_view(rt) {
             let core = core_events(&inner)?;
-            let created =
-                self.create_locked(&mut inner, &core, ns, events::view_to_core(&body), opts)?;
+            let created = self.create_locked(
+                &mut inner,
+                &core,
+                ns,
+                events::view_to_core(&body),
+                FieldOwners::default(),
+                opts,
+            )?;
             return Ok(events::core_to_view(&created));
         }
-        self.create_locked(&mut inner, rt, ns, body, opts)
+        self.create_locked(&mut inner, rt, ns, body, FieldOwners::default(), opts)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_locked(
         &self,
         inner: &mut Inner,
         rt: &ResourceType,
         ns: &str,
         mut obj: Value,
+        owners: FieldOwners,
         opts: &WriteOptions,
     ) -> ApiResult<Value> {
         check_kind(rt, &obj)?;
@@ -507,7 +515,6 @@ impl Store {
             register_crd(inner, &obj, &name)?;
             obj["status"] = crd::established_status(&obj, &now_rfc3339());
         }
-        let owners = FieldOwners::default();
         let committed = self.commit(
             inner,
             rt,
@@ -593,15 +600,7 @@ impl Store {
             let applied =
                 patch::server_side_apply(&Value::Null, &created, &manager, true, &mut owners)
                     .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
-            let result = self.create_locked(&mut inner, rt, ns, applied, opts)?;
-            if let Some(stored) = inner
-                .buckets
-                .get_mut(&rt.storage_key())
-                .and_then(|b| b.get_mut(&(ns.to_string(), name.to_string())))
-            {
-                stored.owners = owners;
-            }
-            return Ok(result);
+            return self.create_locked(&mut inner, rt, ns, applied, owners, opts);
         };
         let mut patched = old.clone();
         match kind {
@@ -626,7 +625,7 @@ impl Store {
                 let applied = applied_for_subresource(rt, body, sub);
                 let owner_key = match sub {
                     Subresource::Main => manager.clone(),
-                    Subresource::Status => format!("{manager} (status)"),
+                    Subresource::Status => format!("{manager}{}", patch::STATUS_OWNER_SUFFIX),
                 };
                 patched =
                     patch::server_side_apply(&old, &applied, &owner_key, opts.force, &mut owners)
@@ -686,8 +685,14 @@ impl Store {
             if let Some(m) = meta_mut(&mut created) {
                 m.insert("name".into(), json!(name));
             }
-            let out =
-                self.create_locked(&mut inner, &core, ns, events::view_to_core(&created), opts)?;
+            let out = self.create_locked(
+                &mut inner,
+                &core,
+                ns,
+                events::view_to_core(&created),
+                FieldOwners::default(),
+                opts,
+            )?;
             return Ok(events::core_to_view(&out));
         };
         let mut view = events::core_to_view(&old);
@@ -780,6 +785,7 @@ impl Store {
         if opts.dry_run {
             return Ok(present(rt, &new));
         }
+        set_managed_fields(&mut new, &owners);
         if new == old {
             // No-op writes do not bump resourceVersion, as in Kubernetes.
             return Ok(present(rt, &new));
@@ -817,6 +823,7 @@ impl Store {
         let previous = bucket.remove(&key).map(|s| s.obj);
         let object = match new {
             Some(mut stored) => {
+                set_managed_fields(&mut stored.obj, &stored.owners);
                 if let Some(m) = meta_mut(&mut stored.obj) {
                     m.insert("resourceVersion".into(), json!(rv.to_string()));
                 }
@@ -884,6 +891,23 @@ impl Store {
             EventType::Modified,
         );
         Ok(present(rt, &committed))
+    }
+}
+
+/// Renders appliers' field ownership into `metadata.managedFields`.
+fn set_managed_fields(obj: &mut Value, owners: &FieldOwners) {
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let entries = owners.managed_fields(&api_version);
+    if let Some(meta) = meta_mut(obj) {
+        if entries.is_empty() {
+            meta.remove("managedFields");
+        } else {
+            meta.insert("managedFields".into(), Value::Array(entries));
+        }
     }
 }
 

@@ -407,6 +407,21 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
         created.metadata.generation.is_none(),
         "config maps have no generation"
     );
+    let managed = created.metadata.managed_fields.clone().unwrap_or_default();
+    assert_eq!(managed.len(), 1);
+    assert_eq!(
+        (
+            managed[0].manager.as_deref(),
+            managed[0].operation.as_deref()
+        ),
+        (Some("alice"), Some("Apply"))
+    );
+    let fields = managed[0]
+        .fields_v1
+        .as_ref()
+        .map(|f| f.0.clone())
+        .unwrap_or_default();
+    assert_eq!(fields, json!({"f:data": {"f:a": {}, "f:owner": {}}}));
     assert_eq!(
         created
             .data
@@ -427,6 +442,20 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
         .patch("cfg", &apply("bob", true), &Patch::Apply(&bob))
         .await
         .expect("force");
+    let owners_of_owner: Vec<String> = forced
+        .metadata
+        .managed_fields
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:data/f:owner").is_some())
+        })
+        .filter_map(|m| m.manager)
+        .collect();
+    assert_eq!(owners_of_owner, vec!["bob"], "force transfers ownership");
     let data = forced.data.expect("data");
     assert_eq!(data.get("owner").map(String::as_str), Some("bob"));
     assert_eq!(data.get("a").map(String::as_str), Some("1"));
