@@ -42,6 +42,16 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
             cols.push(column("Holder", "string", "", 0));
             cols.push(column("Age", "string", "", 0));
         }
+        ("", "events") | ("events.k8s.io", "events") => {
+            // kubectl's event printer: NAME is hidden behind LAST SEEN etc.
+            cols = vec![
+                column("Last Seen", "string", "", 0),
+                column("Type", "string", "", 0),
+                column("Reason", "string", "", 0),
+                column("Object", "string", "", 0),
+                column("Message", "string", "", 0),
+            ];
+        }
         _ => cols.push(column("Age", "string", "", 0)),
     }
     cols
@@ -106,6 +116,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
             let ready = format!("{}/{}", int("/status/readyReplicas"), int("/spec/replicas"));
             vec![name, json!(ready), age]
         }
+        ("", "events") | ("events.k8s.io", "events") => event_cells(obj, now),
         ("coordination.k8s.io", "leases") => {
             let holder = obj
                 .pointer("/spec/holderIdentity")
@@ -139,6 +150,37 @@ pub fn table(rt: &ResourceType, objects: &[Value], metadata: Value, with_columns
         t["columnDefinitions"] = Value::Array(columns(rt));
     }
     t
+}
+
+/// Works on both event versions (core field names first, then events.k8s.io/v1).
+fn event_cells(obj: &Value, now: SystemTime) -> Vec<Value> {
+    let text = |paths: &[&str]| -> String {
+        paths
+            .iter()
+            .find_map(|p| obj.pointer(p).and_then(Value::as_str))
+            .unwrap_or("")
+            .to_string()
+    };
+    let last_seen = [
+        "/lastTimestamp",
+        "/deprecatedLastTimestamp",
+        "/eventTime",
+        "/series/lastObservedTime",
+    ]
+    .iter()
+    .find_map(|p| obj.pointer(p).and_then(Value::as_str))
+    .and_then(parse_rfc3339)
+    .map(|t| human_duration(now.duration_since(t).unwrap_or_default()))
+    .unwrap_or_else(|| age(obj, now));
+    let kind = text(&["/involvedObject/kind", "/regarding/kind"]).to_lowercase();
+    let name = text(&["/involvedObject/name", "/regarding/name"]);
+    vec![
+        json!(last_seen),
+        json!(text(&["/type"])),
+        json!(text(&["/reason"])),
+        json!(format!("{kind}/{name}")),
+        json!(text(&["/message", "/note"])),
+    ]
 }
 
 fn age(obj: &Value, now: SystemTime) -> String {

@@ -137,6 +137,16 @@ metadata: {name: g2, labels: {app: db}}
 spec: {size: 4}
 "#;
 
+const EVENT: &str = r#"
+apiVersion: v1
+kind: Event
+metadata: {name: web-started}
+involvedObject: {kind: Pod, name: web, namespace: default}
+reason: Started
+message: Started container
+type: Normal
+"#;
+
 const DEPLOYMENT: &str = r#"
 apiVersion: apps/v1
 kind: Deployment
@@ -321,6 +331,14 @@ fn kubectl_drives_the_binary() {
     );
     ok(kc, &["delete", "pod", "web", "--grace-period=1"], None);
     assert_eq!(ok(kc, &["get", "pods", "-o", "name"], None).trim(), "");
+
+    // Events print with kubectl's familiar columns.
+    ok(kc, &["apply", "-f", "-"], Some(EVENT));
+    let events = ok(kc, &["get", "events"], None);
+    assert!(
+        events.starts_with("LAST SEEN") && events.contains("pod/web") && events.contains("Started"),
+        "{events}"
+    );
 
     // Server-side apply and the scale subresource on a built-in kind.
     ok(kc, &["apply", "--server-side", "-f", "-"], Some(DEPLOYMENT));
