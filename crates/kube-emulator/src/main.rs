@@ -25,6 +25,10 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_interval: u64,
+    /// YAML/JSON files of objects (e.g. CRDs, namespaces) to create before serving;
+    /// may be repeated. The kubeconfig is written only after they are loaded.
+    #[arg(long = "load", value_name = "FILE")]
+    load: Vec<PathBuf>,
 }
 
 #[tokio::main]
@@ -41,6 +45,18 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    for file in &args.load {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let count = emulator
+            .control()
+            .load_yaml(&text)
+            .with_context(|| format!("loading {}", file.display()))?;
+        eprintln!(
+            "kube-emulator: loaded {count} object(s) from {}",
+            file.display()
+        );
+    }
     if let Some(path) = &args.kubeconfig_out {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, emulator.kubeconfig())

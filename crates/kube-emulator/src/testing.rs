@@ -305,6 +305,31 @@ impl Control {
             .create(&rt, &ns, obj, &crate::store::WriteOptions::default())
     }
 
+    /// Creates every object of a multi-document YAML (or JSON) text, in order; `kind: List`
+    /// documents contribute their items. Returns how many objects were created.
+    pub fn load_yaml(&self, text: &str) -> ApiResult<usize> {
+        use serde::Deserialize;
+        let mut created = 0;
+        for document in serde_yaml_ng::Deserializer::from_str(text) {
+            let value = Value::deserialize(document)
+                .map_err(|e| ApiError::bad_request(format!("invalid YAML document: {e}")))?;
+            if value.is_null() {
+                continue;
+            }
+            let objects = match value.get("kind").and_then(Value::as_str) {
+                Some(kind) if kind.ends_with("List") && value.get("items").is_some() => {
+                    value["items"].as_array().cloned().unwrap_or_default()
+                }
+                _ => vec![value],
+            };
+            for obj in objects {
+                self.create(obj)?;
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
     /// Direct access to the object store (for seeding data without HTTP).
     pub fn store(&self) -> &Store {
         &self.store

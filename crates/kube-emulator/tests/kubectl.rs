@@ -37,14 +37,22 @@ fn start_binary() -> Server {
     let dir = std::env::temp_dir().join(format!("kube-emulator-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let kubeconfig = dir.join("kubeconfig");
+    let seed = dir.join("seed.yaml");
+    std::fs::write(
+        &seed,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: seeded}\n",
+    )
+    .expect("seed file");
     let child = Command::new(env!("CARGO_BIN_EXE_kube-emulator"))
         .args([
             "--listen",
             "127.0.0.1:0",
             "--bookmark-interval",
             "1",
-            "--kubeconfig-out",
+            "--load",
         ])
+        .arg(&seed)
+        .arg("--kubeconfig-out")
         .arg(&kubeconfig)
         .stdout(Stdio::null())
         .spawn()
@@ -169,6 +177,12 @@ fn kubectl_drives_the_binary() {
     }
     let server = start_binary();
     let kc = server.kubeconfig.as_path();
+
+    // Objects from --load exist before the kubeconfig appears.
+    assert_eq!(
+        ok(kc, &["get", "namespace", "seeded", "-o", "name"], None).trim(),
+        "namespace/seeded"
+    );
 
     let resources = ok(kc, &["api-resources"], None);
     assert!(

@@ -388,3 +388,46 @@ async fn multi_version_crds_share_objects() {
     }
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn load_yaml_creates_documents_in_order() {
+    let (emulator, client) = start().await;
+    let text = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: notes.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: notes, singular: note, kind: Note}
+  versions:
+  - {name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: notes}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: example.com/v1, kind: Note, metadata: {name: a, namespace: notes}, text: hello}
+- {apiVersion: example.com/v1, kind: Note, metadata: {name: b, namespace: notes}, text: world}
+"#;
+    assert_eq!(emulator.control().load_yaml(text).expect("load"), 4);
+    let notes = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Note"),
+        "notes",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "notes", &notes);
+    let names: Vec<String> = api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert_eq!(names, vec!["a", "b"]);
+    assert!(emulator.control().load_yaml("kind: [broken").is_err());
+    emulator.shutdown().await;
+}
