@@ -116,6 +116,7 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, false, &["cm"]),
         ResourceType::builtin("", "v1", "Secret", "secrets", true, false, &[]),
         ResourceType::builtin("", "v1", "Service", "services", true, true, &["svc"]),
+        ResourceType::builtin("", "v1", "Node", "nodes", false, true, &["no"]),
         ResourceType::builtin(
             "events.k8s.io",
             "v1",
