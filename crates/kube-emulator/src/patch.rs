@@ -236,7 +236,7 @@ impl FieldOwners {
     /// Drops ownership of every field whose value differs between `old` and `new`.
     pub fn forget_changed(&mut self, old: &Value, new: &Value) {
         for fields in self.appliers.values_mut() {
-            fields.retain(|p| old.pointer(p) == new.pointer(p));
+            fields.retain(|p| resolve(old, p) == resolve(new, p));
         }
         self.appliers.retain(|_, f| !f.is_empty());
     }
@@ -246,7 +246,15 @@ impl FieldOwners {
 fn insert_fields_v1(root: &mut Map<String, Value>, pointer: &str) {
     let mut current = root;
     for segment in pointer.split('/').skip(1) {
-        let key = format!("f:{}", segment.replace("~1", "/").replace("~0", "~"));
+        let raw = unescape(segment);
+        let key = match raw
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .and_then(|r| r.split_once('='))
+        {
+            Some((k, v)) => format!("k:{{\"{k}\":{v}}}"),
+            None => format!("f:{raw}"),
+        };
         let child = current
             .entry(key)
             .or_insert_with(|| Value::Object(Map::new()));
@@ -260,9 +268,19 @@ fn insert_fields_v1(root: &mut Map<String, Value>, pointer: &str) {
     }
 }
 
+/// How server-side apply treats lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListSemantics {
+    /// Every list is one atomic value (custom resources without list-type markers).
+    Atomic,
+    /// The built-in lists strategic merge merges by key (`containers` by `name`,
+    /// `conditions` by `type`, ...) are maps of items; other lists are atomic.
+    KeyedBuiltins,
+}
+
 /// Leaf fields an applier can own: everything except identity/system metadata.
-/// Lists are atomic leaves.
-fn owned_leaves(v: &Value) -> BTreeMap<String, Value> {
+/// Keyed list items are addressed as `[key=<json value>]` path segments.
+fn owned_leaves(v: &Value, lists: ListSemantics) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     if let Some(map) = v.as_object() {
         for (k, child) in map {
@@ -271,14 +289,14 @@ fn owned_leaves(v: &Value) -> BTreeMap<String, Value> {
                 "metadata" => {
                     for mk in ["labels", "annotations"] {
                         if let Some(m) = child.get(mk) {
-                            flatten(m, &format!("/metadata/{mk}"), &mut out);
+                            flatten(m, &format!("/metadata/{mk}"), mk, lists, &mut out);
                         }
                     }
                     if let Some(f) = child.get("finalizers") {
                         out.insert("/metadata/finalizers".into(), f.clone());
                     }
                 }
-                _ => flatten(child, &format!("/{}", escape(k)), &mut out),
+                _ => flatten(child, &format!("/{}", escape(k)), k, lists, &mut out),
             }
         }
     }
@@ -289,51 +307,164 @@ fn escape(k: &str) -> String {
     k.replace('~', "~0").replace('/', "~1")
 }
 
-fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
+fn unescape(k: &str) -> String {
+    k.replace("~1", "/").replace("~0", "~")
+}
+
+/// The merge key of a list treated as a map of items under `lists`, if every item has it.
+fn list_key(field: &str, items: &[Value], lists: ListSemantics) -> Option<&'static str> {
+    if lists != ListSemantics::KeyedBuiltins {
+        return None;
+    }
+    // An empty keyed list applies no items (it does not clear other managers' items).
+    let key = merge_key(field)?;
+    items.iter().all(|i| i.get(key).is_some()).then_some(key)
+}
+
+fn item_segment(key: &str, value: &Value) -> String {
+    escape(&format!("[{key}={value}]"))
+}
+
+fn flatten(
+    v: &Value,
+    prefix: &str,
+    field: &str,
+    lists: ListSemantics,
+    out: &mut BTreeMap<String, Value>,
+) {
     match v {
         Value::Object(map) if !map.is_empty() => {
             for (k, child) in map {
-                flatten(child, &format!("{prefix}/{}", escape(k)), out);
+                flatten(child, &format!("{prefix}/{}", escape(k)), k, lists, out);
             }
         }
+        Value::Array(items) => match list_key(field, items, lists) {
+            Some(key) => {
+                for item in items {
+                    let segment = item_segment(key, &item[key]);
+                    flatten(item, &format!("{prefix}/{segment}"), "", lists, out);
+                }
+            }
+            None => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+        },
         _ => {
             out.insert(prefix.to_string(), v.clone());
         }
     }
 }
 
-fn remove_pointer(v: &mut Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else {
-        return;
-    };
-    let key = last.replace("~1", "/").replace("~0", "~");
-    let parent_value = if parent.is_empty() {
-        Some(v)
-    } else {
-        v.pointer_mut(parent)
-    };
-    if let Some(Value::Object(m)) = parent_value {
-        m.remove(&key);
+/// A parsed path segment: a map field or a keyed list item.
+enum Segment {
+    Field(String),
+    Item { key: String, value: String },
+}
+
+fn segments(path: &str) -> Vec<Segment> {
+    path.split('/')
+        .skip(1)
+        .map(|raw| {
+            let seg = unescape(raw);
+            match seg
+                .strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.split_once('='))
+            {
+                Some((key, value)) => Segment::Item {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                },
+                None => Segment::Field(seg),
+            }
+        })
+        .collect()
+}
+
+fn item_matches(item: &Value, key: &str, value: &str) -> bool {
+    item.get(key)
+        .is_some_and(|v| serde_json::to_string(v).is_ok_and(|encoded| encoded == value))
+}
+
+/// Resolves a path with keyed list segments.
+fn resolve<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut current = v;
+    for segment in segments(path) {
+        current = match segment {
+            Segment::Field(name) => current.get(&name)?,
+            Segment::Item { key, value } => current
+                .as_array()?
+                .iter()
+                .find(|i| item_matches(i, &key, &value))?,
+        };
     }
+    Some(current)
+}
+
+/// Removes the field or list item a path names.
+fn remove_path(v: &mut Value, path: &str) {
+    let mut segs = segments(path);
+    let Some(last) = segs.pop() else { return };
+    let mut current = v;
+    for segment in segs {
+        let next = match segment {
+            Segment::Field(name) => current.get_mut(&name),
+            Segment::Item { key, value } => current
+                .as_array_mut()
+                .and_then(|items| items.iter_mut().find(|i| item_matches(i, &key, &value))),
+        };
+        match next {
+            Some(n) => current = n,
+            None => return,
+        }
+    }
+    match last {
+        Segment::Field(name) => {
+            if let Some(m) = current.as_object_mut() {
+                m.remove(&name);
+            }
+        }
+        Segment::Item { key, value } => {
+            if let Some(items) = current.as_array_mut() {
+                items.retain(|i| !item_matches(i, &key, &value));
+            }
+        }
+    }
+}
+
+/// Prefixes of `path` that end in a keyed list item, deepest first.
+fn item_prefixes(path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut prefix = String::new();
+    for raw in path.split('/').skip(1) {
+        prefix.push('/');
+        prefix.push_str(raw);
+        if unescape(raw).starts_with('[') {
+            out.push(prefix.clone());
+        }
+    }
+    out.reverse();
+    out
 }
 
 /// Merges an applied configuration into the live object for `manager`.
 ///
 /// Returns the conflicting field paths when another applier owns a field with a
 /// different value and `force` is false. Fields the manager applied before but
-/// omits now are removed unless someone else owns them.
+/// omits now are removed unless someone else owns them; so are keyed list items
+/// nobody owns any part of any more.
 pub fn server_side_apply(
     live: &Value,
     applied: &Value,
     manager: &str,
     force: bool,
     owners: &mut FieldOwners,
+    lists: ListSemantics,
 ) -> Result<Value, Vec<String>> {
-    let leaves = owned_leaves(applied);
+    let leaves = owned_leaves(applied, lists);
     let mut conflicts = Vec::new();
     for (path, value) in &leaves {
-        let live_value = live.pointer(path);
-        if live_value == Some(value) {
+        if resolve(live, path) == Some(value) {
             continue;
         }
         for (other, fields) in &owners.appliers {
@@ -349,32 +480,91 @@ pub fn server_side_apply(
     if !merged.is_object() {
         merged = Value::Object(Map::new());
     }
-    apply_merge(&mut merged, applied);
+    apply_merge(&mut merged, applied, lists);
     let previous = owners.appliers.remove(manager).unwrap_or_default();
-    for path in previous.difference(&leaves.keys().cloned().collect()) {
-        let owned_elsewhere = owners.appliers.values().any(|f| f.contains(path));
-        if !owned_elsewhere {
-            remove_pointer(&mut merged, path);
-        }
-    }
     for (path, value) in &leaves {
-        for fields in owners.appliers.values_mut() {
-            if live.pointer(path) != Some(value) {
+        if resolve(live, path) != Some(value) {
+            for fields in owners.appliers.values_mut() {
                 fields.remove(path);
             }
         }
     }
     owners.appliers.retain(|_, f| !f.is_empty());
+    let dropped: Vec<&String> = previous
+        .iter()
+        .filter(|p| !leaves.contains_key(*p))
+        .collect();
+    // A keyed item disappears once nobody owns anything inside it (removed first,
+    // while its key still identifies it); then single fields nobody owns any more.
+    for path in &dropped {
+        for prefix in item_prefixes(path) {
+            let inside = format!("{prefix}/");
+            let still_owned = leaves.keys().any(|p| p.starts_with(&inside))
+                || owners
+                    .appliers
+                    .values()
+                    .any(|f| f.iter().any(|p| p.starts_with(&inside)));
+            if !still_owned {
+                remove_path(&mut merged, &prefix);
+            }
+        }
+    }
+    for path in &dropped {
+        if !owners.appliers.values().any(|f| f.contains(*path)) {
+            remove_path(&mut merged, path);
+        }
+    }
     owners
         .appliers
         .insert(manager.to_string(), leaves.into_keys().collect());
     Ok(merged)
 }
 
-/// Merges an applied configuration into the live object. Maps merge recursively and
-/// lists are replaced (atomic); an explicit `null` removes the field, as in merge patch.
-fn apply_merge(target: &mut Value, applied: &Value) {
-    json_patch::merge(target, applied);
+/// Merges an applied configuration into the live object. Maps merge recursively, keyed
+/// lists merge item by item, other lists are replaced (atomic); an explicit `null`
+/// removes the field, as in merge patch.
+fn apply_merge(target: &mut Value, applied: &Value, lists: ListSemantics) {
+    let Some(applied_map) = applied.as_object() else {
+        *target = applied.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Some(target_map) = target.as_object_mut() else {
+        return;
+    };
+    for (k, v) in applied_map {
+        match v {
+            Value::Null => {
+                target_map.remove(k);
+            }
+            Value::Array(items) => {
+                let live_items = target_map.get_mut(k).and_then(Value::as_array_mut);
+                match (list_key(k, items, lists), live_items) {
+                    (Some(key), Some(live_items)) => {
+                        for item in items {
+                            let found = live_items.iter_mut().find(|l| l.get(key) == item.get(key));
+                            match found {
+                                Some(existing) => apply_merge(existing, item, lists),
+                                None => live_items.push(item.clone()),
+                            }
+                        }
+                    }
+                    _ => {
+                        target_map.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            Value::Object(_) => {
+                let slot = target_map.entry(k.clone()).or_insert(Value::Null);
+                apply_merge(slot, v, lists);
+            }
+            _ => {
+                target_map.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -431,18 +621,38 @@ mod tests {
         let mut owners = FieldOwners::default();
         let live = Value::Null;
         let a = json!({"spec": {"holder": "a", "renew": 1}});
-        let live = server_side_apply(&live, &a, "a", false, &mut owners).expect("first apply");
+        let live = server_side_apply(&live, &a, "a", false, &mut owners, ListSemantics::Atomic)
+            .expect("first apply");
         // Same value: shared, no conflict.
         let same = json!({"spec": {"holder": "a"}});
-        assert!(server_side_apply(&live, &same, "b", false, &mut owners.clone()).is_ok());
+        assert!(
+            server_side_apply(
+                &live,
+                &same,
+                "b",
+                false,
+                &mut owners.clone(),
+                ListSemantics::Atomic
+            )
+            .is_ok()
+        );
         let b = json!({"spec": {"holder": "b"}});
-        let err = server_side_apply(&live, &b, "b", false, &mut owners).expect_err("conflict");
+        let err = server_side_apply(&live, &b, "b", false, &mut owners, ListSemantics::Atomic)
+            .expect_err("conflict");
         assert_eq!(err.len(), 1);
-        let live = server_side_apply(&live, &b, "b", true, &mut owners).expect("forced");
+        let live = server_side_apply(&live, &b, "b", true, &mut owners, ListSemantics::Atomic)
+            .expect("forced");
         assert_eq!(live["spec"]["holder"], "b");
         // Manager a re-applies without `renew`: the field it alone owned disappears.
-        let live = server_side_apply(&live, &json!({"spec": {}}), "a", false, &mut owners)
-            .expect("shrink");
+        let live = server_side_apply(
+            &live,
+            &json!({"spec": {}}),
+            "a",
+            false,
+            &mut owners,
+            ListSemantics::Atomic,
+        )
+        .expect("shrink");
         assert_eq!(live, json!({"spec": {"holder": "b"}}));
     }
 
@@ -451,7 +661,15 @@ mod tests {
         let mut owners = FieldOwners::default();
         let applied =
             json!({"metadata": {"labels": {"a/b": "1"}}, "spec": {"replicas": 2, "ports": [1]}});
-        server_side_apply(&Value::Null, &applied, "m", false, &mut owners).expect("apply");
+        server_side_apply(
+            &Value::Null,
+            &applied,
+            "m",
+            false,
+            &mut owners,
+            ListSemantics::Atomic,
+        )
+        .expect("apply");
         let status = json!({"status": {"ready": true}});
         server_side_apply(
             &applied,
@@ -459,6 +677,7 @@ mod tests {
             &format!("m{STATUS_OWNER_SUFFIX}"),
             false,
             &mut owners,
+            ListSemantics::Atomic,
         )
         .expect("status apply");
         let entries = owners.managed_fields("apps/v1");
@@ -481,6 +700,7 @@ mod tests {
             "a",
             false,
             &mut owners,
+            ListSemantics::Atomic,
         )
         .expect("apply");
         let mut updated = live.clone();
@@ -492,9 +712,58 @@ mod tests {
                 &json!({"spec": {"h": "b"}}),
                 "b",
                 false,
-                &mut owners
+                &mut owners,
+                ListSemantics::Atomic
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn keyed_lists_merge_by_key_between_managers() {
+        let keyed = ListSemantics::KeyedBuiltins;
+        let mut owners = FieldOwners::default();
+        let main = json!({"spec": {"containers": [{"name": "main", "image": "app:1"}]}});
+        let live =
+            server_side_apply(&Value::Null, &main, "ctl", false, &mut owners, keyed).expect("main");
+        let side = json!({"spec": {"containers": [{"name": "side", "image": "proxy:1"}]}});
+        let live = server_side_apply(&live, &side, "mesh", false, &mut owners, keyed)
+            .expect("no conflict");
+        assert_eq!(
+            live["spec"]["containers"],
+            json!([{"name": "main", "image": "app:1"}, {"name": "side", "image": "proxy:1"}])
+        );
+        // Changing the other manager's container image conflicts.
+        let steal = json!({"spec": {"containers": [{"name": "main", "image": "app:2"}]}});
+        let err = server_side_apply(&live, &steal, "mesh", false, &mut owners.clone(), keyed)
+            .expect_err("conflict");
+        assert!(err[0].contains("[name=\"main\"]"), "{err:?}");
+        // Dropping an item from one's configuration removes it when nobody else owns it.
+        let live = server_side_apply(
+            &live,
+            &json!({"spec": {"containers": []}}),
+            "mesh",
+            false,
+            &mut owners,
+            keyed,
+        )
+        .expect("drop");
+        assert_eq!(
+            live["spec"]["containers"],
+            json!([{"name": "main", "image": "app:1"}])
+        );
+        let rendered = owners.managed_fields("v1");
+        assert_eq!(
+            rendered[0]["fieldsV1"],
+            json!({"f:spec": {"f:containers": {"k:{\"name\":\"main\"}": {"f:image": {}, "f:name": {}}}}})
+        );
+        // Keys containing slashes (volumeMounts by mountPath) resolve too.
+        let mut owners = FieldOwners::default();
+        let mounts = json!({"spec": {"volumeMounts": [{"mountPath": "/data", "name": "d"}]}});
+        let live = server_side_apply(&Value::Null, &mounts, "a", false, &mut owners, keyed)
+            .expect("mounts");
+        let again =
+            server_side_apply(&live, &mounts, "b", false, &mut owners, keyed).expect("same value");
+        assert_eq!(again, live);
     }
 }

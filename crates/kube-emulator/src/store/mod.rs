@@ -597,9 +597,15 @@ impl Store {
                 m.insert("name".into(), json!(name));
             }
             let mut owners = FieldOwners::default();
-            let applied =
-                patch::server_side_apply(&Value::Null, &created, &manager, true, &mut owners)
-                    .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
+            let applied = patch::server_side_apply(
+                &Value::Null,
+                &created,
+                &manager,
+                true,
+                &mut owners,
+                list_semantics(rt),
+            )
+            .map_err(|_| ApiError::internal("apply to an empty object conflicted"))?;
             return self.create_locked(&mut inner, rt, ns, applied, owners, opts);
         };
         let mut patched = old.clone();
@@ -627,19 +633,25 @@ impl Store {
                     Subresource::Main => manager.clone(),
                     Subresource::Status => format!("{manager}{}", patch::STATUS_OWNER_SUFFIX),
                 };
-                patched =
-                    patch::server_side_apply(&old, &applied, &owner_key, opts.force, &mut owners)
-                        .map_err(|conflicts| {
-                        ApiError::new(
-                            409,
-                            "Conflict",
-                            format!(
-                                "Apply failed with {} conflict(s): {}",
-                                conflicts.len(),
-                                conflicts.join("; ")
-                            ),
-                        )
-                    })?;
+                patched = patch::server_side_apply(
+                    &old,
+                    &applied,
+                    &owner_key,
+                    opts.force,
+                    &mut owners,
+                    list_semantics(rt),
+                )
+                .map_err(|conflicts| {
+                    ApiError::new(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Apply failed with {} conflict(s): {}",
+                            conflicts.len(),
+                            conflicts.join("; ")
+                        ),
+                    )
+                })?;
             }
         }
         check_shape(&patched)?;
@@ -891,6 +903,16 @@ impl Store {
             EventType::Modified,
         );
         Ok(present(rt, &committed))
+    }
+}
+
+/// Built-in kinds merge their well-known keyed lists in server-side apply; custom
+/// resources treat lists atomically (list-type schema markers are not read).
+fn list_semantics(rt: &ResourceType) -> patch::ListSemantics {
+    if rt.custom {
+        patch::ListSemantics::Atomic
+    } else {
+        patch::ListSemantics::KeyedBuiltins
     }
 }
 

@@ -509,6 +509,28 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
             .expect_err("invalid apply"),
     );
     assert_eq!(err.code, 422);
+
+    // Built-in keyed lists merge by key: two managers each own one container.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let main = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ssa"},
+        "spec": {"containers": [{"name": "main", "image": "app:1"}]}});
+    pods.patch("ssa", &apply("app", false), &Patch::Apply(&main))
+        .await
+        .expect("apply main");
+    let side = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ssa"},
+        "spec": {"containers": [{"name": "proxy", "image": "proxy:1"}]}});
+    let merged = pods
+        .patch("ssa", &apply("mesh", false), &Patch::Apply(&side))
+        .await
+        .expect("apply sidecar");
+    let names: Vec<String> = merged
+        .spec
+        .expect("spec")
+        .containers
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["main", "proxy"]);
     emulator.shutdown().await;
 }
 
