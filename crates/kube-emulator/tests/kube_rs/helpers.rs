@@ -431,3 +431,72 @@ items:
     assert!(emulator.control().load_yaml("kind: [broken").is_err());
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn await_condition_and_replace_status_work() {
+    use kube::runtime::wait::{await_condition, conditions};
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("waiter"))
+        .await
+        .expect("create");
+    let running = tokio::spawn(await_condition(
+        pods.clone(),
+        "waiter",
+        conditions::is_pod_running(),
+    ));
+    emulator
+        .control()
+        .set_pod_phase("default", "waiter", "Running")
+        .expect("phase");
+    let pod = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("condition reached in time")
+        .expect("join")
+        .expect("watch ok")
+        .expect("pod exists");
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+
+    // PUT /status replaces only the status.
+    let mut current = pods.get_status("waiter").await.expect("get_status");
+    current.status.as_mut().expect("status").phase = Some("Succeeded".into());
+    current.spec.as_mut().expect("spec").active_deadline_seconds = Some(5);
+    let replaced = pods
+        .replace_status("waiter", &PostParams::default(), &current)
+        .await
+        .expect("replace_status");
+    assert_eq!(
+        replaced.status.and_then(|s| s.phase).as_deref(),
+        Some("Succeeded")
+    );
+    assert_eq!(
+        replaced.spec.and_then(|s| s.active_deadline_seconds),
+        None,
+        "spec untouched"
+    );
+    let uid = pod_uid(&pods).await;
+    let (gone, _) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(pods.clone(), "waiter", conditions::is_deleted(&uid)),
+        ),
+        async {
+            // Finished pods have no grace period: the delete removes it at once.
+            pods.delete("waiter", &DeleteParams::default())
+                .await
+                .expect("delete finished pod");
+        }
+    );
+    gone.expect("deleted in time").expect("watch ok");
+    assert!(pods.get_opt("waiter").await.expect("get").is_none());
+    emulator.shutdown().await;
+}
+
+async fn pod_uid(pods: &Api<Pod>) -> String {
+    pods.get("waiter")
+        .await
+        .expect("get")
+        .metadata
+        .uid
+        .expect("uid")
+}
