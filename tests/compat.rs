@@ -247,3 +247,28 @@ async fn redis_hashes_written_here_read_as_blockyard_reads_them() {
     let ttl: i64 = conn.ttl(&key).await.unwrap();
     assert!((1790..=1800).contains(&ttl), "ttl {ttl}");
 }
+
+#[tokio::test]
+async fn redis_sessions_kept_alive_by_blockyard_touches_stay_counted() {
+    let prefix = RedisPrefix::new();
+    let store = prefix.store(StoreOptions::default(), false).await;
+    let index_only = prefix.store(StoreOptions::default(), true).await;
+    let mut conn = prefix.conn().await;
+    let key = format!("{}session:s", prefix.prefix);
+    blockyard_hset(&mut conn, &prefix.prefix, "s", "w").await;
+    let _: () = conn.expire(&key, 2).await.unwrap();
+    // Indexed with a score from its 2 s TTL...
+    assert_eq!(store.count_for_worker("w").await.unwrap(), 1);
+    // ...then blockyard's Touch extends the TTL without knowing about the index.
+    let _: () = conn.expire(&key, 1800).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(store.count_for_worker("w").await.unwrap(), 1);
+    assert_eq!(store.entries_for_worker("w").await.unwrap().len(), 1);
+    store.expire().await.unwrap();
+    assert_eq!(
+        index_only.count_for_worker("w").await.unwrap(),
+        1,
+        "re-scored, not dropped"
+    );
+    assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 1);
+}

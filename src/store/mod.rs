@@ -95,7 +95,7 @@ pub trait Store: Send + Sync {
     /// The options this store was built with.
     fn options(&self) -> &StoreOptions;
 
-    /// Runs `sweep` to completion in batches of [`StoreOptions::batch_size`]; returns how many
+    /// Runs `sweep` to completion in batches of [`StoreOptions::batch`]; returns how many
     /// sessions were removed.
     async fn sweep(&self, sweep: Sweep<'_>) -> Result<u64> {
         if let Sweep::Idle {
@@ -104,14 +104,15 @@ pub trait Store: Send + Sync {
         {
             return Ok(0);
         }
-        let limit = self.options().batch_size;
+        // Until a batch comes back empty: with SKIP LOCKED a short batch does not mean done.
+        let limit = self.options().batch();
         let mut removed = 0;
         loop {
             let batch = self.sweep_batch(sweep, limit).await?;
-            removed += batch.len() as u64;
-            if batch.len() < limit {
+            if batch.is_empty() {
                 return Ok(removed);
             }
+            removed += batch.len() as u64;
         }
     }
 

@@ -12,7 +12,7 @@ pub struct StoreOptions {
     /// Every store adds the window to its idle cutoffs and to `expires_at`, so a session touched
     /// within its TTL is never swept. Configure the operator with the proxies' window.
     pub touch_window: Duration,
-    /// Rows or keys handled per batch by sweeps and bulk worker operations.
+    /// Rows or keys handled per batch by sweeps and bulk worker operations (0 counts as 1).
     pub batch_size: usize,
 }
 
@@ -33,6 +33,11 @@ impl StoreOptions {
             idle_ttl,
             ..Self::default()
         }
+    }
+
+    /// The batch size, at least 1.
+    pub fn batch(&self) -> usize {
+        self.batch_size.max(1)
     }
 
     /// How long after its last touch a session may be removed by an idle sweep of `max_age`.

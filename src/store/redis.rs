@@ -5,8 +5,9 @@
 //! - `P session:{id}`: hash `worker_id`, `user_sub`, `last_access` (Unix seconds), TTL = idle
 //!   TTL — exactly blockyard's format;
 //! - `P session-index:worker:{worker}`: sorted set of the worker's session ids, scored by the
-//!   session's expiry in Unix milliseconds (`+inf` without TTL), so expired members are pruned by
-//!   score and never counted;
+//!   session's expiry in Unix milliseconds (`+inf` without TTL), so the expiry sweep finds
+//!   expired members by score. Counts and entries check each member's hash instead (Redis never
+//!   returns an expired hash), so they never include expired sessions;
 //! - `P session-index:workers`: set of worker ids that have an index.
 //!
 //! Every write goes through a Lua script that updates the hash and the index together, and
@@ -151,11 +152,12 @@ if redis.call('EXISTS', ikey(from)) == 0 then redis.call('SREM', WORKERS, from) 
 return {#ids / 2, n}
 "#;
 
-/// ARGV: prefix, worker. Prunes expired and stale members, then returns the live sessions as a
-/// flat list {id, user_sub, last_access, …}.
+/// ARGV: prefix, worker. Returns the worker's live sessions as a flat list
+/// {id, user_sub, last_access, …}, pruning members whose hash is gone or moved to another worker.
+/// Liveness comes from the hash itself (Redis never returns an expired one), not from the score:
+/// blockyard touches hashes without updating our index, so an old score can hide a live session.
 const LIVE_ENTRIES: &str = r#"
 local w = ARGV[2]
-redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now_ms())
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
   local h = redis.call('HMGET', skey(id), 'worker_id', 'user_sub', 'last_access')
@@ -174,7 +176,6 @@ return out
 /// ARGV: prefix, worker. Like LIVE_ENTRIES but returns only the count.
 const LIVE_COUNT: &str = r#"
 local w = ARGV[2]
-redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now_ms())
 local n = 0
 for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
   if redis.call('HGET', skey(id), 'worker_id') == w then n = n + 1
@@ -221,11 +222,18 @@ end
 return n
 "#;
 
-/// ARGV: prefix. Drops expired members from every index.
+/// ARGV: prefix. Drops members whose score says "expired" from every index, after checking the
+/// hash: one a foreign writer kept alive is re-scored from its TTL instead.
 const PRUNE_EXPIRED: &str = r#"
-local now = now_ms()
 for _, w in ipairs(redis.call('SMEMBERS', WORKERS)) do
-  redis.call('ZREMRANGEBYSCORE', ikey(w), '-inf', now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', ikey(w), '-inf', now_ms())) do
+    local pttl = redis.call('PTTL', skey(id))
+    if pttl == -2 or redis.call('HGET', skey(id), 'worker_id') ~= w then
+      redis.call('ZREM', ikey(w), id)
+    else
+      index(id, w, pttl)
+    end
+  end
   if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 end
 return 1
@@ -408,7 +416,7 @@ impl RedisStore {
 
     /// Runs a `{processed, affected}` batch script until the index is exhausted.
     async fn drain(&self, script: &Script, args: &[&str]) -> Result<u64> {
-        let limit = self.options.batch_size.max(1);
+        let limit = self.options.batch();
         let mut conn = self.conn.clone();
         let mut total = 0;
         loop {
@@ -514,7 +522,7 @@ impl Store for RedisStore {
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
         let mut conn = self.conn.clone();
         let mut total = 0;
-        for chunk in ids.chunks(self.options.batch_size.max(1)) {
+        for chunk in ids.chunks(self.options.batch()) {
             let mut call = self.scripts.delete.prepare_invoke();
             call.arg(&self.redis.prefix);
             for id in chunk {
@@ -614,8 +622,11 @@ impl Store for RedisStore {
             Sweep::Idle { max_age, workers } => {
                 self.adopt_if_needed().await?;
                 let age = self.options.idle_cutoff_age(max_age);
-                let cutoff =
-                    Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+                // Whole seconds, rounded up: a sweep must never cut earlier than asked.
+                let age_secs = age.as_secs() + u64::from(age.subsec_nanos() > 0);
+                let cutoff = Utc::now()
+                    .timestamp()
+                    .saturating_sub(i64::try_from(age_secs).unwrap_or(i64::MAX));
                 let workers = match workers {
                     Some(ws) => ws.to_vec(),
                     None => self.indexed_workers().await?,

@@ -1,0 +1,111 @@
+//! Postgres-specific behaviour: batched operations stay complete while proxies write the same
+//! rows concurrently.
+
+mod common;
+
+use std::time::Duration;
+
+use common::PgSchema;
+use session_operator::store::{Entry, PostgresStore, Store, StoreOptions};
+
+async fn seeded(schema: &PgSchema, n: usize) -> PostgresStore {
+    let store = schema
+        .store(StoreOptions {
+            batch_size: 100,
+            ..StoreOptions::default()
+        })
+        .await;
+    sqlx::query(
+        "INSERT INTO blockyard_sessions SELECT 's' || i, 'old', '', now(), 'infinity'
+         FROM generate_series(0, $1::int - 1) AS i",
+    )
+    .bind(n as i32)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store
+}
+
+/// Proxies touch rows of a departing worker while the reroute runs: the row locks make batches
+/// wait, and rows that changed while a batch waited must still be moved, not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reroute_moves_rows_touched_while_it_waits() {
+    let schema = PgSchema::new().await;
+    let store = seeded(&schema, 250).await;
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE blockyard_sessions SET last_access = now() WHERE id = ANY($1)")
+        .bind(
+            (0..250)
+                .step_by(5)
+                .map(|i| format!("s{i}"))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let reroute = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reroute_worker("old", "new").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    assert_eq!(reroute.await.unwrap().unwrap(), 250);
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
+    assert_eq!(store.count_for_worker("new").await.unwrap(), 250);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_by_worker_removes_rows_touched_while_it_waits() {
+    let schema = PgSchema::new().await;
+    let store = seeded(&schema, 250).await;
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE blockyard_sessions SET last_access = now() WHERE id = ANY($1)")
+        .bind(
+            (0..250)
+                .step_by(5)
+                .map(|i| format!("s{i}"))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let delete = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete_by_worker("old").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    assert_eq!(delete.await.unwrap().unwrap(), 250);
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
+}
+
+/// A proxy re-sets a session to another worker while the reroute waits for its lock: that row
+/// is no longer the old worker's and must be left alone, and the rest still moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reroute_skips_rows_moved_elsewhere_meanwhile() {
+    let schema = PgSchema::new().await;
+    let store = seeded(&schema, 250).await;
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE blockyard_sessions SET worker_id = 'elsewhere' WHERE id = ANY($1)")
+        .bind(vec!["s1".to_string(), "s2".to_string()])
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let reroute = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reroute_worker("old", "new").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    assert_eq!(reroute.await.unwrap().unwrap(), 248);
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
+    assert_eq!(
+        store
+            .get("s1")
+            .await
+            .unwrap()
+            .map(|e: Entry| e.worker_id)
+            .as_deref(),
+        Some("elsewhere")
+    );
+}
