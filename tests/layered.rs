@@ -17,7 +17,7 @@ struct Setup {
     cache: Arc<RedisStore>,
     proxy: ChaosProxy,
     _schema: PgSchema,
-    _prefix: RedisPrefix,
+    prefix: RedisPrefix,
 }
 
 async fn setup(options: StoreOptions) -> Setup {
@@ -37,7 +37,7 @@ async fn setup(options: StoreOptions) -> Setup {
         cache,
         proxy,
         _schema: schema,
-        _prefix: prefix,
+        prefix: prefix,
     }
 }
 
@@ -218,9 +218,11 @@ async fn redis_cut_in_the_middle_of_a_large_reroute() {
         .map(|id| (id.clone(), Entry::new("old", "")))
         .collect();
     s.cache.set_many(&warm).await.unwrap();
-    // Cut Redis as soon as the reroute has visibly started in the primary.
+    // Cut Redis once the cache half of the reroute is partly applied, seen through a direct,
+    // unproxied connection.
+    let direct = s.prefix.store(StoreOptions::default(), true).await;
     let (moved, ()) = tokio::join!(s.layered.reroute_worker("old", "new"), async {
-        while s.primary.count_for_worker("old").await.unwrap() == 5000 {
+        while direct.count_for_worker("new").await.unwrap() == 0 {
             tokio::task::yield_now().await;
         }
         s.proxy.cut();
@@ -258,4 +260,53 @@ async fn sweeps_remove_swept_sessions_from_the_cache() {
     );
     assert_eq!(s.cache.get("idle").await.unwrap(), None);
     assert_eq!(s.layered.get("idle").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repair_cache_reports_a_cache_it_could_not_fix() {
+    let s = setup(StoreOptions::default()).await;
+    s.layered.set("s", &Entry::new("old", "")).await.unwrap();
+    s.proxy.cut();
+    s.layered.reroute_worker("old", "new").await.unwrap();
+    assert!(
+        s.layered.repair_cache().await.is_err(),
+        "Redis is still cut"
+    );
+    s.proxy.restore();
+    s.layered
+        .repair_cache()
+        .await
+        .expect("repair once Redis answers");
+    assert!(!s.layered.stats().bypassing);
+    assert_ne!(
+        worker_of(s.cache.as_ref(), "s").await.as_deref(),
+        Some("old")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_alone_repair_the_cache() {
+    // The operator never reads sessions; its writes must still get a stale cache repaired.
+    let s = setup(StoreOptions::default()).await;
+    s.layered.set("s", &Entry::new("old", "")).await.unwrap();
+    s.proxy.cut();
+    s.layered.reroute_worker("old", "new").await.unwrap();
+    s.proxy.restore();
+    let mut repaired = false;
+    for i in 0..50 {
+        s.layered
+            .set(&format!("other{i}"), &Entry::new("x", ""))
+            .await
+            .unwrap();
+        if !s.layered.stats().bypassing {
+            repaired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(repaired, "{:?}", s.layered.stats());
+    assert_ne!(
+        worker_of(s.cache.as_ref(), "s").await.as_deref(),
+        Some("old")
+    );
 }

@@ -71,19 +71,41 @@ impl StoreArgs {
     }
 
     /// The configured store: layered with both URLs, otherwise the one given.
-    pub async fn connect(&self) -> anyhow::Result<Arc<dyn Store>> {
-        Ok(match (&self.database_url, &self.redis_url) {
+    pub async fn connect(&self) -> anyhow::Result<Connected> {
+        let (store, layered): (Arc<dyn Store>, _) = match (&self.database_url, &self.redis_url) {
             (Some(pg), Some(redis)) => {
                 let primary = Arc::new(self.postgres(pg).await?);
                 let cache = Arc::new(self.redis(redis).await?);
-                Arc::new(LayeredStore::new(cache, primary, self.options()))
+                let layered = Arc::new(LayeredStore::new(cache, primary, self.options()));
+                (layered.clone(), Some(layered))
             }
-            (Some(pg), None) => Arc::new(self.postgres(pg).await?),
-            (None, Some(redis)) => Arc::new(self.redis(redis).await?),
+            (Some(pg), None) => (Arc::new(self.postgres(pg).await?), None),
+            (None, Some(redis)) => (Arc::new(self.redis(redis).await?), None),
             (None, None) => bail!(
                 "no session store configured: pass --database-url and/or --redis-url \
                  (or set DATABASE_URL / REDIS_URL)"
             ),
-        })
+        };
+        Ok(Connected { store, layered })
+    }
+}
+
+/// A connected store, and the layered store behind it if there is one.
+pub struct Connected {
+    pub store: Arc<dyn Store>,
+    layered: Option<Arc<LayeredStore>>,
+}
+
+impl Connected {
+    /// Call before exiting: a one-shot command must not leave stale routes in the cache
+    /// unnoticed when a cache write failed.
+    pub async fn finish(&self) -> anyhow::Result<()> {
+        if let Some(layered) = &self.layered {
+            layered.repair_cache().await.context(
+                "Postgres holds the result, but the Redis cache could not be updated; \
+                 re-run the command once Redis answers",
+            )?;
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@ mod sessions;
 
 use clap::{Parser, Subcommand};
 
-pub use connect::StoreArgs;
+pub use connect::{Connected, StoreArgs};
 
 /// Keeps session-sticky routing tables consistent with worker pods.
 #[derive(Debug, Parser)]

@@ -72,7 +72,8 @@ enum SessionsCommand {
 }
 
 pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
-    let store = args.store.connect().await?;
+    let connected = args.store.connect().await?;
+    let store = connected.store.clone();
     let out = args.output;
     match args.command {
         SessionsCommand::List { worker } => {
@@ -173,7 +174,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
             report(out, "removed", n, &format!("{n} expired sessions removed"))?;
         }
     }
-    Ok(())
+    connected.finish().await
 }
 
 async fn counts(store: &dyn Store, workers: &[String]) -> anyhow::Result<BTreeMap<String, u64>> {

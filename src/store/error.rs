@@ -24,6 +24,10 @@ pub enum StoreError {
     /// Redis failed or could not be reached.
     #[error("redis: {0}")]
     Redis(redis::RedisError),
+    /// The cache of a layered store may still hold stale routes (see
+    /// [`super::LayeredStore::repair_cache`]).
+    #[error("cache may hold stale sessions: {0}")]
+    CacheStale(String),
     /// A stored session could not be decoded (e.g. a hash written by hand without `worker_id`).
     #[error("corrupt session {id:?}: {detail}")]
     Corrupt { id: String, detail: String },
@@ -57,6 +61,20 @@ pub fn redact_url(raw: &str) -> String {
                 // Cannot fail: a URL with a password has a host.
                 let _ = url.set_password(Some("***"));
             }
+            // libpq-style URLs may also carry it as a query parameter.
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret = k.eq_ignore_ascii_case("password");
+                    (
+                        k.into_owned(),
+                        if secret { "***".into() } else { v.into_owned() },
+                    )
+                })
+                .collect();
+            if !pairs.is_empty() {
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
         Err(_) => "<unparsable URL>".to_string(),
@@ -78,5 +96,9 @@ mod tests {
             "redis://127.0.0.1:6379/0"
         );
         assert_eq!(redact_url("not a url :s3cret@"), "<unparsable URL>");
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3cret"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
     }
 }

@@ -16,7 +16,7 @@
 //!   that starts after the fill's check makes the fill undo itself. Without this, a slow read
 //!   could put a pre-reroute worker back into the cache after the reroute updated it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -117,7 +117,7 @@ impl LayeredStore {
     }
 
     /// Whether the cache may be read now. Repairs the cache first if it has dirty keys and the
-    /// last attempt is long enough ago.
+    /// last attempt is long enough ago (an unreachable Redis is not retried on every call).
     async fn cache_trusted(&self) -> bool {
         if lock(&self.dirty).is_clean() {
             return true;
@@ -129,17 +129,8 @@ impl LayeredStore {
             return false;
         }
         *last_attempt = Some(Instant::now());
-        let snapshot = lock(&self.dirty).clone();
-        match self.repair(&snapshot).await {
-            Ok(()) => {
-                let mut dirty = lock(&self.dirty);
-                dirty.subtract(&snapshot);
-                let clean = dirty.is_clean();
-                if clean {
-                    tracing::info!("session cache repaired; reading from it again");
-                }
-                clean
-            }
+        match self.repair_dirty().await {
+            Ok(clean) => clean,
             Err(err) => {
                 self.cache_failed("repair", &err);
                 false
@@ -147,17 +138,54 @@ impl LayeredStore {
         }
     }
 
+    /// Gives a pending cache repair its chance before a write: writers that never read (the
+    /// operator) must get the cache repaired too.
+    async fn retry_repair(&self) {
+        self.cache_trusted().await;
+    }
+
+    /// Repairs the cache now if failed cache writes left it possibly stale, and fails if it
+    /// still is: for one-shot callers (the CLI) that must not exit with a stale cache unnoticed.
+    /// Long-running callers need not call it: reads and writes retry repairs by themselves.
+    pub async fn repair_cache(&self) -> Result<()> {
+        let mut last_attempt = self.repairing.lock().await;
+        *last_attempt = Some(Instant::now());
+        if self.repair_dirty().await? {
+            Ok(())
+        } else {
+            Err(StoreError::CacheStale(
+                "cache writes failed again while it was being repaired".to_string(),
+            ))
+        }
+    }
+
+    /// One repair pass over what is dirty now; `Ok(true)` when nothing is left dirty.
+    async fn repair_dirty(&self) -> Result<bool> {
+        let snapshot = lock(&self.dirty).clone();
+        if snapshot.is_clean() {
+            return Ok(true);
+        }
+        self.repair(&snapshot).await?;
+        let mut dirty = lock(&self.dirty);
+        dirty.forget_up_to(snapshot.generation);
+        let clean = dirty.is_clean();
+        if clean {
+            tracing::info!("session cache repaired; reading from it again");
+        }
+        Ok(clean)
+    }
+
     /// Deletes from the cache everything that may be stale.
     async fn repair(&self, dirty: &Dirty) -> Result<()> {
-        if dirty.overflow {
+        if dirty.overflow.is_some() {
             for worker in self.cache.counts_by_worker().await?.keys() {
                 self.cache.delete_by_worker(worker).await?;
             }
         }
-        for worker in &dirty.workers {
+        for worker in dirty.workers.keys() {
             self.cache.delete_by_worker(worker).await?;
         }
-        let ids: Vec<String> = dirty.ids.iter().cloned().collect();
+        let ids: Vec<String> = dirty.ids.keys().cloned().collect();
         self.cache.delete_many(&ids).await?;
         Ok(())
     }
@@ -208,6 +236,7 @@ impl Store for LayeredStore {
     }
 
     async fn set(&self, id: &str, entry: &Entry) -> Result<()> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(Some(id));
         self.primary.set(id, entry).await?;
         lock(&self.primary_touched).record(id, Instant::now(), self.options.touch_window);
@@ -247,6 +276,7 @@ impl Store for LayeredStore {
     }
 
     async fn delete(&self, id: &str) -> Result<bool> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(Some(id));
         let existed = self.primary.delete(id).await?;
         lock(&self.primary_touched).last.remove(id);
@@ -257,6 +287,7 @@ impl Store for LayeredStore {
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(None);
         let removed = self.primary.delete_many(ids).await?;
         if let Err(err) = self.cache.delete_many(ids).await {
@@ -268,6 +299,7 @@ impl Store for LayeredStore {
     }
 
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(None);
         let removed = self.primary.delete_by_worker(worker_id).await?;
         if let Err(err) = self.cache.delete_by_worker(worker_id).await {
@@ -289,6 +321,7 @@ impl Store for LayeredStore {
     }
 
     async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(None);
         let moved = self.primary.reroute_worker(from, to).await?;
         if let Err(err) = self.cache.reroute_worker(from, to).await {
@@ -303,6 +336,7 @@ impl Store for LayeredStore {
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
+        self.retry_repair().await;
         let _m = self.mutations.begin(None);
         let removed = self.primary.sweep_batch(sweep, limit).await?;
         if !removed.is_empty()
@@ -326,41 +360,51 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// What the cache may hold stale after failed cache writes.
+///
+/// Every entry carries the generation it was (last) marked in, so a repair forgets only what
+/// was dirty when it started, never a failure recorded while it ran.
 #[derive(Debug, Clone, Default)]
 struct Dirty {
-    ids: HashSet<String>,
-    workers: HashSet<String>,
+    ids: HashMap<String, u64>,
+    workers: HashMap<String, u64>,
     /// Too many ids to track: the whole cache must be cleared.
-    overflow: bool,
+    overflow: Option<u64>,
+    generation: u64,
 }
 
 impl Dirty {
     fn is_clean(&self) -> bool {
-        self.ids.is_empty() && self.workers.is_empty() && !self.overflow
+        self.ids.is_empty() && self.workers.is_empty() && self.overflow.is_none()
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
     }
 
     fn add_id(&mut self, id: &str) {
-        if self.overflow {
+        let generation = self.next_generation();
+        if self.overflow.is_some() {
+            self.overflow = Some(generation);
             return;
         }
-        self.ids.insert(id.to_string());
+        self.ids.insert(id.to_string(), generation);
         if self.ids.len() > MAX_DIRTY_IDS {
             self.ids.clear();
-            self.overflow = true;
+            self.overflow = Some(generation);
         }
     }
 
     fn add_worker(&mut self, worker: &str) {
-        self.workers.insert(worker.to_string());
+        let generation = self.next_generation();
+        self.workers.insert(worker.to_string(), generation);
     }
 
-    /// Forgets what a successful repair of `done` cleaned.
-    fn subtract(&mut self, done: &Dirty) {
-        self.ids.retain(|id| !done.ids.contains(id));
-        self.workers.retain(|w| !done.workers.contains(w));
-        if done.overflow {
-            self.overflow = false;
-        }
+    /// Forgets what was marked up to `generation`: a repair that started then has cleaned it.
+    fn forget_up_to(&mut self, generation: u64) {
+        self.ids.retain(|_, g| *g > generation);
+        self.workers.retain(|_, g| *g > generation);
+        self.overflow = self.overflow.filter(|g| *g > generation);
     }
 }
 
@@ -480,11 +524,24 @@ mod tests {
         for i in 0..=MAX_DIRTY_IDS {
             dirty.add_id(&i.to_string());
         }
-        assert!(dirty.overflow && dirty.ids.is_empty());
+        assert!(dirty.overflow.is_some() && dirty.ids.is_empty());
         let snapshot = dirty.clone();
         dirty.add_worker("w");
-        dirty.subtract(&snapshot);
-        assert!(!dirty.overflow && dirty.workers.contains("w"));
+        dirty.forget_up_to(snapshot.generation);
+        assert!(dirty.overflow.is_none());
+        assert!(dirty.workers.contains_key("w"));
+    }
+
+    #[test]
+    fn a_repair_keeps_failures_recorded_while_it_ran() {
+        let mut dirty = Dirty::default();
+        dirty.add_worker("a");
+        dirty.add_id("s");
+        let snapshot = dirty.clone();
+        dirty.add_worker("a"); // marked again during the repair
+        dirty.forget_up_to(snapshot.generation);
+        assert!(dirty.workers.contains_key("a"));
+        assert!(!dirty.ids.contains_key("s"));
     }
 
     #[test]
