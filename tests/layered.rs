@@ -37,7 +37,7 @@ async fn setup(options: StoreOptions) -> Setup {
         cache,
         proxy,
         _schema: schema,
-        prefix: prefix,
+        prefix,
     }
 }
 
