@@ -3,10 +3,11 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::Duration;
 
 use common::PgSchema;
-use session_operator::store::{Entry, PostgresStore, Store, StoreOptions};
+use session_operator::store::{PostgresStore, Result, Store, StoreOptions};
 
 async fn seeded(schema: &PgSchema, n: usize) -> PostgresStore {
     let store = schema
@@ -26,30 +27,39 @@ async fn seeded(schema: &PgSchema, n: usize) -> PostgresStore {
     store
 }
 
+/// Runs `op` while a proxy-like transaction holds `ids` locked after running `sql` on them
+/// (`$1` = ids), committing only once `op` has had time to block on those locks.
+async fn while_proxy_writes<T: Send + 'static>(
+    store: &PostgresStore,
+    sql: &'static str,
+    ids: Vec<String>,
+    op: impl Future<Output = Result<T>> + Send + 'static,
+) -> T {
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query(sql).bind(ids).execute(&mut *tx).await.unwrap();
+    let op = tokio::spawn(op);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    op.await.unwrap().unwrap()
+}
+
+const TOUCH: &str = "UPDATE blockyard_sessions SET last_access = now() WHERE id = ANY($1)";
+
+fn every_fifth() -> Vec<String> {
+    (0..250).step_by(5).map(|i| format!("s{i}")).collect()
+}
+
 /// Proxies touch rows of a departing worker while the reroute runs: the row locks make batches
 /// wait, and rows that changed while a batch waited must still be moved, not skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reroute_moves_rows_touched_while_it_waits() {
     let schema = PgSchema::new().await;
     let store = seeded(&schema, 250).await;
-    let mut tx = store.pool().begin().await.unwrap();
-    sqlx::query("UPDATE blockyard_sessions SET last_access = now() WHERE id = ANY($1)")
-        .bind(
-            (0..250)
-                .step_by(5)
-                .map(|i| format!("s{i}"))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let reroute = {
+    let op = {
         let store = store.clone();
-        tokio::spawn(async move { store.reroute_worker("old", "new").await })
+        async move { store.reroute_worker("old", "new").await }
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.commit().await.unwrap();
-    assert_eq!(reroute.await.unwrap().unwrap(), 250);
+    assert_eq!(while_proxy_writes(&store, TOUCH, every_fifth(), op).await, 250);
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
     assert_eq!(store.count_for_worker("new").await.unwrap(), 250);
 }
@@ -58,24 +68,11 @@ async fn reroute_moves_rows_touched_while_it_waits() {
 async fn delete_by_worker_removes_rows_touched_while_it_waits() {
     let schema = PgSchema::new().await;
     let store = seeded(&schema, 250).await;
-    let mut tx = store.pool().begin().await.unwrap();
-    sqlx::query("UPDATE blockyard_sessions SET last_access = now() WHERE id = ANY($1)")
-        .bind(
-            (0..250)
-                .step_by(5)
-                .map(|i| format!("s{i}"))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let delete = {
+    let op = {
         let store = store.clone();
-        tokio::spawn(async move { store.delete_by_worker("old").await })
+        async move { store.delete_by_worker("old").await }
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.commit().await.unwrap();
-    assert_eq!(delete.await.unwrap().unwrap(), 250);
+    assert_eq!(while_proxy_writes(&store, TOUCH, every_fifth(), op).await, 250);
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
 }
 
@@ -85,27 +82,19 @@ async fn delete_by_worker_removes_rows_touched_while_it_waits() {
 async fn reroute_skips_rows_moved_elsewhere_meanwhile() {
     let schema = PgSchema::new().await;
     let store = seeded(&schema, 250).await;
-    let mut tx = store.pool().begin().await.unwrap();
-    sqlx::query("UPDATE blockyard_sessions SET worker_id = 'elsewhere' WHERE id = ANY($1)")
-        .bind(vec!["s1".to_string(), "s2".to_string()])
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let reroute = {
+    let op = {
         let store = store.clone();
-        tokio::spawn(async move { store.reroute_worker("old", "new").await })
+        async move { store.reroute_worker("old", "new").await }
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.commit().await.unwrap();
-    assert_eq!(reroute.await.unwrap().unwrap(), 248);
+    let moved = while_proxy_writes(
+        &store,
+        "UPDATE blockyard_sessions SET worker_id = 'elsewhere' WHERE id = ANY($1)",
+        vec!["s1".to_string(), "s2".to_string()],
+        op,
+    )
+    .await;
+    assert_eq!(moved, 248);
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
-    assert_eq!(
-        store
-            .get("s1")
-            .await
-            .unwrap()
-            .map(|e: Entry| e.worker_id)
-            .as_deref(),
-        Some("elsewhere")
-    );
+    let s1 = store.get("s1").await.unwrap().expect("s1 kept");
+    assert_eq!(s1.worker_id, "elsewhere");
 }
