@@ -59,7 +59,10 @@ async fn reroute_moves_rows_touched_while_it_waits() {
         let store = store.clone();
         async move { store.reroute_worker("old", "new").await }
     };
-    assert_eq!(while_proxy_writes(&store, TOUCH, every_fifth(), op).await, 250);
+    assert_eq!(
+        while_proxy_writes(&store, TOUCH, every_fifth(), op).await,
+        250
+    );
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
     assert_eq!(store.count_for_worker("new").await.unwrap(), 250);
 }
@@ -72,7 +75,10 @@ async fn delete_by_worker_removes_rows_touched_while_it_waits() {
         let store = store.clone();
         async move { store.delete_by_worker("old").await }
     };
-    assert_eq!(while_proxy_writes(&store, TOUCH, every_fifth(), op).await, 250);
+    assert_eq!(
+        while_proxy_writes(&store, TOUCH, every_fifth(), op).await,
+        250
+    );
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
 }
 

@@ -128,7 +128,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
         }
         SessionsCommand::Delete { id } => {
             let n = u64::from(store.delete(&id).await?);
-            report(out, "deleted", n, &format!("{n} session deleted"))?;
+            report(out, "deleted", n, &format!("{} deleted", sessions(n, "")))?;
         }
         SessionsCommand::Count { workers } => {
             let counts = counts(store.as_ref(), &workers).await?;
@@ -149,7 +149,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
                 out,
                 "rerouted",
                 n,
-                &format!("{n} sessions rerouted from {from} to {to}"),
+                &format!("{} rerouted from {from} to {to}", sessions(n, "")),
             )?;
         }
         SessionsCommand::DeleteWorker { worker } => {
@@ -158,7 +158,7 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
                 out,
                 "deleted",
                 n,
-                &format!("{n} sessions of {worker} deleted"),
+                &format!("{} of {worker} deleted", sessions(n, "")),
             )?;
         }
         SessionsCommand::SweepIdle { max_age, workers } => {
@@ -167,11 +167,21 @@ pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
             } else {
                 store.sweep_idle_for_workers(max_age, &workers).await?
             };
-            report(out, "removed", n, &format!("{n} idle sessions removed"))?;
+            report(
+                out,
+                "removed",
+                n,
+                &format!("{} removed", sessions(n, "idle ")),
+            )?;
         }
         SessionsCommand::Expire => {
             let n = store.expire().await?;
-            report(out, "removed", n, &format!("{n} expired sessions removed"))?;
+            report(
+                out,
+                "removed",
+                n,
+                &format!("{} removed", sessions(n, "expired ")),
+            )?;
         }
     }
     connected.finish().await
@@ -186,6 +196,11 @@ async fn counts(store: &dyn Store, workers: &[String]) -> anyhow::Result<BTreeMa
         counts.insert(w.clone(), store.count_for_worker(w).await?);
     }
     Ok(counts)
+}
+
+/// "1 idle session", "2 idle sessions".
+fn sessions(n: u64, kind: &str) -> String {
+    format!("{n} {kind}session{}", if n == 1 { "" } else { "s" })
 }
 
 fn report(out: Output, key: &str, n: u64, text: &str) -> anyhow::Result<()> {
