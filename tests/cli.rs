@@ -200,7 +200,15 @@ fn help_does_not_print_environment_secrets() {
 fn an_unmigrated_schema_points_at_migrate() {
     let pg = common::pg_url();
     let out = run(
-        &["sessions", "get", "s", "--database-url", &pg, "--schema", "never_migrated_here"],
+        &[
+            "sessions",
+            "get",
+            "s",
+            "--database-url",
+            &pg,
+            "--schema",
+            "never_migrated_here",
+        ],
         &[],
     );
     assert!(one_line_error(&out).contains("session-operator migrate"));
