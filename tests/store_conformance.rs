@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use common::{PgSchema, RedisPrefix};
 use session_operator::store::{
-    Entry, LayeredStore, MAX_ID_BYTES, MemoryStore, Store, StoreError, StoreOptions,
+    Entry, LayeredStore, MAX_ID_BYTES, MemoryStore, Store, StoreError, StoreOptions, Sweep,
 };
 
 /// Keeps a store's backing resources alive (and cleans them up) for one test.
@@ -250,6 +250,35 @@ async fn sweep_idle_restricted_to_workers(store: Arc<dyn Store>) {
     assert_eq!(store.count_for_worker("c").await.unwrap(), 0);
 }
 
+async fn sweep_batch_respects_its_limit(store: Arc<dyn Store>) {
+    for w in ["a", "b"] {
+        for i in 0..10 {
+            store.set(&format!("{w}{i}"), &aged(w, 600)).await.unwrap();
+        }
+    }
+    let sweep = Sweep::Idle {
+        max_age: Duration::from_secs(60),
+        workers: None,
+    };
+    let first = store.sweep_batch(sweep, 5).await.unwrap();
+    assert_eq!(first.len(), 5);
+    for id in &first {
+        assert_eq!(
+            store.get(id).await.unwrap(),
+            None,
+            "{id} reported but not removed"
+        );
+    }
+    assert_eq!(
+        store
+            .count_for_workers(&strings(&["a", "b"]))
+            .await
+            .unwrap(),
+        15
+    );
+    assert_eq!(store.sweep(sweep).await.unwrap(), 15);
+}
+
 async fn ttl_expiry_hides_sessions(store: Arc<dyn Store>) {
     // Built with a 1 s idle TTL.
     seed(store.as_ref(), "w", 3).await;
@@ -394,6 +423,7 @@ macro_rules! conformance {
                 entries_snapshot,
                 sweep_idle_removes_only_idle,
                 sweep_idle_restricted_to_workers,
+                sweep_batch_respects_its_limit,
                 odd_ids_are_faithful,
                 bad_ids_are_rejected,
                 concurrent_set_touch_reroute

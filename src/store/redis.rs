@@ -185,24 +185,33 @@ if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 return n
 "#;
 
-/// ARGV: prefix, worker, cutoff (Unix seconds), limit. Deletes up to `limit` sessions of the
-/// worker whose last access is before the cutoff; returns their ids.
-const IDLE_BATCH: &str = r#"
-local w, cutoff, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
+/// ARGV: prefix, worker, cutoff (Unix seconds), start rank, window, limit. Examines at most
+/// `window` index members from `start` and deletes up to `limit` sessions of the worker last
+/// accessed before the cutoff (a hash without a readable `last_access` is left alone). Returns
+/// {members examined, rank to continue from, {deleted ids}}: a sweep walks each index once, in
+/// bounded steps, instead of rescanning it per batch.
+const IDLE_STEP: &str = r#"
+local w, cutoff = ARGV[2], tonumber(ARGV[3])
+local start, window, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ids = redis.call('ZRANGE', ikey(w), start, start + window - 1)
+local out, dropped, examined = {}, 0, 0
+for _, id in ipairs(ids) do
   if #out >= limit then break end
+  examined = examined + 1
   local h = redis.call('HMGET', skey(id), 'worker_id', 'last_access')
+  local last = tonumber(h[2])
   if h[1] ~= w then
     redis.call('ZREM', ikey(w), id)
-  elseif tonumber(h[2]) == nil or tonumber(h[2]) < cutoff then
+    dropped = dropped + 1
+  elseif last ~= nil and last < cutoff then
     redis.call('DEL', skey(id))
     redis.call('ZREM', ikey(w), id)
+    dropped = dropped + 1
     out[#out + 1] = id
   end
 end
 if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
-return out
+return {examined, start + examined - dropped, out}
 "#;
 
 /// KEYS: session keys found by SCAN; ARGV: prefix. Adds hashes missing from their worker's index.
@@ -247,7 +256,7 @@ struct Scripts {
     reroute_batch: Script,
     live_entries: Script,
     live_count: Script,
-    idle_batch: Script,
+    idle_step: Script,
     adopt: Script,
     prune_expired: Script,
 }
@@ -263,7 +272,7 @@ impl Scripts {
             reroute_batch: s(REROUTE_BATCH),
             live_entries: s(LIVE_ENTRIES),
             live_count: s(LIVE_COUNT),
-            idle_batch: s(IDLE_BATCH),
+            idle_step: s(IDLE_STEP),
             adopt: s(ADOPT),
             prune_expired: s(PRUNE_EXPIRED),
         }
@@ -412,6 +421,61 @@ impl RedisStore {
         Ok(conn
             .smembers(format!("{}session-index:workers", self.redis.prefix))
             .await?)
+    }
+
+    /// Deletes sessions idle longer than `max_age` (plus the touch window) from the indexes of
+    /// `workers` (all indexed workers if `None`), in steps of at most one batch of members.
+    /// `removed` receives each step's deleted ids and returns whether to go on; at most `limit`
+    /// ids are deleted in all.
+    async fn sweep_idle_walk(
+        &self,
+        max_age: Duration,
+        workers: Option<&[String]>,
+        mut removed: impl FnMut(Vec<String>) -> bool + Send,
+        limit: usize,
+    ) -> Result<()> {
+        if workers.is_some_and(|w| w.is_empty()) {
+            return Ok(());
+        }
+        self.adopt_if_needed().await?;
+        let age = self.options.idle_cutoff_age(max_age);
+        // Whole seconds, rounded up: a sweep must never cut earlier than asked.
+        let age_secs = age.as_secs() + u64::from(age.subsec_nanos() > 0);
+        let cutoff = Utc::now()
+            .timestamp()
+            .saturating_sub(i64::try_from(age_secs).unwrap_or(i64::MAX));
+        let workers = match workers {
+            Some(ws) => ws.to_vec(),
+            None => self.indexed_workers().await?,
+        };
+        let window = self.options.batch();
+        let mut left = limit;
+        let mut conn = self.conn.clone();
+        for w in &workers {
+            let mut start = 0;
+            loop {
+                let (examined, next, ids): (usize, usize, Vec<String>) = self
+                    .scripts
+                    .idle_step
+                    .arg(&self.redis.prefix)
+                    .arg(w)
+                    .arg(cutoff)
+                    .arg(start)
+                    .arg(window)
+                    .arg(left.min(window))
+                    .invoke_async(&mut conn)
+                    .await?;
+                left -= ids.len();
+                if !removed(ids) || left == 0 {
+                    return Ok(());
+                }
+                if examined < window {
+                    break;
+                }
+                start = next;
+            }
+        }
+        Ok(())
     }
 
     /// Runs a `{processed, affected}` batch script until the index is exhausted.
@@ -620,33 +684,38 @@ impl Store for RedisStore {
                 Ok(Vec::new())
             }
             Sweep::Idle { max_age, workers } => {
-                self.adopt_if_needed().await?;
-                let age = self.options.idle_cutoff_age(max_age);
-                // Whole seconds, rounded up: a sweep must never cut earlier than asked.
-                let age_secs = age.as_secs() + u64::from(age.subsec_nanos() > 0);
-                let cutoff = Utc::now()
-                    .timestamp()
-                    .saturating_sub(i64::try_from(age_secs).unwrap_or(i64::MAX));
-                let workers = match workers {
-                    Some(ws) => ws.to_vec(),
-                    None => self.indexed_workers().await?,
-                };
                 let mut removed = Vec::new();
-                for w in &workers {
-                    if removed.len() >= limit {
-                        break;
-                    }
-                    let ids: Vec<String> = self
-                        .scripts
-                        .idle_batch
-                        .arg(&self.redis.prefix)
-                        .arg(w)
-                        .arg(cutoff)
-                        .arg(limit - removed.len())
-                        .invoke_async(&mut conn)
-                        .await?;
-                    removed.extend(ids);
-                }
+                self.sweep_idle_walk(
+                    max_age,
+                    workers,
+                    |ids| {
+                        removed.extend(ids);
+                        removed.len() < limit
+                    },
+                    limit,
+                )
+                .await?;
+                Ok(removed)
+            }
+        }
+    }
+
+    /// Walks each index once (not once per batch as the default loop over `sweep_batch` would).
+    async fn sweep(&self, sweep: Sweep<'_>) -> Result<u64> {
+        match sweep {
+            Sweep::Expired => self.sweep_batch(sweep, 1).await.map(|_| 0),
+            Sweep::Idle { max_age, workers } => {
+                let mut removed = 0;
+                self.sweep_idle_walk(
+                    max_age,
+                    workers,
+                    |ids| {
+                        removed += ids.len() as u64;
+                        true
+                    },
+                    usize::MAX,
+                )
+                .await?;
                 Ok(removed)
             }
         }
