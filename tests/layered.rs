@@ -310,3 +310,16 @@ async fn writes_alone_repair_the_cache() {
         Some("old")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_touch_the_primary_refuses_drops_the_cache_copy() {
+    // Another process filled the cache with a session the primary no longer holds.
+    let s = setup(StoreOptions::default()).await;
+    s.cache
+        .set("ghost", &Entry::new("gone-pod", ""))
+        .await
+        .unwrap();
+    assert!(!s.layered.touch("ghost").await.unwrap());
+    assert_eq!(s.cache.get("ghost").await.unwrap(), None);
+    assert_eq!(s.layered.get("ghost").await.unwrap(), None);
+}

@@ -268,9 +268,15 @@ impl Store for LayeredStore {
                 log.last.remove(id);
             }
         }
-        if found && let Err(err) = self.cache.touch(id).await {
-            // A missed cache touch only shortens the cache copy's TTL: no stale worker.
-            self.cache_failed("touch", &err);
+        if found {
+            if let Err(err) = self.cache.touch(id).await {
+                // A missed cache touch only shortens the cache copy's TTL: no stale worker.
+                self.cache_failed("touch", &err);
+            }
+        } else if let Err(err) = self.cache.delete(id).await {
+            // The primary does not hold it: whatever the cache holds (a fill by another
+            // process that lost a race) must not route another request.
+            self.cache_write_failed("touch", &err, |d| d.add_id(id));
         }
         Ok(found)
     }
