@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use super::StoreError;
+
 /// Settings shared by every store implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -35,6 +37,18 @@ impl StoreOptions {
         }
     }
 
+    /// Rejects settings that would break a store's promises: a touch window as long as the idle
+    /// TTL would let the primary's `last_access` lag by a whole TTL.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if !self.idle_ttl.is_zero() && self.touch_window >= self.idle_ttl {
+            return Err(StoreError::Config(format!(
+                "touch window {:?} must be shorter than the idle TTL {:?} (a small fraction of it)",
+                self.touch_window, self.idle_ttl
+            )));
+        }
+        Ok(())
+    }
+
     /// The batch size, at least 1.
     pub fn batch(&self) -> usize {
         self.batch_size.max(1)
@@ -48,5 +62,21 @@ impl StoreOptions {
     /// The TTL written to a store, widened by the touch window (zero stays "never").
     pub fn expiry_ttl(&self) -> Option<Duration> {
         (!self.idle_ttl.is_zero()).then(|| self.idle_ttl + self.touch_window)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touch_window_must_be_shorter_than_the_ttl() {
+        let mut options = StoreOptions::with_idle_ttl(Duration::from_secs(60));
+        options.touch_window = Duration::from_secs(10);
+        assert!(options.validate().is_ok());
+        options.touch_window = Duration::from_secs(60);
+        assert!(options.validate().is_err());
+        options.idle_ttl = Duration::ZERO; // never expires: any window is fine
+        assert!(options.validate().is_ok());
     }
 }

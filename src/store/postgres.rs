@@ -43,6 +43,7 @@ impl PostgresStore {
     /// reached; the error never contains the password.
     pub async fn connect(url: &str, schema: &str, options: StoreOptions) -> Result<Self> {
         validate_schema(schema)?;
+        options.validate()?;
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid database URL: {e}")))?
             .application_name("session-operator")

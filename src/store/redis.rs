@@ -301,6 +301,7 @@ impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`). A malformed URL or an unreachable server is
     /// an error naming the URL without its password.
     pub async fn connect(url: &str, options: StoreOptions, redis: RedisOptions) -> Result<Self> {
+        options.validate()?;
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Config(format!("invalid Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()

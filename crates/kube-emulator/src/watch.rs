@@ -18,6 +18,9 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::{AppState, Representation, Target, flag, selectors};
 use crate::store::{WatchEvent, WatchStart};
 
+/// Longest watch `timeoutSeconds` honoured (one year).
+const MAX_TIMEOUT_SECONDS: u64 = 365 * 24 * 3600;
+
 /// Filters the global event stream down to one watch's resource, namespace and selectors.
 struct WatchFilter {
     rt: ResourceType,
@@ -102,7 +105,8 @@ pub(crate) fn serve_watch(
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .filter(|t| *t > 0)
-        .map(Duration::from_secs);
+        // Capped so the deadline arithmetic cannot overflow; a year is "forever" here.
+        .map(|t| Duration::from_secs(t.min(MAX_TIMEOUT_SECONDS)));
     let filter = WatchFilter {
         rt,
         namespace: target.namespace.clone(),
@@ -181,7 +185,9 @@ impl WatchTask {
                 return;
             }
         }
-        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = self
+            .timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let period = self.bookmark_interval.unwrap_or(Duration::from_secs(3600));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         self.epoch.mark_unchanged();

@@ -17,6 +17,20 @@ use crate::resources::{ResourceType, StorageKey};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::util::{format_time, has_finalizers, meta_mut, meta_str};
 
+/// Longest grace period honoured (ten years); longer requests are clamped so the
+/// deadline arithmetic cannot overflow.
+pub(crate) const MAX_GRACE_SECONDS: i64 = 10 * 365 * 24 * 3600;
+
+/// A requested pod grace period as the API server treats it: 0 deletes immediately, a
+/// negative value counts as 1 second, and absurdly long periods are capped.
+fn clamp_grace(requested: i64) -> i64 {
+    match requested {
+        0 => 0,
+        r if r < 0 => 1,
+        r => r.min(MAX_GRACE_SECONDS),
+    }
+}
+
 impl Store {
     /// Removes an object that is marked for deletion once nothing holds it back.
     pub(super) fn finish_deletion_if_done(
@@ -100,10 +114,10 @@ impl Store {
                     obj.pointer("/spec/terminationGracePeriodSeconds")
                         .and_then(Value::as_i64)
                 })
-                .unwrap_or(30)
-                .max(0);
+                .unwrap_or(30);
+            let requested = clamp_grace(requested);
             match inner.max_grace {
-                Some(max) => requested.min(max.as_secs() as i64),
+                Some(max) => requested.min(i64::try_from(max.as_secs()).unwrap_or(i64::MAX)),
                 None => requested,
             }
         } else {
@@ -119,7 +133,10 @@ impl Store {
             return Ok(Deleted::Removed(present(rt, &removed)));
         }
         if grace > 0 {
-            let deadline = Instant::now() + Duration::from_secs(grace as u64);
+            let now = Instant::now();
+            let deadline = now
+                .checked_add(Duration::from_secs(grace.unsigned_abs()))
+                .unwrap_or(now);
             let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
             let entry = inner
                 .terminating
@@ -136,7 +153,10 @@ impl Store {
             // deletionTimestamp is set once; a later delete may only shorten the grace period.
             let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
             if current_grace.is_none_or(|g| grace < g) {
-                let at = SystemTime::now() + Duration::from_secs(grace as u64);
+                let now = SystemTime::now();
+                let at = now
+                    .checked_add(Duration::from_secs(grace.unsigned_abs()))
+                    .unwrap_or(now);
                 m.insert("deletionTimestamp".into(), json!(format_time(at, false)));
                 m.insert("deletionGracePeriodSeconds".into(), json!(grace));
             }
@@ -420,5 +440,19 @@ impl Store {
     /// Caps grace periods of future pod deletions (test helper).
     pub fn set_max_grace_period(&self, max: Option<Duration>) {
         self.lock().max_grace = max;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_GRACE_SECONDS, clamp_grace};
+
+    #[test]
+    fn grace_periods_are_clamped() {
+        assert_eq!(clamp_grace(0), 0);
+        assert_eq!(clamp_grace(-5), 1);
+        assert_eq!(clamp_grace(i64::MIN), 1);
+        assert_eq!(clamp_grace(30), 30);
+        assert_eq!(clamp_grace(i64::MAX), MAX_GRACE_SECONDS);
     }
 }
