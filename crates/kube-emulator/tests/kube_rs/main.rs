@@ -2,6 +2,7 @@
 
 mod controller;
 mod crud;
+mod edge_cases;
 mod errors;
 mod helpers;
 mod lease;
