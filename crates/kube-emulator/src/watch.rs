@@ -190,7 +190,8 @@ impl WatchTask {
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let period = self.bookmark_interval.unwrap_or(Duration::from_secs(3600));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        self.epoch.mark_unchanged();
+        // `epoch` was subscribed before the replay and starts out seen, so a
+        // `drop_watches()` requested since then (even mid-replay) still ends this watch.
         loop {
             let sleep_until_deadline = async {
                 match deadline {

@@ -121,3 +121,37 @@ async fn extreme_grace_periods_and_watch_timeouts_do_not_break_the_server() {
     );
     emulator.shutdown().await;
 }
+
+#[tokio::test]
+async fn dropping_watches_during_the_initial_replay_ends_them() {
+    let (emulator, client) = start().await;
+    // Enough data that replaying it to a client that does not read blocks the watch
+    // task part-way (channel, HTTP and socket buffers all fill up).
+    let filler = "x".repeat(20_000);
+    for i in 0..1000 {
+        emulator
+            .control()
+            .create(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("cm-{i}"), "namespace": "default"},
+                "data": {"filler": filler}
+            }))
+            .expect("create");
+    }
+    let request = http::Request::builder()
+        .uri("/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0")
+        .body(Vec::new())
+        .expect("request");
+    let events = client
+        .request_events::<k8s_openapi::api::core::v1::ConfigMap>(request)
+        .await
+        .expect("watch");
+    // Not reading yet: the replay stalls; the drop arrives while it is under way.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    emulator.control().drop_watches();
+    let received = tokio::time::timeout(std::time::Duration::from_secs(60), events.count())
+        .await
+        .expect("the dropped watch ends instead of staying open");
+    assert!(received > 0);
+    emulator.shutdown().await;
+}
