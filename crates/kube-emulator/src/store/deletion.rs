@@ -153,6 +153,16 @@ impl Store {
             // deletionTimestamp is set once; a later delete may only shorten the grace period.
             let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
             if current_grace.is_none_or(|g| grace < g) {
+                // Like the API server, setting deletionTimestamp (not shortening it) bumps
+                // a tracked generation.
+                if !m.contains_key("deletionTimestamp")
+                    && let Some(generation) = m
+                        .get("generation")
+                        .and_then(Value::as_i64)
+                        .filter(|g| *g > 0)
+                {
+                    m.insert("generation".into(), json!(generation + 1));
+                }
                 let now = SystemTime::now();
                 let at = now
                     .checked_add(Duration::from_secs(grace.unsigned_abs()))

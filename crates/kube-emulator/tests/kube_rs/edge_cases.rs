@@ -155,3 +155,41 @@ async fn dropping_watches_during_the_initial_replay_ends_them() {
     assert!(received > 0);
     emulator.shutdown().await;
 }
+
+fn widget(name: &str) -> kube::api::DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Widget",
+        "metadata": {"name": name, "finalizers": ["example.com/hold"]},
+        "spec": {"size": 1}
+    }))
+    .expect("widget")
+}
+
+#[tokio::test]
+async fn marking_for_deletion_bumps_generation() {
+    let (emulator, client) = start().await;
+    crate::crud::install_widgets(&client).await;
+    let widgets: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &crate::crud::widgets_resource());
+    let created = widgets
+        .create(&PostParams::default(), &widget("held"))
+        .await
+        .expect("create");
+    let generation = created.metadata.generation.expect("generation tracked");
+    let marked = widgets
+        .delete("held", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete")
+        .left()
+        .expect("the finalizer keeps it");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(marked.metadata.generation, Some(generation + 1));
+    // A repeated delete changes nothing.
+    widgets
+        .delete("held", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete again");
+    let current = widgets.get("held").await.expect("get");
+    assert_eq!(current.metadata.generation, Some(generation + 1));
+    emulator.shutdown().await;
+}
