@@ -46,13 +46,24 @@ impl Store {
         else {
             return;
         };
-        if stored.obj.pointer("/metadata/deletionTimestamp").is_none()
-            || has_finalizers(&stored.obj)
-            || inner.terminating.contains_key(key) && is_pod(rt)
-        {
+        if !Self::ready_to_remove(inner, rt, key, &stored.obj) {
             return;
         }
         self.remove_locked(inner, rt, key.clone(), false);
+    }
+
+    /// Whether `obj` (the current or about-to-be-written state of `key`) is marked for
+    /// deletion with nothing holding it back: no finalizers and, for pods, no grace period
+    /// still running.
+    pub(super) fn ready_to_remove(
+        inner: &Inner,
+        rt: &ResourceType,
+        key: &ObjectKey,
+        obj: &Value,
+    ) -> bool {
+        obj.pointer("/metadata/deletionTimestamp").is_some()
+            && !has_finalizers(obj)
+            && !(inner.terminating.contains_key(key) && is_pod(rt))
     }
 
     pub fn delete(
@@ -259,14 +270,25 @@ impl Store {
             {
                 list.retain(|f| f != FOREGROUND_FINALIZER);
             }
-            self.commit(
-                inner,
-                &owner_rt,
-                key.clone(),
-                Some(Stored { obj, owners }),
-                EventType::Modified,
-            );
-            self.finish_deletion_if_done(inner, &owner_rt, &key);
+            if Self::ready_to_remove(inner, &owner_rt, &key, &obj) {
+                // Only DELETED (with the final state), as when the API server's garbage
+                // collector removes the last finalizer.
+                self.remove_final_locked(
+                    inner,
+                    &owner_rt,
+                    key,
+                    false,
+                    Some(Stored { obj, owners }),
+                );
+            } else {
+                self.commit(
+                    inner,
+                    &owner_rt,
+                    key,
+                    Some(Stored { obj, owners }),
+                    EventType::Modified,
+                );
+            }
         }
     }
 
@@ -343,7 +365,20 @@ impl Store {
         key: ObjectKey,
         orphan: bool,
     ) -> Value {
-        let removed = self.commit(inner, rt, key.clone(), None, EventType::Deleted);
+        self.remove_final_locked(inner, rt, key, orphan, None)
+    }
+
+    /// [`Store::remove_locked`], with the DELETED event (and the returned object) carrying
+    /// `final_state` instead of the stored object when given.
+    pub(super) fn remove_final_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        key: ObjectKey,
+        orphan: bool,
+        final_state: Option<Stored>,
+    ) -> Value {
+        let removed = self.commit(inner, rt, key.clone(), final_state, EventType::Deleted);
         inner.terminating.remove(&key);
         if rt.group.is_empty() && rt.plural == "namespaces" {
             self.purge_namespace(inner, &key.1);

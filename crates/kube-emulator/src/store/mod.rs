@@ -807,14 +807,25 @@ impl Store {
             register_crd(inner, &new, name)?;
         }
         let obj_key = (ns.to_string(), name.to_string());
+        if Self::ready_to_remove(inner, rt, &obj_key, &new) {
+            // Removing the last finalizer of an object marked for deletion deletes it: the
+            // API server emits only DELETED, carrying this final state.
+            let removed = self.remove_final_locked(
+                inner,
+                rt,
+                obj_key,
+                false,
+                Some(Stored { obj: new, owners }),
+            );
+            return Ok(present(rt, &removed));
+        }
         let committed = self.commit(
             inner,
             rt,
-            obj_key.clone(),
+            obj_key,
             Some(Stored { obj: new, owners }),
             EventType::Modified,
         );
-        self.finish_deletion_if_done(inner, rt, &obj_key);
         Ok(present(rt, &committed))
     }
 
@@ -840,7 +851,10 @@ impl Store {
                     m.insert("resourceVersion".into(), json!(rv.to_string()));
                 }
                 let obj = stored.obj.clone();
-                bucket.insert(key.clone(), stored);
+                // A DELETED event may carry a final state that is not stored.
+                if kind != EventType::Deleted {
+                    bucket.insert(key.clone(), stored);
+                }
                 obj
             }
             None => {

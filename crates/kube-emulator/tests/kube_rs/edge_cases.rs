@@ -193,3 +193,109 @@ async fn marking_for_deletion_bumps_generation() {
     assert_eq!(current.metadata.generation, Some(generation + 1));
     emulator.shutdown().await;
 }
+
+/// Event types (and the object's finalizers) for `name` until it is DELETED.
+async fn kinds_until_deleted<K>(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<K>>> + Unpin),
+    name: &str,
+) -> Vec<(&'static str, usize)>
+where
+    K: kube::Resource + Clone,
+{
+    let mut kinds = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(60), stream.try_next())
+            .await
+            .expect("an event arrives")
+            .expect("watch event")
+            .expect("stream open");
+        let (kind, obj) = match ev {
+            WatchEvent::Added(o) => ("ADDED", o),
+            WatchEvent::Modified(o) => ("MODIFIED", o),
+            WatchEvent::Deleted(o) => ("DELETED", o),
+            WatchEvent::Bookmark(_) => continue,
+            WatchEvent::Error(e) => panic!("watch error {e:?}"),
+        };
+        if obj.meta().name.as_deref() != Some(name) {
+            continue;
+        }
+        let finalizers = obj.meta().finalizers.as_ref().map_or(0, Vec::len);
+        kinds.push((kind, finalizers));
+        if kind == "DELETED" {
+            return kinds;
+        }
+    }
+}
+
+#[tokio::test]
+async fn removing_the_last_finalizer_emits_only_deleted() {
+    let (emulator, client) = start().await;
+    crate::crud::install_widgets(&client).await;
+    let widgets: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &crate::crud::widgets_resource());
+    let created = widgets
+        .create(&PostParams::default(), &widget("held"))
+        .await
+        .expect("create");
+    let rv = created.metadata.resource_version.expect("rv");
+    let mut stream = widgets
+        .watch(&kube::api::WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    widgets
+        .delete("held", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete");
+    let cleared = widgets
+        .patch(
+            "held",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("clear finalizers");
+    assert!(cleared.metadata.finalizers.is_none_or(|f| f.is_empty()));
+    assert_eq!(
+        kinds_until_deleted(&mut stream, "held").await,
+        [("MODIFIED", 1), ("DELETED", 0)],
+        "marking is MODIFIED; removing the last finalizer is only DELETED, with the final state"
+    );
+    assert!(widgets.get_opt("held").await.expect("get").is_none());
+    drop(stream);
+
+    // A pod still in its grace period stays (MODIFIED) until the grace period ends.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut held = pod("held-pod");
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    let created = pods
+        .create(&PostParams::default(), &held)
+        .await
+        .expect("create");
+    let rv = created.metadata.resource_version.expect("rv");
+    let mut stream = pods
+        .watch(&kube::api::WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    pods.delete(
+        "held-pod",
+        &kube::api::DeleteParams::default().grace_period(600),
+    )
+    .await
+    .expect("delete");
+    pods.patch(
+        "held-pod",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("clear finalizers");
+    assert!(pods.get_opt("held-pod").await.expect("get").is_some());
+    emulator.control().expire_grace_periods();
+    assert_eq!(
+        kinds_until_deleted(&mut stream, "held-pod").await,
+        [("MODIFIED", 1), ("MODIFIED", 0), ("DELETED", 0)]
+    );
+    emulator.shutdown().await;
+}
