@@ -361,7 +361,13 @@ impl Store {
                     b.iter()
                         .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons))
                         .map(|((ons, _), s)| {
-                            let object = present(rt, &s.obj);
+                            // The events.k8s.io view keeps the stored core form, like
+                            // live events: the watch converts (and filters) it once.
+                            let object = if events::is_view(rt) {
+                                s.obj.clone()
+                            } else {
+                                present(rt, &s.obj)
+                            };
                             Arc::new(WatchEvent {
                                 rv: inner.rv,
                                 key: key.clone(),

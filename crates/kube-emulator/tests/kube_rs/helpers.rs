@@ -271,16 +271,59 @@ async fn events_are_shared_between_the_two_event_apis() {
     core.create(&PostParams::default(), &core_event)
         .await
         .expect("create core event");
-    let mut notes = Vec::new();
-    while notes.len() < 2 {
+    let mut received = Vec::new();
+    while received.len() < 2 {
         match stream.next().await.expect("stream open").expect("event") {
-            WatchEvent::Added(e) | WatchEvent::Modified(e) => {
-                notes.push(e.note.unwrap_or_default())
-            }
+            WatchEvent::Added(e) | WatchEvent::Modified(e) => received.push(e),
             _ => {}
         }
     }
+    // The first event is the initial (replayed) one for the recorded event: converted once,
+    // with every field intact.
+    let first = &received[0];
+    assert_eq!(
+        first.note.as_deref(),
+        Some("pod joined the routing table"),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("evented"),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.reporting_controller.as_deref(),
+        Some("test-controller")
+    );
+    let notes: Vec<String> = received
+        .iter()
+        .map(|e| e.note.clone().unwrap_or_default())
+        .collect();
     assert!(notes.contains(&"from core".to_string()), "{notes:?}");
+    drop(stream);
+
+    // Field selectors apply to initial events too.
+    let mut selected = new_api
+        .watch(
+            &WatchParams::default().fields("regarding.name=evented,reason=Routed"),
+            "0",
+        )
+        .await
+        .expect("watch with a field selector")
+        .boxed();
+    match tokio::time::timeout(std::time::Duration::from_secs(60), selected.next())
+        .await
+        .expect("the initial event arrives")
+        .expect("stream open")
+        .expect("event")
+    {
+        WatchEvent::Added(e) => {
+            assert_eq!(e.reason.as_deref(), Some("Routed"));
+            assert_eq!(e.note.as_deref(), Some("pod joined the routing table"));
+        }
+        other => panic!("expected the initial ADDED, got {other:?}"),
+    }
+    drop(selected);
     let fetched = new_api.get("legacy").await.expect("get as events.k8s.io");
     assert_eq!(
         fetched.regarding.and_then(|r| r.name).as_deref(),
