@@ -170,8 +170,15 @@ spec:
 #[test]
 fn kubectl_drives_the_binary() {
     if !kubectl_available() {
+        // Skipping must be explicit: a missing kubectl is a broken test environment.
+        assert!(
+            std::env::var("KUBE_EMULATOR_SKIP_KUBECTL").as_deref() == Ok("1"),
+            "kubectl ({}) is not installed; install it (scripts/test.sh does) or set \
+             KUBE_EMULATOR_SKIP_KUBECTL=1 to skip this test",
+            kubectl_bin()
+        );
         eprintln!(
-            "\n\n*** SKIPPED: kubectl is not installed; the kubectl end-to-end test did not run ***\n\n"
+            "\n\n*** SKIPPED (KUBE_EMULATOR_SKIP_KUBECTL=1): the kubectl end-to-end test did not run ***\n\n"
         );
         return;
     }

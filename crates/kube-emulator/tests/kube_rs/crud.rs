@@ -1,10 +1,12 @@
 //! Every verb through `kube::Api`, with the error codes clients depend on.
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::ResourceExt;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions,
+    WatchEvent, WatchParams,
 };
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Discovery;
@@ -644,9 +646,18 @@ async fn custom_resources_are_validated_and_have_a_status_subresource() {
 async fn pod_deletion_honours_grace_periods_finalizers_and_preconditions() {
     let (emulator, client) = start().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.create(&PostParams::default(), &pod("slow", json!({})))
+    let created = pods
+        .create(&PostParams::default(), &pod("slow", json!({})))
         .await
         .expect("create");
+    let mut events = pods
+        .watch(
+            &WatchParams::default().fields("metadata.name=slow"),
+            created.metadata.resource_version.as_deref().expect("rv"),
+        )
+        .await
+        .expect("watch")
+        .boxed();
     let pending = pods
         .delete("slow", &DeleteParams::default().grace_period(600))
         .await
@@ -663,6 +674,32 @@ async fn pod_deletion_honours_grace_periods_finalizers_and_preconditions() {
         api_error(pods.get("slow").await.expect_err("gone")).code,
         404
     );
+    // Watchers see the marking (MODIFIED with deletionTimestamp), then the removal.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(60), events.try_next())
+            .await
+            .expect("watch event arrives")
+            .expect("watch event")
+            .expect("stream open");
+        match event {
+            WatchEvent::Modified(p) => {
+                assert!(
+                    p.metadata.deletion_timestamp.is_some(),
+                    "MODIFIED carries deletionTimestamp"
+                );
+                seen.push("MODIFIED");
+            }
+            WatchEvent::Deleted(p) => {
+                assert!(p.metadata.deletion_timestamp.is_some());
+                seen.push("DELETED");
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["MODIFIED", "DELETED"]);
+    drop(events);
 
     pods.create(&PostParams::default(), &pod("quick", json!({})))
         .await
