@@ -51,6 +51,14 @@ pub(crate) fn pod_finished(pod: &Value) -> bool {
     )
 }
 
+/// Whether a pod is bound to a node; unscheduled pods have no kubelet to stop them, so the
+/// API server deletes them at once.
+pub(crate) fn pod_scheduled(pod: &Value) -> bool {
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty())
+}
+
 /// Rejects bodies whose `kind`/`apiVersion` name a different type.
 pub(crate) fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     check_shape(obj)?;

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 
 pub use error::ApiError;
 pub use store::StoreConfig;
-pub use testing::{Control, Fault};
+pub use testing::{Control, EMULATED_NODE, Fault};
 
 use server::AppState;
 use store::Store;

@@ -115,6 +115,23 @@ impl ControlState {
     }
 }
 
+/// The `spec.nodeName` the pod helpers bind unscheduled pods to.
+pub const EMULATED_NODE: &str = "emulated-node";
+
+/// Binds an unscheduled pod to [`EMULATED_NODE`], as the scheduler would.
+fn schedule(pod: &mut Value) {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let bound = spec
+        .get("nodeName")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    if !bound {
+        spec.insert("nodeName".into(), json!(EMULATED_NODE));
+    }
+}
+
 /// Handle for test-only manipulation of a running emulator.
 #[derive(Clone)]
 pub struct Control {
@@ -123,8 +140,9 @@ pub struct Control {
 }
 
 impl Control {
-    /// Sets `status.phase` of a pod, as the kubelet would. Moving to `Running` also
-    /// fills in what a kubelet reports for a started pod if missing: `startTime`,
+    /// Sets `status.phase` of a pod, as the kubelet would. Moving to `Running` also binds
+    /// an unscheduled pod to [`EMULATED_NODE`] (`spec.nodeName`, so deleting it is graceful)
+    /// and fills in what a kubelet reports for a started pod if missing: `startTime`,
     /// `hostIP`, a unique `podIP`/`podIPs` (10.244.0.0/16) and running `containerStatuses`.
     /// `Succeeded`/`Failed` mark the containers terminated (exit code 0/1).
     pub fn set_pod_phase(&self, namespace: &str, name: &str, phase: &str) -> ApiResult<Value> {
@@ -150,6 +168,9 @@ impl Control {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
+            if phase == "Running" {
+                schedule(pod);
+            }
             let Some(status) = status_object(pod) else {
                 return;
             };
@@ -203,10 +224,14 @@ impl Control {
     }
 
     /// Sets the pod's `Ready` and `ContainersReady` conditions (and the containers'
-    /// `ready` flags), as the kubelet would.
+    /// `ready` flags), as the kubelet would. Becoming ready binds an unscheduled pod to
+    /// [`EMULATED_NODE`].
     pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) -> ApiResult<Value> {
         let pods = self.pods()?;
         self.store.modify(&pods, namespace, name, |pod| {
+            if ready {
+                schedule(pod);
+            }
             let status = if ready { "True" } else { "False" };
             let now = now_rfc3339();
             let Some(status_map) = status_object(pod) else {

@@ -10,7 +10,7 @@ use super::{
     DeleteOptions, Deleted, EventType, FOREGROUND_FINALIZER, Inner, ObjectKey, Store, Stored,
     get_stored, present, resource_for,
 };
-use crate::admission::{is_pod, pod_finished};
+use crate::admission::{is_pod, pod_finished, pod_scheduled};
 use crate::crd;
 use crate::error::{ApiError, ApiResult};
 use crate::resources::{ResourceType, StorageKey};
@@ -118,7 +118,7 @@ impl Store {
             return Ok(Deleted::Pending(present(rt, &obj)));
         }
         let key = (ns.to_string(), name.to_string());
-        let grace = if is_pod(rt) && !pod_finished(&obj) {
+        let grace = if is_pod(rt) && !pod_finished(&obj) && pod_scheduled(&obj) {
             let requested = opts
                 .grace_period_seconds
                 .or_else(|| {

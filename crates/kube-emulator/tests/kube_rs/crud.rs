@@ -19,7 +19,8 @@ fn pod(name: &str, labels: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        // Scheduled: unscheduled pods are deleted at once, without a grace period.
+        "spec": {"nodeName": "node-1", "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }

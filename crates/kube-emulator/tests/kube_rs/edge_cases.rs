@@ -11,7 +11,8 @@ fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name},
-        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        // Scheduled: unscheduled pods are deleted at once, without a grace period.
+        "spec": {"nodeName": "node-1", "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }
@@ -296,6 +297,64 @@ async fn removing_the_last_finalizer_emits_only_deleted() {
     assert_eq!(
         kinds_until_deleted(&mut stream, "held-pod").await,
         [("MODIFIED", 1), ("MODIFIED", 0), ("DELETED", 0)]
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn unscheduled_pods_are_deleted_at_once_and_running_ones_gracefully() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut unscheduled = pod("unscheduled");
+    unscheduled.spec.as_mut().expect("spec").node_name = None;
+    pods.create(&PostParams::default(), &unscheduled)
+        .await
+        .expect("create");
+    pods.delete("unscheduled", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete");
+    assert!(
+        pods.get_opt("unscheduled").await.expect("get").is_none(),
+        "no node, no grace period"
+    );
+
+    // The kubelet helpers bind the pod to a node, so its deletion is graceful.
+    let mut started = pod("started");
+    started.spec.as_mut().expect("spec").node_name = None;
+    pods.create(&PostParams::default(), &started)
+        .await
+        .expect("create");
+    emulator
+        .control()
+        .set_pod_phase("default", "started", "Running")
+        .expect("running");
+    let bound = pods.get("started").await.expect("get");
+    assert_eq!(
+        bound.spec.and_then(|s| s.node_name).as_deref(),
+        Some(kube_emulator::EMULATED_NODE)
+    );
+    let marked = pods
+        .delete("started", &kube::api::DeleteParams::default())
+        .await
+        .expect("delete")
+        .left()
+        .expect("a running pod terminates gracefully");
+    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(30));
+    emulator.control().expire_grace_periods();
+    assert!(pods.get_opt("started").await.expect("get").is_none());
+
+    let mut ready = pod("ready");
+    ready.spec.as_mut().expect("spec").node_name = None;
+    pods.create(&PostParams::default(), &ready)
+        .await
+        .expect("create");
+    let readied = emulator
+        .control()
+        .set_pod_ready("default", "ready", true)
+        .expect("ready");
+    assert_eq!(
+        readied.pointer("/spec/nodeName"),
+        Some(&json!(kube_emulator::EMULATED_NODE))
     );
     emulator.shutdown().await;
 }
