@@ -249,8 +249,9 @@ async fn redis_worker_ops(
             moved_scan == args.k as u64,
             "scan reroute moved {moved_scan}"
         );
-        // The scan moved hashes behind the index's back; the fallback store's SCAN re-indexes.
-        let (deleted, delete) = timed(async { Ok(fallback.delete_by_worker("hot").await?) })
+        // Untimed: re-index the hashes the scan moved and clear the worker for the next step.
+        let deleted = fallback
+            .delete_by_worker("hot")
             .await
             .context("fallback delete")?;
         anyhow::ensure!(deleted == args.k as u64, "delete removed {deleted}");
@@ -272,7 +273,6 @@ async fn redis_worker_ops(
         .context("baseline scan script")?;
         anyhow::ensure!(deleted == args.k as u64, "scan delete removed {deleted}");
         restore_hot().await?;
-        let _ = delete; // the fallback delete includes a SCAN; reported via the fallback column
         let rr = (reroute + back) / 2;
         println!(
             "{n:>9} {:>13.2} {:>13.2} {:>15.2} {:>13.2} {:>13.2} {:>8.1}x {:>8.1}x",
