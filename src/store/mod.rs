@@ -17,7 +17,7 @@ mod options;
 mod postgres;
 mod redis;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -79,6 +79,15 @@ pub trait Store: Send + Sync {
 
     /// Live session counts of every worker that has at least one session.
     async fn counts_by_worker(&self) -> Result<BTreeMap<String, u64>>;
+
+    /// Ids of the workers that hold at least one session, for the operator's level-triggered
+    /// passes, which need the set of workers rather than a count of every session.
+    ///
+    /// The provided implementation derives it from [`Store::counts_by_worker`], which costs
+    /// O(sessions); stores override it where an index answers in O(workers).
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        Ok(self.counts_by_worker().await?.into_keys().collect())
+    }
 
     /// Moves every session of `from` to `to`; returns how many moved.
     async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64>;
