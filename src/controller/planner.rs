@@ -18,7 +18,6 @@
 //! - **Late sessions**: a worker already migrated that holds sessions again (a proxy lagging
 //!   behind) is migrated again, to the same target while it is Ready.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -208,7 +207,9 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     for w in input.workers.iter().filter(|w| w.departing) {
         if !live.contains(w.id.as_str()) && !memory.resolved.contains_key(&w.id) {
             memory.departures.entry(w.id.clone()).or_insert(Departure {
-                observed_at: now,
+                // The deletion request, when known: a pass that runs late must not make a
+                // replacement that was Ready in time look too old.
+                observed_at: w.departed_at.map_or(now, |t| t.min(now)),
                 created: w.created,
                 family: w.family.clone(),
                 orphan: false,
@@ -393,34 +394,38 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     plan
 }
 
-/// Whether `w` may replace `departure`: newer than the departed pod, and Ready around the time
-/// of the departure (not a long-standing pod of a pool that merely shrank).
+/// Whether `w` may replace `departure`: created after the departed pod, and not a
+/// long-standing pod of a pool that merely shrank (created at most [`ARRIVAL_WINDOW`] or
+/// `replacement_wait`, whichever is longer, before the departure). A surge replacement is often
+/// created and Ready well before the old pod is deleted, so the window is generous; pods that
+/// already replaced another departure are excluded by the caller.
 fn is_replacement(w: &Worker, departure: &Departure, rules: &Rules) -> bool {
     if departure.orphan {
         // Departed while nobody watched: any Ready worker of its family may take over.
         return departure.family.is_none() || w.family == departure.family;
     }
-    let newer = match (w.created, departure.created) {
-        (Some(candidate), Some(departed)) => candidate > departed,
-        _ => true,
+    let Some(created) = w.created else {
+        return true;
     };
-    let recent = w
-        .ready_since
-        .is_none_or(|since| since >= before(departure.observed_at, rules.replacement_wait));
-    newer && recent
+    let newer = departure.created.is_none_or(|departed| created > departed);
+    let window = rules.replacement_wait.max(ARRIVAL_WINDOW);
+    newer && created >= before(departure.observed_at, window)
 }
 
-/// Sort key: same family first, then least loaded, then the newest pod (the likeliest
-/// replacement when loads tie), then the id.
+/// How long before a departure a pod may have been created and still count as its replacement.
+pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
+
+/// Sort key: same family first, then least loaded, then the earliest Ready (a rolling update
+/// brings replacements up in the order it removes old pods), then the id.
 fn candidate_key<'w>(
     w: &'w Worker,
     departure: &Departure,
     loads: &BTreeMap<String, u64>,
-) -> (bool, u64, Reverse<Option<Timestamp>>, &'w str) {
+) -> (bool, u64, Option<Timestamp>, &'w str) {
     (
         departure.family.is_some() && w.family != departure.family,
         loads.get(&w.id).copied().unwrap_or(0),
-        Reverse(w.created),
+        w.ready_since,
         w.id.as_str(),
     )
 }

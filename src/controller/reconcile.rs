@@ -215,6 +215,16 @@ async fn pass(
         },
     );
 
+    tracing::debug!(
+        policy = %policy.name_any(),
+        workers = workers.len(),
+        ready = workers.iter().filter(|w| w.ready).count(),
+        with_sessions = with_sessions.len(),
+        departures = ?state.memory.departures.keys().collect::<Vec<_>>(),
+        actions = ?plan.actions,
+        waiting = plan.waiting,
+        "planned"
+    );
     let counters = state.counters.get_or_insert_with(|| {
         policy
             .status

@@ -19,6 +19,9 @@ pub struct Worker {
     /// When the Ready condition last turned true (only meaningful while `ready`).
     pub ready_since: Option<Timestamp>,
     pub created: Option<Timestamp>,
+    /// When the pod started to depart: its deletion request (deletionTimestamp minus the grace
+    /// period). `None` for pods that finished (phase Failed/Succeeded) or are not departing.
+    pub departed_at: Option<Timestamp>,
     /// The workload the pod belongs to; replacements from the same family are preferred.
     pub family: Option<Family>,
     /// Current `controller.kubernetes.io/pod-deletion-cost`, if set.
@@ -85,6 +88,11 @@ pub fn worker(policy: &ValidPolicy, pod: &Pod) -> Option<Worker> {
             .flatten()
             .map(|t| t.0),
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
+        departed_at: meta.deletion_timestamp.as_ref().map(|t| {
+            let grace = meta.deletion_grace_period_seconds.unwrap_or(0).max(0);
+            t.0.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+                .unwrap_or(t.0)
+        }),
         family: family(pod),
         deletion_cost: meta
             .annotations
