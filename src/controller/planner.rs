@@ -13,7 +13,8 @@
 //! - **Replacement**: a Ready, non-departing worker created after the departed pod, that became
 //!   Ready no earlier than `replacement_wait` before the departure was observed (with surge it is
 //!   often Ready first), and that is not the replacement of another departure. Same family first,
-//!   then least loaded. A worker id reused by a live pod (StatefulSet) needs no migration.
+//!   then least loaded. A worker id reused by a live pod (StatefulSet) needs no migration, and a
+//!   departed StatefulSet pod is replaced only by the pod of its own name, never by a sibling.
 //! - **Termination**: no replacement within `replacement_wait` → `on_terminate`.
 //! - **Late sessions**: a worker already migrated that holds sessions again (a proxy lagging
 //!   behind) is migrated again, to the same target while it is Ready.
@@ -119,6 +120,9 @@ pub struct Departure {
     pub observed_at: Timestamp,
     pub created: Option<Timestamp>,
     pub family: Option<Family>,
+    /// The departed pod's name, when a pod was seen: a StatefulSet pod is replaced only by the
+    /// pod of the same name.
+    pub pod: Option<String>,
     /// Found in the store without a pod: any Ready worker of its family may replace it.
     pub orphan: bool,
 }
@@ -138,13 +142,16 @@ pub enum Resolution {
 /// pods are the truth, and memory only sharpens decisions (disappearances, pairing).
 #[derive(Debug, Default, Clone)]
 pub struct Memory {
-    /// Workers seen in the last pass (id → family, creation), to notice disappearances.
-    last_seen: BTreeMap<String, (Option<Family>, Option<Timestamp>)>,
+    /// Workers seen in the last pass (id → family, creation, pod), to notice disappearances.
+    last_seen: BTreeMap<String, (Option<Family>, Option<Timestamp>, String)>,
     pub departures: BTreeMap<String, Departure>,
     /// Finished migrations, kept for `retention` to catch late sessions.
     resolved: BTreeMap<String, (Resolution, Timestamp, Option<Family>)>,
     /// Replacement worker → when it was paired; a worker replaces one departure only.
     paired: BTreeMap<String, Timestamp>,
+    /// Departed worker → the replacement its planned `Delete` (`onReplace: Delete`) was paired
+    /// with, recorded in `paired` when the delete completes.
+    delete_pairs: BTreeMap<String, String>,
     /// Unknown worker ids with sessions → first seen.
     orphans_seen: BTreeMap<String, Timestamp>,
 }
@@ -153,7 +160,12 @@ impl Memory {
     /// Records a successfully executed action.
     pub fn completed(&mut self, action: &Action, now: Timestamp) {
         let id = action.worker().to_string();
-        let family = self.departures.remove(&id).and_then(|d| d.family);
+        // A late-sessions action has no departure: keep the family already known.
+        let family = match self.departures.remove(&id) {
+            Some(d) => d.family,
+            None => self.resolved.get(&id).and_then(|(_, _, f)| f.clone()),
+        };
+        let replaced_by = self.delete_pairs.remove(&id);
         let resolution = match action {
             Action::Reroute { to, reason, .. } => {
                 if *reason == Reason::Replaced {
@@ -161,7 +173,12 @@ impl Memory {
                 }
                 Resolution::Rerouted { to: to.clone() }
             }
-            Action::Delete { .. } => Resolution::Deleted,
+            Action::Delete { reason, .. } => {
+                if let (Reason::Replaced, Some(to)) = (reason, replaced_by) {
+                    self.paired.insert(to, now);
+                }
+                Resolution::Deleted
+            }
         };
         self.resolved.insert(id, (resolution, now, family));
     }
@@ -212,17 +229,19 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 observed_at: w.departed_at.map_or(now, |t| t.min(now)),
                 created: w.created,
                 family: w.family.clone(),
+                pod: Some(w.pod.clone()),
                 orphan: false,
             });
         }
     }
     let present: BTreeSet<&str> = input.workers.iter().map(|w| w.id.as_str()).collect();
-    for (id, (family, created)) in &memory.last_seen {
+    for (id, (family, created, pod)) in &memory.last_seen {
         if !present.contains(id.as_str()) && !memory.resolved.contains_key(id) {
             memory.departures.entry(id.clone()).or_insert(Departure {
                 observed_at: now,
                 created: *created,
                 family: family.clone(),
+                pod: Some(pod.clone()),
                 orphan: false,
             });
         }
@@ -230,7 +249,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     memory.last_seen = input
         .workers
         .iter()
-        .map(|w| (w.id.clone(), (w.family.clone(), w.created)))
+        .map(|w| (w.id.clone(), (w.family.clone(), w.created, w.pod.clone())))
         .collect();
 
     // A live pod holds the id again (a StatefulSet's reused name): nothing to migrate.
@@ -257,6 +276,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                     observed_at: now,
                     created: None,
                     family: family.clone(),
+                    pod: None,
                     orphan: true,
                 },
             );
@@ -301,6 +321,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 observed_at: now,
                 created: None,
                 family,
+                pod: None,
                 orphan: true,
             },
         );
@@ -310,6 +331,8 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     memory
         .paired
         .retain(|id, at| live.contains(id.as_str()) && now < after(*at, retention));
+    // Pairs of deletes planned earlier and not completed are planned afresh below.
+    memory.delete_pairs.clear();
     let mut order: Vec<(String, Departure)> = memory
         .departures
         .iter()
@@ -345,11 +368,14 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                         reason: Reason::Replaced,
                     }
                 }
-                OnReplace::Delete => Action::Delete {
-                    worker: id,
-                    observed_at: departure.observed_at,
-                    reason: Reason::Replaced,
-                },
+                OnReplace::Delete => {
+                    memory.delete_pairs.insert(id.clone(), to.id.clone());
+                    Action::Delete {
+                        worker: id,
+                        observed_at: departure.observed_at,
+                        reason: Reason::Replaced,
+                    }
+                }
             });
         } else if now < deadline {
             plan.waiting += 1;
@@ -404,6 +430,14 @@ fn is_replacement(w: &Worker, departure: &Departure, rules: &Rules) -> bool {
         // Departed while nobody watched: any Ready worker of its family may take over.
         return departure.family.is_none() || w.family == departure.family;
     }
+    // A StatefulSet recreates a departed pod under its own name: its siblings, however new,
+    // are not its replacement.
+    if matches!(departure.family, Some(Family::StatefulSet(_)))
+        && w.family == departure.family
+        && departure.pod.as_ref().is_some_and(|pod| *pod != w.pod)
+    {
+        return false;
+    }
     let Some(created) = w.created else {
         return true;
     };
@@ -433,3 +467,7 @@ fn candidate_key<'w>(
 fn earliest(current: Option<Timestamp>, t: Timestamp) -> Option<Timestamp> {
     Some(current.map_or(t, |c| c.min(t)))
 }
+
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;

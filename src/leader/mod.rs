@@ -15,7 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Guards store mutations: open only while this replica holds a confirmed lease.
@@ -139,24 +139,17 @@ pub async fn run(
         config.duration >= Duration::from_secs(2),
         "--lease-duration must be at least 2s"
     );
-    let manager = LeaseManagerBuilder::new(client.clone(), &config.name)
-        .with_namespace(&config.namespace)
-        .with_identity(&config.identity)
-        .with_duration(config.duration.as_secs())
-        .with_grace(config.renew_grace())
-        .with_field_manager(format!("session-operator/{}", config.identity))
-        .build()
-        .await
-        .map_err(|e| anyhow::anyhow!("creating lease {}/{}: {e}", config.namespace, config.name))?;
-
+    let mut manager = build_manager(&client, &config).await?;
     let lost = CancellationToken::new();
+    let released = Arc::new(Notify::new());
     let observer = tokio::spawn(observe_lease(
-        Api::namespaced(client, &config.namespace),
+        Api::namespaced(client.clone(), &config.namespace),
         config.clone(),
         fence.clone(),
         lost.clone(),
+        released.clone(),
     ));
-    let result = campaign(&manager, &config, &shutdown, &lost).await;
+    let result = campaign(&client, &mut manager, &config, &shutdown, &lost, &released).await;
     observer.abort();
     fence.set_deadline(None);
     if let Err(e) = manager.release().await {
@@ -167,16 +160,36 @@ pub async fn run(
     result
 }
 
+async fn build_manager(client: &Client, config: &LeaseConfig) -> anyhow::Result<LeaseManager> {
+    LeaseManagerBuilder::new(client.clone(), &config.name)
+        .with_namespace(&config.namespace)
+        .with_identity(&config.identity)
+        .with_duration(config.duration.as_secs())
+        .with_grace(config.renew_grace())
+        .with_field_manager(format!("session-operator/{}", config.identity))
+        .build()
+        .await
+        .map_err(|e| anyhow::anyhow!("lease {}/{}: {e}", config.namespace, config.name))
+}
+
 async fn campaign(
-    manager: &LeaseManager,
+    client: &Client,
+    manager: &mut LeaseManager,
     config: &LeaseConfig,
     shutdown: &CancellationToken,
     lost: &CancellationToken,
+    released: &Notify,
 ) -> anyhow::Result<()> {
     let mut was_leader = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            // The holder released the lease. The manager would sleep until the lease it last
+            // read expires; a fresh one reads the released lease and takes it now.
+            _ = released.notified(), if !was_leader => match build_manager(client, config).await {
+                Ok(fresh) => *manager = fresh,
+                Err(e) => tracing::warn!(error = %e, "re-reading the released lease failed"),
+            },
             _ = lost.cancelled() => {
                 anyhow::bail!("leadership lost: the lease was not renewed in time")
             }
@@ -200,12 +213,14 @@ async fn campaign(
 }
 
 /// Watches the Lease and keeps the fence's deadline at last confirmed renewal + duration −
-/// safety margin. Cancels `lost` when a held lease's deadline passes without renewal.
+/// safety margin. Cancels `lost` when a held lease's deadline passes without renewal, and
+/// notifies `released` when the lease has no holder.
 async fn observe_lease(
     api: Api<Lease>,
     config: LeaseConfig,
     fence: Fence,
     lost: CancellationToken,
+    released: Arc<Notify>,
 ) {
     let selector = format!("metadata.name={}", config.name);
     let mut events = watcher(api, watcher::Config::default().fields(&selector))
@@ -216,7 +231,13 @@ async fn observe_lease(
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(Ok(lease)) => fence.set_deadline(deadline(&lease, &config)),
+                Some(Ok(lease)) => {
+                    let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+                    if holder.is_none_or(str::is_empty) {
+                        released.notify_one();
+                    }
+                    fence.set_deadline(deadline(&lease, &config));
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "lease watch error"),
                 None => return,
             },
