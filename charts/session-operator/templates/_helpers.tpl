@@ -176,18 +176,21 @@ Credentials only ever come from Secrets (secretKeyRef), never as literals.
 
 {{/*
 RBAC rules for watching policies and pods and reporting on them; used by the ClusterRole
-(all namespaces) or by one Role per watched namespace.
+(all namespaces) or by one Role per watched namespace. Exactly the calls the operator makes
+(tests/chart/test_rbac_e2e.py records them): reflectors list+watch pods and policies, status
+is written with patch, deletion costs are pod patches, kube-rs' event Recorder creates events
+and patches repeats.
 */}}
 {{- define "session-operator.watchRules" -}}
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: {{ if .Values.rbac.podDeletionCost }}["get", "list", "watch", "patch"]{{ else }}["get", "list", "watch"]{{ end }}
+  verbs: {{ if .Values.rbac.podDeletionCost }}["list", "watch", "patch"]{{ else }}["list", "watch"]{{ end }}
 - apiGroups: ["sessions.blockyard.io"]
   resources: ["sessionpolicies"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["sessions.blockyard.io"]
   resources: ["sessionpolicies/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
