@@ -4,7 +4,9 @@ Every skipped check is listed here with the reason it does not apply."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -79,40 +81,62 @@ def failures(report: dict) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("values", ci_cases())
-def test_checkov_kubernetes(values, tmp_path) -> None:
-    skips = set(SKIPS)
+def skips_for(values: dict, also_enforce: set[str] = frozenset()) -> set[str]:
+    skips = set(SKIPS) - set(also_enforce)
     if values.get("networkPolicy", {}).get("enabled"):
         skips.discard("CKV2_K8S_6")
-    report = checkov(write_render(values, tmp_path / "render"), "kubernetes", skips)
+    return skips
+
+
+HARDENED = deep_merge(
+    MINIMAL,
+    {
+        "image": {"digest": "sha256:" + "0" * 64, "pullPolicy": "Always"},
+        "networkPolicy": {"enabled": True},
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """All checkov runs of this module, started together (checkov is slow to start)."""
+    jobs = {p.id: (p.values[0], set()) for p in ci_cases()}
+    jobs["hardened"] = (HARDENED, {"CKV_K8S_15", "CKV_K8S_43", "CKV2_K8S_6"})
+    jobs["production"] = (load_values(ROOT / "examples" / "values-production.yaml"), set())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {
+            name: pool.submit(
+                checkov,
+                write_render(values, tmp_path_factory.mktemp(name) / "render"),
+                "kubernetes",
+                skips_for(values, enforce),
+            )
+            for name, (values, enforce) in jobs.items()
+        }
+        futures["dockerfile"] = pool.submit(checkov, ROOT / "Dockerfile", "dockerfile", set())
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", [p.id for p in ci_cases()])
+def test_checkov_kubernetes(reports, case) -> None:
+    report = reports[case]
     assert report["summary"]["passed"] > 50
     assert report["summary"]["parsing_errors"] == 0
     assert not failures(report), "\n".join(failures(report))
 
 
-def test_hardened_values_need_fewer_skips(tmp_path) -> None:
-    values = deep_merge(
-        MINIMAL,
-        {
-            "image": {"digest": "sha256:" + "0" * 64, "pullPolicy": "Always"},
-            "networkPolicy": {"enabled": True},
-        },
-    )
-    skips = set(SKIPS) - {"CKV_K8S_15", "CKV_K8S_43", "CKV2_K8S_6"}
-    report = checkov(write_render(values, tmp_path / "render"), "kubernetes", skips)
+def test_hardened_values_need_fewer_skips(reports) -> None:
+    """With a digest, pullPolicy Always and the NetworkPolicy, those three checks pass."""
+    report = reports["hardened"]
     assert not failures(report), "\n".join(failures(report))
 
 
-def test_checkov_dockerfile(tmp_path) -> None:
-    report = checkov(ROOT / "Dockerfile", "dockerfile", set())
+def test_checkov_dockerfile(reports) -> None:
+    report = reports["dockerfile"]
     assert report["summary"]["passed"] > 10
     assert not failures(report), "\n".join(failures(report))
 
 
-def test_example_production_values_pass_checkov(tmp_path) -> None:
-    values = load_values(ROOT / "examples" / "values-production.yaml")
-    skips = set(SKIPS)
-    if values.get("networkPolicy", {}).get("enabled"):
-        skips.discard("CKV2_K8S_6")
-    report = checkov(write_render(values, tmp_path / "render"), "kubernetes", skips)
+def test_example_production_values_pass_checkov(reports) -> None:
+    report = reports["production"]
     assert not failures(report), "\n".join(failures(report))
