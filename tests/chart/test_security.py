@@ -10,6 +10,7 @@ import helm_python as helm
 import pytest
 
 from conftest import (
+    deep_merge,
     CHART,
     MINIMAL,
     ci_cases,
@@ -153,3 +154,23 @@ def test_single_replica_may_run_without_leader_election() -> None:
     docs = render({**MINIMAL, "replicaCount": 1, "leaderElection": {"enabled": False}})
     assert env_of(operator_container(docs))["LEADER_ELECT"]["value"] == "false"
     assert not [d for d in docs if d["kind"] == "Role" and "leader" in d["metadata"]["name"]]
+
+
+def test_pods_restart_when_chart_managed_urls_change() -> None:
+    def checksum(values):
+        dep = one(render(values), "Deployment")
+        return dep["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/store-secret")
+
+    first = checksum(URL_VALUES)
+    assert first and len(first) == 64
+    changed = deep_merge(URL_VALUES, {"database": {"url": URL_VALUES["database"]["url"].replace("s3cr3t-pg", "rotated")}})
+    assert checksum(changed) not in (None, first)
+    assert checksum(MINIMAL) is None  # a user's Secret: nothing to hash
+
+
+def test_notes_tell_how_to_check_the_install() -> None:
+    notes = next(v for k, v in render_files(MINIMAL).items() if k.endswith("NOTES.txt"))
+    assert "kubectl -n session-system get lease so-session-operator" in notes
+    assert "helm.sh/resource-policy=keep" in notes
+    notes = next(v for k, v in render_files(URL_VALUES).items() if k.endswith("NOTES.txt"))
+    assert "WARNING" in notes and "database.existingSecret" in notes
