@@ -4,10 +4,18 @@
 //!
 //! - [`store`] — the session-store library (memory, Postgres, Redis, layered);
 //! - [`bench`] — benchmarks behind `session-operator bench`;
+//! - [`policy`] — the `SessionPolicy` custom resource;
+//! - [`controller`] — pod watch, migration planner, reconciliation;
+//! - [`leader`] — lease-based leadership with fencing;
+//! - [`sweep`] — expiry and idle sweeps;
 //! - [`cli`] — the `session-operator` command line;
-//! - [`telemetry`] — logging setup.
+//! - [`telemetry`] — logging, metrics, health endpoints.
 
 pub mod bench;
 pub mod cli;
+pub mod controller;
+pub mod leader;
+pub mod policy;
 pub mod store;
+pub mod sweep;
 pub mod telemetry;

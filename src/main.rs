@@ -6,7 +6,9 @@ use session_operator::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    session_operator::telemetry::init_cli_logging();
+    if !matches!(cli.command, cli::Command::Run(_)) {
+        session_operator::telemetry::init_cli_logging();
+    }
     match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

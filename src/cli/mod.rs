@@ -1,11 +1,13 @@
 //! Command-line interface: `session-operator <command>`.
 
 mod connect;
+mod run;
 mod sessions;
 
 use clap::{Parser, Subcommand};
 
 pub use connect::{Connected, StoreArgs};
+pub use run::RunArgs;
 
 /// Keeps session-sticky routing tables consistent with worker pods.
 #[derive(Debug, Parser)]
@@ -17,6 +19,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator: watch SessionPolicies and worker pods, migrate sessions, sweep.
+    Run(Box<RunArgs>),
+    /// Print the SessionPolicy CustomResourceDefinition as YAML.
+    Crd,
     /// Create the schema, table and indexes in Postgres (idempotent).
     Migrate {
         #[command(flatten)]
@@ -34,6 +40,11 @@ pub enum Command {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run::run(*args).await,
+        Command::Crd => {
+            print!("{}", crate::policy::crd_yaml());
+            Ok(())
+        }
         Command::Migrate { store } => {
             let url = store.database_url()?;
             let pg = store.postgres(url).await?;

@@ -1,0 +1,430 @@
+//! The migration planner: pure decision logic, no I/O.
+//!
+//! Input: the policy's worker pods, which worker ids hold sessions in the store, approximate
+//! loads, the policy's rules, the time, and the planner's [`Memory`] of earlier passes. Output:
+//! the store actions to take now and when to look again. The controller executes the actions
+//! and reports each success back with [`Memory::completed`].
+//!
+//! Semantics (level-triggered, so nothing depends on seeing every watch event):
+//!
+//! - **Departure**: a worker pod that is terminating or finished, one that disappeared since
+//!   the last pass, or — after `orphan_grace` — a worker id holding sessions that belongs to the
+//!   policy (by memory, or by its name's family) but matches no pod.
+//! - **Replacement**: a Ready, non-departing worker created after the departed pod, that became
+//!   Ready no earlier than `replacement_wait` before the departure was observed (with surge it is
+//!   often Ready first), and that is not the replacement of another departure. Same family first,
+//!   then least loaded. A worker id reused by a live pod (StatefulSet) needs no migration.
+//! - **Termination**: no replacement within `replacement_wait` → `on_terminate`.
+//! - **Late sessions**: a worker already migrated that holds sessions again (a proxy lagging
+//!   behind) is migrated again, to the same target while it is Ready.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::workers::{Family, Worker};
+use crate::policy::{OnReplace, OnTerminate};
+
+/// The policy's rules, as the planner needs them.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub on_replace: OnReplace,
+    pub on_terminate: OnTerminate,
+    pub replacement_wait: Duration,
+    /// How long an unknown worker id must hold sessions without a pod before it counts as
+    /// departed: a pod the watch has not shown yet must not be taken for a vanished one.
+    pub orphan_grace: Duration,
+}
+
+/// One pass's view of the world.
+#[derive(Debug)]
+pub struct Input<'a> {
+    pub now: Timestamp,
+    pub rules: &'a Rules,
+    /// The policy's worker pods (with worker ids), live or departing.
+    pub workers: &'a [Worker],
+    /// Worker ids that hold sessions in the store.
+    pub with_sessions: &'a BTreeSet<String>,
+    /// Worker ids holding sessions, matching no pod of any policy, that this policy claims
+    /// (by the name's family), with that family.
+    pub orphans: &'a BTreeMap<String, Option<Family>>,
+    /// Approximate session counts per worker, for "least loaded".
+    pub loads: &'a BTreeMap<String, u64>,
+}
+
+/// What to do with a departed worker's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Reroute {
+        from: String,
+        to: String,
+        /// When the departure was observed, for the migration latency metric.
+        observed_at: Timestamp,
+        reason: Reason,
+    },
+    Delete {
+        worker: String,
+        observed_at: Timestamp,
+        reason: Reason,
+    },
+}
+
+impl Action {
+    /// The departed worker the action migrates.
+    pub fn worker(&self) -> &str {
+        match self {
+            Action::Reroute { from, .. } => from,
+            Action::Delete { worker, .. } => worker,
+        }
+    }
+}
+
+/// Why an action was planned; becomes the Event's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A departed worker with a Ready replacement.
+    Replaced,
+    /// No replacement within `replacementWait`.
+    Terminated,
+    /// Sessions written for a worker after it was migrated.
+    LateSessions,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Replaced => "Replaced",
+            Reason::Terminated => "Terminated",
+            Reason::LateSessions => "LateSessions",
+        }
+    }
+}
+
+/// The result of one pass.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// The earliest time a waiting departure needs another look.
+    pub wake_at: Option<Timestamp>,
+    /// Departures waiting for a replacement or for a Ready worker.
+    pub waiting: usize,
+    /// Departures that `on_terminate: Reroute` cannot place: no worker of the policy is Ready.
+    pub stuck_no_ready_worker: usize,
+}
+
+/// A departure the planner is tracking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Departure {
+    pub observed_at: Timestamp,
+    pub created: Option<Timestamp>,
+    pub family: Option<Family>,
+    /// Found in the store without a pod: any Ready worker of its family may replace it.
+    pub orphan: bool,
+}
+
+/// How a departure ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Rerouted {
+        to: String,
+    },
+    Deleted,
+    /// It held no sessions when its turn came.
+    Empty,
+}
+
+/// What the planner remembers between passes. Lost on restart by design: the store and the
+/// pods are the truth, and memory only sharpens decisions (disappearances, pairing).
+#[derive(Debug, Default, Clone)]
+pub struct Memory {
+    /// Workers seen in the last pass (id → family, creation), to notice disappearances.
+    last_seen: BTreeMap<String, (Option<Family>, Option<Timestamp>)>,
+    pub departures: BTreeMap<String, Departure>,
+    /// Finished migrations, kept for `retention` to catch late sessions.
+    resolved: BTreeMap<String, (Resolution, Timestamp, Option<Family>)>,
+    /// Replacement worker → when it was paired; a worker replaces one departure only.
+    paired: BTreeMap<String, Timestamp>,
+    /// Unknown worker ids with sessions → first seen.
+    orphans_seen: BTreeMap<String, Timestamp>,
+}
+
+impl Memory {
+    /// Records a successfully executed action.
+    pub fn completed(&mut self, action: &Action, now: Timestamp) {
+        let id = action.worker().to_string();
+        let family = self.departures.remove(&id).and_then(|d| d.family);
+        let resolution = match action {
+            Action::Reroute { to, reason, .. } => {
+                if *reason == Reason::Replaced {
+                    self.paired.insert(to.clone(), now);
+                }
+                Resolution::Rerouted { to: to.clone() }
+            }
+            Action::Delete { .. } => Resolution::Deleted,
+        };
+        self.resolved.insert(id, (resolution, now, family));
+    }
+
+    /// Worker ids the planner has seen or tracked, and so claims for this policy.
+    pub fn knows(&self, id: &str) -> bool {
+        self.last_seen.contains_key(id)
+            || self.departures.contains_key(id)
+            || self.resolved.contains_key(id)
+    }
+
+    pub fn resolution(&self, id: &str) -> Option<&Resolution> {
+        self.resolved.get(id).map(|(r, _, _)| r)
+    }
+}
+
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn before(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_sub(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// Runs one pass: updates `memory` with what it observes and returns the actions to take.
+pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
+    let now = input.now;
+    let rules = input.rules;
+    let retention = rules.replacement_wait.max(Duration::from_secs(600));
+    let mut plan = Plan::default();
+
+    // Ids held by a live (non-departing) pod: their sessions stay where they are.
+    let live: BTreeSet<&str> = input
+        .workers
+        .iter()
+        .filter(|w| !w.departing)
+        .map(|w| w.id.as_str())
+        .collect();
+
+    // 1. Departures: terminating/finished pods, and pods gone since the last pass.
+    for w in input.workers.iter().filter(|w| w.departing) {
+        if !live.contains(w.id.as_str()) && !memory.resolved.contains_key(&w.id) {
+            memory.departures.entry(w.id.clone()).or_insert(Departure {
+                observed_at: now,
+                created: w.created,
+                family: w.family.clone(),
+                orphan: false,
+            });
+        }
+    }
+    let present: BTreeSet<&str> = input.workers.iter().map(|w| w.id.as_str()).collect();
+    for (id, (family, created)) in &memory.last_seen {
+        if !present.contains(id.as_str()) && !memory.resolved.contains_key(id) {
+            memory.departures.entry(id.clone()).or_insert(Departure {
+                observed_at: now,
+                created: *created,
+                family: family.clone(),
+                orphan: false,
+            });
+        }
+    }
+    memory.last_seen = input
+        .workers
+        .iter()
+        .map(|w| (w.id.clone(), (w.family.clone(), w.created)))
+        .collect();
+
+    // A live pod holds the id again (a StatefulSet's reused name): nothing to migrate.
+    memory
+        .departures
+        .retain(|id, _| !live.contains(id.as_str()));
+    memory.resolved.retain(|id, _| !live.contains(id.as_str()));
+
+    // 2. Orphans: unknown ids with sessions, after a grace period.
+    memory
+        .orphans_seen
+        .retain(|id, _| input.orphans.contains_key(id));
+    for (id, family) in input.orphans {
+        if memory.departures.contains_key(id) || memory.resolved.contains_key(id) {
+            continue;
+        }
+        let first = *memory.orphans_seen.entry(id.clone()).or_insert(now);
+        let due = after(first, rules.orphan_grace);
+        if now >= due {
+            memory.orphans_seen.remove(id);
+            memory.departures.insert(
+                id.clone(),
+                Departure {
+                    observed_at: now,
+                    created: None,
+                    family: family.clone(),
+                    orphan: true,
+                },
+            );
+        } else {
+            plan.wake_at = earliest(plan.wake_at, due);
+        }
+    }
+
+    // Loads as this plan changes them.
+    let mut loads = input.loads.clone();
+    let ready: Vec<&Worker> = input.workers.iter().filter(|w| w.ready).collect();
+
+    // 3. Late sessions on workers already migrated.
+    let mut late = Vec::new();
+    for (id, (resolution, at, family)) in &memory.resolved {
+        if !input.with_sessions.contains(id) {
+            continue;
+        }
+        match resolution {
+            Resolution::Rerouted { to } if ready.iter().any(|w| &w.id == to) => {
+                plan.actions.push(Action::Reroute {
+                    from: id.clone(),
+                    to: to.clone(),
+                    observed_at: now,
+                    reason: Reason::LateSessions,
+                });
+            }
+            Resolution::Deleted => plan.actions.push(Action::Delete {
+                worker: id.clone(),
+                observed_at: now,
+                reason: Reason::LateSessions,
+            }),
+            // The target is gone too, or nothing was there before: a departure again.
+            _ => late.push((id.clone(), *at, family.clone())),
+        }
+    }
+    for (id, _, family) in late {
+        memory.resolved.remove(&id);
+        memory.departures.insert(
+            id,
+            Departure {
+                observed_at: now,
+                created: None,
+                family,
+                orphan: true,
+            },
+        );
+    }
+
+    // 4. Pair departures with replacements, oldest departure first.
+    memory
+        .paired
+        .retain(|id, at| live.contains(id.as_str()) && now < after(*at, retention));
+    let mut order: Vec<(String, Departure)> = memory
+        .departures
+        .iter()
+        .map(|(id, d)| (id.clone(), d.clone()))
+        .collect();
+    order.sort_by(|a, b| (a.1.observed_at, &a.0).cmp(&(b.1.observed_at, &b.0)));
+    let mut paired_now: BTreeSet<String> = BTreeSet::new();
+    for (id, departure) in order {
+        if !input.with_sessions.contains(&id) {
+            memory.departures.remove(&id);
+            memory
+                .resolved
+                .insert(id, (Resolution::Empty, now, departure.family));
+            continue;
+        }
+        let replacement = ready
+            .iter()
+            .filter(|w| w.id != id)
+            .filter(|w| !memory.paired.contains_key(&w.id) && !paired_now.contains(&w.id))
+            .filter(|w| is_replacement(w, &departure, rules))
+            .min_by_key(|w| candidate_key(w, &departure, &loads));
+        let deadline = after(departure.observed_at, rules.replacement_wait);
+        if let Some(to) = replacement {
+            paired_now.insert(to.id.clone());
+            plan.actions.push(match rules.on_replace {
+                OnReplace::Reroute => {
+                    let moved = input.loads.get(&id).copied().unwrap_or(0);
+                    *loads.entry(to.id.clone()).or_default() += moved;
+                    Action::Reroute {
+                        from: id,
+                        to: to.id.clone(),
+                        observed_at: departure.observed_at,
+                        reason: Reason::Replaced,
+                    }
+                }
+                OnReplace::Delete => Action::Delete {
+                    worker: id,
+                    observed_at: departure.observed_at,
+                    reason: Reason::Replaced,
+                },
+            });
+        } else if now < deadline {
+            plan.waiting += 1;
+            plan.wake_at = earliest(plan.wake_at, deadline);
+        } else {
+            match rules.on_terminate {
+                OnTerminate::Delete => plan.actions.push(Action::Delete {
+                    worker: id,
+                    observed_at: departure.observed_at,
+                    reason: Reason::Terminated,
+                }),
+                OnTerminate::Reroute => {
+                    let target = ready
+                        .iter()
+                        .filter(|w| w.id != id)
+                        .min_by_key(|w| candidate_key(w, &departure, &loads));
+                    match target {
+                        Some(to) => {
+                            let moved = input.loads.get(&id).copied().unwrap_or(0);
+                            *loads.entry(to.id.clone()).or_default() += moved;
+                            plan.actions.push(Action::Reroute {
+                                from: id,
+                                to: to.id.clone(),
+                                observed_at: departure.observed_at,
+                                reason: Reason::Terminated,
+                            });
+                        }
+                        None => {
+                            plan.waiting += 1;
+                            plan.stuck_no_ready_worker += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // 5. Forget what no longer matters.
+    memory
+        .resolved
+        .retain(|id, (_, at, _)| input.with_sessions.contains(id) || now < after(*at, retention));
+    plan
+}
+
+/// Whether `w` may replace `departure`: newer than the departed pod, and Ready around the time
+/// of the departure (not a long-standing pod of a pool that merely shrank).
+fn is_replacement(w: &Worker, departure: &Departure, rules: &Rules) -> bool {
+    if departure.orphan {
+        // Departed while nobody watched: any Ready worker of its family may take over.
+        return departure.family.is_none() || w.family == departure.family;
+    }
+    let newer = match (w.created, departure.created) {
+        (Some(candidate), Some(departed)) => candidate > departed,
+        _ => true,
+    };
+    let recent = w
+        .ready_since
+        .is_none_or(|since| since >= before(departure.observed_at, rules.replacement_wait));
+    newer && recent
+}
+
+/// Sort key: same family first, then least loaded, then the newest pod (the likeliest
+/// replacement when loads tie), then the id.
+fn candidate_key<'w>(
+    w: &'w Worker,
+    departure: &Departure,
+    loads: &BTreeMap<String, u64>,
+) -> (bool, u64, Reverse<Option<Timestamp>>, &'w str) {
+    (
+        departure.family.is_some() && w.family != departure.family,
+        loads.get(&w.id).copied().unwrap_or(0),
+        Reverse(w.created),
+        w.id.as_str(),
+    )
+}
+
+fn earliest(current: Option<Timestamp>, t: Timestamp) -> Option<Timestamp> {
+    Some(current.map_or(t, |c| c.min(t)))
+}

@@ -1,0 +1,708 @@
+//! One reconciliation of a policy: gather pods and store facts, let the planner decide, execute
+//! (only as leader, only through the fence), then sweeps, deletion costs and status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::planner::{self, Action, Memory, Rules};
+use super::status::{Cond, conditions};
+use super::workers::{self, DELETION_COST_ANNOTATION, Family, Worker};
+use super::{Context, GuardedPolicy, SessionCounts};
+use crate::policy::{
+    IdleSweepRecord, MigrationCounters, SessionPolicy, SessionPolicyStatus, ValidPolicy,
+    WorkerCounts, duration,
+};
+use crate::telemetry::StoreOp;
+
+const FIELD_MANAGER: &str = "session-operator";
+/// Requeue at least this often: the pass is level-triggered and cheap.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// What the operator remembers about one policy between passes.
+#[derive(Debug, Default)]
+pub struct PolicyState {
+    memory: Memory,
+    counters: Option<MigrationCounters>,
+    last_idle_sweep: Option<(Instant, IdleSweepRecord)>,
+    last_status: Option<(Instant, SessionPolicyStatus)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+pub fn error_policy(_: Arc<GuardedPolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.error("kube");
+    tracing::warn!(%error, "reconcile failed");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let key = ObjectRef::from_obj(object.as_ref());
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    if object.meta().deletion_timestamp.is_some() {
+        ctx.forget(&key);
+        return Ok(Requeue::await_change());
+    }
+    let policy = match &object.0 {
+        Ok(policy) => policy,
+        Err(invalid) => {
+            let message = format!(
+                "the object does not match the SessionPolicy schema: {}",
+                invalid.error
+            );
+            return invalid_policy(&ctx, &namespace, &name, object.meta().generation, message)
+                .await;
+        }
+    };
+    let valid = match ValidPolicy::new(&policy.spec) {
+        Ok(valid) => valid,
+        Err(message) => {
+            return invalid_policy(&ctx, &namespace, &name, policy.meta().generation, message)
+                .await;
+        }
+    };
+    let state = ctx.state(&key);
+    let mut state = state.lock().await;
+    let result = pass(&ctx, policy, &valid, &mut state).await;
+    ctx.metrics.reconciled(result.is_ok());
+    result
+}
+
+/// A policy the operator cannot act on: `Ready=False, InvalidSpec`, no store mutation.
+async fn invalid_policy(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    generation: Option<i64>,
+    message: String,
+) -> Result<Requeue, Error> {
+    ctx.metrics.error("invalid_policy");
+    tracing::warn!(%namespace, %name, %message, "invalid SessionPolicy");
+    if ctx.fence.is_open() {
+        let now = Timestamp::now();
+        let conds = conditions(
+            &[
+                Cond::new("Ready", false, "InvalidSpec", &message),
+                Cond::new("Degraded", true, "InvalidSpec", &message),
+            ],
+            &[],
+            generation,
+            now,
+        );
+        let status = json!({
+            "apiVersion": "sessions.blockyard.io/v1alpha1",
+            "kind": "SessionPolicy",
+            "status": {"observedGeneration": generation, "conditions": conds},
+        });
+        let api: Api<SessionPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+        api.patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(status),
+        )
+        .await?;
+    }
+    Ok(Requeue::await_change())
+}
+
+/// The level-triggered pass over a valid policy.
+async fn pass(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    valid: &ValidPolicy,
+    state: &mut PolicyState,
+) -> Result<Requeue, Error> {
+    let namespace = policy.namespace().unwrap_or_default();
+    let now = Timestamp::now();
+    let leader = ctx.fence.is_open();
+    let mut conds: Vec<Cond> = Vec::new();
+    let mut degraded: Vec<(&'static str, String)> = Vec::new();
+
+    // Pods of this policy, and the worker ids of every policy's pods (for orphan detection).
+    let pods: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && valid.selects(p))
+        .collect();
+    let mut missing_id = 0;
+    let workers: Vec<Worker> = pods
+        .iter()
+        .filter_map(|p| {
+            let w = workers::worker(valid, p);
+            missing_id += usize::from(w.is_none());
+            w
+        })
+        .collect();
+    if missing_id > 0 {
+        degraded.push((
+            "WorkerIdMissing",
+            format!(
+                "{missing_id} selected pod(s) lack the label or annotation holding the worker id"
+            ),
+        ));
+    }
+    let live_ids = live_worker_ids(ctx);
+
+    // The store: which workers hold sessions, and (at a slower cadence) how many.
+    let started = Instant::now();
+    let with_sessions = ctx.store.workers_with_sessions().await;
+    ctx.metrics
+        .observe_store(StoreOp::WorkersWithSessions, started.elapsed());
+    let with_sessions = match with_sessions {
+        Ok(ids) => ids,
+        Err(e) => return store_unavailable(ctx, policy, state, &workers, e.to_string()).await,
+    };
+    let counts = match session_counts(ctx).await {
+        Ok(counts) => counts,
+        Err(e) => return store_unavailable(ctx, policy, state, &workers, e.to_string()).await,
+    };
+    ctx.health.store_ok.store(true, Ordering::Relaxed);
+
+    let families: Vec<Family> = workers
+        .iter()
+        .filter_map(|w| w.family.clone())
+        .chain(
+            state
+                .memory
+                .departures
+                .values()
+                .filter_map(|d| d.family.clone()),
+        )
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let orphans: BTreeMap<String, Option<Family>> = with_sessions
+        .iter()
+        .filter(|id| !live_ids.contains(id.as_str()) && !state.memory.knows(id))
+        .filter_map(|id| {
+            workers::claims_orphan(valid, &families, id).map(|family| (id.clone(), Some(family)))
+        })
+        .collect();
+
+    let rules = Rules {
+        on_replace: valid.on_replace,
+        on_terminate: valid.on_terminate,
+        replacement_wait: valid.replacement_wait,
+        orphan_grace: ctx.settings.orphan_grace,
+    };
+    let plan = planner::plan(
+        &mut state.memory,
+        &planner::Input {
+            now,
+            rules: &rules,
+            workers: &workers,
+            with_sessions: &with_sessions,
+            orphans: &orphans,
+            loads: &counts,
+        },
+    );
+
+    let counters = state.counters.get_or_insert_with(|| {
+        policy
+            .status
+            .as_ref()
+            .and_then(|s| s.migrations)
+            .unwrap_or_default()
+    });
+    if leader && !valid.paused {
+        let failures = execute(ctx, policy, &plan.actions, &mut state.memory, counters).await;
+        if failures > 0 {
+            degraded.push((
+                "MigrationFailed",
+                format!("{failures} migration(s) failed; retrying"),
+            ));
+        }
+    }
+    if plan.stuck_no_ready_worker > 0 {
+        degraded.push((
+            "NoReadyWorker",
+            format!(
+                "{} departed worker(s) wait for a Ready worker to take their sessions",
+                plan.stuck_no_ready_worker
+            ),
+        ));
+    }
+
+    // Idle sweep, restricted to this policy's workers.
+    let mut next_sweep = None;
+    if let Some(ttl) = valid.idle_ttl {
+        let due = state
+            .last_idle_sweep
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= valid.idle_sweep_interval);
+        if due && leader && !valid.paused {
+            let ids: Vec<String> = workers
+                .iter()
+                .map(|w| w.id.clone())
+                .chain(state.memory.departures.keys().cloned())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            match idle_sweep(ctx, policy, ttl, &ids).await {
+                Ok(removed) => {
+                    state.last_idle_sweep = Some((
+                        Instant::now(),
+                        IdleSweepRecord {
+                            time: Time(Timestamp::now()),
+                            removed,
+                        },
+                    ));
+                }
+                Err(e) => degraded.push(("IdleSweepFailed", e)),
+            }
+        }
+        next_sweep = Some(valid.idle_sweep_interval);
+    }
+
+    // Deletion costs follow session counts.
+    if valid.pod_deletion_cost
+        && leader
+        && !valid.paused
+        && let Err(e) = deletion_costs(ctx, &namespace, &workers, &counts).await
+    {
+        degraded.push(("DeletionCostFailed", e.to_string()));
+    }
+
+    // Status.
+    if leader {
+        let ready = workers.iter().filter(|w| w.ready).count() as u32;
+        let terminating = workers.iter().filter(|w| w.departing).count() as u32;
+        let sessions: u64 = workers
+            .iter()
+            .map(|w| w.id.as_str())
+            .chain(state.memory.departures.keys().map(String::as_str))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|id| counts.get(id).copied().unwrap_or(0))
+            .sum();
+        let ready_message = if valid.paused {
+            "paused: no store mutation for this policy".to_string()
+        } else {
+            format!(
+                "{ready} ready worker(s), {} departure(s) pending",
+                plan.waiting
+            )
+        };
+        conds.push(Cond::new(
+            "Ready",
+            true,
+            if valid.paused { "Paused" } else { "Reconciled" },
+            ready_message,
+        ));
+        conds.push(Cond::new(
+            "StoreAvailable",
+            true,
+            "StoreReachable",
+            "the session store answers",
+        ));
+        conds.push(match degraded.first() {
+            Some((reason, message)) => Cond::new("Degraded", true, reason, message.clone()),
+            None => Cond::new("Degraded", false, "AsExpected", ""),
+        });
+        let status = SessionPolicyStatus {
+            observed_generation: policy.meta().generation,
+            conditions: conditions(
+                &conds,
+                previous_conditions(policy),
+                policy.meta().generation,
+                now,
+            ),
+            workers: Some(WorkerCounts { ready, terminating }),
+            sessions: Some(sessions),
+            migrations: state.counters,
+            last_idle_sweep: state
+                .last_idle_sweep
+                .as_ref()
+                .map(|(_, r)| r.clone())
+                .or_else(|| {
+                    policy
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.last_idle_sweep.clone())
+                }),
+        };
+        write_status(ctx, policy, state, status).await?;
+    }
+
+    let mut requeue = RESYNC;
+    if let Some(wake) = plan.wake_at {
+        let until = now.duration_until(wake).unsigned_abs();
+        requeue = requeue.min(until.max(Duration::from_millis(50)));
+    }
+    if let Some(interval) = next_sweep {
+        requeue = requeue.min(interval);
+    }
+    Ok(Requeue::requeue(requeue))
+}
+
+/// Worker ids of the pods of every valid policy.
+fn live_worker_ids(ctx: &Context) -> BTreeSet<String> {
+    let policies: Vec<(Option<String>, ValidPolicy)> = ctx
+        .policies
+        .state()
+        .iter()
+        .filter_map(|p| {
+            let policy = p.0.as_ref().ok()?;
+            Some((policy.namespace(), ValidPolicy::new(&policy.spec).ok()?))
+        })
+        .collect();
+    ctx.pods
+        .state()
+        .iter()
+        .flat_map(|pod| {
+            policies
+                .iter()
+                .filter(|(ns, v)| *ns == pod.namespace() && v.selects(pod))
+                .filter_map(|(_, v)| v.worker_id(pod))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Session counts of all workers, refreshed at most every `counts_interval`.
+async fn session_counts(ctx: &Context) -> Result<SessionCounts, crate::store::StoreError> {
+    let mut cached = ctx.counts.lock().await;
+    if let Some((at, counts)) = cached.as_ref()
+        && at.elapsed() < ctx.settings.counts_interval
+    {
+        return Ok(counts.clone());
+    }
+    let started = Instant::now();
+    let counts = ctx.store.counts_by_worker().await;
+    ctx.metrics
+        .observe_store(StoreOp::CountsByWorker, started.elapsed());
+    let counts = Arc::new(counts?);
+    *cached = Some((Instant::now(), counts.clone()));
+    Ok(counts)
+}
+
+/// Runs the planned actions (a few at a time) through the fence; returns how many failed.
+async fn execute(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    actions: &[Action],
+    memory: &mut Memory,
+    counters: &mut MigrationCounters,
+) -> usize {
+    let results: Vec<(Action, Result<u64, String>)> = stream::iter(actions.iter().cloned())
+        .map(|action| async move {
+            let result = migrate(ctx, &action).await;
+            (action, result)
+        })
+        .buffer_unordered(ctx.settings.migration_concurrency.max(1))
+        .collect()
+        .await;
+    let mut failures = 0;
+    let mut events = Vec::new();
+    for (action, result) in results {
+        match result {
+            Ok(moved) => {
+                let now = Timestamp::now();
+                memory.completed(&action, now);
+                let latency = action_observed_at(&action)
+                    .duration_until(now)
+                    .unsigned_abs();
+                ctx.metrics.migration_latency.observe(latency.as_secs_f64());
+                events.push(record_success(ctx, policy, &action, moved, counters));
+            }
+            Err(message) => {
+                failures += 1;
+                tracing::warn!(worker = action.worker(), %message, "migration failed");
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: "MigrationFailed".into(),
+                    note: Some(truncate(&message)),
+                    action: "Migrate".into(),
+                    secondary: None,
+                });
+            }
+        }
+    }
+    publish_all(ctx, policy, events).await;
+    failures
+}
+
+fn action_observed_at(action: &Action) -> Timestamp {
+    match action {
+        Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => *observed_at,
+    }
+}
+
+/// One store mutation, fenced.
+async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
+    if let Err(e) = ctx.fence.check() {
+        ctx.metrics.error("fenced");
+        return Err(e.to_string());
+    }
+    let started = Instant::now();
+    let (op, result) = match action {
+        Action::Reroute { from, to, .. } => (
+            StoreOp::RerouteWorker,
+            ctx.store.reroute_worker(from, to).await,
+        ),
+        Action::Delete { worker, .. } => (
+            StoreOp::DeleteByWorker,
+            ctx.store.delete_by_worker(worker).await,
+        ),
+    };
+    ctx.metrics.observe_store(op, started.elapsed());
+    result.map_err(|e| {
+        ctx.metrics.error("store");
+        format!("{}: {e}", action.worker())
+    })
+}
+
+fn record_success(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    action: &Action,
+    moved: u64,
+    counters: &mut MigrationCounters,
+) -> Event {
+    let identity = ctx.fence.identity();
+    let policy_name = policy.name_any();
+    match action {
+        Action::Reroute {
+            from, to, reason, ..
+        } => {
+            counters.rerouted += moved;
+            ctx.metrics.sessions_rerouted.inc_by(moved);
+            ctx.metrics.migration("reroute", reason.as_str());
+            tracing::info!(
+                policy = %policy_name, %identity, mutation = "reroute_worker", from = %from, to = %to,
+                sessions = moved, reason = reason.as_str(), "rerouted sessions"
+            );
+            Event {
+                type_: EventType::Normal,
+                reason: format!("Rerouted{}", reason.as_str()),
+                note: Some(truncate(&format!(
+                    "moved {moved} session(s) from worker {from} to {to}"
+                ))),
+                action: "Reroute".into(),
+                secondary: None,
+            }
+        }
+        Action::Delete { worker, reason, .. } => {
+            counters.deleted += moved;
+            ctx.metrics.sessions_deleted.inc_by(moved);
+            ctx.metrics.migration("delete", reason.as_str());
+            tracing::info!(
+                policy = %policy_name, %identity, mutation = "delete_by_worker", worker = %worker,
+                sessions = moved, reason = reason.as_str(), "deleted sessions"
+            );
+            Event {
+                type_: EventType::Normal,
+                reason: format!("Deleted{}", reason.as_str()),
+                note: Some(truncate(&format!(
+                    "deleted {moved} session(s) of departed worker {worker}"
+                ))),
+                action: "Delete".into(),
+                secondary: None,
+            }
+        }
+    }
+}
+
+async fn idle_sweep(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    ttl: Duration,
+    worker_ids: &[String],
+) -> Result<u64, String> {
+    let removed = crate::sweep::idle(
+        ctx.store.as_ref(),
+        &ctx.fence,
+        &ctx.metrics,
+        ttl,
+        worker_ids,
+    )
+    .await?;
+    tracing::info!(
+        policy = %policy.name_any(), identity = %ctx.fence.identity(), mutation = "sweep_idle",
+        idle_ttl = %duration::format(ttl), workers = worker_ids.len(), sessions = removed,
+        "idle sweep"
+    );
+    if removed > 0 {
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "IdleSweep".into(),
+            note: Some(format!(
+                "removed {removed} session(s) idle longer than {}",
+                duration::format(ttl)
+            )),
+            action: "Sweep".into(),
+            secondary: None,
+        };
+        publish_all(ctx, policy, vec![event]).await;
+    }
+    Ok(removed)
+}
+
+/// Keeps each worker pod's deletion cost near its session count. Hysteresis: a pod is patched
+/// only when its count moved by more than 10% (and at least 2) from the annotated value.
+async fn deletion_costs(
+    ctx: &Context,
+    namespace: &str,
+    workers: &[Worker],
+    counts: &BTreeMap<String, u64>,
+) -> Result<(), kube::Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    for w in workers.iter().filter(|w| !w.departing) {
+        let want = counts.get(&w.id).copied().unwrap_or(0).min(i32::MAX as u64) as i64;
+        if !needs_cost_update(w.deletion_cost, want) {
+            continue;
+        }
+        let patch =
+            json!({"metadata": {"annotations": {DELETION_COST_ANNOTATION: want.to_string()}}});
+        match api
+            .patch(&w.pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // The pod went away meanwhile: nothing to annotate.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether an annotated cost differs enough from the wanted one to be patched.
+pub(crate) fn needs_cost_update(current: Option<i64>, want: i64) -> bool {
+    match current {
+        None => true,
+        Some(current) => {
+            let tolerance = (current.abs() / 10).max(1);
+            (current - want).abs() > tolerance
+        }
+    }
+}
+
+async fn store_unavailable(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    state: &mut PolicyState,
+    workers: &[Worker],
+    message: String,
+) -> Result<Requeue, Error> {
+    ctx.metrics.error("store");
+    ctx.health.store_ok.store(false, Ordering::Relaxed);
+    tracing::warn!(policy = %policy.name_any(), %message, "session store unavailable");
+    if ctx.fence.is_open() {
+        let now = Timestamp::now();
+        let conds = [
+            Cond::new("Ready", false, "StoreUnavailable", &message),
+            Cond::new("StoreAvailable", false, "StoreError", &message),
+            Cond::new("Degraded", true, "StoreUnavailable", &message),
+        ];
+        let mut status = policy.status.clone().unwrap_or_default();
+        status.observed_generation = policy.meta().generation;
+        status.conditions = conditions(
+            &conds,
+            previous_conditions(policy),
+            policy.meta().generation,
+            now,
+        );
+        status.workers = Some(WorkerCounts {
+            ready: workers.iter().filter(|w| w.ready).count() as u32,
+            terminating: workers.iter().filter(|w| w.departing).count() as u32,
+        });
+        write_status(ctx, policy, state, status).await?;
+    }
+    Ok(Requeue::requeue(Duration::from_secs(5)))
+}
+
+fn previous_conditions(
+    policy: &SessionPolicy,
+) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+    policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[])
+}
+
+/// Applies the status when it changed (ignoring condition timestamps) or a minute passed.
+async fn write_status(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    state: &mut PolicyState,
+    status: SessionPolicyStatus,
+) -> Result<(), Error> {
+    if let Some((at, last)) = &state.last_status
+        && *last == status
+        && at.elapsed() < Duration::from_secs(60)
+    {
+        return Ok(());
+    }
+    let namespace = policy.namespace().unwrap_or_default();
+    let api: Api<SessionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "sessions.blockyard.io/v1alpha1",
+        "kind": "SessionPolicy",
+        "status": status,
+    });
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    state.last_status = Some((Instant::now(), status));
+    Ok(())
+}
+
+async fn publish_all(ctx: &Context, policy: &SessionPolicy, events: Vec<Event>) {
+    let reference = policy.object_ref(&());
+    let publishes = events
+        .iter()
+        .map(|event| ctx.recorder.publish(event, &reference));
+    for result in futures::future::join_all(publishes).await {
+        if let Err(e) = result {
+            ctx.metrics.error("event");
+            tracing::debug!(error = %e, "publishing an event failed");
+        }
+    }
+}
+
+/// Event notes are limited to 1 kB.
+fn truncate(text: &str) -> String {
+    let mut end = text.len().min(1000);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_cost_update;
+
+    #[test]
+    fn deletion_cost_hysteresis() {
+        assert!(needs_cost_update(None, 0));
+        assert!(!needs_cost_update(Some(0), 1));
+        assert!(needs_cost_update(Some(0), 2));
+        assert!(!needs_cost_update(Some(100), 109));
+        assert!(needs_cost_update(Some(100), 111));
+        assert!(needs_cost_update(Some(100), 0));
+    }
+}
