@@ -1,7 +1,9 @@
-"""RBAC matches reality: the real operator runs against kube-emulator (with a real Postgres),
-goes through a rolling replacement of a worker pod, and the emulator's request log says which
-verbs on which resources it used. The chart must grant each of them, and grant nothing beyond
-them except the permissions listed in SITUATIONAL, each with the situation that needs it."""
+"""RBAC matches reality: the real operator runs against kube-emulator (with a real Postgres)
+through a recording proxy, goes through two rolling replacements of worker pods, and every API
+request it made is authorized against the chart's Roles/ClusterRoles and bindings the way the
+API server's RBAC authorizer does it (verbs, resources, namespaces, resourceNames). The chart
+must allow each request, and every rule and verb it grants must have been used (except those
+in SITUATIONAL, each with the situation that needs it) — cluster-wide and namespaced."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -30,13 +33,21 @@ NAMESPACE = "session-system"
 SITUATIONAL: set[tuple[str, str, str]] = set()
 
 
-def parse_request(method: str, uri: str) -> tuple[str, str, str] | None:
-    """(apiGroup, resource[/subresource], verb) of one API request, as RBAC sees it."""
+class Request(NamedTuple):
+    group: str
+    resource: str  # resource[/subresource]
+    verb: str
+    namespace: str | None
+    name: str | None
+
+
+def parse_request(method: str, uri: str) -> Request | None:
+    """One API request as RBAC sees it (k8s.io/apiserver's RequestInfo)."""
     url = urllib.parse.urlsplit(uri)
     query = urllib.parse.parse_qs(url.query)
     parts = [p for p in url.path.split("/") if p]
     if not parts or parts[0] not in ("api", "apis"):
-        return None  # discovery, /version, /healthz: non-resource URLs
+        return None  # /version, /healthz, /openapi: non-resource URLs
     if parts[0] == "api":
         group, rest = "", parts[2:]
     else:
@@ -44,15 +55,17 @@ def parse_request(method: str, uri: str) -> tuple[str, str, str] | None:
             return None  # /apis, /apis/{group}: discovery
         group, rest = parts[1], parts[3:]
     if not rest:
-        return None
+        return None  # /api/v1, /apis/{group}/{version}: discovery
     watch = False
     if rest[0] == "watch":
         watch, rest = True, rest[1:]
+    namespace = None
     if rest[0] == "namespaces" and len(rest) >= 3:
-        rest = rest[2:]  # namespaced resource
-    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
-    if sub:
-        resource = f"{resource}/{sub}"
+        namespace, rest = rest[1], rest[2:]
+    resource = rest[0]
+    name = rest[1] if len(rest) > 1 else None
+    if len(rest) > 2:
+        resource = f"{resource}/{rest[2]}"
     if method == "GET":
         if watch or query.get("watch", ["false"])[0] in ("true", "1"):
             verb = "watch"
@@ -60,20 +73,75 @@ def parse_request(method: str, uri: str) -> tuple[str, str, str] | None:
             verb = "get" if name else "list"
     else:
         verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}[method]
-    return group, resource, verb
+    if verb in ("list", "watch") and name is None:
+        # A list/watch selecting one name by field selector is authorized against that name.
+        for selector in query.get("fieldSelector", []):
+            for term in selector.split(","):
+                key, _, value = term.partition("=")
+                if key == "metadata.name" and value and not value.startswith("="):
+                    name = value
+    return Request(group, resource, verb, namespace, name)
+
+
+def rules_in_force(docs: list[dict]) -> list[tuple[str | None, str, int, dict]]:
+    """(namespace or None for cluster-wide, role name, rule index, rule) bound to the operator."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in of_kind(docs, "ClusterRole") + of_kind(docs, "Role")}
+    (sa,) = of_kind(docs, "ServiceAccount")
+    out = []
+    for binding in of_kind(docs, "ClusterRoleBinding") + of_kind(docs, "RoleBinding"):
+        subject = {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
+        if subject not in binding["subjects"]:
+            continue
+        scope = binding["metadata"].get("namespace")  # None for a ClusterRoleBinding
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"])]
+        for index, rule in enumerate(role["rules"]):
+            out.append((scope, f"{role['kind']}/{role['metadata'].get('namespace', '')}/{ref['name']}", index, rule))
+    return out
+
+
+def authorizing_rules(request: Request, rules) -> list[tuple[str, int, str]]:
+    """(role, rule index, verb) of every rule that allows the request."""
+    found = []
+    for scope, role, index, rule in rules:
+        if scope is not None and request.namespace != scope:
+            continue
+        if request.group not in rule["apiGroups"] or request.resource not in rule["resources"]:
+            continue
+        if request.verb not in rule["verbs"]:
+            continue
+        if rule.get("resourceNames") and request.name not in rule["resourceNames"]:
+            continue
+        found.append((role, index, request.verb))
+    return found
 
 
 def test_parse_request() -> None:
-    assert parse_request("GET", "/api/v1/pods?watch=true&resourceVersion=1") == ("", "pods", "watch")
-    assert parse_request("GET", "/api/v1/namespaces/a/pods/p") == ("", "pods", "get")
-    assert parse_request("PATCH", "/apis/sessions.blockyard.io/v1alpha1/namespaces/a/sessionpolicies/x/status?fieldManager=f") == (
-        "sessions.blockyard.io",
-        "sessionpolicies/status",
-        "patch",
-    )
-    assert parse_request("POST", "/apis/events.k8s.io/v1/namespaces/a/events") == ("events.k8s.io", "events", "create")
+    assert parse_request("GET", "/api/v1/pods?watch=true&resourceVersion=1") == Request("", "pods", "watch", None, None)
+    assert parse_request("GET", "/api/v1/namespaces/a/pods/p") == Request("", "pods", "get", "a", "p")
+    assert parse_request(
+        "PATCH", "/apis/sessions.blockyard.io/v1alpha1/namespaces/a/sessionpolicies/x/status?fieldManager=f"
+    ) == Request("sessions.blockyard.io", "sessionpolicies/status", "patch", "a", "x")
+    assert parse_request("POST", "/apis/events.k8s.io/v1/namespaces/a/events") == Request("events.k8s.io", "events", "create", "a", None)
+    assert parse_request(
+        "GET", "/apis/coordination.k8s.io/v1/namespaces/n/leases?&watch=true&fieldSelector=metadata.name%3Dl"
+    ) == Request("coordination.k8s.io", "leases", "watch", "n", "l")
     assert parse_request("GET", "/apis/coordination.k8s.io/v1") is None
     assert parse_request("GET", "/version") is None
+
+
+def test_authorizer_respects_namespaces_and_names() -> None:
+    docs = render(deep_merge(MINIMAL, {"watchNamespaces": ["apps"]}), namespace=NAMESPACE)
+    rules = rules_in_force(docs)
+    assert authorizing_rules(Request("", "pods", "watch", "apps", None), rules)
+    assert not authorizing_rules(Request("", "pods", "watch", None, None), rules)  # cluster-wide
+    assert not authorizing_rules(Request("", "pods", "watch", "kube-system", None), rules)
+    assert not authorizing_rules(Request("", "secrets", "get", "apps", "x"), rules)
+    lease = Request("coordination.k8s.io", "leases", "patch", NAMESPACE, "so-session-operator")
+    assert authorizing_rules(lease, rules)
+    assert not authorizing_rules(lease._replace(name="other"), rules)
+    assert not authorizing_rules(lease._replace(namespace="apps"), rules)
+    assert authorizing_rules(lease._replace(verb="create", name=None), rules)
 
 
 def free_port() -> int:
@@ -119,11 +187,14 @@ def database_url() -> str:
     return url
 
 
-def test_chart_rbac_is_what_the_operator_uses(database_url, tmp_path) -> None:
+@pytest.mark.parametrize("watch", [[], ["apps"]], ids=["cluster-wide", "namespaced"])
+def test_chart_rbac_is_what_the_operator_uses(database_url, tmp_path, watch) -> None:
     operator = binary("SESSION_OPERATOR_BIN", "the session-operator binary")
     emulator = binary("KUBE_EMULATOR_BIN", "kube-emulator")
-    schema = f"chart_rbac_{os.getpid()}"
-    values = deep_merge(MINIMAL, {"database": {"schema": schema}, "logging": {"format": "text"}})
+    schema = f"chart_rbac_{os.getpid()}_{len(watch)}"
+    values = deep_merge(
+        MINIMAL, {"database": {"schema": schema}, "logging": {"format": "text"}, "watchNamespaces": watch}
+    )
     docs = render(values, namespace=NAMESPACE)
 
     kubeconfig = tmp_path / "kubeconfig"
@@ -222,19 +293,26 @@ def test_chart_rbac_is_what_the_operator_uses(database_url, tmp_path) -> None:
             ["psql", database_url, "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"], capture_output=True, timeout=60
         )
 
-    used = {p for p in (parse_request(m, u) for m, u in proxy.requests) if p}
-    granted: set[tuple[str, str, str]] = set()
-    for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
-        for (group, resource), verbs in grants(role).items():
-            granted |= {(group, resource, v) for v in verbs}
-    print("operator used:", sorted(used))
-    missing = used - granted
-    assert not missing, f"the operator used permissions the chart does not grant: {sorted(missing)}"
-    unused = granted - used - SITUATIONAL
-    assert not unused, f"the chart grants permissions the operator did not use: {sorted(unused)}"
-    # Lease calls other than create name the lease (path or metadata.name field selector), so
-    # the Role's resourceNames restriction admits them.
-    lease = env["LEASE_NAME"]
-    for method, uri in proxy.requests:
-        if "/leases" in uri and method != "POST":
-            assert f"/leases/{lease}" in uri or f"metadata.name%3D{lease}" in uri or f"metadata.name={lease}" in uri, uri
+    requests = {r for r in (parse_request(m, u) for m, u in proxy.requests) if r}
+    assert any(r.resource == "sessionpolicies/status" for r in requests), "the scenario did not run"
+    rules = rules_in_force(docs)
+    used_rules: set[tuple[str, int, str]] = set()
+    denied = []
+    for request in sorted(requests, key=str):
+        allowed = authorizing_rules(request, rules)
+        if not allowed:
+            denied.append(request)
+        used_rules.update(allowed)
+    assert not denied, "the chart does not allow requests the operator made:\n" + "\n".join(map(str, denied))
+    granted = {
+        (role, index, verb): (rule["apiGroups"], rule["resources"], verb)
+        for _, role, index, rule in rules
+        for verb in rule["verbs"]
+    }
+    unused = [
+        f"{role} rule {index}: {what}"
+        for (role, index, verb), what in sorted(granted.items())
+        if (role, index, verb) not in used_rules
+        and not any((g, r, verb) in SITUATIONAL for g in what[0] for r in what[1])
+    ]
+    assert not unused, "the chart grants what the operator did not use:\n" + "\n".join(unused)
