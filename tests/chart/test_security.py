@@ -174,3 +174,22 @@ def test_notes_tell_how_to_check_the_install() -> None:
     assert "helm.sh/resource-policy=keep" in notes
     notes = next(v for k, v in render_files(URL_VALUES).items() if k.endswith("NOTES.txt"))
     assert "WARNING" in notes and "database.existingSecret" in notes
+
+
+def test_existing_secret_wins_over_url_values() -> None:
+    values = deep_merge(URL_VALUES, {"database": {"existingSecret": "mine"}, "redis": {"existingSecret": "mine"}})
+    docs = render(values)
+    for doc in docs:
+        text = json.dumps(doc)
+        for secret in SECRETS:
+            assert secret not in text, f"{doc['kind']}/{doc['metadata']['name']} carries an unused URL"
+    env = env_of(operator_container(docs))
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+
+
+def test_redis_only_store_has_no_migration_job() -> None:
+    docs = render({"redis": {"existingSecret": "session-store"}})
+    env = env_of(operator_container(docs))
+    assert "DATABASE_URL" not in env and "REDIS_URL" in env
+    assert not of_kind(docs, "Job")
