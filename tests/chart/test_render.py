@@ -209,3 +209,16 @@ def test_topology_spread_across_nodes_by_default() -> None:
     (tsc,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
     assert tsc["topologyKey"] == "kubernetes.io/hostname"
     assert tsc["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("min_available", [1, "50%"])
+def test_pdb_min_available_replaces_max_unavailable(min_available) -> None:
+    values = {**MINIMAL, "podDisruptionBudget": {"minAvailable": min_available}}
+    (pdb,) = of_kind(render(values), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == min_available
+    assert "maxUnavailable" not in pdb["spec"]
+    kubernetes_validate.validate(strip_meta(pdb), KUBE_VERSION, strict=True)
+
+
+def test_upgrade_renders_what_install_renders() -> None:
+    assert render(MINIMAL, is_install=False, is_upgrade=True) == render(MINIMAL)
