@@ -120,9 +120,17 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
                 json!({"phase": "Pending", "qosClass": "BestEffort"}),
             );
         }
-        ("apps", "deployments" | "replicasets") => {
+        ("apps", "deployments" | "replicasets" | "statefulsets") => {
             if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
+                if rt.plural == "statefulsets" {
+                    spec.entry("podManagementPolicy")
+                        .or_insert(json!("OrderedReady"));
+                    spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                    spec.entry("updateStrategy").or_insert(
+                        json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+                    );
+                }
                 if rt.plural == "deployments" {
                     spec.entry("revisionHistoryLimit").or_insert(json!(10));
                     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
@@ -271,6 +279,7 @@ pub(crate) fn tracks_generation(rt: &ResourceType) -> bool {
             ("", "pods")
                 | ("apps", "deployments")
                 | ("apps", "replicasets")
+                | ("apps", "statefulsets")
                 | ("apiextensions.k8s.io", "customresourcedefinitions")
         )
 }

@@ -109,6 +109,16 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         &["rs"],
     );
     replicasets.categories = vec!["all".into()];
+    let mut statefulsets = ResourceType::builtin(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        true,
+        true,
+        &["sts"],
+    );
+    statefulsets.categories = vec!["all".into()];
     vec![
         ResourceType::builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
         pods,
@@ -137,6 +147,7 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         ),
         deployments,
         replicasets,
+        statefulsets,
         ResourceType::builtin(
             "apiextensions.k8s.io",
             "v1",

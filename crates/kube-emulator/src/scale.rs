@@ -15,7 +15,11 @@ use crate::store::{Store, Subresource};
 
 /// Resources with an `autoscaling/v1` `Scale` subresource.
 pub(crate) fn has_scale(rt: &ResourceType) -> bool {
-    rt.group == "apps" && matches!(rt.plural.as_str(), "deployments" | "replicasets")
+    rt.group == "apps"
+        && matches!(
+            rt.plural.as_str(),
+            "deployments" | "replicasets" | "statefulsets"
+        )
 }
 
 /// The `Scale` view of a deployment or replica set.

@@ -43,10 +43,20 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    let mut record = crate::audit::request_info(parts.method.as_str(), parts.uri.path(), &query);
+    record.user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
-            return error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string()));
+            let response =
+                error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string()));
+            record.code = response.status().as_u16();
+            state.control.audit.record(record);
+            return response;
         }
     };
     let result = route(
@@ -62,6 +72,8 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     };
+    record.code = response.status().as_u16();
+    state.control.audit.record(record);
     tracing::debug!(
         method = %parts.method,
         uri = %parts.uri,
@@ -180,6 +192,22 @@ async fn route(
             &body,
             query,
         );
+    }
+    if target.subresource.as_deref() == Some("binding")
+        && rt.group.is_empty()
+        && rt.plural == "pods"
+        && verb == "create"
+    {
+        let binding = parse_body(headers, &body)?;
+        let node = binding
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::bad_request("binding target.name is required"))?;
+        let name = target.name.as_deref().unwrap_or("");
+        state.store.bind_pod(&ns, name, node)?;
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
+        return Ok(json_response(StatusCode::CREATED, &status));
     }
     let sub = match target.subresource.as_deref() {
         None => Subresource::Main,
