@@ -107,6 +107,7 @@ pub(crate) fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> A
 
 /// Server-side initialisation on create, per resource.
 pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
+    set_server_labels(rt, obj);
     let Some(map) = obj.as_object_mut() else {
         return;
     };
@@ -151,6 +152,24 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
             map.remove("status");
         }
         _ => {}
+    }
+}
+
+/// Labels the API server maintains itself: every namespace carries
+/// `kubernetes.io/metadata.name` with its name (set on create and on every update).
+pub(crate) fn set_server_labels(rt: &ResourceType, obj: &mut Value) {
+    if !(rt.group.is_empty() && rt.plural == "namespaces") {
+        return;
+    }
+    let Some(name) = meta_str(obj, "name").map(str::to_string) else {
+        return;
+    };
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        let labels = meta.entry("labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        labels["kubernetes.io/metadata.name"] = json!(name);
     }
 }
 

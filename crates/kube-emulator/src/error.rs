@@ -102,6 +102,22 @@ impl ApiError {
         .with_details(json!({"name": name, "group": group, "kind": kind, "causes": causes_json}))
     }
 
+    /// 409 for server-side apply conflicts: one `FieldManagerConflict` cause per field.
+    pub fn apply_conflict(conflicts: &[crate::patch::Conflict]) -> Self {
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|c| {
+                json!({
+                    "reason": "FieldManagerConflict",
+                    "message": format!("conflict with {}", c.manager_display()),
+                    "field": c.path,
+                })
+            })
+            .collect();
+        Self::new(409, "Conflict", crate::patch::conflict_message(conflicts))
+            .with_details(json!({"causes": causes}))
+    }
+
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "MethodNotAllowed", message)
     }

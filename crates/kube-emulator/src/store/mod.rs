@@ -14,7 +14,7 @@ mod deletion;
 
 use crate::admission::{
     applied_for_subresource, check_kind, check_shape, fold_string_data, prepare_create,
-    scope_namespace, spec_of, tracks_generation, validate,
+    scope_namespace, set_server_labels, spec_of, tracks_generation, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -647,17 +647,7 @@ impl Store {
                     &mut owners,
                     list_semantics(rt),
                 )
-                .map_err(|conflicts| {
-                    ApiError::new(
-                        409,
-                        "Conflict",
-                        format!(
-                            "Apply failed with {} conflict(s): {}",
-                            conflicts.len(),
-                            conflicts.join("; ")
-                        ),
-                    )
-                })?;
+                .map_err(|conflicts| ApiError::apply_conflict(&conflicts))?;
             }
         }
         check_shape(&patched)?;
@@ -792,6 +782,7 @@ impl Store {
         }
         set_type(rt, &mut new);
         fold_string_data(rt, &mut new);
+        set_server_labels(rt, &mut new);
         validate(rt, &mut new, name)?;
         if tracks_generation(rt) && spec_of(&old) != spec_of(&new) {
             let generation = old
