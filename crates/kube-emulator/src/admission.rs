@@ -148,6 +148,33 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
         ("", "namespaces") => {
             map.insert("status".into(), json!({"phase": "Active"}));
         }
+        ("", "secrets") => {
+            // SetDefaults_Secret
+            let ty = map.entry("type").or_insert(json!("Opaque"));
+            if ty.as_str().is_none_or(str::is_empty) {
+                *ty = json!("Opaque");
+            }
+        }
+        ("", "services") => {
+            map.remove("status");
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                default_service_spec(spec);
+            }
+        }
+        ("batch", "jobs") => {
+            map.remove("status");
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                // SetDefaults_Job
+                spec.entry("parallelism").or_insert(json!(1));
+                spec.entry("completions").or_insert(json!(1));
+                spec.entry("backoffLimit").or_insert(json!(6));
+                spec.entry("completionMode").or_insert(json!("NonIndexed"));
+                spec.entry("suspend").or_insert(json!(false));
+                if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
+                    default_pod_spec(pod);
+                }
+            }
+        }
         _ if rt.status_subresource => {
             map.remove("status");
         }
@@ -170,6 +197,24 @@ pub(crate) fn set_server_labels(rt: &ResourceType, obj: &mut Value) {
             *labels = json!({});
         }
         labels["kubernetes.io/metadata.name"] = json!(name);
+    }
+}
+
+/// `SetDefaults_Service` for what clients see: type, session affinity, port protocol and
+/// target port.
+fn default_service_spec(spec: &mut Map<String, Value>) {
+    spec.entry("type").or_insert(json!("ClusterIP"));
+    spec.entry("sessionAffinity").or_insert(json!("None"));
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+        for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+            port.entry("protocol").or_insert(json!("TCP"));
+            if let Some(p) = port.get("port").cloned() {
+                let target = port.entry("targetPort").or_insert(p.clone());
+                if target.as_i64() == Some(0) || target.as_str().is_some_and(str::is_empty) {
+                    *target = p;
+                }
+            }
+        }
     }
 }
 
@@ -299,6 +344,8 @@ pub(crate) fn tracks_generation(rt: &ResourceType) -> bool {
                 | ("apps", "deployments")
                 | ("apps", "replicasets")
                 | ("apps", "statefulsets")
+                | ("batch", "jobs" | "cronjobs")
+                | ("policy", "poddisruptionbudgets")
                 | ("apiextensions.k8s.io", "customresourcedefinitions")
         )
 }

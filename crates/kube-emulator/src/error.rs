@@ -127,7 +127,7 @@ impl ApiError {
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - kube-emulator accepts JSON bodies (and json-patch, merge-patch, strategic-merge-patch, apply-patch+yaml for PATCH); protobuf and CBOR are not supported (got {content_type:?})"
+                "the body of the request was in an unknown format - kube-emulator accepts JSON and YAML bodies (and json-patch, merge-patch, strategic-merge-patch, apply-patch+yaml for PATCH), protobuf only for the built-in kinds kubectl's generators create; CBOR is not supported (got {content_type:?})"
             ),
         )
     }

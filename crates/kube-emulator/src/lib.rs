@@ -21,6 +21,7 @@ mod discovery;
 pub mod error;
 mod events;
 mod patch;
+mod protobuf;
 pub mod resources;
 mod scale;
 mod schema;

@@ -574,6 +574,7 @@ pub(crate) fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> 
     match base {
         "" | "application/json" | "*/*" => parse_json(body),
         "application/yaml" | "application/x-yaml" | "text/yaml" => parse_yaml(body),
+        crate::protobuf::CONTENT_TYPE => crate::protobuf::decode_object(body),
         _ => Err(ApiError::unsupported_media_type(content_type)),
     }
 }

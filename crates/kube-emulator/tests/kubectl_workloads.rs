@@ -41,9 +41,9 @@ impl Drop for Server {
     }
 }
 
-fn start_binary() -> Server {
+fn start_binary(tag: &str) -> Server {
     let dir = std::env::temp_dir().join(format!(
-        "kube-emulator-kubectl-workloads-{}",
+        "kube-emulator-kubectl-{tag}-{}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -217,7 +217,19 @@ async fn watch_rollout(
         events += 1;
         let live = state.values().filter(|p| is_live(p)).count();
         let ready = state.values().filter(|p| is_live(p) && is_ready(p)).count();
-        assert!(live <= 5, "{live} live pods exceed 4 + 1 at event {events}");
+        assert!(
+            live <= 5,
+            "{live} live pods exceed 4 + 1 at event {events}: {:?}",
+            state
+                .values()
+                .map(|p| (
+                    p.name_any(),
+                    is_live(p),
+                    is_ready(p),
+                    p.metadata.resource_version.clone()
+                ))
+                .collect::<Vec<_>>()
+        );
         assert!(
             ready >= 3,
             "{ready} ready pods below 4 - 1 at event {events}"
@@ -231,20 +243,26 @@ async fn watch_rollout(
     panic!("watch ended before the rollout finished");
 }
 
+/// False (after a loud banner) when kubectl is missing and skipping was asked for.
+fn require_kubectl(test: &str) -> bool {
+    if kubectl_available() {
+        return true;
+    }
+    if std::env::var("KUBE_EMULATOR_SKIP_KUBECTL").is_ok_and(|v| v == "1") {
+        eprintln!("\n*** SKIPPED {test}: no kubectl ***\n");
+        return false;
+    }
+    panic!(
+        "kubectl not found (set KUBECTL, install it, or set KUBE_EMULATOR_SKIP_KUBECTL=1 to skip)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_rollouts_against_the_simulated_cluster() {
-    if !kubectl_available() {
-        if std::env::var("KUBE_EMULATOR_SKIP_KUBECTL").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "\n*** SKIPPED kubectl_rollouts_against_the_simulated_cluster: no kubectl ***\n"
-            );
-            return;
-        }
-        panic!(
-            "kubectl not found (set KUBECTL, install it, or set KUBE_EMULATOR_SKIP_KUBECTL=1 to skip)"
-        );
+    if !require_kubectl("kubectl_rollouts_against_the_simulated_cluster") {
+        return;
     }
-    let server = start_binary();
+    let server = start_binary("rollouts");
     let kc = server.kubeconfig.as_path();
     let text = std::fs::read_to_string(kc).expect("kubeconfig");
     let url = text
@@ -421,4 +439,139 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         "scale patches the subresource"
     );
     assert!(called("delete", "deployments", None));
+}
+
+fn json_of(kc: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    serde_json::from_str(&ok(kc, &all, None)).expect("kubectl -o json")
+}
+
+/// kubectl's typed generators send protobuf bodies.
+#[test]
+fn kubectl_create_commands_send_protobuf() {
+    if !require_kubectl("kubectl_create_commands_send_protobuf") {
+        return;
+    }
+    let server = start_binary("create");
+    let kc = server.kubeconfig.as_path();
+    ok(kc, &["create", "namespace", "apps"], None);
+    let ns = json_of(kc, &["get", "namespace", "apps"]);
+    assert_eq!(
+        ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
+        "apps"
+    );
+    assert!(
+        ns["metadata"]
+            .get("creationTimestamp")
+            .is_some_and(|t| t.is_string())
+    );
+
+    let n = ["-n", "apps"];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(n);
+        ok(kc, &all, None)
+    };
+    run(&["create", "configmap", "cfg", "--from-literal=mode=fast"]);
+    run(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=x",
+    ]);
+    run(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=example/web:1",
+        "--replicas=2",
+        "--port=8080",
+    ]);
+    run(&["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    run(&["create", "serviceaccount", "robot"]);
+    run(&["create", "job", "once", "--image=busybox"]);
+    run(&[
+        "create",
+        "role",
+        "reader",
+        "--verb=get,list",
+        "--resource=pods",
+    ]);
+    run(&[
+        "create",
+        "rolebinding",
+        "robot-reads",
+        "--role=reader",
+        "--serviceaccount=apps:robot",
+    ]);
+    run(&[
+        "create",
+        "poddisruptionbudget",
+        "web",
+        "--selector=app=web",
+        "--min-available=1",
+    ]);
+
+    let get = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(n);
+        json_of(kc, &all)
+    };
+    assert_eq!(get(&["get", "configmap", "cfg"])["data"]["mode"], "fast");
+    let secret = get(&["get", "secret", "creds"]);
+    assert_eq!(secret["data"]["password"], "eA==");
+    assert_eq!(secret["type"], "Opaque");
+    let d = get(&["get", "deployment", "web"]);
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+    let container = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "example/web:1");
+    assert_eq!(container["ports"][0]["containerPort"], 8080);
+    assert!(d["metadata"]["uid"].is_string());
+    // The simulated cluster runs it.
+    ok(
+        kc,
+        &[
+            "rollout",
+            "status",
+            "deployment/web",
+            "-n",
+            "apps",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let svc = get(&["get", "service", "web"]);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080);
+    assert_eq!(svc["spec"]["selector"]["app"], "web");
+    assert_eq!(
+        get(&["get", "serviceaccount", "robot"])["metadata"]["name"],
+        "robot"
+    );
+    let job = get(&["get", "job", "once"]);
+    assert_eq!(job["spec"]["template"]["spec"]["restartPolicy"], "Never");
+    let role = get(&["get", "role", "reader"]);
+    assert_eq!(
+        role["rules"][0]["verbs"],
+        serde_json::json!(["get", "list"])
+    );
+    assert_eq!(role["rules"][0]["resources"], serde_json::json!(["pods"]));
+    let binding = get(&["get", "rolebinding", "robot-reads"]);
+    assert_eq!(binding["roleRef"]["name"], "reader");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(binding["subjects"][0]["namespace"], "apps");
+    let pdb = get(&["get", "poddisruptionbudget", "web"]);
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+
+    // Kinds outside the decoder's tables still get the clear 415.
+    let out = kubectl(
+        kc,
+        &["create", "priorityclass", "high", "--value=1000"],
+        None,
+    );
+    assert!(!out.status.success());
 }

@@ -438,6 +438,15 @@ impl Sync<'_> {
         if old_count == 0 {
             return Ok(false);
         }
+        // Scale down only on replica set statuses that reflect their current spec: a
+        // replica set controller between deleting pods and reporting it would make the
+        // old availability look higher than it is. Its status update triggers the next pass.
+        let settled = |rs: &Value| {
+            int_at(rs, "/status/observedGeneration") >= int_at(rs, "/metadata/generation")
+        };
+        if !old.iter().chain(new).all(settled) {
+            return Ok(false);
+        }
         let new_spec = new.map(spec_replicas).unwrap_or(0);
         let all_count = old_count + new_spec;
         let min_available = self.replicas - self.max_unavailable();

@@ -54,7 +54,7 @@ impl Reconciler for ReplicaSetController {
     fn reconcile(&mut self, key: &Self::Key) -> Option<Duration> {
         let (ns, name) = key;
         let rs = self.client.get(&self.client.replicasets, ns, name)?;
-        sync(&self.client, &rs)
+        sync(&self.client, &rs, true)
     }
 }
 
@@ -104,7 +104,38 @@ pub(super) fn pod_from_template(
     })
 }
 
-fn sync(client: &Client, rs: &Value) -> Option<Duration> {
+/// Replica sets with the same controller (a Deployment's old and new ones), except `rs`.
+fn siblings(client: &Client, rs: &Value) -> Vec<Value> {
+    let Some((_, _, owner_uid)) = pods::controller_of(rs) else {
+        return Vec::new();
+    };
+    let ns = meta_str(rs, "namespace").unwrap_or("");
+    let uid = meta_str(rs, "uid");
+    client
+        .owned(&client.replicasets, ns, owner_uid)
+        .into_iter()
+        .filter(|s| meta_str(s, "uid") != uid)
+        .collect()
+}
+
+/// Whether `rs` has more active pods than it wants.
+fn has_surplus(client: &Client, rs: &Value) -> bool {
+    let ns = meta_str(rs, "namespace").unwrap_or("");
+    let uid = meta_str(rs, "uid").unwrap_or("");
+    let want = usize::try_from(pods::int_at(rs, "/spec/replicas")).unwrap_or(0);
+    client
+        .owned(&client.pods, ns, uid)
+        .iter()
+        .filter(|p| is_active(p))
+        .count()
+        > want
+}
+
+/// One pass for a replica set. Before creating pods it lets sibling replica sets (of
+/// the same Deployment) that must shrink do so first: controllers run concurrently here
+/// and may read a scale-up before they process the scale-down that preceded it, which
+/// would briefly exceed the Deployment's `maxSurge`.
+fn sync(client: &Client, rs: &Value, settle_siblings: bool) -> Option<Duration> {
     let ns = meta_str(rs, "namespace").unwrap_or("");
     let name = meta_str(rs, "name").unwrap_or("");
     let uid = meta_str(rs, "uid").unwrap_or("");
@@ -114,6 +145,13 @@ fn sync(client: &Client, rs: &Value) -> Option<Duration> {
     let mut active: Vec<&Value> = owned.iter().filter(|p| is_active(p)).collect();
     if rs.pointer("/metadata/deletionTimestamp").is_none() {
         if active.len() < want {
+            if settle_siblings {
+                for sibling in siblings(client, rs) {
+                    if has_surplus(client, &sibling) {
+                        sync(client, &sibling, false);
+                    }
+                }
+            }
             let prefix = format!("{name}-");
             for _ in 0..(want - active.len()).min(BURST) {
                 let pod = pod_from_template(rs, Some(&prefix), None);
