@@ -6,8 +6,7 @@ use serde_json::{Map, Value, json};
 
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
-use crate::resources::ResourceType;
-use crate::store::Subresource;
+use crate::resources::{ResourceType, Subresource};
 use crate::util::meta_str;
 
 /// The part of an applied configuration a subresource write can touch.

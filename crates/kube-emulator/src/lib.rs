@@ -22,6 +22,7 @@ pub mod error;
 mod events;
 mod patch;
 mod protobuf;
+mod request;
 pub mod resources;
 mod scale;
 mod schema;
@@ -48,7 +49,7 @@ pub use error::ApiError;
 pub use store::StoreConfig;
 pub use testing::{Control, EMULATED_NODE, Fault};
 
-use server::AppState;
+use request::AppState;
 use store::Store;
 use testing::ControlState;
 

@@ -78,6 +78,13 @@ impl ResourceType {
     }
 }
 
+/// Which subresource a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    Main,
+    Status,
+}
+
 /// Identifies one storage bucket (group + plural, independent of version).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageKey {

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiError, ApiResult};
 use crate::patch::PatchKind;
+use crate::request::{json_response, parse_body, parse_json, parse_yaml, write_options};
 use crate::resources::ResourceType;
-use crate::server::{json_response, parse_body, parse_json, parse_yaml, write_options};
 use crate::store::{Store, Subresource};
 
 /// Resources with an `autoscaling/v1` `Scale` subresource.

@@ -20,6 +20,7 @@ use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
 use crate::events;
 use crate::patch::{self, FieldOwners, PatchKind};
+pub use crate::resources::Subresource;
 use crate::resources::{ResourceType, StorageKey, builtin_resources};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::util::{self, meta_mut, meta_str, now_rfc3339};
@@ -72,13 +73,6 @@ pub struct WatchEvent {
     pub json: String,
     /// The object before a modification, to translate selector transitions.
     pub previous: Option<Value>,
-}
-
-/// Which subresource a write goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subresource {
-    Main,
-    Status,
 }
 
 /// Options shared by write verbs.
