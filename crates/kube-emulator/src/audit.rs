@@ -50,7 +50,13 @@ impl RequestRecord {
 pub(crate) struct AuditLog {
     limit: usize,
     ring: Mutex<VecDeque<RequestRecord>>,
-    sink: Option<mpsc::UnboundedSender<String>>,
+    sink: Mutex<Option<Sink>>,
+}
+
+/// The JSON-lines writer: a channel to a thread that owns the file.
+struct Sink {
+    lines: mpsc::UnboundedSender<String>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl AuditLog {
@@ -58,7 +64,7 @@ impl AuditLog {
         Self {
             limit,
             ring: Mutex::new(VecDeque::new()),
-            sink: None,
+            sink: Mutex::new(None),
         }
     }
 
@@ -67,7 +73,7 @@ impl AuditLog {
     pub fn with_file(mut self, path: &Path) -> std::io::Result<Self> {
         let file = std::fs::File::create(path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kube-emulator-audit".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::new(file);
@@ -82,15 +88,15 @@ impl AuditLog {
                     }
                 }
             })?;
-        self.sink = Some(tx);
+        self.sink = Mutex::new(Some(Sink { lines: tx, thread }));
         Ok(self)
     }
 
     pub fn record(&self, record: RequestRecord) {
-        if let Some(sink) = &self.sink
+        if let Some(sink) = self.sink.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
             && let Ok(line) = serde_json::to_string(&record)
         {
-            let _ = sink.send(line);
+            let _ = sink.lines.send(line);
         }
         if self.limit == 0 {
             return;
@@ -100,6 +106,17 @@ impl AuditLog {
             ring.pop_front();
         }
         ring.push_back(record);
+    }
+
+    /// Stops writing the file after everything recorded so far is written and flushed.
+    pub fn close(&self) {
+        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Sink { lines, thread }) = sink {
+            drop(lines);
+            if thread.join().is_err() {
+                tracing::error!("kube-emulator: the audit log writer panicked");
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Vec<RequestRecord> {

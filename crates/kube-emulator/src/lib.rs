@@ -274,6 +274,8 @@ impl Emulator {
             self.server.abort();
         }
         self.reaper.abort();
+        // Blocks briefly: the writer thread drains what is queued.
+        self.control.state.audit.close();
     }
 }
 

@@ -406,7 +406,17 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // The audit log names what kubectl called, in RBAC terms.
+    // The audit log names what kubectl called, in RBAC terms; it is complete once the
+    // binary has shut down.
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "emulator exited with {exit:?}");
     let log = std::fs::read_to_string(&server.audit).expect("audit log");
     let records: Vec<serde_json::Value> = log
         .lines()
