@@ -127,16 +127,20 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
                     spec.entry("podManagementPolicy")
                         .or_insert(json!("OrderedReady"));
                     spec.entry("revisionHistoryLimit").or_insert(json!(10));
-                    spec.entry("updateStrategy").or_insert(
-                        json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
-                    );
+                    // SetDefaults_StatefulSet
+                    if let Some(rolling) = default_strategy(spec, "updateStrategy", "RollingUpdate")
+                    {
+                        rolling.entry("partition").or_insert(json!(0));
+                    }
                 }
                 if rt.plural == "deployments" {
                     spec.entry("revisionHistoryLimit").or_insert(json!(10));
                     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
-                    spec.entry("strategy")
-                        .or_insert(json!({"type": "RollingUpdate",
-                        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}));
+                    // SetDefaults_Deployment
+                    if let Some(rolling) = default_strategy(spec, "strategy", "RollingUpdate") {
+                        rolling.entry("maxSurge").or_insert(json!("25%"));
+                        rolling.entry("maxUnavailable").or_insert(json!("25%"));
+                    }
                 }
                 if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
                     default_pod_spec(pod);
@@ -197,6 +201,32 @@ pub(crate) fn set_server_labels(rt: &ResourceType, obj: &mut Value) {
         }
         labels["kubernetes.io/metadata.name"] = json!(name);
     }
+}
+
+/// Defaults `spec.<field>.type` to `rolling` and, for that type, returns the
+/// `rollingUpdate` map (created if missing) to default its fields.
+fn default_strategy<'a>(
+    spec: &'a mut Map<String, Value>,
+    field: &str,
+    rolling: &str,
+) -> Option<&'a mut Map<String, Value>> {
+    let strategy = spec.entry(field).or_insert_with(|| json!({}));
+    if !strategy.is_object() {
+        *strategy = json!({});
+    }
+    let strategy = strategy.as_object_mut()?;
+    let ty = strategy.entry("type").or_insert(json!(rolling));
+    if ty.as_str().is_none_or(str::is_empty) {
+        *ty = json!(rolling);
+    }
+    if ty.as_str() != Some(rolling) {
+        return None;
+    }
+    let update = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
+    if !update.is_object() {
+        *update = json!({});
+    }
+    update.as_object_mut()
 }
 
 /// `SetDefaults_Service` for what clients see: type, session affinity, port protocol and

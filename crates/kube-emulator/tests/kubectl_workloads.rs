@@ -540,6 +540,12 @@ fn kubectl_create_commands_send_protobuf() {
     assert_eq!(container["image"], "example/web:1");
     assert_eq!(container["ports"][0]["containerPort"], 8080);
     assert!(d["metadata"]["uid"].is_string());
+    // `strategy: {}` from the generator gets the API server's defaults.
+    assert_eq!(
+        d["spec"]["strategy"],
+        serde_json::json!({"type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}})
+    );
     // The simulated cluster runs it.
     ok(
         kc,
