@@ -1,4 +1,5 @@
-//! Benchmark: list latency at 10k pods and watch fan-out to 100 watchers.
+//! Benchmark: list latency at 10k pods, watch fan-out to 100 watchers, and a rolling
+//! update of a 200-replica Deployment run by the simulated controllers.
 //!
 //! Run `cargo bench -p kube-emulator --bench emulator`; set `BENCH_SMOKE=1` (or pass
 //! `--smoke`) for a quick small-size run that only checks the benchmark works.
@@ -8,12 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube_emulator::Emulator;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube_emulator::{Controllers, Emulator};
 use serde_json::json;
 
 struct Sizes {
+    rollout_replicas: i32,
     pods: usize,
     list_rounds: usize,
     watchers: usize,
@@ -25,6 +28,7 @@ fn sizes() -> (Sizes, bool) {
         || std::env::args().any(|a| a == "--smoke");
     let s = if smoke {
         Sizes {
+            rollout_replicas: 20,
             pods: 200,
             list_rounds: 3,
             watchers: 10,
@@ -32,6 +36,7 @@ fn sizes() -> (Sizes, bool) {
         }
     } else {
         Sizes {
+            rollout_replicas: 200,
             pods: 10_000,
             list_rounds: 20,
             watchers: 100,
@@ -201,5 +206,91 @@ async fn main() -> anyhow::Result<()> {
     }
     emulator.shutdown().await;
     anyhow::ensure!(got == expected, "watchers missed events");
+    rolling_update(sizes.rollout_replicas).await
+}
+
+/// Whether a deployment is rolled out, by `kubectl rollout status`'s rules.
+fn rolled_out(d: &Deployment) -> bool {
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    d.metadata.generation.unwrap_or(0) <= status.observed_generation.unwrap_or(0)
+        && status.updated_replicas.unwrap_or(0) == replicas
+        && status.replicas.unwrap_or(0) == replicas
+        && status.available_replicas.unwrap_or(0) == replicas
+}
+
+/// Waits (via a watch) until the deployment is rolled out; returns the elapsed time.
+async fn until_rolled_out(
+    deploys: &Api<Deployment>,
+    name: &str,
+    since: Instant,
+) -> anyhow::Result<Duration> {
+    let params = WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(600);
+    let mut stream = deploys.watch(&params, "0").await?.boxed();
+    while let Some(event) = stream.try_next().await? {
+        if let WatchEvent::Added(d) | WatchEvent::Modified(d) = event
+            && rolled_out(&d)
+        {
+            return Ok(since.elapsed());
+        }
+    }
+    anyhow::bail!("watch ended before {name} rolled out")
+}
+
+/// A Deployment rolled by the simulated controllers (kubelet delay 0, maxSurge 25%):
+/// time until `rollout status` would succeed, and committed changes per second (every
+/// commit is one watch event).
+async fn rolling_update(replicas: i32) -> anyhow::Result<()> {
+    let emulator = Emulator::builder()
+        .controllers(Controllers::all())
+        .nodes(10)
+        .pod_ready_delay(Duration::ZERO)
+        .start()
+        .await?;
+    let client = emulator.client()?;
+    let deploys: Api<Deployment> = Api::namespaced(client, "default");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "bench"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "bench"}},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
+            "template": {
+                "metadata": {"labels": {"app": "bench"}},
+                "spec": {"terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "main", "image": "busybox:1.36"}]}
+            }
+        }
+    }))?;
+    let store = emulator.control().store();
+    let rv0 = store.resource_version();
+    let started = Instant::now();
+    deploys.create(&PostParams::default(), &deployment).await?;
+    let initial = until_rolled_out(&deploys, "bench", started).await?;
+    let rv1 = store.resource_version();
+    println!(
+        "deployment scale-up to {replicas} ready pods: {:.2} s ({} changes, {:.0} changes/s)",
+        initial.as_secs_f64(),
+        rv1 - rv0,
+        (rv1 - rv0) as f64 / initial.as_secs_f64()
+    );
+    let started = Instant::now();
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {
+        "kubectl.kubernetes.io/restartedAt": "2024-01-01T00:00:00Z"}}}}});
+    deploys
+        .patch("bench", &PatchParams::default(), &Patch::Strategic(restart))
+        .await?;
+    let rollout = until_rolled_out(&deploys, "bench", started).await?;
+    let rv2 = store.resource_version();
+    println!(
+        "rolling update of {replicas} replicas (maxSurge 25%, kubelet delay 0): rolled out in {:.2} s ({} changes, {:.0} changes/s = watch events/s)",
+        rollout.as_secs_f64(),
+        rv2 - rv1,
+        (rv2 - rv1) as f64 / rollout.as_secs_f64()
+    );
+    emulator.shutdown().await;
     Ok(())
 }

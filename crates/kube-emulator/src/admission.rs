@@ -6,8 +6,7 @@ use serde_json::{Map, Value, json};
 
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
-use crate::resources::ResourceType;
-use crate::store::Subresource;
+use crate::resources::{ResourceType, Subresource};
 use crate::util::meta_str;
 
 /// The part of an applied configuration a subresource write can touch.
@@ -107,6 +106,7 @@ pub(crate) fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> A
 
 /// Server-side initialisation on create, per resource.
 pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
+    set_server_labels(rt, obj);
     let Some(map) = obj.as_object_mut() else {
         return;
     };
@@ -120,15 +120,27 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
                 json!({"phase": "Pending", "qosClass": "BestEffort"}),
             );
         }
-        ("apps", "deployments" | "replicasets") => {
+        ("apps", "deployments" | "replicasets" | "statefulsets") => {
             if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
                 spec.entry("replicas").or_insert(json!(1));
+                if rt.plural == "statefulsets" {
+                    spec.entry("podManagementPolicy")
+                        .or_insert(json!("OrderedReady"));
+                    spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                    // SetDefaults_StatefulSet
+                    if let Some(rolling) = default_strategy(spec, "updateStrategy", "RollingUpdate")
+                    {
+                        rolling.entry("partition").or_insert(json!(0));
+                    }
+                }
                 if rt.plural == "deployments" {
                     spec.entry("revisionHistoryLimit").or_insert(json!(10));
                     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
-                    spec.entry("strategy")
-                        .or_insert(json!({"type": "RollingUpdate",
-                        "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}));
+                    // SetDefaults_Deployment
+                    if let Some(rolling) = default_strategy(spec, "strategy", "RollingUpdate") {
+                        rolling.entry("maxSurge").or_insert(json!("25%"));
+                        rolling.entry("maxUnavailable").or_insert(json!("25%"));
+                    }
                 }
                 if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
                     default_pod_spec(pod);
@@ -139,10 +151,99 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
         ("", "namespaces") => {
             map.insert("status".into(), json!({"phase": "Active"}));
         }
+        ("", "secrets") => {
+            // SetDefaults_Secret
+            let ty = map.entry("type").or_insert(json!("Opaque"));
+            if ty.as_str().is_none_or(str::is_empty) {
+                *ty = json!("Opaque");
+            }
+        }
+        ("", "services") => {
+            map.remove("status");
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                default_service_spec(spec);
+            }
+        }
+        ("batch", "jobs") => {
+            map.remove("status");
+            if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
+                // SetDefaults_Job
+                spec.entry("parallelism").or_insert(json!(1));
+                spec.entry("completions").or_insert(json!(1));
+                spec.entry("backoffLimit").or_insert(json!(6));
+                spec.entry("completionMode").or_insert(json!("NonIndexed"));
+                spec.entry("suspend").or_insert(json!(false));
+                if let Some(pod) = spec.get_mut("template").and_then(|t| t.get_mut("spec")) {
+                    default_pod_spec(pod);
+                }
+            }
+        }
         _ if rt.status_subresource => {
             map.remove("status");
         }
         _ => {}
+    }
+}
+
+/// Labels the API server maintains itself: every namespace carries
+/// `kubernetes.io/metadata.name` with its name (set on create and on every update).
+pub(crate) fn set_server_labels(rt: &ResourceType, obj: &mut Value) {
+    if !(rt.group.is_empty() && rt.plural == "namespaces") {
+        return;
+    }
+    let Some(name) = meta_str(obj, "name").map(str::to_string) else {
+        return;
+    };
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        let labels = meta.entry("labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        labels["kubernetes.io/metadata.name"] = json!(name);
+    }
+}
+
+/// Defaults `spec.<field>.type` to `rolling` and, for that type, returns the
+/// `rollingUpdate` map (created if missing) to default its fields.
+fn default_strategy<'a>(
+    spec: &'a mut Map<String, Value>,
+    field: &str,
+    rolling: &str,
+) -> Option<&'a mut Map<String, Value>> {
+    let strategy = spec.entry(field).or_insert_with(|| json!({}));
+    if !strategy.is_object() {
+        *strategy = json!({});
+    }
+    let strategy = strategy.as_object_mut()?;
+    let ty = strategy.entry("type").or_insert(json!(rolling));
+    if ty.as_str().is_none_or(str::is_empty) {
+        *ty = json!(rolling);
+    }
+    if ty.as_str() != Some(rolling) {
+        return None;
+    }
+    let update = strategy.entry("rollingUpdate").or_insert_with(|| json!({}));
+    if !update.is_object() {
+        *update = json!({});
+    }
+    update.as_object_mut()
+}
+
+/// `SetDefaults_Service` for what clients see: type, session affinity, port protocol and
+/// target port.
+fn default_service_spec(spec: &mut Map<String, Value>) {
+    spec.entry("type").or_insert(json!("ClusterIP"));
+    spec.entry("sessionAffinity").or_insert(json!("None"));
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+        for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+            port.entry("protocol").or_insert(json!("TCP"));
+            if let Some(p) = port.get("port").cloned() {
+                let target = port.entry("targetPort").or_insert(p.clone());
+                if target.as_i64() == Some(0) || target.as_str().is_some_and(str::is_empty) {
+                    *target = p;
+                }
+            }
+        }
     }
 }
 
@@ -271,6 +372,9 @@ pub(crate) fn tracks_generation(rt: &ResourceType) -> bool {
             ("", "pods")
                 | ("apps", "deployments")
                 | ("apps", "replicasets")
+                | ("apps", "statefulsets")
+                | ("batch", "jobs" | "cronjobs")
+                | ("policy", "poddisruptionbudgets")
                 | ("apiextensions.k8s.io", "customresourcedefinitions")
         )
 }

@@ -102,6 +102,22 @@ impl ApiError {
         .with_details(json!({"name": name, "group": group, "kind": kind, "causes": causes_json}))
     }
 
+    /// 409 for server-side apply conflicts: one `FieldManagerConflict` cause per field.
+    pub fn apply_conflict(conflicts: &[crate::patch::Conflict]) -> Self {
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|c| {
+                json!({
+                    "reason": "FieldManagerConflict",
+                    "message": format!("conflict with {}", c.manager_display()),
+                    "field": c.path,
+                })
+            })
+            .collect();
+        Self::new(409, "Conflict", crate::patch::conflict_message(conflicts))
+            .with_details(json!({"causes": causes}))
+    }
+
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "MethodNotAllowed", message)
     }
@@ -111,7 +127,7 @@ impl ApiError {
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - kube-emulator accepts JSON bodies (and json-patch, merge-patch, strategic-merge-patch, apply-patch+yaml for PATCH); protobuf and CBOR are not supported (got {content_type:?})"
+                "the body of the request was in an unknown format - kube-emulator accepts JSON and YAML bodies (and json-patch, merge-patch, strategic-merge-patch, apply-patch+yaml for PATCH), protobuf only for the built-in kinds kubectl's generators create; CBOR is not supported (got {content_type:?})"
             ),
         )
     }

@@ -14,11 +14,15 @@
 //! ```
 
 mod admission;
+mod audit;
+pub mod controllers;
 mod crd;
 mod discovery;
 pub mod error;
 mod events;
 mod patch;
+mod protobuf;
+mod request;
 pub mod resources;
 mod scale;
 mod schema;
@@ -38,11 +42,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use audit::RequestRecord;
+pub use controllers::Controllers;
+pub use controllers::kubelet::{Crash, READY_DELAY_ANNOTATION, STALL_ANNOTATION};
 pub use error::ApiError;
 pub use store::StoreConfig;
 pub use testing::{Control, EMULATED_NODE, Fault};
 
-use server::AppState;
+use request::AppState;
 use store::Store;
 use testing::ControlState;
 
@@ -52,6 +59,11 @@ pub struct EmulatorBuilder {
     listen: SocketAddr,
     store: StoreConfig,
     bookmark_interval: Duration,
+    controllers: Controllers,
+    nodes: usize,
+    pod_ready_delay: Duration,
+    request_log_limit: usize,
+    audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for EmulatorBuilder {
@@ -60,6 +72,11 @@ impl Default for EmulatorBuilder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             store: StoreConfig::default(),
             bookmark_interval: Duration::from_secs(5),
+            controllers: Controllers::none(),
+            nodes: 1,
+            pod_ready_delay: Duration::from_millis(200),
+            request_log_limit: 10_000,
+            audit_log: None,
         }
     }
 }
@@ -89,12 +106,50 @@ impl EmulatorBuilder {
         self
     }
 
+    /// Which simulated controllers run (default: [`Controllers::none`]).
+    pub fn controllers(mut self, controllers: Controllers) -> Self {
+        self.controllers = controllers;
+        self
+    }
+
+    /// Number of emulated Node objects (`emulated-node`, `emulated-node-1`, …) created
+    /// when the scheduler or kubelet runs; at least 1 (default 1).
+    pub fn nodes(mut self, count: usize) -> Self {
+        self.nodes = count.max(1);
+        self
+    }
+
+    /// How long the emulated kubelet keeps a started pod NotReady (default 200 ms);
+    /// a pod's [`READY_DELAY_ANNOTATION`] overrides it.
+    pub fn pod_ready_delay(mut self, delay: Duration) -> Self {
+        self.pod_ready_delay = delay;
+        self
+    }
+
+    /// How many requests [`Control::requests`] keeps (oldest dropped first; default
+    /// 10 000, 0 keeps none).
+    pub fn request_log_limit(mut self, records: usize) -> Self {
+        self.request_log_limit = records;
+        self
+    }
+
+    /// Also writes every request record to `path` as a JSON line (created or truncated).
+    pub fn audit_log(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.audit_log = Some(path.into());
+        self
+    }
+
     /// Binds the listener and serves in background tasks.
     pub async fn start(self) -> std::io::Result<Emulator> {
         let listener = TcpListener::bind(self.listen).await?;
         let addr = listener.local_addr()?;
         let store = Arc::new(Store::new(self.store));
-        let control = Arc::new(ControlState::new());
+        let mut audit = audit::AuditLog::new(self.request_log_limit);
+        if let Some(path) = &self.audit_log {
+            audit = audit.with_file(path)?;
+        }
+        let control = Arc::new(ControlState::new(audit));
+        let hooks = control.kubelet.clone();
         let state = Arc::new(AppState {
             store: store.clone(),
             control: control.clone(),
@@ -129,8 +184,18 @@ impl EmulatorBuilder {
                 }
             }
         });
+        let controllers = controllers::spawn(
+            store.clone(),
+            self.controllers,
+            controllers::Settings {
+                nodes: self.nodes,
+                pod_ready_delay: self.pod_ready_delay,
+            },
+            hooks,
+        );
         Ok(Emulator {
             addr,
+            controllers,
             control: Control {
                 store,
                 state: control,
@@ -149,6 +214,7 @@ pub struct Emulator {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     reaper: JoinHandle<()>,
+    controllers: Vec<JoinHandle<()>>,
 }
 
 impl Emulator {
@@ -193,6 +259,9 @@ impl Emulator {
 
     /// Closes open watches and stops serving; waits up to 5 seconds for connections.
     pub async fn shutdown(mut self) {
+        for task in &self.controllers {
+            task.abort();
+        }
         self.control.drop_watches();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -205,11 +274,16 @@ impl Emulator {
             self.server.abort();
         }
         self.reaper.abort();
+        // Blocks briefly: the writer thread drains what is queued.
+        self.control.state.audit.close();
     }
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
+        for task in &self.controllers {
+            task.abort();
+        }
         self.server.abort();
         self.reaper.abort();
     }

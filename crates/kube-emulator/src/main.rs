@@ -29,6 +29,19 @@ struct Args {
     /// may be repeated. The kubeconfig is written only after they are loaded.
     #[arg(long = "load", value_name = "FILE")]
     load: Vec<PathBuf>,
+    /// Simulated controllers: `all`, `none`, or a comma-separated list of
+    /// deployment,replicaset,statefulset,gc,scheduler,kubelet.
+    #[arg(long, default_value = "all")]
+    controllers: kube_emulator::Controllers,
+    /// Number of emulated nodes (with the scheduler or kubelet).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Milliseconds the emulated kubelet keeps a started pod NotReady.
+    #[arg(long, default_value_t = 200)]
+    pod_ready_delay_ms: u64,
+    /// Append one JSON line per request served to this file (created or truncated).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -38,13 +51,20 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let emulator = kube_emulator::Emulator::builder()
+    let mut builder = kube_emulator::Emulator::builder()
         .listen(args.listen)
         .history_limit(args.history_limit)
         .bookmark_interval(Duration::from_secs(args.bookmark_interval.max(1)))
+        .controllers(args.controllers)
+        .nodes(args.nodes)
+        .pod_ready_delay(Duration::from_millis(args.pod_ready_delay_ms));
+    if let Some(path) = &args.audit_log {
+        builder = builder.audit_log(path);
+    }
+    let emulator = builder
         .start()
         .await
-        .with_context(|| format!("binding {}", args.listen))?;
+        .with_context(|| format!("starting on {}", args.listen))?;
     for file in &args.load {
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;

@@ -447,6 +447,71 @@ fn item_prefixes(path: &str) -> Vec<String> {
     out
 }
 
+/// A field another applier owns with a different value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// Owner key of the other applier (`name`, or `name (status)` for the status
+    /// subresource).
+    pub manager: String,
+    /// The field in structured-merge-diff's path syntax: `.spec.replicas`,
+    /// `.spec.containers[name="main"].image`.
+    pub path: String,
+}
+
+impl Conflict {
+    /// The manager as the API server prints it: `"name"`, or
+    /// `"name" with subresource "status"`.
+    pub fn manager_display(&self) -> String {
+        match self.manager.strip_suffix(STATUS_OWNER_SUFFIX) {
+            Some(m) => format!("{m:?} with subresource \"status\""),
+            None => format!("{:?}", self.manager),
+        }
+    }
+}
+
+/// The `Status` message of an apply conflict, as `managedfields` words it.
+pub fn conflict_message(conflicts: &[Conflict]) -> String {
+    if let [one] = conflicts {
+        return format!(
+            "Apply failed with 1 conflict: conflict with {}: {}",
+            one.manager_display(),
+            one.path
+        );
+    }
+    let mut by_manager: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in conflicts {
+        by_manager
+            .entry(c.manager_display())
+            .or_default()
+            .push(&c.path);
+    }
+    let mut lines = Vec::new();
+    for (manager, paths) in by_manager {
+        lines.push(format!("conflicts with {manager}:"));
+        lines.extend(paths.iter().map(|p| format!("- {p}")));
+    }
+    format!(
+        "Apply failed with {} conflicts: {}",
+        conflicts.len(),
+        lines.join("\n")
+    )
+}
+
+/// A JSON pointer of [`FieldOwners`] in fieldpath syntax (`.a.b`, `[k="v"]` items).
+fn field_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let raw = unescape(segment);
+        if raw.starts_with('[') && raw.contains('=') {
+            out.push_str(&raw);
+        } else {
+            out.push('.');
+            out.push_str(&raw);
+        }
+    }
+    out
+}
+
 /// Merges an applied configuration into the live object for `manager`.
 ///
 /// Returns the conflicting field paths when another applier owns a field with a
@@ -460,7 +525,7 @@ pub fn server_side_apply(
     force: bool,
     owners: &mut FieldOwners,
     lists: ListSemantics,
-) -> Result<Value, Vec<String>> {
+) -> Result<Value, Vec<Conflict>> {
     let leaves = owned_leaves(applied, lists);
     let mut conflicts = Vec::new();
     for (path, value) in &leaves {
@@ -469,7 +534,10 @@ pub fn server_side_apply(
         }
         for (other, fields) in &owners.appliers {
             if other != manager && fields.contains(path) {
-                conflicts.push(format!("conflict with \"{other}\": {path}"));
+                conflicts.push(Conflict {
+                    manager: other.clone(),
+                    path: field_path(path),
+                });
             }
         }
     }
@@ -640,6 +708,10 @@ mod tests {
         let err = server_side_apply(&live, &b, "b", false, &mut owners, ListSemantics::Atomic)
             .expect_err("conflict");
         assert_eq!(err.len(), 1);
+        assert_eq!(
+            conflict_message(&err),
+            "Apply failed with 1 conflict: conflict with \"a\": .spec.holder"
+        );
         let live = server_side_apply(&live, &b, "b", true, &mut owners, ListSemantics::Atomic)
             .expect("forced");
         assert_eq!(live["spec"]["holder"], "b");
@@ -737,7 +809,8 @@ mod tests {
         let steal = json!({"spec": {"containers": [{"name": "main", "image": "app:2"}]}});
         let err = server_side_apply(&live, &steal, "mesh", false, &mut owners.clone(), keyed)
             .expect_err("conflict");
-        assert!(err[0].contains("[name=\"main\"]"), "{err:?}");
+        assert_eq!(err[0].path, ".spec.containers[name=\"main\"].image");
+        assert_eq!(err[0].manager_display(), "\"ctl\"");
         // Dropping an item from one's configuration removes it when nobody else owns it.
         let live = server_side_apply(
             &live,

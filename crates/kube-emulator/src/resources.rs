@@ -78,6 +78,13 @@ impl ResourceType {
     }
 }
 
+/// Which subresource a write goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    Main,
+    Status,
+}
+
 /// Identifies one storage bucket (group + plural, independent of version).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageKey {
@@ -109,6 +116,16 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         &["rs"],
     );
     replicasets.categories = vec!["all".into()];
+    let mut statefulsets = ResourceType::builtin(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        true,
+        true,
+        &["sts"],
+    );
+    statefulsets.categories = vec!["all".into()];
     vec![
         ResourceType::builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
         pods,
@@ -137,6 +154,63 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         ),
         deployments,
         replicasets,
+        statefulsets,
+        ResourceType::builtin(
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            true,
+            false,
+            &["sa"],
+        ),
+        ResourceType::builtin("batch", "v1", "Job", "jobs", true, true, &[]),
+        ResourceType::builtin("batch", "v1", "CronJob", "cronjobs", true, true, &["cj"]),
+        ResourceType::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "Role",
+            "roles",
+            true,
+            false,
+            &[],
+        ),
+        ResourceType::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+            false,
+            &[],
+        ),
+        ResourceType::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+            false,
+            &[],
+        ),
+        ResourceType::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+            false,
+            &[],
+        ),
+        ResourceType::builtin(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+            true,
+            &["pdb"],
+        ),
         ResourceType::builtin(
             "apiextensions.k8s.io",
             "v1",

@@ -9,13 +9,17 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiError, ApiResult};
 use crate::patch::PatchKind;
+use crate::request::{json_response, parse_body, parse_json, parse_yaml, write_options};
 use crate::resources::ResourceType;
-use crate::server::{json_response, parse_body, parse_json, parse_yaml, write_options};
 use crate::store::{Store, Subresource};
 
 /// Resources with an `autoscaling/v1` `Scale` subresource.
 pub(crate) fn has_scale(rt: &ResourceType) -> bool {
-    rt.group == "apps" && matches!(rt.plural.as_str(), "deployments" | "replicasets")
+    rt.group == "apps"
+        && matches!(
+            rt.plural.as_str(),
+            "deployments" | "replicasets" | "statefulsets"
+        )
 }
 
 /// The `Scale` view of a deployment or replica set.

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -12,28 +11,15 @@ use serde_json::{Value, json};
 use crate::discovery;
 use crate::error::{ApiError, ApiResult};
 use crate::patch::PatchKind;
+use crate::request::{
+    AppState, Representation, Target, error_response, flag, json_response, parse_body, parse_json,
+    parse_yaml, partial_metadata, selectors, write_options,
+};
 use crate::resources::ResourceType;
-use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOptions, Deleted, Store, Subresource, WriteOptions};
-use crate::testing::ControlState;
+use crate::store::{DeleteOptions, Deleted, Store, Subresource};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
-
-pub(crate) struct AppState {
-    pub store: Arc<Store>,
-    pub control: Arc<ControlState>,
-    pub bookmark_interval: Duration,
-    pub address: String,
-}
-
-/// Where a resource request points.
-pub(crate) struct Target {
-    pub rt: ResourceType,
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-    pub subresource: Option<String>,
-}
 
 /// The single request entry point; every failure becomes a `Status` response.
 pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) -> Response {
@@ -43,10 +29,20 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    let mut record = crate::audit::request_info(parts.method.as_str(), parts.uri.path(), &query);
+    record.user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
-            return error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string()));
+            let response =
+                error_response(&ApiError::new(413, "RequestEntityTooLarge", e.to_string()));
+            record.code = response.status().as_u16();
+            state.control.audit.record(record);
+            return response;
         }
     };
     let result = route(
@@ -62,6 +58,8 @@ pub(crate) async fn handle(state: Arc<AppState>, req: axum::extract::Request) ->
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     };
+    record.code = response.status().as_u16();
+    state.control.audit.record(record);
     tracing::debug!(
         method = %parts.method,
         uri = %parts.uri,
@@ -180,6 +178,22 @@ async fn route(
             &body,
             query,
         );
+    }
+    if target.subresource.as_deref() == Some("binding")
+        && rt.group.is_empty()
+        && rt.plural == "pods"
+        && verb == "create"
+    {
+        let binding = parse_body(headers, &body)?;
+        let node = binding
+            .pointer("/target/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::bad_request("binding target.name is required"))?;
+        let name = target.name.as_deref().unwrap_or("");
+        state.store.bind_pod(&ns, name, node)?;
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
+        return Ok(json_response(StatusCode::CREATED, &status));
     }
     let sub = match target.subresource.as_deref() {
         None => Subresource::Main,
@@ -348,73 +362,6 @@ fn verb_of(method: &Method, target: &Target, watch: bool) -> &'static str {
     }
 }
 
-pub(crate) fn flag(query: &HashMap<String, String>, name: &str) -> bool {
-    query.get(name).is_some_and(|v| v == "true" || v == "1")
-}
-
-pub(crate) fn selectors(
-    store: &Store,
-    rt: &ResourceType,
-    query: &HashMap<String, String>,
-) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let labels =
-        LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let fields = store.field_selector(
-        rt,
-        query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-    )?;
-    Ok((labels, fields))
-}
-
-/// How objects are rendered for a read, chosen by the `Accept` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Representation {
-    Full,
-    /// `PartialObjectMetadata` (kube-rs `Api<PartialObjectMeta<K>>`, `get_metadata`).
-    Metadata,
-    /// `Table` (kubectl's human-readable `get`).
-    Table,
-}
-
-impl Representation {
-    fn from_headers(headers: &HeaderMap) -> Self {
-        let accept: Vec<&str> = headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if accept.iter().any(|a| crate::table::wants_table(a)) {
-            Representation::Table
-        } else if accept
-            .iter()
-            .any(|a| a.contains("as=PartialObjectMetadata"))
-        {
-            Representation::Metadata
-        } else {
-            Representation::Full
-        }
-    }
-
-    /// One object as sent on the wire; `with_columns` adds Table column definitions.
-    pub(crate) fn object(self, rt: &ResourceType, obj: &Value, with_columns: bool) -> Value {
-        match self {
-            Representation::Full => obj.clone(),
-            Representation::Metadata => partial_metadata(obj),
-            Representation::Table => {
-                crate::table::table(rt, std::slice::from_ref(obj), json!({}), with_columns)
-            }
-        }
-    }
-}
-
-pub(crate) fn partial_metadata(obj: &Value) -> Value {
-    json!({
-        "kind": "PartialObjectMetadata",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
-    })
-}
-
 fn list(
     store: &Store,
     target: &Target,
@@ -484,20 +431,6 @@ fn list(
     Ok(json_response(StatusCode::OK, &list))
 }
 
-pub(crate) fn write_options(query: &HashMap<String, String>, headers: &HeaderMap) -> WriteOptions {
-    let manager = query.get("fieldManager").cloned().or_else(|| {
-        headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.split('/').next().unwrap_or(ua).to_string())
-    });
-    WriteOptions {
-        dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
-        field_manager: manager,
-        force: flag(query, "force"),
-    }
-}
-
 fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<DeleteOptions> {
     let body: Value = if body.is_empty() {
         json!({})
@@ -533,43 +466,4 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
         foreground: policy.as_deref() == Some("Foreground"),
         dry_run,
     })
-}
-
-/// Decodes a create/update body. Only JSON (and YAML, a superset) is understood;
-/// protobuf and CBOR get 415 so clients can tell the encoding is the problem.
-pub(crate) fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let base = content_type.split(';').next().unwrap_or("").trim();
-    match base {
-        "" | "application/json" | "*/*" => parse_json(body),
-        "application/yaml" | "application/x-yaml" | "text/yaml" => parse_yaml(body),
-        _ => Err(ApiError::unsupported_media_type(content_type)),
-    }
-}
-
-pub(crate) fn parse_json(body: &Bytes) -> ApiResult<Value> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-pub(crate) fn parse_yaml(body: &Bytes) -> ApiResult<Value> {
-    serde_yaml_ng::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
-}
-
-pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response {
-    Response::builder()
-        .status(code)
-        .header(header::CONTENT_TYPE, "application/json")
-        // `to_vec` writes straight into a buffer; `Display` goes through fmt and is slower.
-        .body(Body::from(serde_json::to_vec(value).unwrap_or_default()))
-        .unwrap_or_default()
-}
-
-fn error_response(e: &ApiError) -> Response {
-    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(code, &e.to_status())
 }

@@ -34,7 +34,7 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
             cols.push(column("Status", "string", "", 0));
             cols.push(column("Age", "string", "", 0));
         }
-        ("apps", "deployments") | ("apps", "replicasets") => {
+        ("apps", "deployments" | "replicasets" | "statefulsets") => {
             cols.push(column("Ready", "string", "", 0));
             cols.push(column("Age", "string", "", 0));
         }
@@ -112,7 +112,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
                 .unwrap_or("Active");
             vec![name, json!(phase), age]
         }
-        ("apps", "deployments") | ("apps", "replicasets") => {
+        ("apps", "deployments" | "replicasets" | "statefulsets") => {
             let ready = format!("{}/{}", int("/status/readyReplicas"), int("/spec/replicas"));
             vec![name, json!(ready), age]
         }

@@ -9,6 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::audit::{AuditLog, RequestRecord};
+use crate::controllers::kubelet::{self, Crash};
+use crate::controllers::{Client, KubeletHooks};
 use crate::error::{ApiError, ApiResult};
 use crate::store::Store;
 use crate::util::now_rfc3339;
@@ -67,14 +70,20 @@ pub(crate) struct ControlState {
     watch_epoch: watch::Sender<u64>,
     /// Counter for pod IPs handed out by `set_pod_phase`.
     next_ip: AtomicU32,
+    /// Shared with the emulated kubelet (crash, flap, stall hooks).
+    pub(crate) kubelet: Arc<KubeletHooks>,
+    /// Every request served.
+    pub(crate) audit: AuditLog,
 }
 
 impl ControlState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(audit: AuditLog) -> Self {
         Self {
             faults: Mutex::new(Faults::default()),
             watch_epoch: watch::channel(0).0,
             next_ip: AtomicU32::new(0),
+            kubelet: Arc::new(KubeletHooks::default()),
+            audit,
         }
     }
 
@@ -353,6 +362,52 @@ impl Control {
             }
         }
         Ok(created)
+    }
+
+    /// Crashes a pod as its containers would: [`Crash::Restart`] bumps `restartCount`,
+    /// records `lastState.terminated` and makes it NotReady until the emulated kubelet
+    /// (if running) readies it again after the ready delay; [`Crash::Fail`] moves it to
+    /// phase `Failed` (a ReplicaSet or StatefulSet then replaces it). Written through the
+    /// pod's status subresource.
+    pub fn crash_pod(&self, namespace: &str, name: &str, how: Crash) -> ApiResult<Value> {
+        let client = self.client()?;
+        kubelet::crash(&client, &self.state.kubelet, namespace, name, how)
+    }
+
+    /// Makes a pod NotReady now; the emulated kubelet readies it again once `down_for`
+    /// has passed (without the kubelet it stays NotReady).
+    pub fn flap_readiness(
+        &self,
+        namespace: &str,
+        name: &str,
+        down_for: Duration,
+    ) -> ApiResult<Value> {
+        let client = self.client()?;
+        kubelet::flap(&client, &self.state.kubelet, namespace, name, down_for)
+    }
+
+    /// Stalls (or releases) a pod in `Pending`: the emulated kubelet does not start it
+    /// while stalled. May be called before the pod exists. Pods can also be stalled from
+    /// creation with the [`crate::STALL_ANNOTATION`] annotation set to `"true"`.
+    pub fn stall_pod(&self, namespace: &str, name: &str, stalled: bool) {
+        self.state.kubelet.set_stalled(namespace, name, stalled);
+    }
+
+    /// The request log: one record per request served (oldest first), bounded by
+    /// [`crate::EmulatorBuilder::request_log_limit`]. Requests of the in-process
+    /// controllers do not go through HTTP and are not recorded.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.state.audit.snapshot()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.state.audit.clear();
+    }
+
+    fn client(&self) -> ApiResult<Client> {
+        Client::new(self.store.clone())
+            .ok_or_else(|| ApiError::internal("built-in workload types are not served"))
     }
 
     /// Direct access to the object store (for seeding data without HTTP).

@@ -13,9 +13,9 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::error::{ApiError, ApiResult};
 use crate::events;
+use crate::request::{AppState, Representation, Target, flag, selectors};
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::server::{AppState, Representation, Target, flag, selectors};
 use crate::store::{WatchEvent, WatchStart};
 
 /// Longest watch `timeoutSeconds` honoured (one year).

@@ -49,6 +49,9 @@ fn start_binary() -> Server {
             "127.0.0.1:0",
             "--bookmark-interval",
             "1",
+            // A protocol test: pods are scripted, nothing acts on them.
+            "--controllers",
+            "none",
             "--load",
         ])
         .arg(&seed)

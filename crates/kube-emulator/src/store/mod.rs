@@ -14,12 +14,13 @@ mod deletion;
 
 use crate::admission::{
     applied_for_subresource, check_kind, check_shape, fold_string_data, prepare_create,
-    scope_namespace, spec_of, tracks_generation, validate,
+    scope_namespace, set_server_labels, spec_of, tracks_generation, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
 use crate::events;
 use crate::patch::{self, FieldOwners, PatchKind};
+pub use crate::resources::Subresource;
 use crate::resources::{ResourceType, StorageKey, builtin_resources};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::util::{self, meta_mut, meta_str, now_rfc3339};
@@ -72,13 +73,6 @@ pub struct WatchEvent {
     pub json: String,
     /// The object before a modification, to translate selector transitions.
     pub previous: Option<Value>,
-}
-
-/// Which subresource a write goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subresource {
-    Main,
-    Status,
 }
 
 /// Options shared by write verbs.
@@ -647,17 +641,7 @@ impl Store {
                     &mut owners,
                     list_semantics(rt),
                 )
-                .map_err(|conflicts| {
-                    ApiError::new(
-                        409,
-                        "Conflict",
-                        format!(
-                            "Apply failed with {} conflict(s): {}",
-                            conflicts.len(),
-                            conflicts.join("; ")
-                        ),
-                    )
-                })?;
+                .map_err(|conflicts| ApiError::apply_conflict(&conflicts))?;
             }
         }
         check_shape(&patched)?;
@@ -792,6 +776,7 @@ impl Store {
         }
         set_type(rt, &mut new);
         fold_string_data(rt, &mut new);
+        set_server_labels(rt, &mut new);
         validate(rt, &mut new, name)?;
         if tracks_generation(rt) && spec_of(&old) != spec_of(&new) {
             let generation = old
@@ -899,6 +884,92 @@ impl Store {
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(event);
         object
+    }
+
+    /// Receives every committed change of every resource (the store's change feed), for
+    /// in-process controllers. Subscribe before listing so nothing is missed.
+    pub fn feed(&self) -> broadcast::Receiver<Arc<WatchEvent>> {
+        self.events.subscribe()
+    }
+
+    /// Objects of type `rt` in `ns` whose `ownerReferences` name `owner_uid`, from the
+    /// owner index (what an informer's owner index answers).
+    pub fn list_owned(&self, rt: &ResourceType, ns: &str, owner_uid: &str) -> Vec<Value> {
+        let inner = self.lock();
+        let skey = rt.storage_key();
+        let Some(deps) = inner.dependents.get(owner_uid) else {
+            return Vec::new();
+        };
+        let Some(bucket) = inner.buckets.get(&skey) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Value> = deps
+            .iter()
+            .filter(|(k, dns, _)| *k == skey && dns == ns)
+            .filter_map(|(_, dns, name)| bucket.get(&(dns.clone(), name.clone())))
+            .map(|s| present(rt, &s.obj))
+            .collect();
+        out.sort_by(|a, b| meta_str(a, "name").cmp(&meta_str(b, "name")));
+        out
+    }
+
+    /// The `pods/binding` subresource: assigns an unbound pod to `node` and records the
+    /// `PodScheduled` condition, in one write (no generation bump, as in the registry's
+    /// binding REST). A pod that is bound already or being deleted is a 409 Conflict.
+    pub fn bind_pod(&self, ns: &str, name: &str, node: &str) -> ApiResult<Value> {
+        let mut inner = self.lock();
+        let rt = inner
+            .resources
+            .iter()
+            .find(|r| r.group.is_empty() && r.plural == "pods")
+            .cloned()
+            .ok_or_else(|| ApiError::internal("pods are not served"))?;
+        let current = get_stored(&inner, &rt, ns, name)?;
+        let bound = current
+            .obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !bound.is_empty() {
+            return Err(ApiError::conflict(
+                "",
+                "pods",
+                name,
+                &format!("pod {name} is already assigned to node \"{bound}\""),
+            ));
+        }
+        if current.obj.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(ApiError::conflict(
+                "",
+                "pods",
+                name,
+                "pod is being deleted, cannot be assigned to a host",
+            ));
+        }
+        let mut obj = current.obj.clone();
+        let owners = current.owners.clone();
+        obj["spec"]["nodeName"] = json!(node);
+        let condition = json!({"type": "PodScheduled", "status": "True",
+            "lastProbeTime": null, "lastTransitionTime": now_rfc3339()});
+        if !obj.get("status").is_some_and(Value::is_object) {
+            obj["status"] = json!({});
+        }
+        let conditions = obj["status"]
+            .as_object_mut()
+            .map(|s| s.entry("conditions").or_insert_with(|| json!([])));
+        if let Some(list) = conditions.and_then(Value::as_array_mut) {
+            list.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            list.push(condition);
+        }
+        let key = (ns.to_string(), name.to_string());
+        let committed = self.commit(
+            &mut inner,
+            &rt,
+            key,
+            Some(Stored { obj, owners }),
+            EventType::Modified,
+        );
+        Ok(present(&rt, &committed))
     }
 
     /// Read-modify-write of one object outside the HTTP path (test helpers).

@@ -4,6 +4,7 @@ mod controller;
 mod crud;
 mod edge_cases;
 mod errors;
+mod fidelity;
 mod helpers;
 mod lease;
 mod races;
