@@ -69,6 +69,9 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Helm chart, Dockerfile and install checks (a Python venv with Helm's Go SDK, kubernetes-validate,
+# checkov, hadolint), including the chart/binary drift and RBAC-from-reality tests.
+CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh
 cargo run -q -- bench store --smoke
 # Benchmark targets built in the test profile and run once with small sizes.
 BENCH_SMOKE=1 cargo test -q -p kube-emulator --bench emulator
