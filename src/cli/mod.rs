@@ -23,6 +23,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the SessionPolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Watch a rolling update, a scale-down and a crash move sessions in an emulated cluster.
+    Demo(Box<crate::demo::DemoArgs>),
     /// Create the schema, table and indexes in Postgres (idempotent).
     Migrate {
         #[command(flatten)]
@@ -41,6 +43,7 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(*args).await,
+        Command::Demo(args) => crate::demo::run(*args).await,
         Command::Crd => {
             print!("{}", crate::policy::crd_yaml());
             Ok(())

@@ -10,8 +10,9 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::StoreArgs;
-use crate::controller::{self, Settings};
-use crate::leader::{self, Fence, LeaseConfig};
+use crate::controller::Settings;
+use crate::leader::LeaseConfig;
+use crate::operator::{self, OperatorConfig};
 use crate::store::{Store, redact_url};
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 
@@ -219,78 +220,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .store_ok
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let fence = if args.leader_elect {
-        Fence::new_standby(&identity)
-    } else {
-        Fence::always_open(&identity)
-    };
-    let leader_task = if args.leader_elect {
-        let namespace = args
+    let lease = args.leader_elect.then(|| LeaseConfig {
+        name: args.lease_name.clone(),
+        namespace: args
             .lease_namespace
             .clone()
-            .or_else(|| {
-                std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-            })
-            .unwrap_or_else(|| client.default_namespace().to_string());
-        let config = LeaseConfig {
-            name: args.lease_name.clone(),
-            namespace,
-            identity: identity.clone(),
-            duration: args.lease_duration,
-        };
-        Some(tokio::spawn(leader::run(
-            client.clone(),
-            config,
-            fence.clone(),
-            shutdown.clone(),
-        )))
-    } else {
-        None
-    };
-    tokio::spawn(leader_gauge(fence.clone(), metrics.clone()));
-    tokio::spawn(crate::sweep::expiry_loop(
-        store.clone(),
-        fence.clone(),
-        metrics.clone(),
-        args.expiry_interval,
-        shutdown.clone(),
-    ));
-    tracing::info!(%identity, leader_elect = args.leader_elect, "session-operator starting");
-
-    let settings = Settings {
-        namespaces: args.watch_namespaces.clone(),
-        orphan_grace: args.orphan_grace,
-        counts_interval: args.counts_interval,
-        ..Settings::default()
-    };
-    let controller = tokio::spawn(controller::run(
-        client,
-        store,
-        fence,
-        metrics,
-        health,
-        settings,
-        shutdown.clone(),
-    ));
-
-    // Leadership lost ends the process with an error; otherwise wait for the signal.
-    let outcome = match leader_task {
-        Some(task) => match task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        identity: identity.clone(),
+        duration: args.lease_duration,
+    });
+    let config = OperatorConfig {
+        identity,
+        lease,
+        expiry_interval: args.expiry_interval,
+        controller: Settings {
+            namespaces: args.watch_namespaces.clone(),
+            orphan_grace: args.orphan_grace,
+            counts_interval: args.counts_interval,
+            ..Settings::default()
         },
-        None => {
-            shutdown.cancelled().await;
-            Ok(())
-        }
     };
+    let outcome = operator::run(client, store, config, metrics, health, shutdown.clone()).await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    tracing::info!(%identity, "session-operator stopped");
     outcome
 }
 
@@ -310,16 +263,6 @@ async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<A
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
-    }
-}
-
-async fn leader_gauge(fence: Fence, metrics: Metrics) {
-    let mut leading = fence.subscribe();
-    loop {
-        metrics.leader.set(i64::from(*leading.borrow_and_update()));
-        if leading.changed().await.is_err() {
-            return;
-        }
     }
 }
 

@@ -1,0 +1,91 @@
+//! The operator's runtime: leader election, the controller and the expiry loop, wired together.
+//! `session-operator run` starts it in a pod; `session-operator demo` starts it in-process next to
+//! an emulated cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::{self, Settings};
+use crate::leader::{self, Fence, LeaseConfig};
+use crate::store::Store;
+use crate::telemetry::{Health, Metrics};
+
+/// How one operator replica runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    pub identity: String,
+    /// `None`: leader election off (one replica only).
+    pub lease: Option<LeaseConfig>,
+    pub expiry_interval: Duration,
+    pub controller: Settings,
+}
+
+/// Runs until `shutdown` is cancelled (`Ok`) or leadership is lost after it was held (`Err`: the
+/// process should exit so that it restarts as a clean standby).
+pub async fn run(
+    client: kube::Client,
+    store: Arc<dyn Store>,
+    config: OperatorConfig,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let identity = config.identity.clone();
+    let fence = match config.lease {
+        Some(_) => Fence::new_standby(&identity),
+        None => Fence::always_open(&identity),
+    };
+    let leader_task = config.lease.map(|lease| {
+        tokio::spawn(leader::run(
+            client.clone(),
+            lease,
+            fence.clone(),
+            shutdown.clone(),
+        ))
+    });
+    tokio::spawn(leader_gauge(fence.clone(), metrics.clone()));
+    tokio::spawn(crate::sweep::expiry_loop(
+        store.clone(),
+        fence.clone(),
+        metrics.clone(),
+        config.expiry_interval,
+        shutdown.clone(),
+    ));
+    tracing::info!(%identity, leader_elect = leader_task.is_some(), "session-operator starting");
+    let controller = tokio::spawn(controller::run(
+        client,
+        store,
+        fence,
+        metrics,
+        health,
+        config.controller,
+        shutdown.clone(),
+    ));
+
+    let outcome = match leader_task {
+        Some(task) => match task.await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
+        },
+        None => {
+            shutdown.cancelled().await;
+            Ok(())
+        }
+    };
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    tracing::info!(%identity, "session-operator stopped");
+    outcome
+}
+
+async fn leader_gauge(fence: Fence, metrics: Metrics) {
+    let mut leading = fence.subscribe();
+    loop {
+        metrics.leader.set(i64::from(*leading.borrow_and_update()));
+        if leading.changed().await.is_err() {
+            return;
+        }
+    }
+}
