@@ -155,7 +155,9 @@ impl RunArgs {
              identity:         {}\n\
              metrics-addr:     {}\n\
              log-format:       {:?}\n\
-             expiry-interval:  {}",
+             expiry-interval:  {}\n\
+             orphan-grace:     {}\n\
+             counts-interval:  {}",
             url(&self.store.database_url),
             url(&self.store.redis_url),
             self.store.schema,
@@ -164,7 +166,7 @@ impl RunArgs {
             self.leader_elect,
             self.lease_namespace
                 .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
                 .unwrap_or_else(|| "<kubeconfig namespace>".into()),
             self.lease_name,
             humantime::format_duration(self.lease_duration),
@@ -172,6 +174,8 @@ impl RunArgs {
             self.metrics_addr,
             self.log_format,
             humantime::format_duration(self.expiry_interval),
+            humantime::format_duration(self.orphan_grace),
+            humantime::format_duration(self.counts_interval),
         )
     }
 }
@@ -198,16 +202,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
+    let args_metrics_addr = args.metrics_addr;
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let health = Arc::new(Health::default());
-    let server = tokio::spawn(telemetry::serve(
-        args.metrics_addr,
-        registry,
-        health.clone(),
-        shutdown.clone(),
-    ));
+    // Without its health endpoints the pod would be killed by its probes with no explanation:
+    // a server that cannot start stops the process with the reason.
+    let server = tokio::spawn({
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            let result = telemetry::serve(args_metrics_addr, registry, health, shutdown.clone()).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %format!("{e:#}"), "metrics server failed");
+                shutdown.cancel();
+            }
+            result
+        }
+    });
 
     let client = kube::Client::try_default()
         .await
@@ -243,8 +255,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let outcome = operator::run(client, store, config, metrics, health, shutdown.clone()).await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    outcome
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => outcome.and(Err(e)),
+        _ => outcome,
+    }
 }
 
 /// Connects to the store, retrying with backoff: a store that is down at start-up makes the

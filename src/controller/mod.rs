@@ -90,6 +90,18 @@ impl Context {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         states.remove(key);
     }
+
+    /// Drops the memory of policies that no longer exist (deletions are not reconciled).
+    fn forget_deleted(&self) {
+        let live: std::collections::HashSet<ObjectRef<GuardedPolicy>> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect();
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.retain(|key, _| live.contains(key));
+    }
 }
 
 /// Runs the controller until `shutdown` is cancelled.

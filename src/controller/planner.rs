@@ -10,11 +10,11 @@
 //! - **Departure**: a worker pod that is terminating or finished, one that disappeared since
 //!   the last pass, or — after `orphan_grace` — a worker id holding sessions that belongs to the
 //!   policy (by memory, or by its name's family) but matches no pod.
-//! - **Replacement**: a Ready, non-departing worker created after the departed pod, that became
-//!   Ready no earlier than `replacement_wait` before the departure was observed (with surge it is
-//!   often Ready first), and that is not the replacement of another departure. Same family first,
-//!   then least loaded. A worker id reused by a live pod (StatefulSet) needs no migration, and a
-//!   departed StatefulSet pod is replaced only by the pod of its own name, never by a sibling.
+//! - **Replacement**: a Ready, non-departing worker created after the departed pod and at most
+//!   `max(replacement_wait, ARRIVAL_WINDOW)` before the departure (with surge it is often Ready
+//!   first), that is not the replacement of another departure. Same family first, then least
+//!   loaded, then the first Ready. A worker id reused by a live pod (StatefulSet) needs no
+//!   migration, and a StatefulSet pod is replaced only by the pod recreated under its name.
 //! - **Termination**: no replacement within `replacement_wait` → `on_terminate`.
 //! - **Late sessions**: a worker already migrated that holds sessions again (a proxy lagging
 //!   behind) is migrated again, to the same target while it is Ready.

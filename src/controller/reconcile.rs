@@ -54,6 +54,7 @@ pub fn error_policy(_: Arc<GuardedPolicy>, error: &Error, ctx: Arc<Context>) -> 
 
 pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let key = ObjectRef::from_obj(object.as_ref());
+    ctx.forget_deleted();
     let namespace = object.namespace().unwrap_or_default();
     let name = object.name_any();
     if object.meta().deletion_timestamp.is_some() {

@@ -29,7 +29,7 @@ use crate::policy::SessionPolicy;
 use crate::store::{MemoryStore, Store};
 use crate::telemetry::{Health, Metrics};
 use proxies::Proxies;
-use tracker::Tracker;
+pub(crate) use tracker::Tracker;
 
 const NS: &str = "demo";
 const DEPLOYMENT: &str = "workers";
@@ -135,6 +135,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     out.say("Rolling update (as `kubectl rollout restart deployment/workers`)");
+    tracker.phase("rolling update");
     let restarted = json!({"spec": {"template": {"metadata": {"annotations": {
         "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
     deployments
@@ -145,6 +146,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let scaled = (args.workers * 5 / 8).max(1);
     out.say(&format!("Scale-down {} → {scaled}", args.workers));
+    tracker.phase("scale-down");
     deployments
         .patch(
             DEPLOYMENT,
@@ -160,12 +162,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .next()
         .context("no Ready worker to crash")?;
     out.say(&format!("Worker {victim} crashes (phase Failed); its ReplicaSet replaces it"));
+    tracker.phase("crash");
     control
         .crash_pod(NS, &victim, Crash::Fail)
         .map_err(|e| anyhow::anyhow!("crashing {victim}: {e}"))?;
     settle(&out, "crash", &deployments, &pods, &tracker, &metrics).await?;
 
-    let report = Report::gather(&store, &proxies, &tracker, &metrics, started.elapsed()).await?;
+    let report = Report::gather(
+        &store,
+        &proxies,
+        &tracker,
+        &metrics,
+        args.replacement_wait,
+        started.elapsed(),
+    ).await?;
     out.say("");
     print!("{report}");
     if args.keep_running {
@@ -398,10 +408,11 @@ struct Report {
     missing: u64,
     rerouted: u64,
     deleted: u64,
-    migrations: usize,
     stale_reads: u64,
     stuck: usize,
-    latency: Option<(Duration, Duration)>,
+    /// Per phase: departures, p50, p99.
+    latency: Vec<(&'static str, usize, Duration, Duration)>,
+    replacement_wait: Duration,
     elapsed: Duration,
 }
 
@@ -411,21 +422,29 @@ impl Report {
         proxies: &Proxies,
         tracker: &Tracker,
         metrics: &Metrics,
+        replacement_wait: Duration,
         elapsed: Duration,
     ) -> anyhow::Result<Self> {
         let missing = proxies.missing_sessions(store.as_ref()).await?;
-        let mut latencies = tracker.latencies();
-        latencies.sort();
-        let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        let latency = tracker
+            .latencies()
+            .into_iter()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(phase, mut l)| {
+                l.sort();
+                let pick = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+                (phase, l.len(), pick(0.5), pick(0.99))
+            })
+            .collect();
         Ok(Self {
             created: proxies.created(),
             missing,
             rerouted: metrics.sessions_rerouted.get(),
             deleted: metrics.sessions_deleted.get(),
-            migrations: latencies.len(),
             stale_reads: proxies.stale_reads(),
             stuck: tracker.stuck(),
-            latency: (!latencies.is_empty()).then(|| (pick(0.5), pick(0.99))),
+            latency,
+            replacement_wait,
             elapsed,
         })
     }
@@ -452,16 +471,20 @@ impl std::fmt::Display for Report {
         writeln!(f, "  sessions lost                          {}", self.missing)?;
         writeln!(f, "  departed workers still holding sessions")?;
         writeln!(f, "    after replacementWait                {}", self.stuck)?;
-        match self.latency {
-            Some((p50, p99)) => writeln!(
+        writeln!(f, "  migration latency, departure seen → sessions moved:")?;
+        for (phase, n, p50, p99) in &self.latency {
+            writeln!(
                 f,
-                "  migration latency (departure → moved)  p50 {} · p99 {} ({} departures)",
-                ms(p50),
-                ms(p99),
-                self.migrations
-            )?,
-            None => writeln!(f, "  migration latency                      no departure held sessions")?,
+                "    {phase:<16} p50 {:>7} · p99 {:>7}  ({n} departures)",
+                ms(*p50),
+                ms(*p99)
+            )?;
         }
+        writeln!(
+            f,
+            "    (a scale-down has no replacement: its sessions move after replacementWait = {})",
+            humantime::format_duration(self.replacement_wait)
+        )?;
         writeln!(
             f,
             "  reads that found a departed worker     {} (proxies act before the operator; the next read finds the new worker)",

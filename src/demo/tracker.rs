@@ -13,9 +13,11 @@ use crate::store::Store;
 
 #[derive(Default)]
 struct State {
+    /// The scenario step departures are attributed to.
+    phase: &'static str,
     seen: BTreeSet<String>,
-    pending: BTreeMap<String, Instant>,
-    latencies: Vec<Duration>,
+    pending: BTreeMap<String, (Instant, &'static str)>,
+    latencies: BTreeMap<&'static str, Vec<Duration>>,
     stuck: BTreeSet<String>,
 }
 
@@ -48,26 +50,24 @@ impl Tracker {
                     for pod in departing {
                         let new = state.lock().unwrap_or_else(|e| e.into_inner()).seen.insert(pod.clone());
                         if new && store.count_for_worker(&pod).await.unwrap_or(0) > 0 {
-                            state
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .pending
-                                .insert(pod, Instant::now());
+                            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                            let phase = s.phase;
+                            s.pending.insert(pod, (Instant::now(), phase));
                         }
                     }
-                    let pending: Vec<(String, Instant)> = state
+                    let pending: Vec<(String, Instant, &'static str)> = state
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .pending
                         .iter()
-                        .map(|(p, t)| (p.clone(), *t))
+                        .map(|(p, (t, phase))| (p.clone(), *t, *phase))
                         .collect();
-                    for (pod, since) in pending {
+                    for (pod, since, phase) in pending {
                         let left = store.count_for_worker(&pod).await.unwrap_or(1);
                         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                         if left == 0 {
                             s.pending.remove(&pod);
-                            s.latencies.push(since.elapsed());
+                            s.latencies.entry(phase).or_default().push(since.elapsed());
                         } else if since.elapsed() > give_up {
                             s.stuck.insert(pod);
                         }
@@ -90,7 +90,13 @@ impl Tracker {
         Ok(total)
     }
 
-    pub fn latencies(&self) -> Vec<Duration> {
+    /// Attributes the departures seen from now on to `phase`.
+    pub fn phase(&self, phase: &'static str) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).phase = phase;
+    }
+
+    /// Departure-to-moved latencies per phase.
+    pub fn latencies(&self) -> BTreeMap<&'static str, Vec<Duration>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).latencies.clone()
     }
 

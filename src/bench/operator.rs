@@ -1,0 +1,313 @@
+//! `bench operator`: migration latency of a rolling update of a large worker pool, with the real
+//! operator binary against the emulator and a layered store (Redis over Postgres), and the
+//! operator's peak memory.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store as Reader};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube_emulator::{Controllers, Emulator};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::percentile_ms;
+use crate::demo::{Tracker, ready_workers};
+use crate::store::{
+    Entry, LayeredStore, PostgresStore, RedisOptions, RedisStore, Store, StoreOptions,
+};
+
+#[derive(Debug, Args)]
+pub struct OperatorBench {
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    /// Worker pods in the Deployment.
+    #[arg(long, default_value_t = 200)]
+    workers: usize,
+    /// Sessions spread over the workers (a tenth also written through the cache).
+    #[arg(long, default_value_t = 200_000)]
+    sessions: usize,
+    /// Small sizes for a quick check (used by scripts/test.sh).
+    #[arg(long)]
+    smoke: bool,
+}
+
+const NS: &str = "bench";
+
+pub async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
+    if args.smoke {
+        args.workers = 10;
+        args.sessions = 2_000;
+    }
+    let tag = format!("bench_operator_{}", std::process::id());
+    let prefix = format!("{tag}:");
+    let options = StoreOptions::default();
+    let primary = Arc::new(
+        PostgresStore::connect(&args.database_url, &tag, options.clone())
+            .await
+            .context("connecting to Postgres")?,
+    );
+    primary.migrate(&tag).await.context("migrating")?;
+    let cache = Arc::new(
+        RedisStore::connect(
+            &args.redis_url,
+            options.clone(),
+            RedisOptions {
+                prefix: prefix.clone(),
+                ..RedisOptions::default()
+            },
+        )
+        .await
+        .context("connecting to Redis")?,
+    );
+    let store: Arc<dyn Store> = Arc::new(LayeredStore::new(cache, primary, options));
+    let result = measure(&args, &tag, &prefix, store).await;
+    cleanup(&args, &tag, &prefix).await;
+    result
+}
+
+async fn measure(
+    args: &OperatorBench,
+    schema: &str,
+    prefix: &str,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<()> {
+    let emulator = Emulator::builder()
+        .controllers(Controllers::all())
+        .nodes(10)
+        .pod_ready_delay(Duration::from_millis(100))
+        .start()
+        .await?;
+    let control = emulator.control();
+    control
+        .load_yaml(&crate::policy::crd_yaml())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    control
+        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = emulator.client()?;
+    let stop = CancellationToken::new();
+    let pods = pod_reader(&client, stop.clone());
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "workers", "namespace": NS},
+        "spec": {"replicas": args.workers, "selector": {"matchLabels": {"app": "worker"}},
+                 "strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+                 "template": {"metadata": {"labels": {"app": "worker"}},
+                              "spec": {"terminationGracePeriodSeconds": 5,
+                                       "containers": [{"name": "app", "image": "w:1"}]}}},
+    }))?;
+    deployments.create(&PostParams::default(), &deployment).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while ready_workers(&pods).len() < args.workers {
+        anyhow::ensure!(Instant::now() < deadline, "the workers did not become Ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let workers = ready_workers(&pods);
+    let seeded = Instant::now();
+    seed(args, schema, &workers, store.as_ref()).await?;
+    println!(
+        "operator bench: {} workers, {} sessions (seeded in {:.1} s), layered store",
+        workers.len(),
+        args.sessions,
+        seeded.elapsed().as_secs_f64()
+    );
+
+    let policy = json!({
+        "apiVersion": "sessions.blockyard.io/v1alpha1", "kind": "SessionPolicy",
+        "metadata": {"name": "workers", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "worker"}},
+                 "migration": {"replacementWait": "2m"}},
+    });
+    control.create(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kubeconfig = std::env::temp_dir().join(format!("{schema}.kubeconfig"));
+    std::fs::write(&kubeconfig, emulator.kubeconfig())?;
+    let mut operator = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("run")
+        .args(["--database-url", &args.database_url, "--redis-url", &args.redis_url])
+        .args(["--schema", schema, "--redis-prefix", prefix])
+        .args(["--lease-namespace", NS, "--identity", "bench-operator"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the operator")?;
+    // Let it elect itself and settle its first pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let tracker = Tracker::start(store.clone(), pods.clone(), Duration::from_secs(120));
+    tracker.phase("rolling update");
+    let started = Instant::now();
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {
+        "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
+    deployments
+        .patch("workers", &PatchParams::default(), &Patch::Strategic(&restart))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let d = deployments.get("workers").await?;
+        let done = d.status.as_ref().is_some_and(|s| {
+            s.updated_replicas == Some(args.workers as i32)
+                && s.available_replicas == Some(args.workers as i32)
+                && s.replicas == Some(args.workers as i32)
+        });
+        if done && tracker.sessions_on_departed().await? == 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the rollout did not finish in 10 minutes");
+    }
+    let rollout = started.elapsed();
+    let rss = operator.id().and_then(peak_rss_kib);
+    let _ = operator.kill().await;
+    stop.cancel();
+    emulator.shutdown().await;
+
+    let mut latencies = tracker.latencies().remove("rolling update").unwrap_or_default();
+    latencies.sort();
+    let total: u64 = store.counts_by_worker().await?.values().sum();
+    println!(
+        "rolling update of {} workers: {:.1} s; {} departures with sessions",
+        args.workers,
+        rollout.as_secs_f64(),
+        latencies.len()
+    );
+    println!(
+        "migration latency (departure seen → sessions moved): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 ≤ 500 ms)",
+        percentile_ms(&latencies, 0.5),
+        percentile_ms(&latencies, 0.99),
+        percentile_ms(&latencies, 1.0)
+    );
+    match rss {
+        Some(kib) => println!(
+            "operator peak RSS: {:.1} MiB (target ≤ 64 MiB)",
+            kib as f64 / 1024.0
+        ),
+        None => println!("operator peak RSS: unavailable (no /proc)"),
+    }
+    anyhow::ensure!(
+        total == args.sessions as u64,
+        "sessions lost: {total} of {} left",
+        args.sessions
+    );
+    println!("sessions lost: 0 ({total} of {})", args.sessions);
+    Ok(())
+}
+
+/// Most sessions go straight into Postgres (fast); a tenth through the layered store, so the
+/// cache holds entries the reroutes must update.
+async fn seed(
+    args: &OperatorBench,
+    schema: &str,
+    workers: &[String],
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let cached = args.sessions / 10;
+    let pool = sqlx::PgPool::connect(&args.database_url).await?;
+    let sql = format!(
+        "INSERT INTO \"{schema}\".blockyard_sessions (id, worker_id, user_sub, last_access, expires_at)
+         SELECT 'bench-' || g, ($1::text[])[1 + g % $2], '', now(), 'infinity'::timestamptz
+         FROM generate_series($3::bigint, $4::bigint - 1) g"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workers)
+        .bind(workers.len() as i64)
+        .bind(cached as i64)
+        .bind(args.sessions as i64)
+        .execute(&pool)
+        .await
+        .context("seeding sessions")?;
+    let results: Vec<_> = futures::stream::iter(0..cached)
+        .map(|g| {
+            let worker = workers[g % workers.len()].clone();
+            async move { store.set(&format!("bench-{g}"), &Entry::new(worker, "")).await }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+async fn cleanup(args: &OperatorBench, schema: &str, prefix: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+    }
+    if let Ok(client) = redis::Client::open(args.redis_url.as_str())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let mut cursor: u64 = 0;
+        loop {
+            let reply: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await;
+            let Ok((next, keys)) = reply else { break };
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn pod_reader(client: &kube::Client, stop: CancellationToken) -> Reader<Pod> {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<Pod>::namespaced(client.clone(), NS), Default::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));
+        while stream.next().await.is_some() {}
+    });
+    reader
+}
+
+/// Peak resident set size of a process, from `/proc/<pid>/status` (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
