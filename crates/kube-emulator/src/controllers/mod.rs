@@ -29,6 +29,10 @@ mod scheduler;
 mod statefulset;
 
 pub(crate) use client::Client;
+
+/// Name of the first emulated node, and the `spec.nodeName` the `Control` pod helpers
+/// bind unscheduled pods to.
+pub const EMULATED_NODE: &str = "emulated-node";
 pub(crate) use kubelet::KubeletHooks;
 
 /// Which simulated controllers run. The library default is [`Controllers::none`]; the
