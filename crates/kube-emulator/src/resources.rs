@@ -161,6 +161,15 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         replicasets,
         statefulsets,
         ResourceType::builtin(
+            "apps",
+            "v1",
+            "ControllerRevision",
+            "controllerrevisions",
+            true,
+            false,
+            &[],
+        ),
+        ResourceType::builtin(
             "",
             "v1",
             "ServiceAccount",
