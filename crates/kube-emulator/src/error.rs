@@ -102,20 +102,14 @@ impl ApiError {
         .with_details(json!({"name": name, "group": group, "kind": kind, "causes": causes_json}))
     }
 
-    /// 409 for server-side apply conflicts: one `FieldManagerConflict` cause per field.
-    pub fn apply_conflict(conflicts: &[crate::patch::Conflict]) -> Self {
-        let causes: Vec<Value> = conflicts
+    /// 409 for server-side apply conflicts: `message` and one cause per conflicting field
+    /// (reason `FieldManagerConflict`), without name/kind details, as `managedfields` does.
+    pub fn apply_conflict(message: String, causes: Vec<Cause>) -> Self {
+        let causes: Vec<Value> = causes
             .iter()
-            .map(|c| {
-                json!({
-                    "reason": "FieldManagerConflict",
-                    "message": format!("conflict with {}", c.manager_display()),
-                    "field": c.path,
-                })
-            })
+            .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
             .collect();
-        Self::new(409, "Conflict", crate::patch::conflict_message(conflicts))
-            .with_details(json!({"causes": causes}))
+        Self::new(409, "Conflict", message).with_details(json!({"causes": causes}))
     }
 
     pub fn method_not_allowed(message: impl Into<String>) -> Self {

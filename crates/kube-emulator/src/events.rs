@@ -25,7 +25,7 @@ const FIELDS: &[(&str, &str)] = &[
 
 /// Whether `rt` is the events.k8s.io/v1 view.
 pub fn is_view(rt: &ResourceType) -> bool {
-    rt.group == "events.k8s.io" && rt.plural == "events"
+    rt.is_event_view()
 }
 
 fn convert(obj: &Value, api_version: &str, to_core: bool) -> Value {

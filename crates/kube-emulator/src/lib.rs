@@ -2,7 +2,9 @@
 //!
 //! It speaks the Kubernetes REST protocol over plain HTTP/1.1 well enough for kube-rs
 //! (client, watcher, reflector, Controller), kube-lease-manager and kubectl, without
-//! etcd, controllers or a kubelet. See the crate README for what is and is not emulated.
+//! etcd. Optional in-process [`controllers`] (deployment, replicaset, statefulset, gc,
+//! scheduler, kubelet stages) make it a small simulated cluster. See the crate README
+//! for what is and is not emulated.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -10,6 +12,14 @@
 //! let client = emulator.client()?;
 //! // ... use `client` with kube::Api ...
 //! emulator.shutdown().await;
+//!
+//! // A simulated cluster: Deployments get ReplicaSets, pods get scheduled and started.
+//! let cluster = kube_emulator::Emulator::builder()
+//!     .controllers(kube_emulator::Controllers::all())
+//!     .nodes(3)
+//!     .start()
+//!     .await?;
+//! # cluster.shutdown().await;
 //! # Ok(()) }
 //! ```
 

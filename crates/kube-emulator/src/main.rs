@@ -83,6 +83,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
+    eprintln!(
+        "kube-emulator: controllers {} ({} node(s), pod ready delay {} ms)",
+        args.controllers,
+        args.nodes.max(1),
+        args.pod_ready_delay_ms
+    );
     println!("kube-emulator listening on {}", emulator.url());
     wait_for_signal().await?;
     // A second signal, or a shutdown that takes too long, ends the process at once.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Cause};
 
 /// Patch body formats, keyed by request `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,6 +495,19 @@ pub fn conflict_message(conflicts: &[Conflict]) -> String {
         conflicts.len(),
         lines.join("\n")
     )
+}
+
+/// The 409 `Status` of an apply conflict.
+pub fn conflict_error(conflicts: &[Conflict]) -> ApiError {
+    let causes = conflicts
+        .iter()
+        .map(|c| Cause {
+            reason: "FieldManagerConflict",
+            field: c.path.clone(),
+            message: format!("conflict with {}", c.manager_display()),
+        })
+        .collect();
+    ApiError::apply_conflict(conflict_message(conflicts), causes)
 }
 
 /// A JSON pointer of [`FieldOwners`] in fieldpath syntax (`.a.b`, `[k="v"]` items).

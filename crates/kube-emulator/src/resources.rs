@@ -34,10 +34,15 @@ impl ResourceType {
         }
     }
 
+    /// Whether this is the events.k8s.io/v1 view of core/v1 Events.
+    pub fn is_event_view(&self) -> bool {
+        self.group == "events.k8s.io" && self.plural == "events"
+    }
+
     /// Storage key: objects are shared between versions of the same group/resource.
     /// events.k8s.io/v1 Events are stored as core/v1 Events.
     pub fn storage_key(&self) -> StorageKey {
-        if crate::events::is_view(self) {
+        if self.is_event_view() {
             return StorageKey {
                 group: String::new(),
                 plural: "events".into(),
@@ -155,6 +160,15 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         deployments,
         replicasets,
         statefulsets,
+        ResourceType::builtin(
+            "apps",
+            "v1",
+            "ControllerRevision",
+            "controllerrevisions",
+            true,
+            false,
+            &[],
+        ),
         ResourceType::builtin(
             "",
             "v1",

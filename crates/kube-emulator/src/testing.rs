@@ -16,6 +16,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::store::Store;
 use crate::util::now_rfc3339;
 
+pub use crate::controllers::EMULATED_NODE;
+
 /// `obj.status` as a map, replacing anything that is not an object.
 fn status_object(obj: &mut Value) -> Option<&mut serde_json::Map<String, Value>> {
     let status = obj
@@ -123,9 +125,6 @@ impl ControlState {
         (latency, err)
     }
 }
-
-/// The `spec.nodeName` the pod helpers bind unscheduled pods to.
-pub const EMULATED_NODE: &str = "emulated-node";
 
 /// Binds an unscheduled pod to [`EMULATED_NODE`], as the scheduler would.
 fn schedule(pod: &mut Value) {

@@ -371,6 +371,18 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         &["rollout", "status", "statefulset/web", "--timeout=60s"],
         None,
     );
+    let first_revision = ok(
+        kc,
+        &[
+            "get",
+            "statefulset",
+            "web",
+            "-o",
+            "jsonpath={.status.updateRevision}",
+        ],
+        None,
+    );
+    assert!(!first_revision.is_empty());
     ok(kc, &["rollout", "restart", "statefulset/web"], None);
     let status = ok(
         kc,
@@ -387,6 +399,47 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
     assert_eq!(
         table.split_whitespace().collect::<Vec<_>>(),
         ["pod/web-0", "pod/web-1", "pod/web-2"]
+    );
+    // ControllerRevisions back `rollout history` and `rollout undo` for StatefulSets.
+    let revision_of_web0 = || {
+        ok(
+            kc,
+            &[
+                "get",
+                "pod",
+                "web-0",
+                "-o",
+                "jsonpath={.metadata.labels.controller-revision-hash}",
+            ],
+            None,
+        )
+    };
+    let second = revision_of_web0();
+    let history = ok(kc, &["rollout", "history", "statefulset/web"], None);
+    let revisions: Vec<&str> = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(revisions, ["1", "2"], "{history}");
+    ok(kc, &["rollout", "undo", "statefulset/web"], None);
+    ok(
+        kc,
+        &["rollout", "status", "statefulset/web", "--timeout=60s"],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut back = revision_of_web0();
+    while back == second || back.is_empty() {
+        assert!(Instant::now() < deadline, "web-0 not rolled back");
+        std::thread::sleep(Duration::from_millis(100));
+        back = revision_of_web0();
+    }
+    assert_eq!(back, first_revision, "undo returns to the first revision");
+    let names = ok(kc, &["get", "controllerrevisions", "-o", "name"], None);
+    assert!(
+        names.contains(&format!("controllerrevision.apps/{back}")),
+        "{back} in {names}"
     );
 
     // Deleting the deployment removes its replica sets and pods.

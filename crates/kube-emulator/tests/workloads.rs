@@ -358,6 +358,68 @@ async fn rolling_update_respects_surge_and_unavailability() {
 }
 
 #[tokio::test]
+async fn stalled_rollouts_exceed_their_progress_deadline() {
+    let (emulator, client) = start_cluster(1, Duration::ZERO).await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut stuck = deployment("stuck", 2, json!({"type": "RollingUpdate"}));
+    let spec = stuck.spec.as_mut().expect("spec");
+    spec.progress_deadline_seconds = Some(1);
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations = Some([("kube-emulator.io/stall".to_string(), "true".to_string())].into());
+    deploys
+        .create(&PostParams::default(), &stuck)
+        .await
+        .expect("create");
+    let progressing = |d: &Deployment| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing").cloned())
+    };
+    eventually("rollout progressing", || async {
+        let d = deploys.get("stuck").await.expect("get");
+        progressing(&d).is_some_and(|c| c.status == "True")
+    })
+    .await;
+    eventually("progress deadline exceeded", || async {
+        let d = deploys.get("stuck").await.expect("get");
+        progressing(&d).is_some_and(|c| {
+            c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
+    })
+    .await;
+    let stalled = pods
+        .list(&ListParams::default().labels("app=stuck"))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(stalled.len(), 2);
+    assert!(stalled.iter().all(|p| !is_ready(p)));
+    // Releasing the pods lets the rollout progress and complete.
+    for pod in &stalled {
+        pods.patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"kube-emulator.io/stall": null}}})),
+        )
+        .await
+        .expect("release");
+    }
+    wait_complete(&deploys, "stuck", 2).await;
+    eventually("rollout complete", || async {
+        let d = deploys.get("stuck").await.expect("get");
+        progressing(&d).is_some_and(|c| {
+            c.status == "True" && c.reason.as_deref() == Some("NewReplicaSetAvailable")
+        })
+    })
+    .await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn recreate_stops_old_pods_before_starting_new_ones() {
     let (emulator, client) = start_cluster(1, Duration::from_millis(20)).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");

@@ -20,6 +20,7 @@ pub(crate) struct Client {
     pub replicasets: ResourceType,
     pub deployments: ResourceType,
     pub statefulsets: ResourceType,
+    pub controllerrevisions: ResourceType,
 }
 
 impl Client {
@@ -30,6 +31,7 @@ impl Client {
             replicasets: store.resource("apps", "v1", "replicasets")?,
             deployments: store.resource("apps", "v1", "deployments")?,
             statefulsets: store.resource("apps", "v1", "statefulsets")?,
+            controllerrevisions: store.resource("apps", "v1", "controllerrevisions")?,
             store,
         })
     }

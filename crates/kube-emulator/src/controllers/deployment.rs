@@ -92,7 +92,7 @@ impl Reconciler for DeploymentController {
             replicas: int_at(&d, "/spec/replicas"),
         };
         match sync.run() {
-            Ok(()) => None,
+            Ok(requeue) => requeue,
             Err(Retry) => Some(Duration::from_millis(200)),
         }
     }
@@ -127,7 +127,8 @@ fn sum(rss: &[Value], pointer: &str) -> i64 {
 }
 
 impl Sync<'_> {
-    fn run(&self) -> Result<(), Retry> {
+    /// One pass; `Ok(Some(d))` asks to be run again when the progress deadline may pass.
+    fn run(&self) -> Result<Option<Duration>, Retry> {
         let paused = self
             .d
             .pointer("/spec/paused")
@@ -594,12 +595,13 @@ impl Sync<'_> {
     }
 
     /// `syncRolloutStatus`: counts from the replica sets, Available and Progressing.
-    fn sync_status(&self, paused: bool) -> Result<(), Retry> {
+    fn sync_status(&self, paused: bool) -> Result<Option<Duration>, Retry> {
+        let mut requeue = None;
         let Some(current) = self
             .client
             .get(&self.client.deployments, self.ns, self.name)
         else {
-            return Ok(());
+            return Ok(None);
         };
         let (new, old) = self.new_and_old();
         let all: Vec<Value> = old.iter().chain(new.as_ref()).cloned().collect();
@@ -673,22 +675,123 @@ impl Sync<'_> {
                 &now,
             );
         } else if new.is_some() {
-            pods::set_condition(
+            let all_updated = total == updated;
+            requeue = self.progress(
+                &current,
                 &mut conditions,
-                "Progressing",
-                "True",
-                "ReplicaSetUpdated",
-                &format!("ReplicaSet \"{new_name}\" is progressing."),
+                new_name,
+                all_updated,
                 &now,
+                |old| {
+                    // DeploymentProgressing: more updated, ready or available pods, fewer old.
+                    let old_count =
+                        |st: &Value| int_at(st, "/replicas") - int_at(st, "/updatedReplicas");
+                    updated > int_at(old, "/updatedReplicas")
+                        || total - updated < old_count(old)
+                        || sum(&all, "/status/readyReplicas") > int_at(old, "/readyReplicas")
+                        || available > int_at(old, "/availableReplicas")
+                },
             );
         }
         status.insert("conditions".into(), Value::Array(conditions));
         let status = Value::Object(status);
         if current.get("status") == Some(&status) {
-            return Ok(());
+            return Ok(requeue);
         }
         self.client
             .replace_status(MANAGER, &self.client.deployments, &current, status)
-            .map_err(|_| Retry)
+            .map_err(|_| Retry)?;
+        Ok(requeue)
+    }
+
+    /// The Progressing condition of a rollout in progress (`progress.go`): refreshed
+    /// (`lastUpdateTime` = now) whenever the rollout progressed or a new replica set took
+    /// over, `ProgressDeadlineExceeded` once it has not progressed for
+    /// `progressDeadlineSeconds`. Returns when to look again.
+    fn progress(
+        &self,
+        current: &Value,
+        conditions: &mut Vec<Value>,
+        new_name: &str,
+        all_updated: bool,
+        now: &str,
+        progressed: impl FnOnce(&Value) -> bool,
+    ) -> Option<Duration> {
+        let old_status = current.get("status").cloned().unwrap_or(json!({}));
+        let existing = conditions
+            .iter()
+            .find(|c| c.get("type").and_then(Value::as_str) == Some("Progressing"))
+            .cloned();
+        let message = |c: &Value| {
+            c.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let reason = |c: &Value| {
+            c.get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        // A completed rollout stays complete while every pod runs the new template (a
+        // crashed pod does not reopen it).
+        if all_updated
+            && existing.as_ref().is_some_and(|c| {
+                reason(c) == "NewReplicaSetAvailable"
+                    && message(c).contains(&format!("\"{new_name}\""))
+            })
+        {
+            return None;
+        }
+        let same_rollout = existing.as_ref().is_some_and(|c| {
+            message(c).contains(&format!("\"{new_name}\"")) && reason(c) != "NewReplicaSetAvailable"
+        });
+        let deadline = self
+            .d
+            .pointer("/spec/progressDeadlineSeconds")
+            .and_then(Value::as_i64)
+            .filter(|s| *s > 0 && *s < i64::from(i32::MAX));
+        let refresh = |conditions: &mut Vec<Value>| {
+            conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("Progressing"));
+            conditions.push(json!({
+                "type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                "message": format!("ReplicaSet \"{new_name}\" is progressing."),
+                "lastUpdateTime": now, "lastTransitionTime":
+                    existing.as_ref()
+                        .filter(|c| c.get("status").and_then(Value::as_str) == Some("True"))
+                        .and_then(|c| c.get("lastTransitionTime").cloned())
+                        .unwrap_or_else(|| json!(now)),
+            }));
+        };
+        if !same_rollout || progressed(&old_status) {
+            refresh(conditions);
+            return deadline
+                .map(|s| Duration::from_secs(s.unsigned_abs()) + Duration::from_secs(1));
+        }
+        let existing = existing?;
+        if reason(&existing) == "ProgressDeadlineExceeded" {
+            return None;
+        }
+        let deadline = deadline?;
+        let since = existing
+            .get("lastUpdateTime")
+            .and_then(Value::as_str)
+            .and_then(pods::parse_time)?;
+        let due = since + Duration::from_secs(deadline.unsigned_abs());
+        match due.duration_since(std::time::SystemTime::now()) {
+            Ok(wait) if !wait.is_zero() => Some(wait + Duration::from_secs(1)),
+            _ => {
+                pods::set_condition(
+                    conditions,
+                    "Progressing",
+                    "False",
+                    "ProgressDeadlineExceeded",
+                    &format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+                    now,
+                );
+                None
+            }
+        }
     }
 }

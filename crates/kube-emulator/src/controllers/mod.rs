@@ -29,6 +29,10 @@ mod scheduler;
 mod statefulset;
 
 pub(crate) use client::Client;
+
+/// Name of the first emulated node, and the `spec.nodeName` the `Control` pod helpers
+/// bind unscheduled pods to.
+pub const EMULATED_NODE: &str = "emulated-node";
 pub(crate) use kubelet::KubeletHooks;
 
 /// Which simulated controllers run. The library default is [`Controllers::none`]; the
@@ -229,12 +233,14 @@ pub(crate) trait Reconciler: Send + 'static {
     fn reconcile(&mut self, key: &Self::Key) -> Option<Duration>;
 }
 
-/// A de-duplicating FIFO where re-queueing a key moves it to the back, plus timers.
+/// A de-duplicating FIFO where re-queueing a key moves it to the back, plus timers
+/// (at most one per key: the earliest asked for).
 struct Queue<K: Clone + Eq + Hash> {
     seq: u64,
     order: BTreeMap<u64, K>,
     position: HashMap<K, u64>,
     timers: BTreeMap<(Instant, u64), K>,
+    scheduled: HashMap<K, (Instant, u64)>,
 }
 
 impl<K: Clone + Eq + Hash> Queue<K> {
@@ -244,6 +250,7 @@ impl<K: Clone + Eq + Hash> Queue<K> {
             order: BTreeMap::new(),
             position: HashMap::new(),
             timers: BTreeMap::new(),
+            scheduled: HashMap::new(),
         }
     }
 
@@ -262,8 +269,16 @@ impl<K: Clone + Eq + Hash> Queue<K> {
     }
 
     fn after(&mut self, key: K, delay: Duration) {
+        let at = Instant::now() + delay;
+        if let Some(existing) = self.scheduled.get(&key) {
+            if existing.0 <= at {
+                return;
+            }
+            self.timers.remove(existing);
+        }
         self.seq += 1;
-        self.timers.insert((Instant::now() + delay, self.seq), key);
+        self.scheduled.insert(key.clone(), (at, self.seq));
+        self.timers.insert((at, self.seq), key);
     }
 
     /// Moves due timers into the queue; returns the next deadline.
@@ -274,6 +289,7 @@ impl<K: Clone + Eq + Hash> Queue<K> {
                 return Some(entry.key().0);
             }
             let key = entry.remove();
+            self.scheduled.remove(&key);
             self.push(key);
         }
         None
@@ -366,6 +382,18 @@ mod tests {
         assert_eq!(some.to_string(), "scheduler,kubelet");
         assert!("kubelet,dns".parse::<Controllers>().is_err());
         assert_eq!(Controllers::all().to_string(), NAMES.join(","));
+    }
+
+    #[test]
+    fn one_timer_per_key_keeps_the_earliest() {
+        let mut q = Queue::new();
+        q.after("a", Duration::from_secs(60));
+        q.after("a", Duration::ZERO);
+        q.after("a", Duration::from_secs(30));
+        assert_eq!(q.timers.len(), 1);
+        assert_eq!(q.fire_due(), None);
+        assert_eq!(q.pop(), Some("a"));
+        assert!(q.scheduled.is_empty());
     }
 
     #[test]

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::EMULATED_NODE;
 use super::pods::{self, node_name};
 use super::{Client, Reconciler};
 use crate::store::{EventType, WatchEvent};
-use crate::testing::EMULATED_NODE;
 use crate::util::{meta_str, now_rfc3339};
 
 const MANAGER: &str = "kube-scheduler";

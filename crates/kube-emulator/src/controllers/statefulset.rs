@@ -2,8 +2,8 @@
 //! replacements, OrderedReady (one at a time, in order, each Running and Ready before
 //! the next; scale-down from the highest ordinal) and Parallel pod management, and
 //! RollingUpdate in reverse ordinal order down to `partition` (OnDelete leaves pods
-//! alone). Revisions are `{name}-{template hash}` in the `controller-revision-hash`
-//! label; ControllerRevision objects are not created.
+//! alone). Each template is recorded in a ControllerRevision `{name}-{hash}` (the pods'
+//! `controller-revision-hash` label names it), which `kubectl rollout history|undo` use.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -61,11 +61,14 @@ impl Reconciler for StatefulSetController {
         let sts = self.client.get(&self.client.statefulsets, ns, name)?;
         label_selector(sts.pointer("/spec/selector"))?;
         let template = sts.pointer("/spec/template").cloned().unwrap_or(json!({}));
-        let update_revision = format!(
-            "{name}-{}",
-            pods::template_hash(&template, int_at(&sts, "/status/collisionCount"))
-        );
-        self.templates.insert(update_revision.clone(), template);
+        let update_revision = if pods::is_terminating(&sts) {
+            format!("{name}-{}", pods::template_hash(&template, 0))
+        } else {
+            match self.revisions(ns, name, &sts, &template) {
+                Some(r) => r,
+                None => return Some(Duration::from_millis(200)),
+            }
+        };
         let current_revision = sts
             .pointer("/status/currentRevision")
             .and_then(Value::as_str)
@@ -93,7 +96,139 @@ fn healthy(pod: &Value) -> bool {
     pods::phase(pod) == "Running" && is_ready(pod) && !pods::is_terminating(pod)
 }
 
+/// The pod template a ControllerRevision records (`data.spec.template`).
+fn revision_template(revision: &Value) -> Value {
+    let mut t = revision
+        .pointer("/data/spec/template")
+        .cloned()
+        .unwrap_or(json!({}));
+    if let Some(m) = t.as_object_mut() {
+        m.remove("$patch");
+    }
+    t
+}
+
+fn revision_number(revision: &Value) -> i64 {
+    int_at(revision, "/revision")
+}
+
 impl StatefulSetController {
+    /// Keeps one ControllerRevision per template (`kubectl rollout history|undo` read
+    /// them): finds the revision of `template` — renumbering it as the newest if an older
+    /// one is reused — or creates it, prunes unused ones beyond `revisionHistoryLimit`,
+    /// and remembers every revision's template. Returns the update revision's name.
+    fn revisions(&mut self, ns: &str, name: &str, sts: &Value, template: &Value) -> Option<String> {
+        let c = &self.client;
+        let uid = meta_str(sts, "uid").unwrap_or("");
+        let mut revisions = c.owned(&c.controllerrevisions, ns, uid);
+        revisions.sort_by_key(revision_number);
+        for r in &revisions {
+            if let Some(rname) = meta_str(r, "name") {
+                self.templates
+                    .insert(rname.to_string(), revision_template(r));
+            }
+        }
+        let newest = revisions.last().map(revision_number).unwrap_or(0);
+        let want = pods::normalized(template);
+        if let Some(existing) = revisions
+            .iter()
+            .rev()
+            .find(|r| pods::normalized(&revision_template(r)) == want)
+        {
+            let rname = meta_str(existing, "name").unwrap_or("").to_string();
+            if revision_number(existing) < newest {
+                let patch = json!({"revision": newest + 1});
+                c.merge(
+                    MANAGER,
+                    &c.controllerrevisions,
+                    ns,
+                    &rname,
+                    &patch,
+                    crate::store::Subresource::Main,
+                )
+                .ok()?;
+            }
+            self.prune(ns, sts, &revisions, revisions.len(), &rname);
+            return Some(rname);
+        }
+        let collisions = int_at(sts, "/status/collisionCount");
+        let hash = pods::template_hash(template, collisions);
+        let rname = format!("{name}-{hash}");
+        let mut labels = template
+            .pointer("/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
+        if !labels.is_object() {
+            labels = json!({});
+        }
+        labels[REVISION_HASH] = json!(hash);
+        let mut data_template = template.clone();
+        data_template["$patch"] = json!("replace");
+        let revision = json!({
+            "apiVersion": "apps/v1",
+            "kind": "ControllerRevision",
+            "metadata": {
+                "name": rname,
+                "namespace": ns,
+                "labels": labels,
+                "ownerReferences": [pods::owner_reference(sts)],
+            },
+            "data": {"spec": {"template": data_template}},
+            "revision": newest + 1,
+        });
+        match c.create(MANAGER, &c.controllerrevisions, ns, revision) {
+            Ok(_) => {
+                self.templates.insert(rname.clone(), template.clone());
+                self.prune(ns, sts, &revisions, revisions.len() + 1, &rname);
+                Some(rname)
+            }
+            Err(e) if e.code == 409 => {
+                // Same name, other template: a hash collision; try the next name.
+                let mut status = sts.get("status").cloned().unwrap_or(json!({}));
+                status["collisionCount"] = json!(collisions + 1);
+                let _ = c.replace_status(MANAGER, &c.statefulsets, sts, status);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(statefulset = name, error = %e, "creating revision failed");
+                None
+            }
+        }
+    }
+
+    /// Deletes the oldest revisions beyond `revisionHistoryLimit` that neither the status
+    /// nor any pod refers to.
+    fn prune(&self, ns: &str, sts: &Value, revisions: &[Value], total: usize, update: &str) {
+        let c = &self.client;
+        let limit = usize::try_from(
+            sts.pointer("/spec/revisionHistoryLimit")
+                .and_then(Value::as_i64)
+                .unwrap_or(10)
+                .max(0),
+        )
+        .unwrap_or(10);
+        let name = meta_str(sts, "name").unwrap_or("");
+        let pods = self.pods_by_ordinal(ns, name, sts);
+        let current = sts
+            .pointer("/status/currentRevision")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let live: Vec<&Value> = revisions
+            .iter()
+            .filter(|r| {
+                let rname = meta_str(r, "name").unwrap_or("");
+                rname != update
+                    && rname != current
+                    && pods.values().all(|p| revision_of(p) != rname)
+            })
+            .collect();
+        let excess = total.saturating_sub(limit);
+        for r in live.into_iter().take(excess) {
+            let rname = meta_str(r, "name").unwrap_or("");
+            let _ = c.delete(&c.controllerrevisions, ns, rname, meta_str(r, "uid"));
+        }
+    }
+
     /// Owned pods by ordinal.
     fn pods_by_ordinal(&self, ns: &str, name: &str, sts: &Value) -> BTreeMap<i64, Value> {
         let uid = meta_str(sts, "uid").unwrap_or("");

@@ -641,7 +641,7 @@ impl Store {
                     &mut owners,
                     list_semantics(rt),
                 )
-                .map_err(|conflicts| ApiError::apply_conflict(&conflicts))?;
+                .map_err(|conflicts| patch::conflict_error(&conflicts))?;
             }
         }
         check_shape(&patched)?;
