@@ -121,10 +121,44 @@ async fn postgres_rows_written_by_blockyard() {
         "expired rows are not served"
     );
     assert_eq!(store.count_for_worker("old").await.unwrap(), 2);
-    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 2);
+    // blockyard's Get has no expiry filter: until the sweep removes it, the expired row still
+    // routes requests, so a reroute moves it too.
+    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 3);
     assert_eq!(store.get("a2").await.unwrap().unwrap().worker_id, "new");
-    assert_eq!(store.expire().await.unwrap(), 1);
-    assert_eq!(store.delete_by_worker("new").await.unwrap(), 2);
+    let gone: String =
+        sqlx::query_scalar("SELECT worker_id FROM blockyard_sessions WHERE id = 'gone'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(gone, "new", "the expired, unswept row is rerouted");
+    assert_eq!(
+        store
+            .workers_with_sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec!["new".to_string(), "other".to_string()]
+    );
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions VALUES ('gone2', 'new', '', now() - interval '2 hours', now() - interval '1 hour')",
+    )
+    .await;
+    assert_eq!(store.expire().await.unwrap(), 2);
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions VALUES ('gone3', 'new', '', now() - interval '2 hours', now() - interval '1 hour')",
+    )
+    .await;
+    // delete_by_worker removes expired, unswept rows too.
+    assert_eq!(store.delete_by_worker("new").await.unwrap(), 3);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM blockyard_sessions WHERE worker_id = 'new'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
     assert_eq!(
         store
             .counts_by_worker()

@@ -407,7 +407,11 @@ async fn layered_touches(
         };
         let primary: Arc<dyn Store> =
             Arc::new(PostgresStore::from_pool(pg.pool().clone(), options.clone()));
-        let layered = Arc::new(LayeredStore::new(Arc::new(cache.clone()), primary, options));
+        let layered = Arc::new(LayeredStore::new(
+            Arc::new(cache.clone()),
+            primary,
+            options,
+        )?);
         for id in ids.iter() {
             layered.set(id, &Entry::new("w", "")).await?;
         }

@@ -76,7 +76,10 @@ impl StoreArgs {
             (Some(pg), Some(redis)) => {
                 let primary = Arc::new(self.postgres(pg).await?);
                 let cache = Arc::new(self.redis(redis).await?);
-                let layered = Arc::new(LayeredStore::new(cache, primary, self.options()));
+                let layered = Arc::new(
+                    LayeredStore::new(cache, primary, self.options())
+                        .context("combining the Redis cache with Postgres")?,
+                );
                 (layered.clone(), Some(layered))
             }
             (Some(pg), None) => (Arc::new(self.postgres(pg).await?), None),

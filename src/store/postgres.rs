@@ -1,6 +1,6 @@
 //! Postgres store: the source of truth, blockyard's `blockyard_sessions` table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -95,21 +95,47 @@ impl PostgresStore {
     /// outer statement needs no condition of its own (one would tempt the planner into scanning
     /// by that column instead of the primary key).
     async fn batched(&self, sql: &'static str, worker: &str, extra: Option<&str>) -> Result<u64> {
-        let limit = self.options.batch() as i64;
         let mut total = 0;
         loop {
-            let mut query = sqlx::query(sql).bind(worker).bind(limit);
-            if let Some(extra) = extra {
-                query = query.bind(extra);
-            }
-            let n = query.execute(&self.pool).await?.rows_affected();
+            let n = self
+                .batch_ids(sql, worker, extra, self.options.batch())
+                .await?
+                .len() as u64;
             total += n;
             if n == 0 {
                 return Ok(total);
             }
         }
     }
+
+    /// One batch of `sql` (`$1` = worker, `$2` = limit, optionally `$3`; `RETURNING id`).
+    async fn batch_ids(
+        &self,
+        sql: &'static str,
+        worker: &str,
+        extra: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let mut query = sqlx::query_scalar(sql)
+            .bind(worker)
+            .bind(limit.max(1) as i64);
+        if let Some(extra) = extra {
+            query = query.bind(extra);
+        }
+        Ok(query.fetch_all(&self.pool).await?)
+    }
 }
+
+/// Deletes one batch of a worker's rows, expired or not.
+const DELETE_WORKER_BATCH: &str = "DELETE FROM blockyard_sessions WHERE id = ANY(ARRAY(
+         SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))
+     RETURNING id";
+
+/// Moves one batch of a worker's rows to `$3`. Expired but unswept rows move too: blockyard's
+/// `Get` has no expiry filter, so they still route requests until the sweep removes them.
+const REROUTE_BATCH: &str = "UPDATE blockyard_sessions SET worker_id = $3 WHERE id = ANY(ARRAY(
+         SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))
+     RETURNING id";
 
 /// The schema goes into `search_path` unquoted, so only plain lower-case identifiers are allowed.
 fn validate_schema(schema: &str) -> Result<()> {
@@ -203,6 +229,9 @@ impl Store for PostgresStore {
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
         let mut total = 0;
         for chunk in ids.chunks(self.options.batch()) {
             total += sqlx::query("DELETE FROM blockyard_sessions WHERE id = ANY($1)")
@@ -216,13 +245,13 @@ impl Store for PostgresStore {
 
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
-        self.batched(
-            "DELETE FROM blockyard_sessions WHERE id = ANY(ARRAY(
-                 SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))",
-            worker_id,
-            None,
-        )
-        .await
+        self.batched(DELETE_WORKER_BATCH, worker_id, None).await
+    }
+
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", worker_id)?;
+        self.batch_ids(DELETE_WORKER_BATCH, worker_id, None, limit)
+            .await
     }
 
     async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
@@ -259,14 +288,35 @@ impl Store for PostgresStore {
         if from == to {
             return self.count_for_worker(from).await;
         }
-        self.batched(
-            "UPDATE blockyard_sessions SET worker_id = $3 WHERE id = ANY(ARRAY(
-                 SELECT id FROM blockyard_sessions
-                 WHERE worker_id = $1 AND expires_at > now() LIMIT $2 FOR UPDATE))",
-            from,
-            Some(to),
+        self.batched(REROUTE_BATCH, from, Some(to)).await
+    }
+
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        if from == to {
+            return Ok(Vec::new());
+        }
+        self.batch_ids(REROUTE_BATCH, from, Some(to), limit).await
+    }
+
+    /// A skip scan over the `worker_id` index (recursive CTE, one index probe per worker):
+    /// O(workers · log sessions), where `GROUP BY worker_id` reads every row. Rows that expired
+    /// but were not swept yet count: blockyard still routes requests by them.
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        let workers: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE w(worker_id) AS (
+                 (SELECT worker_id FROM blockyard_sessions ORDER BY worker_id LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT s.worker_id FROM blockyard_sessions s
+                         WHERE s.worker_id > w.worker_id ORDER BY s.worker_id LIMIT 1)
+                 FROM w WHERE w.worker_id IS NOT NULL
+             )
+             SELECT worker_id FROM w WHERE worker_id IS NOT NULL",
         )
-        .await
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(workers.into_iter().collect())
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
@@ -285,6 +335,15 @@ impl Store for PostgresStore {
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
+        if let Sweep::Idle {
+            workers: Some(workers),
+            ..
+        } = sweep
+        {
+            for w in workers {
+                validate_id("worker id", w)?;
+            }
+        }
         // Sweeps pick rows by `ctid` (twice as fast per batch as by `id`): a row that a proxy
         // updated between the statement's snapshot and our lock is simply not deleted by this
         // batch and is found again by the next one.
@@ -305,11 +364,13 @@ impl Store for PostgresStore {
                 .await?
             }
             Sweep::Idle { max_age, workers } => {
+                // `last_access` is written in whole seconds (blockyard's precision): a session
+                // stored with second S may have been used until S + 1 s, hence the extra second.
                 let age = self.options.idle_cutoff_age(max_age).as_secs_f64();
                 sqlx::query_scalar(
                     "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
                          SELECT ctid FROM blockyard_sessions
-                         WHERE last_access < now() - make_interval(secs => $1::float8)
+                         WHERE last_access <= now() - make_interval(secs => $1::float8 + 1)
                            AND ($2::text[] IS NULL OR worker_id = ANY($2))
                          ORDER BY last_access LIMIT $3 FOR UPDATE SKIP LOCKED))
                      RETURNING id",
