@@ -306,3 +306,45 @@ async fn redis_sessions_kept_alive_by_blockyard_touches_stay_counted() {
     );
     assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 1);
 }
+
+/// Shapes blockyard's Redis store can leave behind: its Touch is `HSET last_access` then
+/// `EXPIRE`, not atomic, so a session that expired in between leaves a hash holding only
+/// `last_access`; any writer can leave a garbled `last_access` or a key that is not UTF-8.
+#[tokio::test]
+async fn redis_shapes_left_by_foreign_writers_are_skipped() {
+    let prefix = RedisPrefix::new();
+    let store = prefix.store(StoreOptions::default(), false).await;
+    let mut conn = prefix.conn().await;
+    blockyard_hset(&mut conn, &prefix.prefix, "good", "w").await;
+    store.set("mine", &Entry::new("w", "")).await.unwrap();
+    let p = &prefix.prefix;
+    let _: () = conn
+        .hset(format!("{p}session:half"), "last_access", "1700000000")
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset_multiple(
+            format!("{p}session:garbled"),
+            &[("worker_id", "w"), ("last_access", "yesterday")],
+        )
+        .await
+        .unwrap();
+    let mut binary_key = format!("{p}session:").into_bytes();
+    binary_key.extend_from_slice(&[0xff, 0xfe, 0x00]);
+    let _: () = conn
+        .hset(binary_key.as_slice(), "worker_id", "w")
+        .await
+        .unwrap();
+
+    assert_eq!(store.get("half").await.unwrap(), None, "not Corrupt");
+    let entries = store.entries_for_worker("w").await.unwrap();
+    let mut ids: Vec<&String> = entries.keys().collect();
+    ids.sort();
+    assert_eq!(ids, ["good", "mine"], "the garbled hash is skipped");
+    assert_eq!(store.count_for_worker("w").await.unwrap(), 3);
+    assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 3);
+    assert_eq!(store.get("good").await.unwrap().unwrap().worker_id, "v");
+    assert_eq!(store.delete_by_worker("v").await.unwrap(), 3);
+    assert_eq!(store.get("half").await.unwrap(), None);
+    assert!(store.workers_with_sessions().await.unwrap().is_empty());
+}

@@ -326,3 +326,112 @@ async fn a_touch_the_primary_refuses_drops_the_cache_copy() {
     assert_eq!(s.cache.get("ghost").await.unwrap(), None);
     assert_eq!(s.layered.get("ghost").await.unwrap(), None);
 }
+
+/// Redis expires cached hashes before the sweep deletes their Postgres rows: the sweep's cache
+/// deletes then find no hash, and the index members pointing at them must still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_sessions_leave_nothing_behind_in_the_cache_index() {
+    let s = setup(StoreOptions::with_idle_ttl(Duration::from_secs(3))).await;
+    const N: usize = 20_000;
+    sqlx::query(
+        "INSERT INTO blockyard_sessions
+         SELECT 's' || i, 'w' || (i % 7), '', now(), now() + interval '3 seconds'
+         FROM generate_series(0, $1::int - 1) AS i",
+    )
+    .bind(N as i32)
+    .execute(s.primary.pool())
+    .await
+    .unwrap();
+    let cached: Vec<(String, Entry)> = (0..N)
+        .map(|i| (format!("s{i}"), Entry::new(format!("w{}", i % 7), "")))
+        .collect();
+    s.cache.set_many(&cached).await.unwrap();
+    // A few touched and read through the layered store on the way.
+    for i in 0..50 {
+        assert!(s.layered.touch(&format!("s{i}")).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(s.layered.expire().await.unwrap(), N as u64);
+    let mut conn = s.prefix.conn().await;
+    let p = &s.prefix.prefix;
+    for w in 0..7 {
+        let left: u64 = redis::cmd("ZCARD")
+            .arg(format!("{p}session-index:worker:w{w}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "index of w{w}");
+    }
+    let workers: u64 = redis::cmd("SCARD")
+        .arg(format!("{p}session-index:workers"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(workers, 0);
+}
+
+/// A `set` with an old `last_access` must not let coalesced touches keep Postgres at that old
+/// time: an idle sweep would delete a session in active use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_set_with_an_old_last_access_is_not_coalesced_away() {
+    let s = setup(StoreOptions {
+        touch_window: Duration::from_secs(60),
+        ..StoreOptions::default()
+    })
+    .await;
+    let mut old = Entry::new("w", "");
+    old.last_access -= chrono::TimeDelta::hours(1);
+    s.layered.set("s", &old).await.unwrap();
+    assert!(s.layered.touch("s").await.unwrap());
+    assert_eq!(
+        s.layered.stats().primary_touches,
+        1,
+        "{:?}",
+        s.layered.stats()
+    );
+    assert_eq!(
+        s.primary
+            .sweep_idle(Duration::from_secs(600))
+            .await
+            .unwrap(),
+        0,
+        "a session touched just now"
+    );
+    // A recent set is coalesced as before.
+    s.layered.set("t", &Entry::new("w", "")).await.unwrap();
+    assert!(s.layered.touch("t").await.unwrap());
+    assert_eq!(s.layered.stats().coalesced_touches, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inconsistent_options_are_rejected() {
+    let schema = PgSchema::new().await;
+    let prefix = RedisPrefix::new();
+    let window = StoreOptions {
+        touch_window: Duration::from_secs(10),
+        ..StoreOptions::with_idle_ttl(Duration::from_secs(60))
+    };
+    let plain = StoreOptions::with_idle_ttl(Duration::from_secs(60));
+    let primary_plain = Arc::new(schema.store(plain.clone()).await);
+    let primary_window = Arc::new(schema.store(window.clone()).await);
+    let cache = Arc::new(prefix.store(plain.clone(), true).await);
+    let other_ttl = Arc::new(
+        prefix
+            .store(StoreOptions::with_idle_ttl(Duration::from_secs(30)), true)
+            .await,
+    );
+    // The primary would sweep without allowing for the window.
+    let err = LayeredStore::new(cache.clone(), primary_plain.clone(), window.clone()).unwrap_err();
+    assert!(err.to_string().contains("touch window"), "{err}");
+    // The cache would keep sessions for another TTL.
+    let err = LayeredStore::new(other_ttl, primary_window.clone(), window.clone()).unwrap_err();
+    assert!(err.to_string().contains("idle TTL"), "{err}");
+    // A window as long as the TTL.
+    let too_long = StoreOptions {
+        touch_window: Duration::from_secs(60),
+        ..plain.clone()
+    };
+    assert!(LayeredStore::new(cache.clone(), primary_plain.clone(), too_long).is_err());
+    assert!(LayeredStore::new(cache.clone(), primary_window, window).is_ok());
+    assert!(LayeredStore::new(cache, primary_plain, plain).is_ok());
+}
