@@ -348,3 +348,64 @@ async fn redis_shapes_left_by_foreign_writers_are_skipped() {
     assert_eq!(store.get("half").await.unwrap(), None);
     assert!(store.workers_with_sessions().await.unwrap().is_empty());
 }
+
+/// blockyard's table lives in `public` (an older setup), the operator is configured with the
+/// default schema `blockyard` by mistake: migrate must refuse instead of creating an empty table
+/// that hides the real one, and queries must never fall back to `public`.
+#[tokio::test]
+async fn migrate_refuses_to_shadow_blockyards_table_in_another_schema() {
+    let db = common::TestDatabase::new().await;
+    let public = PostgresStore::connect(&db.url, "public", StoreOptions::default())
+        .await
+        .unwrap();
+    raw_exec(&public, BLOCKYARD_DDL).await;
+    raw_exec(
+        &public,
+        "INSERT INTO blockyard_sessions VALUES ('s1', 'w1', '', now(), now() + interval '1 hour')",
+    )
+    .await;
+    let store = PostgresStore::connect(&db.url, "blockyard", StoreOptions::default())
+        .await
+        .unwrap();
+    // Unqualified, the query would have found public's table through a search path.
+    let err = store.get("s1").await.unwrap_err().to_string();
+    assert!(err.contains("migrate"), "{err}");
+    let err = store.migrate("blockyard").await.unwrap_err().to_string();
+    assert!(
+        err.contains("\"public\"") && err.contains("--schema public"),
+        "{err}"
+    );
+    let created: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relname = 'blockyard_sessions' AND n.nspname = 'blockyard'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(created, 0, "no shadow table");
+    // The flag the message names works.
+    public.migrate("public").await.unwrap();
+    assert_eq!(public.get("s1").await.unwrap().unwrap().worker_id, "w1");
+}
+
+#[tokio::test]
+async fn reserved_words_as_schema_names_are_quoted() {
+    let db = common::TestDatabase::new().await;
+    let store = PostgresStore::connect(&db.url, "user", StoreOptions::default())
+        .await
+        .unwrap();
+    store.migrate("user").await.unwrap();
+    store.migrate("user").await.unwrap();
+    store.set("s", &Entry::new("w", "")).await.unwrap();
+    assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 1);
+    assert_eq!(store.get("s").await.unwrap().unwrap().worker_id, "v");
+    assert_eq!(
+        store.workers_with_sessions().await.unwrap().len(),
+        1,
+        "skip scan in a quoted schema"
+    );
+    let err = PostgresStore::connect(&db.url, "pg_temp", StoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+}

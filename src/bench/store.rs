@@ -405,8 +405,7 @@ async fn layered_touches(
             touch_window: window,
             ..StoreOptions::default()
         };
-        let primary: Arc<dyn Store> =
-            Arc::new(PostgresStore::from_pool(pg.pool().clone(), options.clone()));
+        let primary: Arc<dyn Store> = Arc::new(pg.with_options(options.clone())?);
         let layered = Arc::new(LayeredStore::new(
             Arc::new(cache.clone()),
             primary,
@@ -466,7 +465,7 @@ where
     let mut readers = Vec::new();
     for r in 0..8usize {
         let (pool, stop) = (pg.pool().clone(), stop.clone());
-        let store = PostgresStore::from_pool(pool.clone(), StoreOptions::default());
+        let store = pg.with_options(StoreOptions::default())?;
         readers.push(tokio::spawn(async move {
             let (mut gets, mut touches) = (Vec::new(), Vec::new());
             let mut i = r * 7919;

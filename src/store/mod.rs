@@ -29,7 +29,7 @@ pub use error::{StoreError, redact_url};
 pub use layered::{LayeredStats, LayeredStore};
 pub use memory::MemoryStore;
 pub use options::StoreOptions;
-pub use postgres::{DEFAULT_SCHEMA, PostgresStore};
+pub use postgres::{DEFAULT_SCHEMA, PostgresOptions, PostgresStore};
 pub use redis::{DEFAULT_PREFIX, RedisOptions, RedisStore};
 
 /// Result of a store operation.
