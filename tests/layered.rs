@@ -435,3 +435,35 @@ async fn inconsistent_options_are_rejected() {
     assert!(LayeredStore::new(cache.clone(), primary_window, window).is_ok());
     assert!(LayeredStore::new(cache, primary_plain, plain).is_ok());
 }
+
+/// blockyard's proxies fill the cache with their own code (no ticket): the operator re-applies
+/// its reroute to the cache by id after a delay, overwriting a copy filled from a stale read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_double_invalidation_fixes_a_foreign_stale_fill() {
+    let s = setup(StoreOptions::default()).await;
+    s.layered.set("s", &Entry::new("w1", "")).await.unwrap();
+    s.layered.set("t", &Entry::new("w1", "")).await.unwrap();
+    let moved = s.layered.reroute_batch("w1", "w2", 10).await.unwrap();
+    assert_eq!(moved.len(), 2);
+    // A foreign proxy writes what it read before the reroute, as blockyard does.
+    let mut conn = s.prefix.conn().await;
+    let _: () = redis::AsyncCommands::hset(&mut conn, s.cache.session_key("s"), "worker_id", "w1")
+        .await
+        .unwrap();
+    s.layered
+        .cache_reroute_ids(&moved, "w1", "w2")
+        .await
+        .unwrap();
+    assert_eq!(
+        worker_of(s.layered.as_ref(), "s").await.as_deref(),
+        Some("w2")
+    );
+    let _: () = redis::AsyncCommands::hset(&mut conn, s.cache.session_key("t"), "worker_id", "w1")
+        .await
+        .unwrap();
+    s.layered
+        .cache_invalidate(&["t".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(s.cache.get("t").await.unwrap(), None);
+}

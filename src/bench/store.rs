@@ -229,8 +229,9 @@ async fn redis_worker_ops(
         args.k
     );
     println!(
-        "{:>9} {:>13} {:>13} {:>15} {:>13} {:>13} {:>9} {:>9}",
+        "{:>9} {:>13} {:>13} {:>13} {:>15} {:>13} {:>13} {:>9} {:>9}",
         "N",
+        "1st rr ms",
         "reroute ms",
         "delete ms",
         "fallback ms",
@@ -262,13 +263,20 @@ async fn redis_worker_ops(
             .await
             .context("populating Redis")?;
         filled = n;
-        let (moved, reroute) = timed(async { Ok(store.reroute_worker("hot", "hot2").await?) })
-            .await
-            .context("indexed reroute")?;
-        let (_, back) = timed(async { Ok(store.reroute_worker("hot2", "hot").await?) })
-            .await
-            .context("indexed reroute back")?;
-        anyhow::ensure!(moved == args.k as u64, "indexed reroute moved {moved}");
+        // Ten reroutes (five there and back): the first one right after a large fill pays for
+        // Redis settling (incremental rehashing of the keyspace, Lua garbage collection), so
+        // the median is reported next to it.
+        let mut reroutes = Vec::new();
+        for (from, to) in [("hot", "hot2"), ("hot2", "hot")].repeat(5) {
+            let (moved, took) = timed(async { Ok(store.reroute_worker(from, to).await?) })
+                .await
+                .context("indexed reroute")?;
+            anyhow::ensure!(moved == args.k as u64, "indexed reroute moved {moved}");
+            reroutes.push(took);
+        }
+        let first_rr = reroutes[0];
+        reroutes.sort();
+        let rr = reroutes[reroutes.len() / 2];
         let (moved_fb, fb) = timed(async { Ok(fallback.reroute_worker("hot", "hot2").await?) })
             .await
             .context("fallback reroute")?;
@@ -314,9 +322,9 @@ async fn redis_worker_ops(
         .context("baseline scan script")?;
         anyhow::ensure!(deleted == args.k as u64, "scan delete removed {deleted}");
         restore_hot().await?;
-        let rr = (reroute + back) / 2;
         println!(
-            "{n:>9} {:>13.2} {:>13.2} {:>15.2} {:>13.2} {:>13.2} {:>8.1}x {:>8.1}x",
+            "{n:>9} {:>13.2} {:>13.2} {:>13.2} {:>15.2} {:>13.2} {:>13.2} {:>8.1}x {:>8.1}x",
+            ms(first_rr),
             ms(rr),
             ms(delete_idx),
             ms(fb),
@@ -327,7 +335,7 @@ async fn redis_worker_ops(
         );
     }
     println!(
-        "(fallback = reroute with the SCAN for foreign, unindexed hashes; scan = blockyard's Lua SCAN script, blocking Redis)"
+        "(reroute = median of 10, 1st rr = the first right after filling; fallback = reroute with the SCAN for foreign, unindexed hashes; scan = blockyard's Lua SCAN script, blocking Redis)"
     );
     Ok(())
 }

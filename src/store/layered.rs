@@ -239,6 +239,19 @@ impl LayeredStore {
         Ok(())
     }
 
+    /// Re-applies a reroute of `ids` (as returned by [`Store::reroute_batch`]) to the cache:
+    /// the operator's *delayed double invalidation*, which overwrites a copy that a foreign
+    /// proxy (one that honours no ticket, like blockyard's) filled from a pre-reroute read.
+    pub async fn cache_reroute_ids(&self, ids: &[String], from: &str, to: &str) -> Result<()> {
+        self.cache.reroute_ids(ids, from, to).await
+    }
+
+    /// Deletes `ids` from the cache again (see [`Self::cache_reroute_ids`]), e.g. some time
+    /// after [`Store::delete_worker_batch`] removed them.
+    pub async fn cache_invalidate(&self, ids: &[String]) -> Result<()> {
+        self.cache.invalidate(ids).await
+    }
+
     /// Remembers a primary write of `last_access` for coalescing. The time is the entry's own
     /// `last_access` (a `set` may write an old one), so coalescing never lets the primary lag
     /// the real last access by more than the window.
