@@ -80,6 +80,13 @@ local function unindex(id, w)
   redis.call('ZREM', ikey(w), id)
   if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 end
+-- Runs redis.call(cmd, key, unpack(args)) in chunks: one call per chunk instead of one per item,
+-- within Lua's limit on unpacked values.
+local function bulk(cmd, key, args, step)
+  for i = 1, #args, step do
+    redis.call(cmd, key, unpack(args, i, math.min(i + step - 1, #args)))
+  end
+end
 local function write_ttl(key, ttl)
   if ttl > 0 then redis.call('EXPIRE', key, ttl); return ttl * 1000 end
   redis.call('PERSIST', key)
@@ -132,8 +139,8 @@ for _, id in ipairs(ids) do
     redis.call('DEL', skey(id))
     out[#out + 1] = id
   end
-  redis.call('ZREM', ikey(w), id)
 end
+bulk('ZREM', ikey(w), ids, 1000)
 if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 return {#ids, out}
 "#;
@@ -143,16 +150,19 @@ return {#ids, out}
 const REROUTE_BATCH: &str = r#"
 local from, to = ARGV[2], ARGV[3]
 local ids = redis.call('ZRANGE', ikey(from), 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
-local out = {}
+local out, adds, seen = {}, {}, {}
 for i = 1, #ids, 2 do
   local id, score = ids[i], ids[i + 1]
+  seen[#seen + 1] = id
   if redis.call('HGET', skey(id), 'worker_id') == from then
     redis.call('HSET', skey(id), 'worker_id', to)
-    redis.call('ZADD', ikey(to), score, id)
+    adds[#adds + 1] = score
+    adds[#adds + 1] = id
     out[#out + 1] = id
   end
-  redis.call('ZREM', ikey(from), id)
 end
+bulk('ZADD', ikey(to), adds, 1000)
+bulk('ZREM', ikey(from), seen, 1000)
 if #out > 0 then redis.call('SADD', WORKERS, to) end
 if redis.call('EXISTS', ikey(from)) == 0 then redis.call('SREM', WORKERS, from) end
 return {#ids / 2, out}
