@@ -213,3 +213,51 @@ fn an_unmigrated_schema_points_at_migrate() {
     );
     assert!(one_line_error(&out).contains("session-operator migrate"));
 }
+
+/// Durations from the command line that would overflow when added up are an error, never a
+/// panic; a huge sweep age sweeps nothing.
+#[tokio::test]
+async fn absurd_durations_are_errors_not_panics() {
+    let schema = PgSchema::new().await;
+    let pg = common::pg_url();
+    let store = [
+        "--database-url",
+        pg.as_str(),
+        "--schema",
+        schema.name.as_str(),
+    ];
+    let with = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&store);
+        run(&all, &[])
+    };
+    ok(&with(&["migrate"]));
+    for flag in ["--touch-window", "--idle-ttl"] {
+        let err = one_line_error(&with(&["sessions", "count", flag, "584000000000y"]));
+        assert!(err.contains("100 years"), "{err}");
+    }
+    ok(&with(&["sessions", "set", "s", "--worker", "w"]));
+    let out = with(&[
+        "sessions",
+        "sweep-idle",
+        "--max-age",
+        "584000000000y",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(json(&out)["removed"], 0, "nothing is that old");
+}
+
+#[test]
+fn redis_unix_socket_passwords_are_not_printed() {
+    let err = one_line_error(&run(
+        &[
+            "sessions",
+            "count",
+            "--redis-url",
+            "redis+unix:///nonexistent/redis.sock?pass=hunter2",
+        ],
+        &[],
+    ));
+    assert!(!err.contains("hunter2"), "{err}");
+}

@@ -121,10 +121,44 @@ async fn postgres_rows_written_by_blockyard() {
         "expired rows are not served"
     );
     assert_eq!(store.count_for_worker("old").await.unwrap(), 2);
-    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 2);
+    // blockyard's Get has no expiry filter: until the sweep removes it, the expired row still
+    // routes requests, so a reroute moves it too.
+    assert_eq!(store.reroute_worker("old", "new").await.unwrap(), 3);
     assert_eq!(store.get("a2").await.unwrap().unwrap().worker_id, "new");
-    assert_eq!(store.expire().await.unwrap(), 1);
-    assert_eq!(store.delete_by_worker("new").await.unwrap(), 2);
+    let gone: String =
+        sqlx::query_scalar("SELECT worker_id FROM blockyard_sessions WHERE id = 'gone'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(gone, "new", "the expired, unswept row is rerouted");
+    assert_eq!(
+        store
+            .workers_with_sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec!["new".to_string(), "other".to_string()]
+    );
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions VALUES ('gone2', 'new', '', now() - interval '2 hours', now() - interval '1 hour')",
+    )
+    .await;
+    assert_eq!(store.expire().await.unwrap(), 2);
+    raw_exec(
+        &store,
+        "INSERT INTO blockyard_sessions VALUES ('gone3', 'new', '', now() - interval '2 hours', now() - interval '1 hour')",
+    )
+    .await;
+    // delete_by_worker removes expired, unswept rows too.
+    assert_eq!(store.delete_by_worker("new").await.unwrap(), 3);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM blockyard_sessions WHERE worker_id = 'new'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
     assert_eq!(
         store
             .counts_by_worker()
@@ -264,11 +298,114 @@ async fn redis_sessions_kept_alive_by_blockyard_touches_stay_counted() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(store.count_for_worker("w").await.unwrap(), 1);
     assert_eq!(store.entries_for_worker("w").await.unwrap().len(), 1);
-    store.expire().await.unwrap();
+    assert_eq!(store.expire().await.unwrap(), 0, "alive: nothing expired");
     assert_eq!(
         index_only.count_for_worker("w").await.unwrap(),
         1,
         "re-scored, not dropped"
     );
     assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 1);
+}
+
+/// Shapes blockyard's Redis store can leave behind: its Touch is `HSET last_access` then
+/// `EXPIRE`, not atomic, so a session that expired in between leaves a hash holding only
+/// `last_access`; any writer can leave a garbled `last_access` or a key that is not UTF-8.
+#[tokio::test]
+async fn redis_shapes_left_by_foreign_writers_are_skipped() {
+    let prefix = RedisPrefix::new();
+    let store = prefix.store(StoreOptions::default(), false).await;
+    let mut conn = prefix.conn().await;
+    blockyard_hset(&mut conn, &prefix.prefix, "good", "w").await;
+    store.set("mine", &Entry::new("w", "")).await.unwrap();
+    let p = &prefix.prefix;
+    let _: () = conn
+        .hset(format!("{p}session:half"), "last_access", "1700000000")
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset_multiple(
+            format!("{p}session:garbled"),
+            &[("worker_id", "w"), ("last_access", "yesterday")],
+        )
+        .await
+        .unwrap();
+    let mut binary_key = format!("{p}session:").into_bytes();
+    binary_key.extend_from_slice(&[0xff, 0xfe, 0x00]);
+    let _: () = conn
+        .hset(binary_key.as_slice(), "worker_id", "w")
+        .await
+        .unwrap();
+
+    assert_eq!(store.get("half").await.unwrap(), None, "not Corrupt");
+    let entries = store.entries_for_worker("w").await.unwrap();
+    let mut ids: Vec<&String> = entries.keys().collect();
+    ids.sort();
+    assert_eq!(ids, ["good", "mine"], "the garbled hash is skipped");
+    assert_eq!(store.count_for_worker("w").await.unwrap(), 3);
+    assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 3);
+    assert_eq!(store.get("good").await.unwrap().unwrap().worker_id, "v");
+    assert_eq!(store.delete_by_worker("v").await.unwrap(), 3);
+    assert_eq!(store.get("half").await.unwrap(), None);
+    assert!(store.workers_with_sessions().await.unwrap().is_empty());
+}
+
+/// blockyard's table lives in `public` (an older setup), the operator is configured with the
+/// default schema `blockyard` by mistake: migrate must refuse instead of creating an empty table
+/// that hides the real one, and queries must never fall back to `public`.
+#[tokio::test]
+async fn migrate_refuses_to_shadow_blockyards_table_in_another_schema() {
+    let db = common::TestDatabase::new().await;
+    let public = PostgresStore::connect(&db.url, "public", StoreOptions::default())
+        .await
+        .unwrap();
+    raw_exec(&public, BLOCKYARD_DDL).await;
+    raw_exec(
+        &public,
+        "INSERT INTO blockyard_sessions VALUES ('s1', 'w1', '', now(), now() + interval '1 hour')",
+    )
+    .await;
+    let store = PostgresStore::connect(&db.url, "blockyard", StoreOptions::default())
+        .await
+        .unwrap();
+    // Unqualified, the query would have found public's table through a search path.
+    let err = store.get("s1").await.unwrap_err().to_string();
+    assert!(err.contains("migrate"), "{err}");
+    let err = store.migrate("blockyard").await.unwrap_err().to_string();
+    assert!(
+        err.contains("\"public\"") && err.contains("--schema public"),
+        "{err}"
+    );
+    let created: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relname = 'blockyard_sessions' AND n.nspname = 'blockyard'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(created, 0, "no shadow table");
+    // The flag the message names works.
+    public.migrate("public").await.unwrap();
+    assert_eq!(public.get("s1").await.unwrap().unwrap().worker_id, "w1");
+}
+
+#[tokio::test]
+async fn reserved_words_as_schema_names_are_quoted() {
+    let db = common::TestDatabase::new().await;
+    let store = PostgresStore::connect(&db.url, "user", StoreOptions::default())
+        .await
+        .unwrap();
+    store.migrate("user").await.unwrap();
+    store.migrate("user").await.unwrap();
+    store.set("s", &Entry::new("w", "")).await.unwrap();
+    assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 1);
+    assert_eq!(store.get("s").await.unwrap().unwrap().worker_id, "v");
+    assert_eq!(
+        store.workers_with_sessions().await.unwrap().len(),
+        1,
+        "skip scan in a quoted schema"
+    );
+    let err = PostgresStore::connect(&db.url, "pg_temp", StoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
 }

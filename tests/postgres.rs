@@ -7,7 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use common::PgSchema;
-use session_operator::store::{PostgresStore, Result, Store, StoreOptions};
+use session_operator::store::{
+    PostgresOptions, PostgresStore, Result, Store, StoreError, StoreOptions,
+};
 
 async fn seeded(schema: &PgSchema, n: usize) -> PostgresStore {
     let store = schema
@@ -103,4 +105,66 @@ async fn reroute_skips_rows_moved_elsewhere_meanwhile() {
     assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
     let s1 = store.get("s1").await.unwrap().expect("s1 kept");
     assert_eq!(s1.worker_id, "elsewhere");
+}
+
+async fn with_timeouts(schema: &PgSchema, lock_retries: u32) -> PostgresStore {
+    schema.store(StoreOptions::default()).await; // migrated
+    let pg = PostgresOptions {
+        schema: schema.name.clone(),
+        lock_timeout: Duration::from_millis(200),
+        lock_retries,
+        ..PostgresOptions::default()
+    };
+    let opts = StoreOptions {
+        batch_size: 10,
+        ..StoreOptions::default()
+    };
+    let store = PostgresStore::connect_with(&common::pg_url(), pg, opts)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO blockyard_sessions SELECT 's' || i, 'old', '', now(), 'infinity'
+         FROM generate_series(0, 29) AS i",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    store
+}
+
+/// A proxy that went idle in a transaction holding a session's row lock must not stall a
+/// reroute forever: it fails with an error saying what to look for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_locked_by_an_idle_transaction_fails_the_reroute_clearly() {
+    let schema = PgSchema::new().await;
+    let store = with_timeouts(&schema, 2).await;
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query(TOUCH)
+        .bind(vec!["s5".to_string()])
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(60), store.reroute_worker("old", "new"))
+        .await
+        .expect("the reroute must not wait for the lock indefinitely");
+    let err = result.unwrap_err();
+    assert!(matches!(err, StoreError::Timeout(_)), "{err}");
+    assert!(err.to_string().contains("idle in transaction"), "{err}");
+    tx.rollback().await.unwrap();
+    // Once the lock is gone, the rest moves.
+    assert!(store.reroute_worker("old", "new").await.unwrap() > 0);
+    assert_eq!(store.count_for_worker("old").await.unwrap(), 0);
+}
+
+/// A lock held for a moment longer than the lock timeout is waited out by the retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_briefly_held_row_lock_is_waited_out_by_retries() {
+    let schema = PgSchema::new().await;
+    let store = with_timeouts(&schema, 5).await;
+    let op = {
+        let store = store.clone();
+        async move { store.delete_by_worker("old").await }
+    };
+    let removed = while_proxy_writes(&store, TOUCH, vec!["s3".to_string()], op).await;
+    assert_eq!(removed, 30);
 }

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
+use chrono::{SubsecRound, TimeDelta, Utc};
 use common::{PgSchema, RedisPrefix};
 use session_operator::store::{
     Entry, LayeredStore, MAX_ID_BYTES, MemoryStore, Store, StoreError, StoreOptions, Sweep,
@@ -48,13 +48,36 @@ async fn redis(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
     )
 }
 
+/// Redis without the SCAN for foreign writers: nothing repairs a missing index update here.
+async fn redis_index_only(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
+    let prefix = RedisPrefix::new();
+    (
+        Arc::new(prefix.store(opts, true).await),
+        Fixture::Redis(prefix),
+    )
+}
+
 async fn layered(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
+    layered_with(opts, false).await
+}
+
+async fn layered_index_only(opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
+    layered_with(opts, true).await
+}
+
+/// Layered with touch coalescing: the window must be shorter than the 1 s TTL of the expiry test.
+async fn layered_window(mut opts: StoreOptions) -> (Arc<dyn Store>, Fixture) {
+    opts.touch_window = Duration::from_millis(400);
+    layered_with(opts, true).await
+}
+
+async fn layered_with(opts: StoreOptions, index_only: bool) -> (Arc<dyn Store>, Fixture) {
     let schema = PgSchema::new().await;
     let prefix = RedisPrefix::new();
     let primary = Arc::new(schema.store(opts.clone()).await);
-    let cache = Arc::new(prefix.store(opts.clone(), false).await);
+    let cache = Arc::new(prefix.store(opts.clone(), index_only).await);
     (
-        Arc::new(LayeredStore::new(cache, primary, opts)),
+        Arc::new(LayeredStore::new(cache, primary, opts).expect("consistent options")),
         Fixture::Both(schema, prefix),
     )
 }
@@ -282,15 +305,27 @@ async fn sweep_batch_respects_its_limit(store: Arc<dyn Store>) {
 async fn ttl_expiry_hides_sessions(store: Arc<dyn Store>) {
     // Built with a 1 s idle TTL.
     seed(store.as_ref(), "w", 3).await;
+    seed(store.as_ref(), "x", 2).await;
     assert_eq!(store.count_for_worker("w").await.unwrap(), 3);
     tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Nothing but the expiry sweep has looked at the expired sessions yet: it reports them all
+    // (Redis: the index members its hashes left behind), a batch at most `limit` of them.
+    let first = store.sweep_batch(Sweep::Expired, 2).await.unwrap();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(
+        store.expire().await.unwrap(),
+        3,
+        "the other expired sessions"
+    );
+    assert_eq!(store.expire().await.unwrap(), 0);
     assert_eq!(store.get("w-s0").await.unwrap(), None);
     assert!(!store.touch("w-s1").await.unwrap());
     assert_eq!(store.count_for_worker("w").await.unwrap(), 0);
     assert!(store.entries_for_worker("w").await.unwrap().is_empty());
     assert!(store.counts_by_worker().await.unwrap().is_empty());
+    assert!(store.workers_with_sessions().await.unwrap().is_empty());
     assert_eq!(store.reroute_worker("w", "v").await.unwrap(), 0);
-    store.expire().await.unwrap();
+    assert_eq!(store.count_for_worker("v").await.unwrap(), 0);
     assert_eq!(store.get("w-s2").await.unwrap(), None);
     // A fresh set after expiry works as new.
     store.set("w-s0", &entry("w")).await.unwrap();
@@ -349,6 +384,17 @@ async fn bad_ids_are_rejected(store: Arc<dyn Store>) {
             store.delete_by_worker(bad).await.err(),
             store.reroute_worker("w", bad).await.err(),
             store.entries_for_worker(bad).await.err(),
+            store.delete_many(&[bad.to_string()]).await.err(),
+            store
+                .count_for_workers(&["w".into(), bad.to_string()])
+                .await
+                .err(),
+            store
+                .sweep_idle_for_workers(Duration::from_secs(1), &[bad.to_string()])
+                .await
+                .err(),
+            store.reroute_batch(bad, "w", 1).await.err(),
+            store.delete_worker_batch(bad, 1).await.err(),
         ];
         for err in errs {
             let err = err.unwrap_or_else(|| panic!("{:?} accepted", &bad[..bad.len().min(10)]));
@@ -403,6 +449,91 @@ async fn concurrent_set_touch_reroute(store: Arc<dyn Store>) {
     }
 }
 
+async fn workers_with_sessions(store: Arc<dyn Store>) {
+    assert!(store.workers_with_sessions().await.unwrap().is_empty());
+    seed(store.as_ref(), "a", 3).await;
+    seed(store.as_ref(), "b", 20).await;
+    seed(store.as_ref(), "c", 1).await;
+    let workers = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        store.workers_with_sessions().await.unwrap(),
+        workers(&["a", "b", "c"])
+    );
+    assert_eq!(store.delete_by_worker("a").await.unwrap(), 3);
+    assert_eq!(store.reroute_worker("b", "d").await.unwrap(), 20);
+    assert_eq!(
+        store.workers_with_sessions().await.unwrap(),
+        workers(&["c", "d"])
+    );
+    assert!(store.delete("c-s0").await.unwrap());
+    assert_eq!(
+        store.workers_with_sessions().await.unwrap(),
+        workers(&["d"])
+    );
+}
+
+async fn batches_return_the_ids_they_changed(store: Arc<dyn Store>) {
+    let ids: BTreeSet<String> = seed(store.as_ref(), "a", 10).await.into_iter().collect();
+    let mut moved = BTreeSet::new();
+    loop {
+        let batch = store.reroute_batch("a", "b", 4).await.unwrap();
+        assert!(batch.len() <= 4, "{batch:?}");
+        if batch.is_empty() {
+            break;
+        }
+        moved.extend(batch);
+    }
+    assert_eq!(moved, ids);
+    assert_eq!(store.count_for_worker("b").await.unwrap(), 10);
+    assert!(store.reroute_batch("b", "b", 4).await.unwrap().is_empty());
+    let mut deleted = BTreeSet::new();
+    loop {
+        let batch = store.delete_worker_batch("b", 3).await.unwrap();
+        assert!(batch.len() <= 3, "{batch:?}");
+        if batch.is_empty() {
+            break;
+        }
+        deleted.extend(batch);
+    }
+    assert_eq!(deleted, ids);
+    assert_eq!(store.get("a-s1").await.unwrap(), None);
+}
+
+async fn scoped_sweep_counts_duplicated_workers_once(store: Arc<dyn Store>) {
+    for i in 0..5 {
+        store.set(&format!("a{i}"), &aged("a", 600)).await.unwrap();
+    }
+    let removed = store
+        .sweep_idle_for_workers(Duration::from_secs(60), &strings(&["a", "a", "a"]))
+        .await
+        .unwrap();
+    assert_eq!(removed, 5);
+}
+
+/// `last_access` has whole seconds: a session stored with second S may have been used until
+/// S + 1 s, so a sweep must not remove it before S + 1 s + max_age (+ the touch window).
+async fn sweep_never_cuts_a_second_early(store: Arc<dyn Store>) {
+    let window = TimeDelta::from_std(store.options().touch_window).unwrap();
+    for attempt in 0.. {
+        let start = Utc::now().trunc_subsecs(0);
+        let mut e = Entry::new("w", "");
+        // Stored as if last used at second start - 60 - window: possibly at start - 59.x real.
+        e.last_access = start - TimeDelta::seconds(60) - window;
+        let id = format!("edge{attempt}");
+        store.set(&id, &e).await.unwrap();
+        let removed = store.sweep_idle(Duration::from_secs(60)).await.unwrap();
+        if Utc::now().trunc_subsecs(0) != start {
+            // The clock crossed a second meanwhile: the session may really be idle now.
+            store.delete(&id).await.unwrap();
+            continue;
+        }
+        assert_eq!(removed, 0, "swept up to a second early");
+        assert!(store.get(&id).await.unwrap().is_some());
+        assert_eq!(store.sweep_idle(Duration::from_secs(58)).await.unwrap(), 1);
+        return;
+    }
+}
+
 macro_rules! conformance {
     ($store:ident) => {
         mod $store {
@@ -426,7 +557,11 @@ macro_rules! conformance {
                 sweep_batch_respects_its_limit,
                 odd_ids_are_faithful,
                 bad_ids_are_rejected,
-                concurrent_set_touch_reroute
+                concurrent_set_touch_reroute,
+                workers_with_sessions,
+                batches_return_the_ids_they_changed,
+                scoped_sweep_counts_duplicated_workers_once,
+                sweep_never_cuts_a_second_early
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -450,4 +585,7 @@ macro_rules! conformance {
 conformance!(memory);
 conformance!(postgres);
 conformance!(redis);
+conformance!(redis_index_only);
 conformance!(layered);
+conformance!(layered_index_only);
+conformance!(layered_window);

@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::store::{
-    DEFAULT_PREFIX, DEFAULT_SCHEMA, LayeredStore, PostgresStore, RedisOptions, RedisStore, Store,
-    StoreOptions, redact_url,
+    DEFAULT_PREFIX, DEFAULT_SCHEMA, LayeredStore, PostgresOptions, PostgresStore, RedisOptions,
+    RedisStore, Store, StoreOptions, redact_url,
 };
 
 /// Where the sessions live. With both URLs the layered store (Redis over Postgres) is used;
@@ -33,6 +33,12 @@ pub struct StoreArgs {
     /// Touch coalescing window of the layered store; must match the proxies' setting.
     #[arg(long, env = "SESSION_TOUCH_WINDOW", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
     pub touch_window: Duration,
+    /// Longest wait for a Postgres row lock per statement before a batch is retried.
+    #[arg(long, env = "SESSION_PG_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub pg_lock_timeout: Duration,
+    /// Longest run of any Postgres statement (migrations are exempt).
+    #[arg(long, env = "SESSION_PG_STATEMENT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub pg_statement_timeout: Duration,
     /// Every Redis writer maintains the per-worker index: skip the SCAN for foreign hashes.
     #[arg(long, env = "REDIS_INDEX_ONLY", global = true)]
     pub redis_index_only: bool,
@@ -54,7 +60,13 @@ impl StoreArgs {
     }
 
     pub async fn postgres(&self, url: &str) -> anyhow::Result<PostgresStore> {
-        PostgresStore::connect(url, &self.schema, self.options())
+        let pg = PostgresOptions {
+            schema: self.schema.clone(),
+            lock_timeout: self.pg_lock_timeout,
+            statement_timeout: self.pg_statement_timeout,
+            ..PostgresOptions::default()
+        };
+        PostgresStore::connect_with(url, pg, self.options())
             .await
             .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
     }
@@ -76,7 +88,10 @@ impl StoreArgs {
             (Some(pg), Some(redis)) => {
                 let primary = Arc::new(self.postgres(pg).await?);
                 let cache = Arc::new(self.redis(redis).await?);
-                let layered = Arc::new(LayeredStore::new(cache, primary, self.options()));
+                let layered = Arc::new(
+                    LayeredStore::new(cache, primary, self.options())
+                        .context("combining the Redis cache with Postgres")?,
+                );
                 (layered.clone(), Some(layered))
             }
             (Some(pg), None) => (Arc::new(self.postgres(pg).await?), None),

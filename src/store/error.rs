@@ -21,6 +21,10 @@ pub enum StoreError {
     /// Postgres migrations failed.
     #[error("postgres migration: {0}")]
     Migrate(sqlx::migrate::MigrateError),
+    /// An operation could not make progress within its time limits (e.g. rows kept locked by
+    /// another transaction).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// Redis failed or could not be reached.
     #[error("redis: {0}")]
     Redis(redis::RedisError),
@@ -68,11 +72,13 @@ pub fn redact_url(raw: &str) -> String {
                 // Cannot fail: a URL with a password has a host.
                 let _ = url.set_password(Some("***"));
             }
-            // libpq-style URLs may also carry it as a query parameter.
+            // libpq-style URLs may also carry it as a query parameter (`password=`), and
+            // redis-rs URLs for unix sockets as `pass=`.
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let secret = k.eq_ignore_ascii_case("password");
+                    let secret =
+                        k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass");
                     (
                         k.into_owned(),
                         if secret { "***".into() } else { v.into_owned() },
@@ -106,6 +112,10 @@ mod tests {
         assert_eq!(
             redact_url("postgres://app@db/x?sslmode=require&password=s3cret"),
             "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
         );
     }
 }

@@ -4,35 +4,39 @@
 //! cache; aggregates come from the primary. The primary's answer is what callers see: cache
 //! failures are logged and counted, never returned.
 //!
-//! The cache must never answer with a worker the primary no longer holds. Two mechanisms keep
+//! The cache must never answer with a worker the primary no longer holds, whatever the
+//! interleaving of the processes sharing it (proxies and the operator). Three mechanisms keep
 //! that promise:
 //!
+//! - **Ticketed cache writes** ([`Cache`]): a fill or a copied `set` takes a ticket (the
+//!   invalidation epoch of the id's shard) before it touches the primary, and the cache refuses
+//!   the write if an invalidation happened since. Every mutation invalidates the ids it changed
+//!   after the primary committed them, so a fill that read the primary before a reroute can
+//!   neither land after the reroute's invalidation nor survive it.
+//! - **Per-batch cache updates by id.** Worker-level operations run in committed primary
+//!   batches; each batch's ids are rerouted or deleted in the cache right away (O(ids), never a
+//!   scan of Redis). When the primary fails mid-operation, the ids of the failing batch are
+//!   unknown, so the cache drops every session of the worker it knows of.
 //! - **Repair before trust.** When a cache write fails, the affected session ids (or whole
-//!   workers, for reroutes and deletions) are remembered as *dirty*. While anything is dirty,
-//!   reads bypass the cache; a repair (deleting the dirty keys from the cache) runs at most once a
-//!   second and, once it succeeds, the cache is trusted again.
-//! - **Guarded fills.** A read that misses the cache fills it from the primary only if no
-//!   mutation that could affect that session started while the read was in flight; a mutation
-//!   that starts after the fill's check makes the fill undo itself. Without this, a slow read
-//!   could put a pre-reroute worker back into the cache after the reroute updated it.
+//!   workers) are remembered as *dirty*. While anything is dirty, this process's reads bypass
+//!   the cache; a repair (deleting the dirty keys from the cache) runs at most once a second and,
+//!   once it succeeds, the cache is trusted again.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use chrono::Utc;
 
-use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep};
+use super::{Cache, Entry, Lookup, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
 
 /// Dirty session ids remembered before the layered store gives up tracking them one by one and
 /// clears the whole cache instead.
 const MAX_DIRTY_IDS: usize = 100_000;
 /// Minimum pause between two cache repair attempts while the cache is failing.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
-/// Mutation counter shards for session-level operations.
-const SHARDS: usize = 64;
 
 /// Counters of a [`LayeredStore`], for metrics and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,12 +55,11 @@ pub struct LayeredStats {
 
 /// Cache over primary; see the module docs for the consistency rules.
 pub struct LayeredStore {
-    cache: Arc<dyn Store>,
+    cache: Arc<dyn Cache>,
     primary: Arc<dyn Store>,
     options: StoreOptions,
     /// When each session was last touched in the primary (for coalescing).
     primary_touched: Mutex<TouchLog>,
-    mutations: MutationCounters,
     dirty: Mutex<Dirty>,
     repairing: tokio::sync::Mutex<Option<Instant>>,
     cache_errors: AtomicU64,
@@ -76,22 +79,45 @@ impl std::fmt::Debug for LayeredStore {
 
 impl LayeredStore {
     /// Layers `cache` over `primary`. `options.touch_window` is the coalescing window (zero
-    /// touches the primary on every call); the primary should be built with the same options so
-    /// its sweeps allow for the window.
-    pub fn new(cache: Arc<dyn Store>, primary: Arc<dyn Store>, options: StoreOptions) -> Self {
-        Self {
+    /// touches the primary on every call).
+    ///
+    /// Fails when the options disagree: the primary must be built with the same idle TTL and
+    /// touch window (its sweeps and `expires_at` allow for the window; with a shorter window
+    /// there, an idle sweep would delete sessions in active use), and the cache with the same
+    /// idle TTL (a longer one would keep routing sessions the primary expired).
+    pub fn new(
+        cache: Arc<dyn Cache>,
+        primary: Arc<dyn Store>,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        let (p, c) = (primary.options(), cache.options());
+        if p.touch_window != options.touch_window || p.idle_ttl != options.idle_ttl {
+            return Err(StoreError::Config(format!(
+                "the primary store was built with idle TTL {:?} and touch window {:?}, the \
+                 layered store with {:?} and {:?}: build both with the same options",
+                p.idle_ttl, p.touch_window, options.idle_ttl, options.touch_window
+            )));
+        }
+        if c.idle_ttl != options.idle_ttl {
+            return Err(StoreError::Config(format!(
+                "the cache store was built with idle TTL {:?}, the layered store with {:?}: \
+                 build both with the same idle TTL",
+                c.idle_ttl, options.idle_ttl
+            )));
+        }
+        Ok(Self {
             cache,
             primary,
             options,
             primary_touched: Mutex::default(),
-            mutations: MutationCounters::new(),
             dirty: Mutex::default(),
             repairing: tokio::sync::Mutex::new(None),
             cache_errors: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             primary_touches: AtomicU64::new(0),
             coalesced_touches: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Current counters.
@@ -114,6 +140,29 @@ impl LayeredStore {
     fn cache_write_failed(&self, op: &str, err: &StoreError, mark: impl FnOnce(&mut Dirty)) {
         self.cache_failed(op, err);
         mark(&mut lock(&self.dirty));
+    }
+
+    /// Deletes `ids` from the cache after the primary changed (or may have changed) them;
+    /// `false` when the cache failed (the ids are then marked for repair).
+    async fn invalidate(&self, op: &str, ids: &[String]) -> bool {
+        if ids.is_empty() {
+            return true;
+        }
+        match self.cache.invalidate(ids).await {
+            Ok(()) => true,
+            Err(err) => {
+                self.cache_write_failed(op, &err, |d| d.add_ids(ids));
+                false
+            }
+        }
+    }
+
+    /// After the primary failed in a worker-level operation, some of the worker's sessions may
+    /// have changed in a batch whose ids never came back: drop all its cached sessions.
+    async fn invalidate_worker(&self, op: &str, worker: &str) {
+        if let Err(err) = self.cache.invalidate_worker(worker).await {
+            self.cache_write_failed(op, &err, |d| d.add_worker(worker));
+        }
     }
 
     /// Whether the cache may be read now. Repairs the cache first if it has dirty keys and the
@@ -178,27 +227,110 @@ impl LayeredStore {
     /// Deletes from the cache everything that may be stale.
     async fn repair(&self, dirty: &Dirty) -> Result<()> {
         if dirty.overflow.is_some() {
-            for worker in self.cache.counts_by_worker().await?.keys() {
-                self.cache.delete_by_worker(worker).await?;
+            for worker in self.cache.workers_with_sessions().await? {
+                self.cache.invalidate_worker(&worker).await?;
             }
         }
         for worker in dirty.workers.keys() {
-            self.cache.delete_by_worker(worker).await?;
+            self.cache.invalidate_worker(worker).await?;
         }
         let ids: Vec<String> = dirty.ids.keys().cloned().collect();
-        self.cache.delete_many(&ids).await?;
+        self.cache.invalidate(&ids).await?;
         Ok(())
     }
 
-    /// Fills the cache after a miss, unless a mutation raced with the primary read.
-    async fn fill(&self, id: &str, entry: &Entry, before: Snapshot) {
-        if let Err(err) = self.cache.set(id, entry).await {
-            return self.cache_write_failed("fill", &err, |d| d.add_id(id));
+    /// Re-applies a reroute of `ids` (as returned by [`Store::reroute_batch`]) to the cache:
+    /// the operator's *delayed double invalidation*, which overwrites a copy that a foreign
+    /// proxy (one that honours no ticket, like blockyard's) filled from a pre-reroute read.
+    pub async fn cache_reroute_ids(&self, ids: &[String], from: &str, to: &str) -> Result<()> {
+        self.cache.reroute_ids(ids, from, to).await
+    }
+
+    /// Deletes `ids` from the cache again (see [`Self::cache_reroute_ids`]), e.g. some time
+    /// after [`Store::delete_worker_batch`] removed them.
+    pub async fn cache_invalidate(&self, ids: &[String]) -> Result<()> {
+        self.cache.invalidate(ids).await
+    }
+
+    /// Remembers a primary write of `last_access` for coalescing. The time is the entry's own
+    /// `last_access` (a `set` may write an old one), so coalescing never lets the primary lag
+    /// the real last access by more than the window.
+    fn record_primary_touch(&self, id: &str, last_access: chrono::DateTime<Utc>) {
+        let now = Instant::now();
+        let lag = (Utc::now() - last_access).to_std().unwrap_or_default();
+        // An instant before the process started cannot be represented: then not recent anyway.
+        match now.checked_sub(lag) {
+            Some(at) => lock(&self.primary_touched).record(id, at, self.options.touch_window),
+            None => {
+                lock(&self.primary_touched).last.remove(id);
+            }
         }
-        if self.mutations.changed_since(id, before)
-            && let Err(err) = self.cache.delete(id).await
-        {
-            self.cache_write_failed("fill", &err, |d| d.add_id(id));
+    }
+
+    /// One primary batch of a reroute, then the cache update of its ids. Once a cache update
+    /// failed (`cache_up` false), later batches of the same operation only mark their ids for
+    /// repair instead of waiting for an unreachable cache again.
+    async fn reroute_step(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+        cache_up: &mut bool,
+    ) -> Result<Vec<String>> {
+        match self.primary.reroute_batch(from, to, limit).await {
+            Ok(ids) => {
+                if ids.is_empty() {
+                } else if !*cache_up {
+                    lock(&self.dirty).add_ids(&ids);
+                } else if let Err(err) = self.cache.reroute_ids(&ids, from, to).await {
+                    *cache_up = false;
+                    self.cache_write_failed("reroute_worker", &err, |d| d.add_ids(&ids));
+                }
+                Ok(ids)
+            }
+            Err(err) => {
+                self.after_primary_failure("reroute_worker", from, *cache_up)
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    /// One primary batch of a worker deletion, then the cache invalidation of its ids; see
+    /// [`Self::reroute_step`].
+    async fn delete_step(
+        &self,
+        worker: &str,
+        limit: usize,
+        cache_up: &mut bool,
+    ) -> Result<Vec<String>> {
+        match self.primary.delete_worker_batch(worker, limit).await {
+            Ok(ids) => {
+                if ids.is_empty() {
+                } else if !*cache_up {
+                    lock(&self.dirty).add_ids(&ids);
+                } else if let Err(err) = self.cache.invalidate(&ids).await {
+                    *cache_up = false;
+                    self.cache_write_failed("delete_by_worker", &err, |d| d.add_ids(&ids));
+                }
+                Ok(ids)
+            }
+            Err(err) => {
+                self.after_primary_failure("delete_by_worker", worker, *cache_up)
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    /// The primary failed mid-operation on `worker`: the failing batch may have committed ids
+    /// that never came back, so every cached session of the worker is dropped (or marked for
+    /// repair when the cache is down too).
+    async fn after_primary_failure(&self, op: &str, worker: &str, cache_up: bool) {
+        if cache_up {
+            self.invalidate_worker(op, worker).await;
+        } else {
+            lock(&self.dirty).add_worker(worker);
         }
     }
 
@@ -207,40 +339,53 @@ impl LayeredStore {
             && lock(&self.primary_touched)
                 .last
                 .get(id)
-                .is_some_and(|at| now.duration_since(*at) < self.options.touch_window)
+                .is_some_and(|at| now.saturating_duration_since(*at) < self.options.touch_window)
     }
 }
 
 #[async_trait]
 impl Store for LayeredStore {
     async fn get(&self, id: &str) -> Result<Option<Entry>> {
-        let trusted = self.cache_trusted().await;
-        if trusted {
-            match self.cache.get(id).await {
-                Ok(Some(entry)) => {
+        let mut ticket = None;
+        if self.cache_trusted().await {
+            match self.cache.lookup(id).await {
+                Ok(Lookup::Hit(entry)) => {
                     self.cache_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(entry));
                 }
-                Ok(None) => {}
+                Ok(Lookup::Miss(t)) => ticket = Some(t),
                 // The primary is still the truth; a bad cache entry or an outage is no reason
                 // to fail a lookup.
                 Err(err) => self.cache_failed("get", &err),
             }
         }
-        let before = self.mutations.snapshot(id);
         let found = self.primary.get(id).await?;
-        if let (Some(entry), Some(before), true) = (&found, before, trusted) {
-            self.fill(id, entry, before).await;
+        if let (Some(entry), Some(ticket)) = (&found, ticket)
+            && let Err(err) = self.cache.fill(id, entry, ticket).await
+        {
+            // A fill is atomic and ticketed: failed, it wrote nothing stale.
+            self.cache_failed("fill", &err);
         }
         Ok(found)
     }
 
     async fn set(&self, id: &str, entry: &Entry) -> Result<()> {
+        validate_id("session id", id)?;
+        validate_id("worker id", &entry.worker_id)?;
         self.retry_repair().await;
-        let _m = self.mutations.begin(Some(id));
-        self.primary.set(id, entry).await?;
-        lock(&self.primary_touched).record(id, Instant::now(), self.options.touch_window);
-        if let Err(err) = self.cache.set(id, entry).await {
+        let ticket = self.cache.ticket(id).await;
+        if let Err(err) = self.primary.set(id, entry).await {
+            // It may have committed all the same.
+            self.invalidate("set", std::slice::from_ref(&id.to_string()))
+                .await;
+            return Err(err);
+        }
+        self.record_primary_touch(id, entry.last_access);
+        let written = match ticket {
+            Ok(ticket) => self.cache.overwrite(id, entry, ticket).await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
             self.cache_write_failed("set", &err, |d| d.add_id(id));
         }
         Ok(())
@@ -273,45 +418,63 @@ impl Store for LayeredStore {
                 // A missed cache touch only shortens the cache copy's TTL: no stale worker.
                 self.cache_failed("touch", &err);
             }
-        } else if let Err(err) = self.cache.delete(id).await {
-            // The primary does not hold it: whatever the cache holds (a fill by another
-            // process that lost a race) must not route another request.
-            self.cache_write_failed("touch", &err, |d| d.add_id(id));
+        } else {
+            // The primary does not hold it: whatever the cache holds (written by a foreign
+            // proxy) must not route another request.
+            self.invalidate("touch", std::slice::from_ref(&id.to_string()))
+                .await;
         }
         Ok(found)
     }
 
     async fn delete(&self, id: &str) -> Result<bool> {
+        validate_id("session id", id)?;
         self.retry_repair().await;
-        let _m = self.mutations.begin(Some(id));
-        let existed = self.primary.delete(id).await?;
+        let existed = self.primary.delete(id).await;
         lock(&self.primary_touched).last.remove(id);
-        if let Err(err) = self.cache.delete(id).await {
-            self.cache_write_failed("delete", &err, |d| d.add_id(id));
-        }
-        Ok(existed)
+        self.invalidate("delete", std::slice::from_ref(&id.to_string()))
+            .await;
+        existed
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
         self.retry_repair().await;
-        let _m = self.mutations.begin(None);
-        let removed = self.primary.delete_many(ids).await?;
-        if let Err(err) = self.cache.delete_many(ids).await {
-            self.cache_write_failed("delete_many", &err, |d| {
-                ids.iter().for_each(|id| d.add_id(id))
-            });
+        let mut removed = 0;
+        let mut cache_up = true;
+        for chunk in ids.chunks(self.options.batch()) {
+            // Invalidate each committed (or possibly committed) chunk before going on.
+            let done = self.primary.delete_many(chunk).await;
+            if cache_up {
+                cache_up = self.invalidate("delete_many", chunk).await;
+            } else {
+                lock(&self.dirty).add_ids(chunk);
+            }
+            removed += done?;
         }
         Ok(removed)
     }
 
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
+        validate_id("worker id", worker_id)?;
         self.retry_repair().await;
-        let _m = self.mutations.begin(None);
-        let removed = self.primary.delete_by_worker(worker_id).await?;
-        if let Err(err) = self.cache.delete_by_worker(worker_id).await {
-            self.cache_write_failed("delete_by_worker", &err, |d| d.add_worker(worker_id));
+        let mut removed = 0;
+        let mut cache_up = true;
+        loop {
+            let ids = self
+                .delete_step(worker_id, self.options.batch(), &mut cache_up)
+                .await?;
+            if ids.is_empty() {
+                return Ok(removed);
+            }
+            removed += ids.len() as u64;
         }
-        Ok(removed)
+    }
+
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        self.delete_step(worker_id, limit, &mut true).await
     }
 
     async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
@@ -326,15 +489,32 @@ impl Store for LayeredStore {
         self.primary.counts_by_worker().await
     }
 
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        self.primary.workers_with_sessions().await
+    }
+
     async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64> {
-        self.retry_repair().await;
-        let _m = self.mutations.begin(None);
-        let moved = self.primary.reroute_worker(from, to).await?;
-        if let Err(err) = self.cache.reroute_worker(from, to).await {
-            // Whatever the cache still holds for `from` is stale: drop it on repair.
-            self.cache_write_failed("reroute_worker", &err, |d| d.add_worker(from));
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        if from == to {
+            return self.primary.count_for_worker(from).await;
         }
-        Ok(moved)
+        self.retry_repair().await;
+        let mut moved = 0;
+        let mut cache_up = true;
+        loop {
+            let ids = self
+                .reroute_step(from, to, self.options.batch(), &mut cache_up)
+                .await?;
+            if ids.is_empty() {
+                return Ok(moved);
+            }
+            moved += ids.len() as u64;
+        }
+    }
+
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        self.reroute_step(from, to, limit, &mut true).await
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
@@ -343,14 +523,35 @@ impl Store for LayeredStore {
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
         self.retry_repair().await;
-        let _m = self.mutations.begin(None);
+        // A batch that fails after committing leaves its (unknown) ids in the cache until
+        // their cache TTL ends or a primary touch finds them gone: they were idle or expired,
+        // so no request is routed by them in between unless a client comes back.
         let removed = self.primary.sweep_batch(sweep, limit).await?;
-        if !removed.is_empty()
-            && let Err(err) = self.cache.delete_many(&removed).await
-        {
-            self.cache_write_failed("sweep", &err, |d| {
-                removed.iter().for_each(|id| d.add_id(id))
-            });
+        self.invalidate("sweep", &removed).await;
+        Ok(removed)
+    }
+
+    /// Sweeps the primary in batches, then prunes the cache's own expired entries: Redis
+    /// expires the cached hashes by itself, but not the index members pointing at them.
+    async fn sweep(&self, sweep: Sweep<'_>) -> Result<u64> {
+        let mut removed = 0;
+        if !matches!(
+            sweep,
+            Sweep::Idle {
+                workers: Some([]),
+                ..
+            }
+        ) {
+            loop {
+                let batch = self.sweep_batch(sweep, self.options.batch()).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                removed += batch.len() as u64;
+            }
+        }
+        if let Err(err) = self.cache.sweep(Sweep::Expired).await {
+            self.cache_failed("prune", &err);
         }
         Ok(removed)
     }
@@ -401,6 +602,10 @@ impl Dirty {
         }
     }
 
+    fn add_ids(&mut self, ids: &[String]) {
+        ids.iter().for_each(|id| self.add_id(id));
+    }
+
     fn add_worker(&mut self, worker: &str) {
         let generation = self.next_generation();
         self.workers.insert(worker.to_string(), generation);
@@ -434,95 +639,9 @@ impl TouchLog {
     }
 }
 
-/// Started/finished counters of mutations, global (worker-level) and sharded by session id.
-struct MutationCounters {
-    hasher: RandomState,
-    global: Counter,
-    shards: Vec<Counter>,
-}
-
-#[derive(Default)]
-struct Counter {
-    started: AtomicU64,
-    finished: AtomicU64,
-}
-
-/// Mutation counts seen by a read before it went to the primary.
-#[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    global: u64,
-    shard: u64,
-}
-
-/// Marks a mutation finished when dropped (also on early error returns).
-struct MutationGuard<'a>(&'a Counter);
-
-impl Drop for MutationGuard<'_> {
-    fn drop(&mut self) {
-        self.0.finished.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl MutationCounters {
-    fn new() -> Self {
-        Self {
-            hasher: RandomState::new(),
-            global: Counter::default(),
-            shards: (0..SHARDS).map(|_| Counter::default()).collect(),
-        }
-    }
-
-    fn shard(&self, id: &str) -> &Counter {
-        &self.shards[(self.hasher.hash_one(id) % SHARDS as u64) as usize]
-    }
-
-    /// Starts a mutation of one session (`Some(id)`) or of any number (`None`).
-    fn begin(&self, id: Option<&str>) -> MutationGuard<'_> {
-        let counter = match id {
-            Some(id) => self.shard(id),
-            None => &self.global,
-        };
-        counter.started.fetch_add(1, Ordering::SeqCst);
-        MutationGuard(counter)
-    }
-
-    /// `None` while a mutation that may affect `id` is in flight: a fill must not happen then.
-    fn snapshot(&self, id: &str) -> Option<Snapshot> {
-        let shard = self.shard(id);
-        let (g, s) = (
-            self.global.started.load(Ordering::SeqCst),
-            shard.started.load(Ordering::SeqCst),
-        );
-        let idle = self.global.finished.load(Ordering::SeqCst) == g
-            && shard.finished.load(Ordering::SeqCst) == s;
-        idle.then_some(Snapshot {
-            global: g,
-            shard: s,
-        })
-    }
-
-    /// Whether a mutation that may affect `id` started after `before` was taken.
-    fn changed_since(&self, id: &str, before: Snapshot) -> bool {
-        self.global.started.load(Ordering::SeqCst) != before.global
-            || self.shard(id).started.load(Ordering::SeqCst) != before.shard
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fill_is_refused_while_a_mutation_is_in_flight() {
-        let counters = MutationCounters::new();
-        let guard = counters.begin(None);
-        assert!(counters.snapshot("a").is_none());
-        drop(guard);
-        let before = counters.snapshot("a").expect("no mutation in flight");
-        assert!(!counters.changed_since("a", before));
-        let _g = counters.begin(Some("a"));
-        assert!(counters.changed_since("a", before));
-    }
 
     #[test]
     fn dirty_ids_overflow_into_a_full_clear() {

@@ -1,13 +1,14 @@
 //! In-process store: the embedded default and the reference the other stores are tested against.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::cache::epoch_shard;
 use super::entry::now_seconds;
-use super::{Entry, Result, Store, StoreOptions, Sweep, validate_id};
+use super::{Cache, Entry, Lookup, Result, Store, StoreOptions, Sweep, Ticket, validate_id};
 
 /// A concurrent in-memory store with a per-worker index, so worker-level operations cost
 /// O(sessions of that worker).
@@ -21,6 +22,8 @@ pub struct MemoryStore {
 struct Tables {
     sessions: HashMap<String, Record>,
     by_worker: HashMap<String, HashSet<String>>,
+    /// Invalidation epochs by shard, when used as a [`Cache`].
+    epochs: HashMap<u64, i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +62,35 @@ impl Tables {
             ids.remove(id);
             if ids.is_empty() {
                 self.by_worker.remove(worker);
+            }
+        }
+    }
+
+    fn epoch(&self, id: &str) -> i64 {
+        self.epochs.get(&epoch_shard(id)).copied().unwrap_or(0)
+    }
+
+    fn bump(&mut self, id: &str) {
+        *self.epochs.entry(epoch_shard(id)).or_default() += 1;
+    }
+
+    /// Up to `limit` ids of a worker, expired or not.
+    fn ids_of_worker(&self, worker: &str, limit: usize) -> Vec<String> {
+        self.by_worker
+            .get(worker)
+            .into_iter()
+            .flatten()
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Moves `ids` to worker `to`, keeping everything else.
+    fn move_to(&mut self, ids: &[String], to: &str) {
+        for id in ids {
+            if let Some(mut record) = self.remove(id) {
+                record.entry.worker_id = to.to_string();
+                self.insert(id, record);
             }
         }
     }
@@ -148,6 +180,9 @@ impl Store for MemoryStore {
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
         let mut tables = self.tables();
         Ok(ids.iter().filter(|id| tables.remove(id).is_some()).count() as u64)
     }
@@ -196,20 +231,40 @@ impl Store for MemoryStore {
         validate_id("worker id", to)?;
         let now = Utc::now();
         let mut tables = self.tables();
-        let ids: Vec<String> = tables
-            .live_of_worker(from, now)
-            .map(|(id, _)| id.clone())
-            .collect();
         if from == to {
-            return Ok(ids.len() as u64);
+            return Ok(tables.live_of_worker(from, now).count() as u64);
         }
-        for id in &ids {
-            if let Some(mut record) = tables.remove(id) {
-                record.entry.worker_id = to.to_string();
-                tables.insert(id, record);
-            }
-        }
+        // Expired but unswept sessions move too, as in Postgres (blockyard still routes them).
+        let ids = tables.ids_of_worker(from, usize::MAX);
+        tables.move_to(&ids, to);
         Ok(ids.len() as u64)
+    }
+
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        if from == to {
+            return Ok(Vec::new());
+        }
+        let mut tables = self.tables();
+        let ids = tables.ids_of_worker(from, limit.max(1));
+        tables.move_to(&ids, to);
+        Ok(ids)
+    }
+
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", worker_id)?;
+        let mut tables = self.tables();
+        let ids = tables.ids_of_worker(worker_id, limit.max(1));
+        for id in &ids {
+            tables.remove(id);
+        }
+        Ok(ids)
+    }
+
+    /// Workers of the index, including those whose sessions all expired but were not swept.
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        Ok(self.tables().by_worker.keys().cloned().collect())
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
@@ -224,6 +279,15 @@ impl Store for MemoryStore {
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
         let now = Utc::now();
         let mut tables = self.tables();
+        if let Sweep::Idle {
+            workers: Some(workers),
+            ..
+        } = sweep
+        {
+            for w in workers {
+                validate_id("worker id", w)?;
+            }
+        }
         let doomed: Vec<String> = match sweep {
             Sweep::Expired => tables
                 .sessions
@@ -233,12 +297,15 @@ impl Store for MemoryStore {
                 .take(limit)
                 .collect(),
             Sweep::Idle { max_age, workers } => {
+                // `last_access` has whole seconds (blockyard's precision): a session stored with
+                // second S may have been used until S + 1 s, so it is idle only from then on.
                 let age = self.options.idle_cutoff_age(max_age);
                 let cutoff = chrono::TimeDelta::from_std(age)
                     .ok()
                     .and_then(|age| now.checked_sub_signed(age))
+                    .and_then(|at| at.checked_sub_signed(chrono::TimeDelta::seconds(1)))
                     .unwrap_or(DateTime::<Utc>::MIN_UTC);
-                let idle = |r: &Record| r.entry.last_access < cutoff;
+                let idle = |r: &Record| r.entry.last_access <= cutoff;
                 match workers {
                     None => tables
                         .sessions
@@ -249,6 +316,8 @@ impl Store for MemoryStore {
                         .collect(),
                     Some(workers) => workers
                         .iter()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
                         .filter_map(|w| tables.by_worker.get(w))
                         .flatten()
                         .filter(|id| tables.sessions.get(*id).is_some_and(idle))
@@ -266,5 +335,97 @@ impl Store for MemoryStore {
 
     fn options(&self) -> &StoreOptions {
         &self.options
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryStore {
+    async fn lookup(&self, id: &str) -> Result<Lookup> {
+        validate_id("session id", id)?;
+        let now = Utc::now();
+        let tables = self.tables();
+        Ok(match tables.sessions.get(id).filter(|r| r.is_live(now)) {
+            Some(record) => Lookup::Hit(record.entry.clone()),
+            None => Lookup::Miss(Ticket(tables.epoch(id))),
+        })
+    }
+
+    async fn ticket(&self, id: &str) -> Result<Ticket> {
+        validate_id("session id", id)?;
+        Ok(Ticket(self.tables().epoch(id)))
+    }
+
+    async fn fill(&self, id: &str, entry: &Entry, ticket: Ticket) -> Result<bool> {
+        validate_id("session id", id)?;
+        validate_id("worker id", &entry.worker_id)?;
+        let now = Utc::now();
+        let expires_at = self.expires_at(now);
+        let mut tables = self.tables();
+        let present = tables.sessions.get(id).is_some_and(|r| r.is_live(now));
+        if present || tables.epoch(id) != ticket.0 {
+            return Ok(false);
+        }
+        let entry = entry.clone();
+        tables.insert(id, Record { entry, expires_at });
+        Ok(true)
+    }
+
+    async fn overwrite(&self, id: &str, entry: &Entry, ticket: Ticket) -> Result<bool> {
+        validate_id("session id", id)?;
+        validate_id("worker id", &entry.worker_id)?;
+        let expires_at = self.expires_at(Utc::now());
+        let mut tables = self.tables();
+        let current = tables.epoch(id) == ticket.0;
+        tables.bump(id);
+        if current {
+            let entry = entry.clone();
+            tables.insert(id, Record { entry, expires_at });
+        } else {
+            tables.remove(id);
+        }
+        Ok(current)
+    }
+
+    async fn invalidate(&self, ids: &[String]) -> Result<()> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
+        let mut tables = self.tables();
+        for id in ids {
+            tables.remove(id);
+            tables.bump(id);
+        }
+        Ok(())
+    }
+
+    async fn reroute_ids(&self, ids: &[String], from: &str, to: &str) -> Result<()> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        for id in ids {
+            validate_id("session id", id)?;
+        }
+        let mut tables = self.tables();
+        for id in ids {
+            let held = tables.sessions.get(id).map(|r| r.entry.worker_id.clone());
+            match held {
+                Some(w) if w == from => tables.move_to(std::slice::from_ref(id), to),
+                Some(w) if w != to => {
+                    tables.remove(id);
+                }
+                _ => {}
+            }
+            tables.bump(id);
+        }
+        Ok(())
+    }
+
+    async fn invalidate_worker(&self, worker_id: &str) -> Result<()> {
+        validate_id("worker id", worker_id)?;
+        let mut tables = self.tables();
+        for id in tables.ids_of_worker(worker_id, usize::MAX) {
+            tables.remove(&id);
+            tables.bump(&id);
+        }
+        Ok(())
     }
 }

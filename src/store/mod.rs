@@ -9,6 +9,7 @@
 //! - [`RedisStore`]: hashes `{prefix}session:{id}` plus a per-worker index;
 //! - [`LayeredStore`]: a cache store over a primary store.
 
+mod cache;
 mod entry;
 mod error;
 mod layered;
@@ -22,12 +23,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use cache::{Cache, Lookup, Ticket};
 pub use entry::{Entry, MAX_ID_BYTES, validate_id};
 pub use error::{StoreError, redact_url};
 pub use layered::{LayeredStats, LayeredStore};
 pub use memory::MemoryStore;
 pub use options::StoreOptions;
-pub use postgres::{DEFAULT_SCHEMA, PostgresStore};
+pub use postgres::{DEFAULT_SCHEMA, PostgresOptions, PostgresStore};
 pub use redis::{DEFAULT_PREFIX, RedisOptions, RedisStore};
 
 /// Result of a store operation.
@@ -90,7 +92,56 @@ pub trait Store: Send + Sync {
     }
 
     /// Moves every session of `from` to `to`; returns how many moved.
+    ///
+    /// Sessions that expired but were not swept yet are moved too (Postgres and memory): blockyard
+    /// still routes requests by such rows, since its `Get` has no expiry filter.
     async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64>;
+
+    /// Moves at most `limit` sessions of `from` to `to` (one committed batch) and returns their
+    /// ids; an empty list means `from` has no session left. Lets a caller act on each batch as
+    /// it commits (the layered store updates its cache by these ids).
+    ///
+    /// The provided implementation is a non-atomic fallback over `entries_for_worker`, `get`
+    /// and `set`, for test doubles; every store of this crate overrides it.
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", to)?;
+        if from == to {
+            validate_id("worker id", from)?;
+            return Ok(Vec::new());
+        }
+        let mut moved = Vec::new();
+        for id in self
+            .entries_for_worker(from)
+            .await?
+            .into_keys()
+            .take(limit.max(1))
+        {
+            if let Some(mut entry) = self.get(&id).await?
+                && entry.worker_id == from
+            {
+                entry.worker_id = to.to_string();
+                self.set(&id, &entry).await?;
+                moved.push(id);
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Deletes at most `limit` sessions of `worker_id` (one committed batch) and returns their
+    /// ids; an empty list means the worker has no session left.
+    ///
+    /// The provided implementation is a fallback over `entries_for_worker` and `delete_many`,
+    /// for test doubles; every store of this crate overrides it.
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        let ids: Vec<String> = self
+            .entries_for_worker(worker_id)
+            .await?
+            .into_keys()
+            .take(limit.max(1))
+            .collect();
+        self.delete_many(&ids).await?;
+        Ok(ids)
+    }
 
     /// Snapshot of a worker's live sessions.
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>>;

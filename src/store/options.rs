@@ -2,6 +2,10 @@ use std::time::Duration;
 
 use super::StoreError;
 
+/// Longest idle TTL, touch window or sweep age accepted: far beyond any real setting, and well
+/// inside what Postgres intervals, chrono and Redis TTLs can represent.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
 /// Settings shared by every store implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -40,6 +44,16 @@ impl StoreOptions {
     /// Rejects settings that would break a store's promises: a touch window as long as the idle
     /// TTL would let the primary's `last_access` lag by a whole TTL.
     pub fn validate(&self) -> Result<(), StoreError> {
+        for (name, value) in [
+            ("idle TTL", self.idle_ttl),
+            ("touch window", self.touch_window),
+        ] {
+            if value > MAX_DURATION {
+                return Err(StoreError::Config(format!(
+                    "{name} {value:?} is longer than the supported maximum of 100 years"
+                )));
+            }
+        }
         if !self.idle_ttl.is_zero() && self.touch_window >= self.idle_ttl {
             return Err(StoreError::Config(format!(
                 "touch window {:?} must be shorter than the idle TTL {:?} (a small fraction of it)",
@@ -54,14 +68,15 @@ impl StoreOptions {
         self.batch_size.max(1)
     }
 
-    /// How long after its last touch a session may be removed by an idle sweep of `max_age`.
+    /// How long after its last touch a session may be removed by an idle sweep of `max_age`
+    /// (saturating: an absurd `max_age` sweeps nothing rather than overflowing).
     pub fn idle_cutoff_age(&self, max_age: Duration) -> Duration {
-        max_age + self.touch_window
+        max_age.saturating_add(self.touch_window).min(MAX_DURATION)
     }
 
     /// The TTL written to a store, widened by the touch window (zero stays "never").
     pub fn expiry_ttl(&self) -> Option<Duration> {
-        (!self.idle_ttl.is_zero()).then(|| self.idle_ttl + self.touch_window)
+        (!self.idle_ttl.is_zero()).then(|| self.idle_ttl.saturating_add(self.touch_window))
     }
 }
 
@@ -78,5 +93,17 @@ mod tests {
         assert!(options.validate().is_err());
         options.idle_ttl = Duration::ZERO; // never expires: any window is fine
         assert!(options.validate().is_ok());
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_not_overflowed() {
+        let huge = Duration::from_secs(u64::MAX / 2);
+        let options = StoreOptions {
+            touch_window: huge,
+            ..StoreOptions::default()
+        };
+        assert!(options.validate().is_err());
+        assert_eq!(options.idle_cutoff_age(huge), MAX_DURATION);
+        assert!(options.expiry_ttl().is_none());
     }
 }

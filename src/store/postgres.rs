@@ -1,13 +1,13 @@
 //! Postgres store: the source of truth, blockyard's `blockyard_sessions` table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection};
 
 use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
 
@@ -26,28 +26,75 @@ macro_rules! expires_at_sql {
     };
 }
 
-/// Sessions in Postgres; every statement is plain SQL against `blockyard_sessions`.
-///
-/// Connections set `search_path` to the configured schema, so blockyard and this store share
-/// the table without schema-qualified names.
+/// Settings of the Postgres store beyond [`StoreOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Schema of `blockyard_sessions` (blockyard's default: `blockyard`).
+    pub schema: String,
+    /// Longest wait for a lock per statement (`lock_timeout`): a proxy holding a session's row
+    /// lock (idle in transaction) must not stall a reroute or sweep indefinitely.
+    pub lock_timeout: Duration,
+    /// Longest run of any statement (`statement_timeout`); migrations are exempt.
+    pub statement_timeout: Duration,
+    /// How often a batch that hit `lock_timeout` is retried before the operation fails.
+    pub lock_retries: u32,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: DEFAULT_SCHEMA.to_string(),
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+            lock_retries: 3,
+        }
+    }
+}
+
+/// Sessions in Postgres; every statement is plain SQL against `blockyard_sessions`, qualified
+/// with its schema, so a table of the same name elsewhere (`public`) is never used by mistake.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     options: StoreOptions,
+    pg: PostgresOptions,
+    /// `"schema".blockyard_sessions`.
+    table: String,
 }
 
 impl PostgresStore {
-    /// Connects to `url` using tables in `schema` (`DEFAULT_SCHEMA` unless told otherwise).
+    /// Connects to `url` using tables in `schema` (`DEFAULT_SCHEMA` unless told otherwise),
+    /// with the default timeouts of [`PostgresOptions`].
     ///
     /// Fails fast with a one-line error when the URL is malformed or the server cannot be
     /// reached; the error never contains the password.
     pub async fn connect(url: &str, schema: &str, options: StoreOptions) -> Result<Self> {
-        validate_schema(schema)?;
+        let pg = PostgresOptions {
+            schema: schema.to_string(),
+            ..PostgresOptions::default()
+        };
+        Self::connect_with(url, pg, options).await
+    }
+
+    /// Connects to `url` with explicit Postgres settings.
+    pub async fn connect_with(
+        url: &str,
+        pg: PostgresOptions,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        validate_schema(&pg.schema)?;
         options.validate()?;
+        let millis = |d: Duration| format!("{}ms", d.as_millis().max(1));
+        // search_path holds only the schema, so the migrations' unqualified names resolve there
+        // and nowhere else.
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid database URL: {e}")))?
             .application_name("session-operator")
-            .options([("search_path", format!("{schema},public"))]);
+            .options([
+                ("search_path", quote_ident(&pg.schema)),
+                ("lock_timeout", millis(pg.lock_timeout)),
+                ("statement_timeout", millis(pg.statement_timeout)),
+            ]);
         // One direct connection first: the pool would retry until its timeout and then report
         // only "timed out", hiding why (refused, bad password, unknown database).
         PgConnection::connect_with(&connect).await?.close().await?;
@@ -56,12 +103,22 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(connect)
             .await?;
-        Ok(Self { pool, options })
+        let table = format!("{}.blockyard_sessions", quote_ident(&pg.schema));
+        Ok(Self {
+            pool,
+            options,
+            pg,
+            table,
+        })
     }
 
-    /// A store over an existing pool whose connections already use the right `search_path`.
-    pub fn from_pool(pool: PgPool, options: StoreOptions) -> Self {
-        Self { pool, options }
+    /// The same table and pool with other store options (e.g. another touch window).
+    pub fn with_options(&self, options: StoreOptions) -> Result<Self> {
+        options.validate()?;
+        Ok(Self {
+            options,
+            ..self.clone()
+        })
     }
 
     /// The connection pool (for migrations and tests).
@@ -69,15 +126,92 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// `sql` with `blockyard_sessions` qualified by the configured schema.
+    fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(sql.replace("blockyard_sessions", &self.table))
+    }
+
     /// Creates the schema if needed and applies `migrations/`. Safe to run against a database
     /// where blockyard already created the table, and safe to run concurrently.
+    ///
+    /// Refuses to create the table when `blockyard_sessions` exists only in `blockyard` or
+    /// `public` (where blockyard keeps it) and not in `schema`: an empty table there would
+    /// silently hide the sessions proxies use.
     pub async fn migrate(&self, schema: &str) -> Result<()> {
         validate_schema(schema)?;
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname = 'blockyard_sessions' AND c.relkind IN ('r', 'p')
+             ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let elsewhere: Vec<&String> = found
+            .iter()
+            .filter(|n| n.as_str() == DEFAULT_SCHEMA || n.as_str() == "public")
+            .collect();
+        if !found.iter().any(|n| n == schema) && !elsewhere.is_empty() {
+            let names: Vec<String> = elsewhere.iter().map(|n| format!("{n:?}")).collect();
+            return Err(StoreError::Config(format!(
+                "blockyard_sessions exists in schema {} but not in {schema:?}; refusing to create \
+                 an empty table that would hide it. Pass --schema {} (SESSION_SCHEMA) to use it",
+                names.join(", "),
+                elsewhere[0]
+            )));
+        }
         let mut migrator = sqlx::migrate!("./migrations");
-        migrator.create_schema(schema.to_string());
-        migrator.dangerous_set_table_name(format!("{schema}.session_operator_migrations"));
-        migrator.run(&self.pool).await?;
+        migrator.create_schema(quote_ident(schema));
+        migrator.dangerous_set_table_name(format!(
+            "{}.session_operator_migrations",
+            quote_ident(schema)
+        ));
+        // Index builds on a large table may take longer than the statement timeout.
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = migrator.run(&mut *conn).await;
+        sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
+            .await?;
+        migrated?;
         Ok(())
+    }
+
+    /// Runs `attempt` again when it failed on `lock_timeout` (a row held by another
+    /// transaction), up to [`PostgresOptions::lock_retries`] times, then fails with a message
+    /// that says what to look for.
+    async fn with_lock_retries<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>> + Send,
+        T: Send,
+    {
+        let mut tries = 0;
+        loop {
+            match attempt().await {
+                Err(err) if is_lock_timeout(&err) => {
+                    tries += 1;
+                    if tries > self.pg.lock_retries {
+                        return Err(StoreError::Timeout(format!(
+                            "{what}: rows stayed locked by another transaction for longer than \
+                             the lock timeout ({:?}) in {tries} attempts; look for sessions \
+                             'idle in transaction' in pg_stat_activity",
+                            self.pg.lock_timeout
+                        )));
+                    }
+                    tracing::warn!(what, tries, "rows locked by another transaction; retrying");
+                    tokio::time::sleep(Duration::from_millis(100) * tries).await;
+                }
+                Err(err) if is_statement_timeout(&err) => {
+                    return Err(StoreError::Timeout(format!(
+                        "{what}: a statement ran longer than the statement timeout ({:?})",
+                        self.pg.statement_timeout
+                    )));
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     fn ttl_secs(&self) -> Option<f64> {
@@ -95,23 +229,54 @@ impl PostgresStore {
     /// outer statement needs no condition of its own (one would tempt the planner into scanning
     /// by that column instead of the primary key).
     async fn batched(&self, sql: &'static str, worker: &str, extra: Option<&str>) -> Result<u64> {
-        let limit = self.options.batch() as i64;
         let mut total = 0;
         loop {
-            let mut query = sqlx::query(sql).bind(worker).bind(limit);
-            if let Some(extra) = extra {
-                query = query.bind(extra);
-            }
-            let n = query.execute(&self.pool).await?.rows_affected();
+            let n = self
+                .batch_ids(sql, worker, extra, self.options.batch())
+                .await?
+                .len() as u64;
             total += n;
             if n == 0 {
                 return Ok(total);
             }
         }
     }
+
+    /// One batch of `sql` (`$1` = worker, `$2` = limit, optionally `$3`; `RETURNING id`).
+    async fn batch_ids(
+        &self,
+        sql: &'static str,
+        worker: &str,
+        extra: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.with_lock_retries(&format!("sessions of worker {worker:?}"), || {
+            let mut query = sqlx::query_scalar(self.sql(sql))
+                .bind(worker)
+                .bind(limit.max(1) as i64);
+            if let Some(extra) = extra {
+                query = query.bind(extra);
+            }
+            query.fetch_all(&self.pool)
+        })
+        .await
+    }
 }
 
-/// The schema goes into `search_path` unquoted, so only plain lower-case identifiers are allowed.
+/// Deletes one batch of a worker's rows, expired or not.
+const DELETE_WORKER_BATCH: &str = "DELETE FROM blockyard_sessions WHERE id = ANY(ARRAY(
+         SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))
+     RETURNING id";
+
+/// Moves one batch of a worker's rows to `$3`. Expired but unswept rows move too: blockyard's
+/// `Get` has no expiry filter, so they still route requests until the sweep removes them.
+const REROUTE_BATCH: &str = "UPDATE blockyard_sessions SET worker_id = $3 WHERE id = ANY(ARRAY(
+         SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))
+     RETURNING id";
+
+/// Schema names are plain lower-case identifiers (always quoted in SQL, so reserved words such
+/// as `user` work); `pg_*` schemas (`pg_temp`, `pg_catalog`) and `information_schema` belong to
+/// Postgres itself and are rejected.
 fn validate_schema(schema: &str) -> Result<()> {
     let mut chars = schema.chars();
     let ok = schema.len() <= 63
@@ -119,13 +284,38 @@ fn validate_schema(schema: &str) -> Result<()> {
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Config(format!(
+    if !ok {
+        return Err(StoreError::Config(format!(
             "schema {schema:?} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, at most 63 bytes)"
-        )))
+        )));
     }
+    if schema.starts_with("pg_") || schema == "information_schema" {
+        return Err(StoreError::Config(format!(
+            "schema {schema:?} is reserved by Postgres; use a schema of your own (default {DEFAULT_SCHEMA:?})"
+        )));
+    }
+    Ok(())
+}
+
+/// A schema name as a quoted identifier (validated names contain no quote).
+fn quote_ident(schema: &str) -> String {
+    format!("\"{schema}\"")
+}
+
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+/// `lock_not_available`: `lock_timeout` expired.
+fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    sqlstate(err).as_deref() == Some("55P03")
+}
+
+/// `query_canceled`: `statement_timeout` expired.
+fn is_statement_timeout(err: &sqlx::Error) -> bool {
+    sqlstate(err).as_deref() == Some("57014")
 }
 
 type Row = (String, String, String, DateTime<Utc>);
@@ -142,10 +332,10 @@ fn entry_of((_, worker_id, user_sub, last_access): &Row) -> Entry {
 impl Store for PostgresStore {
     async fn get(&self, id: &str) -> Result<Option<Entry>> {
         validate_id("session id", id)?;
-        let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        let row: Option<(String, String, DateTime<Utc>)> = sqlx::query_as(self.sql(
             "SELECT worker_id, user_sub, last_access FROM blockyard_sessions
              WHERE id = $1 AND expires_at > now()",
-        )
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -159,7 +349,7 @@ impl Store for PostgresStore {
     async fn set(&self, id: &str, entry: &Entry) -> Result<()> {
         validate_id("session id", id)?;
         validate_id("worker id", &entry.worker_id)?;
-        sqlx::query(concat!(
+        sqlx::query(self.sql(concat!(
             "INSERT INTO blockyard_sessions (id, worker_id, user_sub, last_access, expires_at)
              VALUES ($1, $2, $3, $4, ",
             expires_at_sql!("$5"),
@@ -167,7 +357,7 @@ impl Store for PostgresStore {
              ON CONFLICT (id) DO UPDATE SET worker_id = EXCLUDED.worker_id,
                  user_sub = EXCLUDED.user_sub, last_access = EXCLUDED.last_access,
                  expires_at = EXCLUDED.expires_at"
-        ))
+        )))
         .bind(id)
         .bind(&entry.worker_id)
         .bind(&entry.user_sub)
@@ -180,12 +370,12 @@ impl Store for PostgresStore {
 
     async fn touch(&self, id: &str) -> Result<bool> {
         validate_id("session id", id)?;
-        let done = sqlx::query(concat!(
+        let done = sqlx::query(self.sql(concat!(
             "UPDATE blockyard_sessions
              SET last_access = date_trunc('second', now()), expires_at = ",
             expires_at_sql!("$2"),
             " WHERE id = $1 AND expires_at > now()"
-        ))
+        )))
         .bind(id)
         .bind(self.ttl_secs())
         .execute(&self.pool)
@@ -195,7 +385,7 @@ impl Store for PostgresStore {
 
     async fn delete(&self, id: &str) -> Result<bool> {
         validate_id("session id", id)?;
-        let done = sqlx::query("DELETE FROM blockyard_sessions WHERE id = $1")
+        let done = sqlx::query(self.sql("DELETE FROM blockyard_sessions WHERE id = $1"))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -203,9 +393,12 @@ impl Store for PostgresStore {
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
         let mut total = 0;
         for chunk in ids.chunks(self.options.batch()) {
-            total += sqlx::query("DELETE FROM blockyard_sessions WHERE id = ANY($1)")
+            total += sqlx::query(self.sql("DELETE FROM blockyard_sessions WHERE id = ANY($1)"))
                 .bind(chunk)
                 .execute(&self.pool)
                 .await?
@@ -216,13 +409,13 @@ impl Store for PostgresStore {
 
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
-        self.batched(
-            "DELETE FROM blockyard_sessions WHERE id = ANY(ARRAY(
-                 SELECT id FROM blockyard_sessions WHERE worker_id = $1 LIMIT $2 FOR UPDATE))",
-            worker_id,
-            None,
-        )
-        .await
+        self.batched(DELETE_WORKER_BATCH, worker_id, None).await
+    }
+
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", worker_id)?;
+        self.batch_ids(DELETE_WORKER_BATCH, worker_id, None, limit)
+            .await
     }
 
     async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
@@ -233,10 +426,10 @@ impl Store for PostgresStore {
         for w in worker_ids {
             validate_id("worker id", w)?;
         }
-        let n: i64 = sqlx::query_scalar(
+        let n: i64 = sqlx::query_scalar(self.sql(
             "SELECT count(*) FROM blockyard_sessions
              WHERE worker_id = ANY($1) AND expires_at > now()",
-        )
+        ))
         .bind(worker_ids)
         .fetch_one(&self.pool)
         .await?;
@@ -244,10 +437,10 @@ impl Store for PostgresStore {
     }
 
     async fn counts_by_worker(&self) -> Result<BTreeMap<String, u64>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64)> = sqlx::query_as(self.sql(
             "SELECT worker_id, count(*) FROM blockyard_sessions
              WHERE expires_at > now() GROUP BY worker_id",
-        )
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(w, n)| (w, n as u64)).collect())
@@ -259,22 +452,43 @@ impl Store for PostgresStore {
         if from == to {
             return self.count_for_worker(from).await;
         }
-        self.batched(
-            "UPDATE blockyard_sessions SET worker_id = $3 WHERE id = ANY(ARRAY(
-                 SELECT id FROM blockyard_sessions
-                 WHERE worker_id = $1 AND expires_at > now() LIMIT $2 FOR UPDATE))",
-            from,
-            Some(to),
-        )
-        .await
+        self.batched(REROUTE_BATCH, from, Some(to)).await
+    }
+
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        if from == to {
+            return Ok(Vec::new());
+        }
+        self.batch_ids(REROUTE_BATCH, from, Some(to), limit).await
+    }
+
+    /// A skip scan over the `worker_id` index (recursive CTE, one index probe per worker):
+    /// O(workers · log sessions), where `GROUP BY worker_id` reads every row. Rows that expired
+    /// but were not swept yet count: blockyard still routes requests by them.
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        let workers: Vec<String> = sqlx::query_scalar(self.sql(
+            "WITH RECURSIVE w(worker_id) AS (
+                 (SELECT worker_id FROM blockyard_sessions ORDER BY worker_id LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT s.worker_id FROM blockyard_sessions s
+                         WHERE s.worker_id > w.worker_id ORDER BY s.worker_id LIMIT 1)
+                 FROM w WHERE w.worker_id IS NOT NULL
+             )
+             SELECT worker_id FROM w WHERE worker_id IS NOT NULL",
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(workers.into_iter().collect())
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
         validate_id("worker id", worker_id)?;
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<Row> = sqlx::query_as(self.sql(
             "SELECT id, worker_id, user_sub, last_access FROM blockyard_sessions
              WHERE worker_id = $1 AND expires_at > now()",
-        )
+        ))
         .bind(worker_id)
         .fetch_all(&self.pool)
         .await?;
@@ -285,6 +499,15 @@ impl Store for PostgresStore {
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
+        if let Sweep::Idle {
+            workers: Some(workers),
+            ..
+        } = sweep
+        {
+            for w in workers {
+                validate_id("worker id", w)?;
+            }
+        }
         // Sweeps pick rows by `ctid` (twice as fast per batch as by `id`): a row that a proxy
         // updated between the statement's snapshot and our lock is simply not deleted by this
         // batch and is found again by the next one.
@@ -294,30 +517,36 @@ impl Store for PostgresStore {
         // heap (a sequential scan made 1M rows ten times slower).
         let ids = match sweep {
             Sweep::Expired => {
-                sqlx::query_scalar(
-                    "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM blockyard_sessions WHERE expires_at <= now()
-                         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))
-                     RETURNING id",
-                )
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
+                self.with_lock_retries("expiry sweep", || {
+                    sqlx::query_scalar(self.sql(
+                        "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
+                             SELECT ctid FROM blockyard_sessions WHERE expires_at <= now()
+                             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))
+                         RETURNING id",
+                    ))
+                    .bind(limit as i64)
+                    .fetch_all(&self.pool)
+                })
                 .await?
             }
             Sweep::Idle { max_age, workers } => {
+                // `last_access` is written in whole seconds (blockyard's precision): a session
+                // stored with second S may have been used until S + 1 s, hence the extra second.
                 let age = self.options.idle_cutoff_age(max_age).as_secs_f64();
-                sqlx::query_scalar(
-                    "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM blockyard_sessions
-                         WHERE last_access < now() - make_interval(secs => $1::float8)
-                           AND ($2::text[] IS NULL OR worker_id = ANY($2))
-                         ORDER BY last_access LIMIT $3 FOR UPDATE SKIP LOCKED))
-                     RETURNING id",
-                )
-                .bind(age)
-                .bind(workers)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
+                self.with_lock_retries("idle sweep", || {
+                    sqlx::query_scalar(self.sql(
+                        "DELETE FROM blockyard_sessions WHERE ctid = ANY(ARRAY(
+                             SELECT ctid FROM blockyard_sessions
+                             WHERE last_access <= now() - make_interval(secs => $1::float8 + 1)
+                               AND ($2::text[] IS NULL OR worker_id = ANY($2))
+                             ORDER BY last_access LIMIT $3 FOR UPDATE SKIP LOCKED))
+                         RETURNING id",
+                    ))
+                    .bind(age)
+                    .bind(workers)
+                    .bind(limit as i64)
+                    .fetch_all(&self.pool)
+                })
                 .await?
             }
         };
@@ -337,8 +566,20 @@ mod tests {
     fn schema_names() {
         assert!(validate_schema("blockyard").is_ok());
         assert!(validate_schema("_t_123").is_ok());
-        for bad in ["", "Blockyard", "a-b", "x;drop", "1abc", &"a".repeat(64)] {
+        assert!(validate_schema("user").is_ok(), "reserved words are quoted");
+        for bad in [
+            "",
+            "Blockyard",
+            "a-b",
+            "x;drop",
+            "1abc",
+            &"a".repeat(64),
+            "pg_temp",
+            "pg_catalog",
+            "information_schema",
+        ] {
             assert!(validate_schema(bad).is_err(), "{bad:?} accepted");
         }
+        assert_eq!(quote_ident("user"), "\"user\"");
     }
 }

@@ -20,7 +20,7 @@
 //! an incremental, non-blocking `SCAN` that adds them to the index before each worker-level
 //! operation, unless [`RedisOptions::index_only`] says every writer maintains the index.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +28,10 @@ use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{Entry, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
+use super::cache::epoch_shard;
+use super::{
+    Cache, Entry, Lookup, Result, Store, StoreError, StoreOptions, Sweep, Ticket, validate_id,
+};
 
 /// blockyard's default key prefix.
 pub const DEFAULT_PREFIX: &str = "blockyard:";
@@ -61,6 +64,8 @@ local P = ARGV[1]
 local function skey(id) return P .. 'session:' .. id end
 local function ikey(w) return P .. 'session-index:worker:' .. w end
 local WORKERS = P .. 'session-index:workers'
+local EPOCHS = P .. 'session-epochs'
+local function epoch(shard) return tonumber(redis.call('HGET', EPOCHS, shard) or '0') end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -74,6 +79,13 @@ end
 local function unindex(id, w)
   redis.call('ZREM', ikey(w), id)
   if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+end
+-- Runs redis.call(cmd, key, unpack(args)) in chunks: one call per chunk instead of one per item,
+-- within Lua's limit on unpacked values.
+local function bulk(cmd, key, args, step)
+  for i = 1, #args, step do
+    redis.call(cmd, key, unpack(args, i, math.min(i + step - 1, #args)))
+  end
 end
 local function write_ttl(key, ttl)
   if ttl > 0 then redis.call('EXPIRE', key, ttl); return ttl * 1000 end
@@ -117,54 +129,138 @@ return n
 "#;
 
 /// ARGV: prefix, worker, limit. Deletes up to `limit` index members' sessions.
-/// Returns {members processed, sessions deleted}.
+/// Returns {members processed, {deleted ids}}.
 const DELETE_WORKER_BATCH: &str = r#"
 local w = ARGV[2]
 local ids = redis.call('ZRANGE', ikey(w), 0, tonumber(ARGV[3]) - 1)
-local n = 0
+local out = {}
 for _, id in ipairs(ids) do
   if redis.call('HGET', skey(id), 'worker_id') == w then
-    n = n + redis.call('DEL', skey(id))
+    redis.call('DEL', skey(id))
+    out[#out + 1] = id
   end
-  redis.call('ZREM', ikey(w), id)
 end
+bulk('ZREM', ikey(w), ids, 1000)
 if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
-return {#ids, n}
+return {#ids, out}
 "#;
 
 /// ARGV: prefix, from, to, limit. Moves up to `limit` index members' sessions.
-/// Returns {members processed, sessions moved}.
+/// Returns {members processed, {moved ids}}.
 const REROUTE_BATCH: &str = r#"
 local from, to = ARGV[2], ARGV[3]
 local ids = redis.call('ZRANGE', ikey(from), 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
-local n = 0
+local out, adds, seen = {}, {}, {}
 for i = 1, #ids, 2 do
   local id, score = ids[i], ids[i + 1]
+  seen[#seen + 1] = id
   if redis.call('HGET', skey(id), 'worker_id') == from then
     redis.call('HSET', skey(id), 'worker_id', to)
-    redis.call('ZADD', ikey(to), score, id)
-    n = n + 1
+    adds[#adds + 1] = score
+    adds[#adds + 1] = id
+    out[#out + 1] = id
   end
-  redis.call('ZREM', ikey(from), id)
 end
-if n > 0 then redis.call('SADD', WORKERS, to) end
+bulk('ZADD', ikey(to), adds, 1000)
+bulk('ZREM', ikey(from), seen, 1000)
+if #out > 0 then redis.call('SADD', WORKERS, to) end
 if redis.call('EXISTS', ikey(from)) == 0 then redis.call('SREM', WORKERS, from) end
-return {#ids / 2, n}
+return {#ids / 2, out}
 "#;
 
-/// ARGV: prefix, worker. Returns the worker's live sessions as a flat list
-/// {id, user_sub, last_access, …}, pruning members whose hash is gone or moved to another worker.
-/// Liveness comes from the hash itself (Redis never returns an expired one), not from the score:
-/// blockyard touches hashes without updating our index, so an old score can hide a live session.
-const LIVE_ENTRIES: &str = r#"
-local w = ARGV[2]
+/// ARGV: prefix, id, shard. Returns {'1', worker, user_sub, last_access} for a session, or
+/// {'0', epoch of the shard} on a miss. A hash without `worker_id` (left by blockyard's
+/// non-atomic touch after expiry) is a miss.
+const LOOKUP: &str = r#"
+local h = redis.call('HMGET', skey(ARGV[2]), 'worker_id', 'user_sub', 'last_access')
+if h[1] then return {'1', h[1], h[2] or '', h[3] or ''} end
+return {'0', tostring(epoch(ARGV[3]))}
+"#;
+
+/// ARGV: prefix, id, shard, ticket, worker, user_sub, last_access, ttl seconds. Writes the
+/// session only if it is absent and the shard's epoch still equals the ticket.
+const FILL: &str = r#"
+local id = ARGV[2]
+local key = skey(id)
+if epoch(ARGV[3]) ~= tonumber(ARGV[4]) or redis.call('EXISTS', key) == 1 then return 0 end
+redis.call('HSET', key, 'worker_id', ARGV[5], 'user_sub', ARGV[6], 'last_access', ARGV[7])
+index(id, ARGV[5], write_ttl(key, tonumber(ARGV[8])))
+return 1
+"#;
+
+/// ARGV: as FILL. Writes the session if the shard's epoch still equals the ticket, deletes it
+/// otherwise; bumps the epoch either way.
+const OVERWRITE: &str = r#"
+local id, w = ARGV[2], ARGV[5]
+local key = skey(id)
+local current = epoch(ARGV[3]) == tonumber(ARGV[4])
+redis.call('HINCRBY', EPOCHS, ARGV[3], 1)
+local old = redis.call('HGET', key, 'worker_id')
+if old and (old ~= w or not current) then unindex(id, old) end
+if not current then
+  redis.call('DEL', key)
+  return 0
+end
+redis.call('HSET', key, 'worker_id', w, 'user_sub', ARGV[6], 'last_access', ARGV[7])
+index(id, w, write_ttl(key, tonumber(ARGV[8])))
+return 1
+"#;
+
+/// ARGV: prefix, worker ('' for none), n, n ids, shards… Deletes the ids (and their index
+/// members, also under `worker`, whose hash may be gone), then bumps the shards' epochs.
+const INVALIDATE: &str = r#"
+local worker, n = ARGV[2], tonumber(ARGV[3])
+for i = 4, 3 + n do
+  local id = ARGV[i]
+  local w = redis.call('HGET', skey(id), 'worker_id')
+  redis.call('DEL', skey(id))
+  if w then unindex(id, w) end
+  if worker ~= '' and worker ~= w then unindex(id, worker) end
+end
+for i = 4 + n, #ARGV do redis.call('HINCRBY', EPOCHS, ARGV[i], 1) end
+return n
+"#;
+
+/// ARGV: prefix, from, to, n, n ids, shards… Switches the ids held with `from` to `to`, deletes
+/// those held with a third worker, then bumps the shards' epochs.
+const REROUTE_IDS: &str = r#"
+local from, to, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+for i = 5, 4 + n do
+  local id = ARGV[i]
+  local key = skey(id)
+  local w = redis.call('HGET', key, 'worker_id')
+  if w == from then
+    redis.call('HSET', key, 'worker_id', to)
+    redis.call('ZREM', ikey(from), id)
+    index(id, to, redis.call('PTTL', key))
+  elseif w and w ~= to then
+    redis.call('DEL', key)
+    unindex(id, w)
+  end
+end
+if redis.call('EXISTS', ikey(from)) == 0 then redis.call('SREM', WORKERS, from) end
+for i = 5 + n, #ARGV do redis.call('HINCRBY', EPOCHS, ARGV[i], 1) end
+return n
+"#;
+
+/// ARGV: prefix, worker, with entries ('1' or '0'), ids… Returns the ids (with `user_sub` and
+/// `last_access` when asked: a flat {id, user_sub, last_access, …}) whose hash still belongs to
+/// the worker, and drops the other ids from the worker's index. Liveness comes from the hash
+/// itself (Redis never returns an expired one), not from the score: blockyard touches hashes
+/// without updating our index, so an old score can hide a live session. Called with at most one
+/// batch of ids, so no call blocks Redis for long.
+const LIVE_CHECK: &str = r#"
+local w, with_entries = ARGV[2], ARGV[3] == '1'
 local out = {}
-for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
+for i = 4, #ARGV do
+  local id = ARGV[i]
   local h = redis.call('HMGET', skey(id), 'worker_id', 'user_sub', 'last_access')
   if h[1] == w then
     out[#out + 1] = id
-    out[#out + 1] = h[2] or ''
-    out[#out + 1] = h[3] or ''
+    if with_entries then
+      out[#out + 1] = h[2] or ''
+      out[#out + 1] = h[3] or ''
+    end
   else
     redis.call('ZREM', ikey(w), id)
   end
@@ -173,25 +269,17 @@ if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 return out
 "#;
 
-/// ARGV: prefix, worker. Like LIVE_ENTRIES but returns only the count.
-const LIVE_COUNT: &str = r#"
-local w = ARGV[2]
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', ikey(w), 0, -1)) do
-  if redis.call('HGET', skey(id), 'worker_id') == w then n = n + 1
-  else redis.call('ZREM', ikey(w), id) end
-end
-if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
-return n
-"#;
-
-/// ARGV: prefix, worker, cutoff (Unix seconds), start rank, window, limit. Examines at most
-/// `window` index members from `start` and deletes up to `limit` sessions of the worker last
-/// accessed before the cutoff (a hash without a readable `last_access` is left alone). Returns
+/// ARGV: prefix, worker, idle age (whole seconds), start rank, window, limit. Examines at most
+/// `window` index members from `start` and deletes up to `limit` sessions of the worker idle
+/// longer than the age by Redis's clock — the clock that wrote `last_access` on touches — with
+/// `last_access` in whole seconds: a session stored with second S may have been used until
+/// S + 1, so it is idle from S + 1 + age on (a hash without a readable `last_access` is left
+/// alone). Returns
 /// {members examined, rank to continue from, {deleted ids}}: a sweep walks each index once, in
 /// bounded steps, instead of rescanning it per batch.
 const IDLE_STEP: &str = r#"
-local w, cutoff = ARGV[2], tonumber(ARGV[3])
+local w = ARGV[2]
+local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[3])
 local start, window, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local ids = redis.call('ZRANGE', ikey(w), start, start + window - 1)
 local out, dropped, examined = {}, 0, 0
@@ -231,21 +319,26 @@ end
 return n
 "#;
 
-/// ARGV: prefix. Drops members whose score says "expired" from every index, after checking the
-/// hash: one a foreign writer kept alive is re-scored from its TTL instead.
-const PRUNE_EXPIRED: &str = r#"
-for _, w in ipairs(redis.call('SMEMBERS', WORKERS)) do
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', ikey(w), '-inf', now_ms())) do
-    local pttl = redis.call('PTTL', skey(id))
-    if pttl == -2 or redis.call('HGET', skey(id), 'worker_id') ~= w then
-      redis.call('ZREM', ikey(w), id)
-    else
-      index(id, w, pttl)
-    end
+/// ARGV: prefix, worker, limit. Examines up to `limit` members of the worker's index whose score
+/// says "expired": drops those whose hash is gone or moved to another worker, and re-scores
+/// from its TTL one a foreign writer kept alive. Returns {members examined, {expired ids}}.
+const PRUNE_STEP: &str = r#"
+local w = ARGV[2]
+local ids = redis.call('ZRANGEBYSCORE', ikey(w), '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local pttl = redis.call('PTTL', skey(id))
+  if pttl == -2 then
+    redis.call('ZREM', ikey(w), id)
+    out[#out + 1] = id
+  elseif redis.call('HGET', skey(id), 'worker_id') ~= w then
+    redis.call('ZREM', ikey(w), id)
+  else
+    index(id, w, pttl)
   end
-  if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
 end
-return 1
+if redis.call('EXISTS', ikey(w)) == 0 then redis.call('SREM', WORKERS, w) end
+return {#ids, out}
 "#;
 
 struct Scripts {
@@ -254,11 +347,15 @@ struct Scripts {
     delete: Script,
     delete_worker_batch: Script,
     reroute_batch: Script,
-    live_entries: Script,
-    live_count: Script,
+    lookup: Script,
+    fill: Script,
+    overwrite: Script,
+    invalidate: Script,
+    reroute_ids: Script,
+    live_check: Script,
     idle_step: Script,
     adopt: Script,
-    prune_expired: Script,
+    prune_step: Script,
 }
 
 impl Scripts {
@@ -270,11 +367,15 @@ impl Scripts {
             delete: s(DELETE),
             delete_worker_batch: s(DELETE_WORKER_BATCH),
             reroute_batch: s(REROUTE_BATCH),
-            live_entries: s(LIVE_ENTRIES),
-            live_count: s(LIVE_COUNT),
+            lookup: s(LOOKUP),
+            fill: s(FILL),
+            overwrite: s(OVERWRITE),
+            invalidate: s(INVALIDATE),
+            reroute_ids: s(REROUTE_IDS),
+            live_check: s(LIVE_CHECK),
             idle_step: s(IDLE_STEP),
             adopt: s(ADOPT),
-            prune_expired: s(PRUNE_EXPIRED),
+            prune_step: s(PRUNE_STEP),
         }
     }
 }
@@ -328,6 +429,11 @@ impl RedisStore {
         format!("{}session:{id}", self.redis.prefix)
     }
 
+    /// The hash of invalidation epochs (see [`Cache`]).
+    fn epochs_key(&self) -> String {
+        format!("{}session-epochs", self.redis.prefix)
+    }
+
     fn ttl_secs(&self) -> u64 {
         // Redis's TTL is the idle TTL itself (blockyard's format): the cache is touched on every
         // request, so it needs no coalescing slack. Sub-second TTLs round up to one second.
@@ -344,7 +450,7 @@ impl RedisStore {
         let mut cursor: u64 = 0;
         let mut adopted = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            let (next, raw): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
@@ -352,6 +458,12 @@ impl RedisStore {
                 .arg(1000)
                 .query_async(&mut conn)
                 .await?;
+            // A key that is not UTF-8 cannot name a session any store accepts: leave it alone
+            // rather than fail every worker operation on it.
+            let keys: Vec<String> = raw
+                .into_iter()
+                .filter_map(|key| String::from_utf8(key).ok())
+                .collect();
             if !keys.is_empty() {
                 let mut call = self.scripts.adopt.prepare_invoke();
                 call.arg(&self.redis.prefix);
@@ -407,14 +519,87 @@ impl RedisStore {
     }
 
     async fn live_count(&self, worker: &str) -> Result<u64> {
+        let mut ids = HashSet::new();
+        self.live_walk(worker, false, |flat| ids.extend(flat))
+            .await?;
+        Ok(ids.len() as u64)
+    }
+
+    /// Walks a worker's index with `ZSCAN` (incremental: every member present throughout is seen
+    /// at least once, some maybe twice) and checks each step's members against their hashes in
+    /// a script of at most one batch, so no call blocks Redis for long however large the worker.
+    /// `found` receives each step's live ids (flat triples with `with_entries`).
+    async fn live_walk(
+        &self,
+        worker: &str,
+        with_entries: bool,
+        mut found: impl FnMut(Vec<String>) + Send,
+    ) -> Result<()> {
+        let index = format!("{}session-index:worker:{worker}", self.redis.prefix);
         let mut conn = self.conn.clone();
-        Ok(self
-            .scripts
-            .live_count
-            .arg(&self.redis.prefix)
-            .arg(worker)
-            .invoke_async(&mut conn)
-            .await?)
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
+                .arg(&index)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(self.options.batch())
+                .query_async(&mut conn)
+                .await?;
+            let members: Vec<&String> = flat.iter().step_by(2).collect();
+            // A small sorted set answers ZSCAN whole, whatever COUNT says: check it in batches.
+            for chunk in members.chunks(self.options.batch()) {
+                let mut call = self.scripts.live_check.prepare_invoke();
+                call.arg(&self.redis.prefix)
+                    .arg(worker)
+                    .arg(if with_entries { "1" } else { "0" });
+                for id in chunk {
+                    call.arg(id.as_str());
+                }
+                found(call.invoke_async(&mut conn).await?);
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// Drops index members whose hash expired, in steps of at most one batch of members per
+    /// script; `pruned` receives each step's expired ids and returns whether to go on. At most
+    /// `limit` ids are reported in all.
+    async fn prune_walk(
+        &self,
+        mut pruned: impl FnMut(Vec<String>) -> bool + Send,
+        limit: usize,
+    ) -> Result<()> {
+        let window = self.options.batch();
+        let mut left = limit;
+        let mut conn = self.conn.clone();
+        for w in self.indexed_workers().await? {
+            loop {
+                if left == 0 {
+                    return Ok(());
+                }
+                let step = left.min(window);
+                let (examined, ids): (usize, Vec<String>) = self
+                    .scripts
+                    .prune_step
+                    .arg(&self.redis.prefix)
+                    .arg(&w)
+                    .arg(step)
+                    .invoke_async(&mut conn)
+                    .await?;
+                left -= ids.len();
+                if !pruned(ids) {
+                    return Ok(());
+                }
+                if examined < step {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn indexed_workers(&self) -> Result<Vec<String>> {
@@ -435,16 +620,17 @@ impl RedisStore {
         mut removed: impl FnMut(Vec<String>) -> bool + Send,
         limit: usize,
     ) -> Result<()> {
+        for w in workers.unwrap_or_default() {
+            validate_id("worker id", w)?;
+        }
         if workers.is_some_and(|w| w.is_empty()) {
             return Ok(());
         }
         self.adopt_if_needed().await?;
         let age = self.options.idle_cutoff_age(max_age);
-        // Whole seconds, rounded up: a sweep must never cut earlier than asked.
-        let age_secs = age.as_secs() + u64::from(age.subsec_nanos() > 0);
-        let cutoff = Utc::now()
-            .timestamp()
-            .saturating_sub(i64::try_from(age_secs).unwrap_or(i64::MAX));
+        // Whole seconds, rounded up: a sweep must never cut earlier than asked. The cutoff
+        // itself is computed by the script from Redis's clock.
+        let age_secs = (age.as_secs() + u64::from(age.subsec_nanos() > 0)).min(i64::MAX as u64);
         let workers = match workers {
             Some(ws) => ws.to_vec(),
             None => self.indexed_workers().await?,
@@ -460,7 +646,7 @@ impl RedisStore {
                     .idle_step
                     .arg(&self.redis.prefix)
                     .arg(w)
-                    .arg(cutoff)
+                    .arg(age_secs)
                     .arg(start)
                     .arg(window)
                     .arg(left.min(window))
@@ -479,24 +665,89 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Runs a `{processed, affected}` batch script until the index is exhausted.
-    async fn drain(&self, script: &Script, args: &[&str]) -> Result<u64> {
-        let limit = self.options.batch();
+    /// One batch of a `{processed, {affected ids}}` worker script: repeats the script over stale
+    /// index members until it affects a session or the index is exhausted, so an empty answer
+    /// means the worker has nothing left. Every script call handles at most `limit` members.
+    async fn worker_batch(
+        &self,
+        script: &Script,
+        args: &[&str],
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let limit = limit.max(1);
         let mut conn = self.conn.clone();
-        let mut total = 0;
         loop {
             let mut call = script.prepare_invoke();
             call.arg(&self.redis.prefix);
             for a in args {
                 call.arg(*a);
             }
-            let (processed, affected): (usize, u64) =
+            let (processed, ids): (usize, Vec<String>) =
                 call.arg(limit).invoke_async(&mut conn).await?;
-            total += affected;
-            if processed < limit {
-                return Ok(total);
+            if !ids.is_empty() || processed < limit {
+                return Ok(ids);
             }
         }
+    }
+
+    /// Runs a worker script batch by batch until the worker has nothing left.
+    async fn drain(&self, script: &Script, args: &[&str]) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let ids = self
+                .worker_batch(script, args, self.options.batch())
+                .await?;
+            if ids.is_empty() {
+                return Ok(total);
+            }
+            total += ids.len() as u64;
+        }
+    }
+
+    /// Runs INVALIDATE or REROUTE_IDS (`head` arguments after the prefix) over `ids` in chunks
+    /// of one batch, with the chunk's epoch shards appended.
+    async fn by_ids(&self, script: &Script, head: &[&str], ids: &[String]) -> Result<()> {
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(self.options.batch()) {
+            let shards: std::collections::BTreeSet<u64> =
+                chunk.iter().map(|id| epoch_shard(id)).collect();
+            let mut call = script.prepare_invoke();
+            call.arg(&self.redis.prefix);
+            for a in head {
+                call.arg(*a);
+            }
+            call.arg(chunk.len()).arg(chunk);
+            for shard in shards {
+                call.arg(shard);
+            }
+            let _: i64 = call.invoke_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// FILL or OVERWRITE of one session.
+    async fn write_ticketed(
+        &self,
+        script: &Script,
+        id: &str,
+        entry: &Entry,
+        ticket: Ticket,
+    ) -> Result<bool> {
+        validate_id("session id", id)?;
+        validate_id("worker id", &entry.worker_id)?;
+        let mut conn = self.conn.clone();
+        let wrote: i64 = script
+            .arg(&self.redis.prefix)
+            .arg(id)
+            .arg(epoch_shard(id))
+            .arg(ticket.0)
+            .arg(&entry.worker_id)
+            .arg(&entry.user_sub)
+            .arg(entry.last_access.timestamp())
+            .arg(self.ttl_secs())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(wrote == 1)
     }
 }
 
@@ -530,15 +781,11 @@ impl Store for RedisStore {
         validate_id("session id", id)?;
         let mut conn = self.conn.clone();
         let mut hash: HashMap<String, String> = conn.hgetall(self.session_key(id)).await?;
-        if hash.is_empty() {
+        // A hash without `worker_id` is what blockyard's non-atomic touch (HSET last_access,
+        // then EXPIRE) leaves behind when the session expired in between: no session.
+        let Some(worker_id) = hash.remove("worker_id") else {
             return Ok(None);
-        }
-        let worker_id = hash
-            .remove("worker_id")
-            .ok_or_else(|| StoreError::Corrupt {
-                id: id.to_string(),
-                detail: "hash has no worker_id".to_string(),
-            })?;
+        };
         let last_access = parse_last_access(id, hash.get("last_access").map_or("", |s| s))?;
         Ok(Some(Entry {
             worker_id,
@@ -585,6 +832,9 @@ impl Store for RedisStore {
     }
 
     async fn delete_many(&self, ids: &[String]) -> Result<u64> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
         let mut conn = self.conn.clone();
         let mut total = 0;
         for chunk in ids.chunks(self.options.batch()) {
@@ -648,41 +898,70 @@ impl Store for RedisStore {
         self.drain(&self.scripts.reroute_batch, &[from, to]).await
     }
 
+    async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        if from == to {
+            return Ok(Vec::new());
+        }
+        self.adopt_if_needed().await?;
+        self.worker_batch(&self.scripts.reroute_batch, &[from, to], limit)
+            .await
+    }
+
+    async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        validate_id("worker id", worker_id)?;
+        self.adopt_if_needed().await?;
+        self.worker_batch(&self.scripts.delete_worker_batch, &[worker_id], limit)
+            .await
+    }
+
+    /// The workers of the index (after adopting foreign hashes unless index-only): O(workers).
+    /// May include a worker whose last sessions expired moments ago, until the index is pruned.
+    async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
+        self.adopt_if_needed().await?;
+        Ok(self.indexed_workers().await?.into_iter().collect())
+    }
+
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
         validate_id("worker id", worker_id)?;
         self.adopt_if_needed().await?;
-        let mut conn = self.conn.clone();
-        let flat: Vec<String> = self
-            .scripts
-            .live_entries
-            .arg(&self.redis.prefix)
-            .arg(worker_id)
-            .invoke_async(&mut conn)
-            .await?;
-        flat.chunks_exact(3)
-            .map(|f| {
-                let entry = Entry {
-                    worker_id: worker_id.to_string(),
-                    user_sub: f[1].clone(),
-                    last_access: parse_last_access(&f[0], &f[2])?,
-                };
-                Ok((f[0].clone(), entry))
-            })
-            .collect()
+        let mut entries = HashMap::new();
+        self.live_walk(worker_id, true, |flat| {
+            for f in flat.chunks_exact(3) {
+                // One hash a foreign writer garbled must not hide the worker's other sessions.
+                match parse_last_access(&f[0], &f[2]) {
+                    Ok(last_access) => {
+                        let entry = Entry {
+                            worker_id: worker_id.to_string(),
+                            user_sub: f[1].clone(),
+                            last_access,
+                        };
+                        entries.insert(f[0].clone(), entry);
+                    }
+                    Err(err) => tracing::warn!(error = %err, "skipping an unreadable session"),
+                }
+            }
+        })
+        .await?;
+        Ok(entries)
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
-        let mut conn = self.conn.clone();
         match sweep {
-            // Redis expires session hashes itself; only index members need pruning.
+            // Redis expires session hashes itself; what is left to remove are the index members
+            // of expired sessions, reported as the sessions removed.
             Sweep::Expired => {
-                let _: i64 = self
-                    .scripts
-                    .prune_expired
-                    .arg(&self.redis.prefix)
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok(Vec::new())
+                let mut removed = Vec::new();
+                self.prune_walk(
+                    |ids| {
+                        removed.extend(ids);
+                        removed.len() < limit
+                    },
+                    limit,
+                )
+                .await?;
+                Ok(removed)
             }
             Sweep::Idle { max_age, workers } => {
                 let mut removed = Vec::new();
@@ -704,7 +983,18 @@ impl Store for RedisStore {
     /// Walks each index once (not once per batch as the default loop over `sweep_batch` would).
     async fn sweep(&self, sweep: Sweep<'_>) -> Result<u64> {
         match sweep {
-            Sweep::Expired => self.sweep_batch(sweep, 1).await.map(|_| 0),
+            Sweep::Expired => {
+                let mut removed = 0;
+                self.prune_walk(
+                    |ids| {
+                        removed += ids.len() as u64;
+                        true
+                    },
+                    usize::MAX,
+                )
+                .await?;
+                Ok(removed)
+            }
             Sweep::Idle { max_age, workers } => {
                 let mut removed = 0;
                 self.sweep_idle_walk(
@@ -725,6 +1015,93 @@ impl Store for RedisStore {
     fn options(&self) -> &StoreOptions {
         &self.options
     }
+}
+
+#[async_trait]
+impl Cache for RedisStore {
+    async fn lookup(&self, id: &str) -> Result<Lookup> {
+        validate_id("session id", id)?;
+        let mut conn = self.conn.clone();
+        let found: Vec<String> = self
+            .scripts
+            .lookup
+            .arg(&self.redis.prefix)
+            .arg(id)
+            .arg(epoch_shard(id))
+            .invoke_async(&mut conn)
+            .await?;
+        match found.as_slice() {
+            [hit, worker_id, user_sub, last_access] if hit == "1" => Ok(Lookup::Hit(Entry {
+                worker_id: worker_id.clone(),
+                user_sub: user_sub.clone(),
+                last_access: parse_last_access(id, last_access)?,
+            })),
+            [miss, epoch] if miss == "0" => Ok(Lookup::Miss(Ticket(parse_epoch(epoch)?))),
+            other => Err(StoreError::Corrupt {
+                id: id.to_string(),
+                detail: format!("unexpected lookup answer {other:?}"),
+            }),
+        }
+    }
+
+    async fn ticket(&self, id: &str) -> Result<Ticket> {
+        validate_id("session id", id)?;
+        let mut conn = self.conn.clone();
+        let epoch: Option<String> = conn.hget(self.epochs_key(), epoch_shard(id)).await?;
+        Ok(Ticket(epoch.as_deref().map_or(Ok(0), parse_epoch)?))
+    }
+
+    async fn fill(&self, id: &str, entry: &Entry, ticket: Ticket) -> Result<bool> {
+        self.write_ticketed(&self.scripts.fill, id, entry, ticket)
+            .await
+    }
+
+    async fn overwrite(&self, id: &str, entry: &Entry, ticket: Ticket) -> Result<bool> {
+        self.write_ticketed(&self.scripts.overwrite, id, entry, ticket)
+            .await
+    }
+
+    async fn invalidate(&self, ids: &[String]) -> Result<()> {
+        for id in ids {
+            validate_id("session id", id)?;
+        }
+        self.by_ids(&self.scripts.invalidate, &[""], ids).await
+    }
+
+    async fn reroute_ids(&self, ids: &[String], from: &str, to: &str) -> Result<()> {
+        validate_id("worker id", from)?;
+        validate_id("worker id", to)?;
+        for id in ids {
+            validate_id("session id", id)?;
+        }
+        if from == to {
+            return Ok(());
+        }
+        self.by_ids(&self.scripts.reroute_ids, &[from, to], ids)
+            .await
+    }
+
+    async fn invalidate_worker(&self, worker_id: &str) -> Result<()> {
+        validate_id("worker id", worker_id)?;
+        let index = format!("{}session-index:worker:{worker_id}", self.redis.prefix);
+        let batch = self.options.batch();
+        let mut conn = self.conn.clone();
+        loop {
+            let ids: Vec<String> = conn.zrange(&index, 0, batch as isize - 1).await?;
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.by_ids(&self.scripts.invalidate, &[worker_id], &ids)
+                .await?;
+        }
+    }
+}
+
+fn parse_epoch(raw: &str) -> Result<i64> {
+    raw.parse().map_err(|_| StoreError::Corrupt {
+        id: String::new(),
+        detail: format!("invalidation epoch {raw:?} is not an integer"),
+    })
 }
 
 #[cfg(test)]

@@ -226,3 +226,40 @@ impl Drop for ChaosProxy {
         self.accept.abort();
     }
 }
+
+/// A database of its own, for tests that need `public` or `blockyard` schemas no other test
+/// shares; dropped when the value is dropped.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn new() -> Self {
+        let name = unique("db");
+        let admin = sqlx::PgPool::connect(&pg_url()).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        let mut url = url::Url::parse(&pg_url()).expect("DATABASE_URL");
+        url.set_path(&name);
+        Self {
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        block_on_cleanup(async move {
+            if let Ok(pool) = sqlx::PgPool::connect(&pg_url()).await {
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+            }
+        });
+    }
+}
