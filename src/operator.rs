@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::{self, Settings};
+use crate::controller::{self, SessionStore, Settings};
 use crate::leader::{self, Fence, LeaseConfig};
-use crate::store::Store;
 use crate::telemetry::{Health, Metrics};
 
 /// How one operator replica runs.
@@ -26,7 +25,7 @@ pub struct OperatorConfig {
 /// process should exit so that it restarts as a clean standby).
 pub async fn run(
     client: kube::Client,
-    store: Arc<dyn Store>,
+    store: SessionStore,
     config: OperatorConfig,
     metrics: Metrics,
     health: Arc<Health>,
@@ -47,7 +46,7 @@ pub async fn run(
     });
     tokio::spawn(leader_gauge(fence.clone(), metrics.clone()));
     tokio::spawn(crate::sweep::expiry_loop(
-        store.clone(),
+        store.store.clone(),
         fence.clone(),
         metrics.clone(),
         config.expiry_interval,

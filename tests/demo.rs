@@ -8,7 +8,15 @@ use std::process::Command;
 
 fn demo(extra: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_session-operator"))
-        .args(["demo", "--workers", "4", "--sessions", "300", "--replacement-wait", "2s"])
+        .args([
+            "demo",
+            "--workers",
+            "4",
+            "--sessions",
+            "300",
+            "--replacement-wait",
+            "2s",
+        ])
         .args(extra)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
@@ -39,7 +47,10 @@ fn assert_report(ok: bool, text: &str) {
         .find_map(|l| l.trim().strip_prefix("sessions rerouted by the operator"))
         .and_then(|n| n.trim().parse().ok())
         .expect("rerouted count");
-    assert!(rerouted >= 300, "a rolling update moves every session at least once:\n{text}");
+    assert!(
+        rerouted >= 300,
+        "a rolling update moves every session at least once:\n{text}"
+    );
 }
 
 #[test]

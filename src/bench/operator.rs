@@ -78,7 +78,7 @@ pub async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?,
     );
-    let store: Arc<dyn Store> = Arc::new(LayeredStore::new(cache, primary, options));
+    let store: Arc<dyn Store> = Arc::new(LayeredStore::new(cache, primary, options)?);
     let result = measure(&args, &tag, &prefix, store).await;
     cleanup(&args, &tag, &prefix).await;
     result
@@ -117,10 +117,15 @@ async fn measure(
                               "spec": {"terminationGracePeriodSeconds": 5,
                                        "containers": [{"name": "app", "image": "w:1"}]}}},
     }))?;
-    deployments.create(&PostParams::default(), &deployment).await?;
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while ready_workers(&pods).len() < args.workers {
-        anyhow::ensure!(Instant::now() < deadline, "the workers did not become Ready");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the workers did not become Ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let workers = ready_workers(&pods);
@@ -144,7 +149,12 @@ async fn measure(
     std::fs::write(&kubeconfig, emulator.kubeconfig())?;
     let mut operator = tokio::process::Command::new(std::env::current_exe()?)
         .arg("run")
-        .args(["--database-url", &args.database_url, "--redis-url", &args.redis_url])
+        .args([
+            "--database-url",
+            &args.database_url,
+            "--redis-url",
+            &args.redis_url,
+        ])
         .args(["--schema", schema, "--redis-prefix", prefix])
         .args(["--lease-namespace", NS, "--identity", "bench-operator"])
         .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
@@ -163,7 +173,11 @@ async fn measure(
     let restart = json!({"spec": {"template": {"metadata": {"annotations": {
         "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
     deployments
-        .patch("workers", &PatchParams::default(), &Patch::Strategic(&restart))
+        .patch(
+            "workers",
+            &PatchParams::default(),
+            &Patch::Strategic(&restart),
+        )
         .await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -177,7 +191,10 @@ async fn measure(
         if done && tracker.sessions_on_departed().await? == 0 {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the rollout did not finish in 10 minutes");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the rollout did not finish in 10 minutes"
+        );
     }
     let rollout = started.elapsed();
     let rss = operator.id().and_then(peak_rss_kib);
@@ -185,7 +202,10 @@ async fn measure(
     stop.cancel();
     emulator.shutdown().await;
 
-    let mut latencies = tracker.latencies().remove("rolling update").unwrap_or_default();
+    let mut latencies = tracker
+        .latencies()
+        .remove("rolling update")
+        .unwrap_or_default();
     latencies.sort();
     let total: u64 = store.counts_by_worker().await?.values().sum();
     println!(
@@ -243,7 +263,11 @@ async fn seed(
     let results: Vec<_> = futures::stream::iter(0..cached)
         .map(|g| {
             let worker = workers[g % workers.len()].clone();
-            async move { store.set(&format!("bench-{g}"), &Entry::new(worker, "")).await }
+            async move {
+                store
+                    .set(&format!("bench-{g}"), &Entry::new(worker, ""))
+                    .await
+            }
         })
         .buffer_unordered(64)
         .collect()
@@ -287,10 +311,13 @@ async fn cleanup(args: &OperatorBench, schema: &str, prefix: &str) {
 
 fn pod_reader(client: &kube::Client, stop: CancellationToken) -> Reader<Pod> {
     let (reader, writer) = reflector::store();
-    let stream = watcher(Api::<Pod>::namespaced(client.clone(), NS), Default::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
+    let stream = watcher(
+        Api::<Pod>::namespaced(client.clone(), NS),
+        Default::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects();
     tokio::spawn(async move {
         use futures::StreamExt;
         let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));

@@ -112,6 +112,11 @@ pub struct Connected {
 }
 
 impl Connected {
+    /// The layered store, when both URLs were given.
+    pub fn layered(&self) -> Option<Arc<LayeredStore>> {
+        self.layered.clone()
+    }
+
     /// Call before exiting: a one-shot command must not leave stale routes in the cache
     /// unnoticed when a cache write failed.
     pub async fn finish(&self) -> anyhow::Result<()> {

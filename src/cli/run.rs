@@ -10,10 +10,10 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::StoreArgs;
-use crate::controller::Settings;
+use crate::controller::{SessionStore, Settings};
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
-use crate::store::{Store, redact_url};
+use crate::store::redact_url;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 
 #[derive(Debug, Clone, Args)]
@@ -166,7 +166,9 @@ impl RunArgs {
             self.leader_elect,
             self.lease_namespace
                 .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+                .or_else(|| std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty()))
                 .unwrap_or_else(|| "<kubeconfig namespace>".into()),
             self.lease_name,
             humantime::format_duration(self.lease_duration),
@@ -212,7 +214,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn({
         let (health, shutdown) = (health.clone(), shutdown.clone());
         async move {
-            let result = telemetry::serve(args_metrics_addr, registry, health, shutdown.clone()).await;
+            let result =
+                telemetry::serve(args_metrics_addr, registry, health, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %format!("{e:#}"), "metrics server failed");
                 shutdown.cancel();
@@ -237,7 +240,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args
             .lease_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| client.default_namespace().to_string()),
         identity: identity.clone(),
         duration: args.lease_duration,
@@ -263,11 +270,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Connects to the store, retrying with backoff: a store that is down at start-up makes the
 /// replica unready, not a crash loop. `None` when shut down meanwhile.
-async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<Arc<dyn Store>> {
+async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<SessionStore> {
     let mut delay = Duration::from_millis(500);
     loop {
         match args.store.connect().await {
-            Ok(connected) => return Some(connected.store),
+            Ok(connected) => {
+                return Some(SessionStore {
+                    layered: connected.layered(),
+                    store: connected.store,
+                });
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot reach the session store");
             }

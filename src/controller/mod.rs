@@ -27,13 +27,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::leader::Fence;
 use crate::policy::{SessionPolicy, ValidPolicy};
-use crate::store::Store;
+use crate::store::{LayeredStore, Store};
 use crate::telemetry::{Health, Metrics};
 
 pub use reconcile::PolicyState;
 
 /// A policy object that may have failed to deserialize (it then gets `Ready=False`).
 pub type GuardedPolicy = DeserializeGuard<SessionPolicy>;
+
+/// The session store the operator mutates, and the layered store behind it when Redis caches
+/// Postgres (migrations are re-applied to its cache after a delay).
+#[derive(Clone)]
+pub struct SessionStore {
+    pub store: Arc<dyn Store>,
+    pub layered: Option<Arc<LayeredStore>>,
+}
+
+impl SessionStore {
+    /// A store without a cache layer.
+    pub fn plain(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            layered: None,
+        }
+    }
+}
 
 /// Session counts of all workers, shared by the passes of every policy.
 pub type SessionCounts = Arc<BTreeMap<String, u64>>;
@@ -67,6 +85,8 @@ impl Default for Settings {
 pub struct Context {
     pub client: Client,
     pub store: Arc<dyn Store>,
+    /// The layered store behind `store`, when Redis caches Postgres.
+    pub layered: Option<Arc<LayeredStore>>,
     pub pods: Reader<Pod>,
     pub policies: Reader<GuardedPolicy>,
     pub fence: Fence,
@@ -107,7 +127,7 @@ impl Context {
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(
     client: Client,
-    store: Arc<dyn Store>,
+    store: SessionStore,
     fence: Fence,
     metrics: Metrics,
     health: Arc<Health>,
@@ -134,7 +154,8 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
-        store,
+        store: store.store,
+        layered: store.layered,
         pods: pods.clone(),
         policies: policies.clone(),
         fence: fence.clone(),

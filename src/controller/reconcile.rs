@@ -457,28 +457,75 @@ fn action_observed_at(action: &Action) -> Timestamp {
     }
 }
 
-/// One store mutation, fenced.
+/// One migration, in committed batches, each behind the fence: a replica whose lease ran out
+/// stops between two batches. With a Redis cache, the moved ids are re-applied to the cache once
+/// more after [`REAPPLY_DELAY`] (see [`reapply_to_cache`]).
 async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
-    if let Err(e) = ctx.fence.check() {
-        ctx.metrics.error("fenced");
-        return Err(e.to_string());
-    }
     let started = Instant::now();
-    let (op, result) = match action {
-        Action::Reroute { from, to, .. } => (
-            StoreOp::RerouteWorker,
-            ctx.store.reroute_worker(from, to).await,
-        ),
-        Action::Delete { worker, .. } => (
-            StoreOp::DeleteByWorker,
-            ctx.store.delete_by_worker(worker).await,
-        ),
-    };
-    ctx.metrics.observe_store(op, started.elapsed());
-    result.map_err(|e| {
+    let limit = ctx.store.options().batch();
+    let mut ids: Vec<String> = Vec::new();
+    let failed = |e: &dyn std::fmt::Display| {
         ctx.metrics.error("store");
         format!("{}: {e}", action.worker())
-    })
+    };
+    loop {
+        if let Err(e) = ctx.fence.check() {
+            ctx.metrics.error("fenced");
+            return Err(e.to_string());
+        }
+        let batch = match action {
+            Action::Reroute { from, to, .. } => ctx.store.reroute_batch(from, to, limit).await,
+            Action::Delete { worker, .. } => ctx.store.delete_worker_batch(worker, limit).await,
+        }
+        .map_err(|e| failed(&e))?;
+        if batch.is_empty() {
+            break;
+        }
+        ids.extend(batch);
+    }
+    let op = match action {
+        Action::Reroute { .. } => StoreOp::RerouteWorker,
+        Action::Delete { .. } => StoreOp::DeleteByWorker,
+    };
+    ctx.metrics.observe_store(op, started.elapsed());
+    let moved = ids.len() as u64;
+    if let Some(layered) = ctx.layered.clone()
+        && !ids.is_empty()
+    {
+        tokio::spawn(reapply_to_cache(
+            layered,
+            ctx.fence.clone(),
+            action.clone(),
+            ids,
+        ));
+    }
+    Ok(moved)
+}
+
+/// How long after a migration its cache update is applied once more.
+const REAPPLY_DELAY: Duration = Duration::from_secs(2);
+
+/// Delayed double invalidation: a proxy that honours none of this library's cache tickets
+/// (blockyard's own) may have read Postgres just before the migration committed and fill the
+/// cache with the old worker afterwards. Re-applying the migration to the cache by id a moment
+/// later overwrites such a copy.
+async fn reapply_to_cache(
+    layered: Arc<crate::store::LayeredStore>,
+    fence: crate::leader::Fence,
+    action: Action,
+    ids: Vec<String>,
+) {
+    tokio::time::sleep(REAPPLY_DELAY).await;
+    if fence.check().is_err() {
+        return;
+    }
+    let result = match &action {
+        Action::Reroute { from, to, .. } => layered.cache_reroute_ids(&ids, from, to).await,
+        Action::Delete { .. } => layered.cache_invalidate(&ids).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(worker = action.worker(), error = %e, "re-applying a migration to the cache failed");
+    }
 }
 
 fn record_success(

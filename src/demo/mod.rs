@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::StoreArgs;
-use crate::controller::Settings;
+use crate::controller::{SessionStore, Settings};
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
 use crate::policy::SessionPolicy;
@@ -80,7 +80,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating namespace {NS}: {e}"))?;
     let client = emulator.client()?;
 
-    let (store, store_name) = connect(&args).await?;
+    let (sessions, store_name) = connect(&args).await?;
+    let store = sessions.store.clone();
     out.say(&format!("Session store: {store_name}"));
 
     // The operator, exactly as `run` wires it, with leader election on the emulator's Lease.
@@ -88,7 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let operator = tokio::spawn(operator::run(
         client.clone(),
-        store.clone(),
+        sessions,
         OperatorConfig {
             identity: "demo-operator".into(),
             lease: Some(LeaseConfig {
@@ -120,17 +121,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let ready_target = args.workers as usize;
     wait(&out, "pods starting", Duration::from_secs(60), || {
         let ready = ready_workers(&pods).len();
-        (ready >= ready_target, format!("{ready}/{ready_target} pods Ready"))
+        (
+            ready >= ready_target,
+            format!("{ready}/{ready_target} pods Ready"),
+        )
     })
     .await?;
 
     let proxies = Proxies::start(store.clone(), pods.clone(), args.proxies, args.sessions);
     let tracker = Tracker::start(store.clone(), pods.clone(), args.replacement_wait);
     let started = Instant::now();
-    wait(&out, "proxies creating sessions", Duration::from_secs(120), || {
-        let created = proxies.created();
-        (created >= args.sessions, format!("{created} sessions"))
-    })
+    wait(
+        &out,
+        "proxies creating sessions",
+        Duration::from_secs(120),
+        || {
+            let created = proxies.created();
+            (created >= args.sessions, format!("{created} sessions"))
+        },
+    )
     .await?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
@@ -139,10 +148,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let restarted = json!({"spec": {"template": {"metadata": {"annotations": {
         "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
     deployments
-        .patch(DEPLOYMENT, &PatchParams::default(), &Patch::Strategic(&restarted))
+        .patch(
+            DEPLOYMENT,
+            &PatchParams::default(),
+            &Patch::Strategic(&restarted),
+        )
         .await
         .context("restarting the Deployment")?;
-    settle(&out, "rolling update", &deployments, &pods, &tracker, &metrics).await?;
+    settle(
+        &out,
+        "rolling update",
+        &deployments,
+        &pods,
+        &tracker,
+        &metrics,
+    )
+    .await?;
 
     let scaled = (args.workers * 5 / 8).max(1);
     out.say(&format!("Scale-down {} → {scaled}", args.workers));
@@ -161,7 +182,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .into_iter()
         .next()
         .context("no Ready worker to crash")?;
-    out.say(&format!("Worker {victim} crashes (phase Failed); its ReplicaSet replaces it"));
+    out.say(&format!(
+        "Worker {victim} crashes (phase Failed); its ReplicaSet replaces it"
+    ));
     tracker.phase("crash");
     control
         .crash_pod(NS, &victim, Crash::Fail)
@@ -175,7 +198,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &metrics,
         args.replacement_wait,
         started.elapsed(),
-    ).await?;
+    )
+    .await?;
     out.say("");
     print!("{report}");
     if args.keep_running {
@@ -186,7 +210,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "\nThe cluster keeps running. Try:\n  export KUBECONFIG={}\n  kubectl -n {NS} get sp,pods\n  kubectl -n {NS} rollout restart deployment/{DEPLOYMENT}\nStop with Ctrl-C.",
             path.display()
         );
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
     }
     proxies.stop().await;
     shutdown.cancel();
@@ -196,10 +222,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// The configured store, or an embedded memory store when no URL is given.
-async fn connect(args: &DemoArgs) -> anyhow::Result<(Arc<dyn Store>, String)> {
+async fn connect(args: &DemoArgs) -> anyhow::Result<(SessionStore, String)> {
     if args.store.database_url.is_none() && args.store.redis_url.is_none() {
         return Ok((
-            Arc::new(MemoryStore::new(args.store.options())),
+            SessionStore::plain(Arc::new(MemoryStore::new(args.store.options()))),
             "embedded memory store (pass --database-url/--redis-url for Postgres/Redis)".into(),
         ));
     }
@@ -217,7 +243,11 @@ async fn connect(args: &DemoArgs) -> anyhow::Result<(Arc<dyn Store>, String)> {
         (Some(_), None) => "Postgres",
         _ => "Redis",
     };
-    Ok((connected.store, name.into()))
+    let store = SessionStore {
+        layered: connected.layered(),
+        store: connected.store,
+    };
+    Ok((store, name.into()))
 }
 
 async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()> {
@@ -259,10 +289,13 @@ async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()>
 
 fn pod_reader(client: &Client, shutdown: CancellationToken) -> Reader<Pod> {
     let (reader, writer) = reflector::store();
-    let stream = watcher(Api::<Pod>::namespaced(client.clone(), NS), Default::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
+    let stream = watcher(
+        Api::<Pod>::namespaced(client.clone(), NS),
+        Default::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects();
     tokio::spawn(async move {
         use futures::StreamExt;
         let mut stream = std::pin::pin!(stream.take_until(shutdown.cancelled_owned()));
@@ -314,7 +347,12 @@ async fn settle(
         let total = pods
             .state()
             .iter()
-            .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed" | "Succeeded")))
+            .filter(|p| {
+                !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Failed" | "Succeeded")
+                )
+            })
             .count();
         out.progress(&format!(
             "  [{phase}] pods {ready} Ready / {total} · sessions on departed workers {on_departed} · rerouted {} · deleted {}",
@@ -325,7 +363,10 @@ async fn settle(
             out.done();
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "{phase} did not settle within 2 minutes");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{phase} did not settle within 2 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -356,7 +397,10 @@ async fn wait(
             out.done();
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "{phase}: no progress within {timeout:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{phase}: no progress within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -465,10 +509,26 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
         writeln!(f, "Report ({:.1} s)", self.elapsed.as_secs_f64())?;
-        writeln!(f, "  sessions created by the proxies        {}", self.created)?;
-        writeln!(f, "  sessions rerouted by the operator      {}", self.rerouted)?;
-        writeln!(f, "  sessions deleted by the operator       {}", self.deleted)?;
-        writeln!(f, "  sessions lost                          {}", self.missing)?;
+        writeln!(
+            f,
+            "  sessions created by the proxies        {}",
+            self.created
+        )?;
+        writeln!(
+            f,
+            "  sessions rerouted by the operator      {}",
+            self.rerouted
+        )?;
+        writeln!(
+            f,
+            "  sessions deleted by the operator       {}",
+            self.deleted
+        )?;
+        writeln!(
+            f,
+            "  sessions lost                          {}",
+            self.missing
+        )?;
         writeln!(f, "  departed workers still holding sessions")?;
         writeln!(f, "    after replacementWait                {}", self.stuck)?;
         writeln!(f, "  migration latency, departure seen → sessions moved:")?;

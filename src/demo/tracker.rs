@@ -48,7 +48,11 @@ impl Tracker {
                         .map(|p| p.name_any())
                         .collect();
                     for pod in departing {
-                        let new = state.lock().unwrap_or_else(|e| e.into_inner()).seen.insert(pod.clone());
+                        let new = state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .seen
+                            .insert(pod.clone());
                         if new && store.count_for_worker(&pod).await.unwrap_or(0) > 0 {
                             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                             let phase = s.phase;
@@ -97,11 +101,19 @@ impl Tracker {
 
     /// Departure-to-moved latencies per phase.
     pub fn latencies(&self) -> BTreeMap<&'static str, Vec<Duration>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).latencies.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .latencies
+            .clone()
     }
 
     /// Departed workers that still held sessions after `replacementWait` (+5 s).
     pub fn stuck(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).stuck.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stuck
+            .len()
     }
 }

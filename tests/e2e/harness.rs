@@ -174,7 +174,7 @@ impl Stores {
         let options = StoreOptions::default();
         let primary = Arc::new(schema.store(options.clone()).await);
         let cache = Arc::new(prefix.store(options.clone(), false).await);
-        let store = Arc::new(LayeredStore::new(cache, primary, options));
+        let store = Arc::new(LayeredStore::new(cache, primary, options).expect("layered store"));
         Self {
             schema,
             prefix,
