@@ -73,6 +73,7 @@ cargo test --workspace
 # checkov, hadolint), including the chart/binary drift and RBAC-from-reality tests.
 CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh
 cargo run -q -- bench store --smoke
+cargo run -q -- bench operator --smoke
 # Benchmark targets built in the test profile and run once with small sizes.
 BENCH_SMOKE=1 cargo test -q -p kube-emulator --bench emulator
 echo "all tests passed"

@@ -196,6 +196,16 @@ mod tests {
     }
 
     #[test]
+    fn crd_file_matches_the_rust_types() {
+        let file = include_str!("../../crds/sessionpolicies.sessions.blockyard.io.yaml");
+        assert!(
+            file == crd_yaml(),
+            "crds/ is stale: run `cargo run -- crd > crds/sessionpolicies.sessions.blockyard.io.yaml` \
+             and copy it to charts/session-operator/files/"
+        );
+    }
+
+    #[test]
     fn crd_has_the_public_names_and_validation() {
         let yaml = crd_yaml();
         for needle in [
