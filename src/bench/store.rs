@@ -8,8 +8,10 @@
 //!    to what the SCAN path of a standalone Redis costs at the same N.
 //! 3. `workers_with_sessions` (skip scan / index) vs `counts_by_worker`, N sessions over
 //!    N / 500 workers.
-//! 4. Layered touch throughput with coalescing vs write-through, 64 concurrent callers.
-//! 5. Expiry of many expired rows in batches vs one unbounded `DELETE`, with the latency of
+//! 4. How long other Redis clients wait (PING round trips) while one worker with 100k sessions
+//!    is counted, listed, rerouted and deleted: every script handles at most one batch.
+//! 5. Layered touch throughput with coalescing vs write-through, 64 concurrent callers.
+//! 6. Expiry of many expired rows in batches vs one unbounded `DELETE`, with the latency of
 //!    concurrent `get`s and of blockyard-style touches (which wait on row locks) meanwhile.
 
 use std::sync::Arc;
@@ -74,6 +76,9 @@ enum Part {
     Layered,
     /// workers_with_sessions vs counts_by_worker.
     Workers,
+    /// How long other Redis clients wait while one worker with many sessions is counted,
+    /// listed, rerouted and deleted.
+    Blocking,
     /// Layered touch throughput, coalesced vs write-through.
     Touch,
     /// Batched vs single-statement expiry under concurrent load.
@@ -171,6 +176,9 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
             let ops = worker_listing(args, pg, &redis).await;
             clear_prefix(&redis, &args.redis_url).await?;
             ops?;
+        }
+        if run(Part::Blocking) {
+            redis_blocking(args, &indexed).await?;
         }
         if run(Part::Touch) {
             layered_touches(args, pg, &indexed).await?;
@@ -455,6 +463,105 @@ async fn clear_prefix(store: &RedisStore, url: &str) -> anyhow::Result<()> {
         .arg(format!("{}session-epochs", store.prefix()))
         .query_async(&mut conn)
         .await?;
+    Ok(())
+}
+
+/// Runs `op` while another client PINGs Redis in a loop; returns the op's time and the
+/// longest PING round trip meanwhile (how long Redis was blocked for everyone else).
+async fn while_pinging<T>(
+    url: &str,
+    op: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Duration, Duration)> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+                worst = worst.max(t.elapsed());
+            }
+            anyhow::Ok(worst)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (out, took) = timed(op).await?;
+    stop.store(true, Ordering::Relaxed);
+    let worst = pinger.await??;
+    Ok((out, took, worst))
+}
+
+async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result<()> {
+    let n = if args.smoke { 5_000 } else { 100_000 };
+    println!(
+        "\n== Redis: one worker with {n} sessions; longest PING of another client meanwhile =="
+    );
+    println!(
+        "{:>22} {:>12} {:>16}",
+        "operation", "total ms", "max PING ms"
+    );
+    store
+        .set_many(&sessions(0..n, |_| "big".to_string()))
+        .await?;
+    let ((), took, worst) = while_pinging(&args.redis_url, async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    })
+    .await?;
+    println!(
+        "{:>22} {:>12.2} {:>16.2}",
+        "(idle, baseline)",
+        ms(took),
+        ms(worst)
+    );
+    let (count, took, worst) = while_pinging(&args.redis_url, async {
+        Ok(store.count_for_worker("big").await?)
+    })
+    .await?;
+    anyhow::ensure!(count == n as u64, "counted {count}");
+    println!(
+        "{:>22} {:>12.2} {:>16.2}",
+        "count_for_worker",
+        ms(took),
+        ms(worst)
+    );
+    let (entries, took, worst) = while_pinging(&args.redis_url, async {
+        Ok(store.entries_for_worker("big").await?)
+    })
+    .await?;
+    anyhow::ensure!(entries.len() == n, "listed {}", entries.len());
+    println!(
+        "{:>22} {:>12.2} {:>16.2}",
+        "entries_for_worker",
+        ms(took),
+        ms(worst)
+    );
+    let (moved, took, worst) = while_pinging(&args.redis_url, async {
+        Ok(store.reroute_worker("big", "big2").await?)
+    })
+    .await?;
+    anyhow::ensure!(moved == n as u64, "moved {moved}");
+    println!(
+        "{:>22} {:>12.2} {:>16.2}",
+        "reroute_worker",
+        ms(took),
+        ms(worst)
+    );
+    let (deleted, took, worst) = while_pinging(&args.redis_url, async {
+        Ok(store.delete_by_worker("big2").await?)
+    })
+    .await?;
+    anyhow::ensure!(deleted == n as u64, "deleted {deleted}");
+    println!(
+        "{:>22} {:>12.2} {:>16.2}",
+        "delete_by_worker",
+        ms(took),
+        ms(worst)
+    );
     Ok(())
 }
 
