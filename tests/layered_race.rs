@@ -347,11 +347,10 @@ async fn randomized_fills_and_reroutes_from_two_processes_stay_coherent() {
     }
 }
 
-/// Postgres is cut (TCP proxy) while a reroute with batch size 1 has committed some batches:
-/// the reroute fails, and the cache must not keep serving the old worker for the sessions that
-/// already moved.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_cut_in_the_middle_of_a_reroute_leaves_no_stale_cache() {
+/// Postgres is cut (TCP proxy) while a worker operation with batch size 1 has committed some
+/// batches: the operation fails, and the cache must not keep serving the old worker for the
+/// sessions that already moved (or were deleted).
+async fn postgres_cut_mid_operation(reroute: bool) {
     let schema = PgSchema::new().await;
     let prefix = RedisPrefix::new();
     let direct = schema.store(StoreOptions::default()).await;
@@ -379,19 +378,36 @@ async fn postgres_cut_in_the_middle_of_a_reroute_leaves_no_stale_cache() {
     for id in &ids {
         layered.set(id, &Entry::new("old", "")).await.unwrap(); // cached too
     }
-    let (result, ()) = tokio::join!(layered.reroute_worker("old", "new"), async {
-        while direct.count_for_worker("new").await.unwrap() < 5 {
+    let operation = async {
+        if reroute {
+            layered.reroute_worker("old", "new").await
+        } else {
+            layered.delete_by_worker("old").await
+        }
+    };
+    let (result, ()) = tokio::join!(operation, async {
+        while direct.count_for_worker("old").await.unwrap() > 295 {
             tokio::task::yield_now().await;
         }
         proxy.cut();
     });
-    assert!(result.is_err(), "the cut must fail the reroute");
-    let moved = direct.count_for_worker("new").await.unwrap();
-    assert!(moved > 0 && moved < 300, "cut mid-way: {moved} moved");
+    assert!(result.is_err(), "the cut must fail the operation");
+    let left = direct.count_for_worker("old").await.unwrap();
+    assert!(left > 0 && left < 300, "cut mid-way: {left} left");
     for id in &ids {
         if let Some(cached) = cache.get(id).await.unwrap() {
             let truth = direct.get(id).await.unwrap().map(|e| e.worker_id);
             assert_eq!(Some(cached.worker_id), truth, "{id}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cut_in_the_middle_of_a_reroute_leaves_no_stale_cache() {
+    postgres_cut_mid_operation(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cut_in_the_middle_of_a_worker_deletion_leaves_no_stale_cache() {
+    postgres_cut_mid_operation(false).await;
 }

@@ -279,13 +279,9 @@ impl LayeredStore {
     ) -> Result<Vec<String>> {
         match self.primary.reroute_batch(from, to, limit).await {
             Ok(ids) => {
-                if ids.is_empty() {
-                } else if !*cache_up {
-                    lock(&self.dirty).add_ids(&ids);
-                } else if let Err(err) = self.cache.reroute_ids(&ids, from, to).await {
-                    *cache_up = false;
-                    self.cache_write_failed("reroute_worker", &err, |d| d.add_ids(&ids));
-                }
+                let update = self.cache.reroute_ids(&ids, from, to);
+                self.cache_step("reroute_worker", &ids, cache_up, update)
+                    .await;
                 Ok(ids)
             }
             Err(err) => {
@@ -306,13 +302,9 @@ impl LayeredStore {
     ) -> Result<Vec<String>> {
         match self.primary.delete_worker_batch(worker, limit).await {
             Ok(ids) => {
-                if ids.is_empty() {
-                } else if !*cache_up {
-                    lock(&self.dirty).add_ids(&ids);
-                } else if let Err(err) = self.cache.invalidate(&ids).await {
-                    *cache_up = false;
-                    self.cache_write_failed("delete_by_worker", &err, |d| d.add_ids(&ids));
-                }
+                let update = self.cache.invalidate(&ids);
+                self.cache_step("delete_by_worker", &ids, cache_up, update)
+                    .await;
                 Ok(ids)
             }
             Err(err) => {
@@ -320,6 +312,27 @@ impl LayeredStore {
                     .await;
                 Err(err)
             }
+        }
+    }
+
+    /// Applies a committed primary batch's `ids` to the cache with `update`, unless an earlier
+    /// cache failure of the same operation says the cache is down: then they are only marked
+    /// for repair.
+    async fn cache_step(
+        &self,
+        op: &str,
+        ids: &[String],
+        cache_up: &mut bool,
+        update: impl std::future::Future<Output = Result<()>>,
+    ) {
+        if ids.is_empty() {
+            return;
+        }
+        if !*cache_up {
+            lock(&self.dirty).add_ids(ids);
+        } else if let Err(err) = update.await {
+            *cache_up = false;
+            self.cache_write_failed(op, &err, |d| d.add_ids(ids));
         }
     }
 

@@ -136,7 +136,8 @@ impl Drop for RedisPrefix {
             };
             let mut cursor: u64 = 0;
             loop {
-                let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                // Raw bytes: tests also write keys that are not UTF-8.
+                let Ok((next, keys)): redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)
