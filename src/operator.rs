@@ -36,12 +36,15 @@ pub async fn run(
         Some(_) => Fence::new_standby(&identity),
         None => Fence::always_open(&identity),
     };
-    let leader_task = config.lease.map(|lease| {
+    // The lease is released only after the controller stopped, so no store mutation, status
+    // write or Event of this replica can follow the handover.
+    let release = CancellationToken::new();
+    let mut leader_task = config.lease.map(|lease| {
         tokio::spawn(leader::run(
             client.clone(),
             lease,
             fence.clone(),
-            shutdown.clone(),
+            release.clone(),
         ))
     });
     tokio::spawn(leader_gauge(fence.clone(), metrics.clone()));
@@ -63,10 +66,16 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let outcome = match leader_task {
-        Some(task) => match task.await {
-            Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
+    let outcome = match leader_task.as_mut() {
+        Some(task) => tokio::select! {
+            result = task => {
+                leader_task = None;
+                match result {
+                    Ok(result) => result,
+                    Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
+                }
+            }
+            _ = shutdown.cancelled() => Ok(()),
         },
         None => {
             shutdown.cancelled().await;
@@ -75,6 +84,10 @@ pub async fn run(
     };
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    release.cancel();
+    if let Some(task) = leader_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     tracing::info!(%identity, "session-operator stopped");
     outcome
 }

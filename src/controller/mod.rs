@@ -87,8 +87,9 @@ pub struct Context {
     pub store: Arc<dyn Store>,
     /// The layered store behind `store`, when Redis caches Postgres.
     pub layered: Option<Arc<LayeredStore>>,
-    pub pods: Reader<Pod>,
-    pub policies: Reader<GuardedPolicy>,
+    /// One reader per watched scope (a namespace, or all).
+    pods: Vec<Reader<Pod>>,
+    policies: Vec<Reader<GuardedPolicy>>,
     pub fence: Fence,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -111,11 +112,20 @@ impl Context {
         states.remove(key);
     }
 
+    /// Every cached pod of every watched scope.
+    pub fn all_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods.iter().flat_map(|r| r.state()).collect()
+    }
+
+    /// Every cached policy of every watched scope.
+    pub fn all_policies(&self) -> Vec<Arc<GuardedPolicy>> {
+        self.policies.iter().flat_map(|r| r.state()).collect()
+    }
+
     /// Drops the memory of policies that no longer exist (deletions are not reconciled).
     fn forget_deleted(&self) {
         let live: std::collections::HashSet<ObjectRef<GuardedPolicy>> = self
-            .policies
-            .state()
+            .all_policies()
             .iter()
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect();
@@ -134,18 +144,23 @@ pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) {
-    let (policies, policy_writer) = reflector::store::<GuardedPolicy>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
-
-    let policy_stream = watch_all::<GuardedPolicy>(&client, &settings.namespaces)
-        .default_backoff()
-        .reflect(policy_writer)
-        .applied_objects();
-    let pod_stream = watch_all::<Pod>(&client, &settings.namespaces)
-        .default_backoff()
-        .modify(slim_pod)
-        .reflect(pod_writer)
-        .touched_objects();
+    // One scope per watched namespace (or one for all): a reflector mixes up the initial lists
+    // of several merged watches, so each scope gets its own readers and its own Controller,
+    // all sharing one Context.
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut policy_stores = Vec::new();
+    let mut pod_stores = Vec::new();
+    for _ in &scopes {
+        policy_stores.push(reflector::store::<GuardedPolicy>());
+        pod_stores.push(reflector::store::<Pod>());
+    }
+    let policies: Vec<Reader<GuardedPolicy>> =
+        policy_stores.iter().map(|(r, _)| r.clone()).collect();
+    let pods: Vec<Reader<Pod>> = pod_stores.iter().map(|(r, _)| r.clone()).collect();
 
     let reporter = Reporter {
         controller: "session-operator".into(),
@@ -153,7 +168,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
-        client,
+        client: client.clone(),
         store: store.store,
         layered: store.layered,
         pods: pods.clone(),
@@ -166,61 +181,74 @@ pub async fn run(
         counts: tokio::sync::Mutex::default(),
     });
 
-    // Readiness: both watches delivered their initial lists.
+    // Readiness: every watch delivered its initial list.
     tokio::spawn({
         let (pods, policies, health) = (pods.clone(), policies.clone(), health.clone());
         async move {
-            if pods.wait_until_ready().await.is_ok() && policies.wait_until_ready().await.is_ok() {
-                health
-                    .synced
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            for reader in &pods {
+                if reader.wait_until_ready().await.is_err() {
+                    return;
+                }
             }
+            for reader in &policies {
+                if reader.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            health
+                .synced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     });
 
-    // A new leader reconciles everything at once.
-    let leadership = became_leader(fence.subscribe());
-
-    let mapper_policies = policies.clone();
-    Controller::for_stream(policy_stream, policies)
-        .watches_stream(pod_stream, move |pod: Pod| {
-            policies_selecting(&mapper_policies, &pod)
-        })
-        .reconcile_all_on(leadership)
-        .with_config(controller::Config::default().concurrency(4))
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
-        .await;
+    let controllers = scopes
+        .iter()
+        .zip(policy_stores)
+        .zip(pod_stores)
+        .map(
+            |((scope, (policy_reader, policy_writer)), (_, pod_writer))| {
+                let policy_stream = watcher(
+                    scoped_api::<GuardedPolicy>(&client, scope),
+                    Default::default(),
+                )
+                .default_backoff()
+                .reflect(policy_writer)
+                .applied_objects();
+                let pod_stream = watcher(scoped_api::<Pod>(&client, scope), Default::default())
+                    .default_backoff()
+                    .modify(slim_pod)
+                    .reflect(pod_writer)
+                    .touched_objects();
+                let mapper_policies = policy_reader.clone();
+                let shutdown = shutdown.clone();
+                Controller::for_stream(policy_stream, policy_reader)
+                    .watches_stream(pod_stream, move |pod: Pod| {
+                        policies_selecting(&mapper_policies, &pod)
+                    })
+                    // A new leader reconciles everything at once.
+                    .reconcile_all_on(became_leader(fence.subscribe()))
+                    .with_config(controller::Config::default().concurrency(4))
+                    .graceful_shutdown_on(async move { shutdown.cancelled().await })
+                    .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+                    .for_each(|result| async move {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "controller event");
+                        }
+                    })
+            },
+        )
+        .collect::<Vec<_>>();
+    futures::future::join_all(controllers).await;
 }
 
-/// One watch stream over the given namespaces (all when empty).
-fn watch_all<K>(
-    client: &Client,
-    namespaces: &[String],
-) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static
+/// The API of a namespace, or of all namespaces.
+fn scoped_api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where
-    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
 {
-    let config = watcher::Config::default();
-    if namespaces.is_empty() {
-        watcher(Api::<K>::all(client.clone()), config).boxed()
-    } else {
-        stream::select_all(
-            namespaces.iter().map(|ns| {
-                watcher(Api::<K>::namespaced(client.clone(), ns), config.clone()).boxed()
-            }),
-        )
-        .boxed()
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
 }
 

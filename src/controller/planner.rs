@@ -52,6 +52,10 @@ pub struct Input<'a> {
     pub orphans: &'a BTreeMap<String, Option<Family>>,
     /// Approximate session counts per worker, for "least loaded".
     pub loads: &'a BTreeMap<String, u64>,
+    /// Worker ids of pods that exist and are not departing but that the policy no longer
+    /// selects (relabelled out of rotation, a narrowed selector). Proxies may still route to
+    /// them: their sessions are left alone, never taken for a departure.
+    pub unselected: &'a BTreeSet<String>,
 }
 
 /// What to do with a departed worker's sessions.
@@ -154,6 +158,8 @@ pub struct Memory {
     delete_pairs: BTreeMap<String, String>,
     /// Unknown worker ids with sessions → first seen.
     orphans_seen: BTreeMap<String, Timestamp>,
+    /// Migrated workers with late sessions whose target is live but not Ready → since when.
+    late_waiting: BTreeMap<String, Timestamp>,
 }
 
 impl Memory {
@@ -218,6 +224,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
         .iter()
         .filter(|w| !w.departing)
         .map(|w| w.id.as_str())
+        .chain(input.unselected.iter().map(String::as_str))
         .collect();
 
     // 1. Departures: terminating/finished pods, and pods gone since the last pass.
@@ -246,11 +253,18 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
             });
         }
     }
-    memory.last_seen = input
+    // Unselected pods stay remembered: when they are deleted later, they depart like any worker.
+    let mut seen: BTreeMap<String, (Option<Family>, Option<Timestamp>, String)> = input
         .workers
         .iter()
         .map(|w| (w.id.clone(), (w.family.clone(), w.created, w.pod.clone())))
         .collect();
+    for (id, info) in std::mem::take(&mut memory.last_seen) {
+        if input.unselected.contains(&id) {
+            seen.entry(id).or_insert(info);
+        }
+    }
+    memory.last_seen = seen;
 
     // A live pod holds the id again (a StatefulSet's reused name): nothing to migrate.
     memory
@@ -291,18 +305,52 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
 
     // 3. Late sessions on workers already migrated.
     let mut late = Vec::new();
+    let mut late_waiting = std::mem::take(&mut memory.late_waiting);
+    late_waiting.retain(|id, _| input.with_sessions.contains(id));
     for (id, (resolution, at, family)) in &memory.resolved {
         if !input.with_sessions.contains(id) {
             continue;
         }
+        // Follow the target's own migrations: A→B then B→C sends A's late sessions to C.
+        let mut target = match resolution {
+            Resolution::Rerouted { to } => Some(to),
+            _ => None,
+        };
+        let mut hops = 0;
+        while let Some(Resolution::Rerouted { to }) = target
+            .and_then(|t| memory.resolved.get(t))
+            .map(|(r, _, _)| r)
+        {
+            hops += 1;
+            if hops > 8 || to == id {
+                break;
+            }
+            target = Some(to);
+        }
         match resolution {
-            Resolution::Rerouted { to } if ready.iter().any(|w| &w.id == to) => {
+            Resolution::Rerouted { .. }
+                if target.is_some_and(|to| ready.iter().any(|w| &w.id == to)) =>
+            {
                 plan.actions.push(Action::Reroute {
                     from: id.clone(),
-                    to: to.clone(),
+                    to: target.cloned().unwrap_or_default(),
                     observed_at: now,
                     reason: Reason::LateSessions,
                 });
+            }
+            // The target is live but not Ready at the moment: wait for it, at most
+            // `replacement_wait`; then the sessions look for another worker.
+            Resolution::Rerouted { .. }
+                if target.is_some_and(|to| live.contains(to.as_str()))
+                    && now
+                        < after(
+                            *late_waiting.entry(id.clone()).or_insert(now),
+                            rules.replacement_wait,
+                        ) =>
+            {
+                plan.waiting += 1;
+                let since = late_waiting.get(id).copied().unwrap_or(now);
+                plan.wake_at = earliest(plan.wake_at, after(since, rules.replacement_wait));
             }
             Resolution::Deleted => plan.actions.push(Action::Delete {
                 worker: id.clone(),
@@ -313,7 +361,9 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
             _ => late.push((id.clone(), *at, family.clone())),
         }
     }
+    memory.late_waiting = late_waiting;
     for (id, _, family) in late {
+        memory.late_waiting.remove(&id);
         memory.resolved.remove(&id);
         memory.departures.insert(
             id,

@@ -105,6 +105,8 @@ struct World {
     rules: Rules,
     memory: Memory,
     sessions: BTreeMap<String, u64>,
+    /// Pods that exist but left the policy's selector.
+    unselected: BTreeSet<String>,
 }
 
 impl World {
@@ -116,6 +118,7 @@ impl World {
                 .iter()
                 .map(|(id, n)| (id.to_string(), *n))
                 .collect(),
+            unselected: BTreeSet::new(),
         }
     }
 
@@ -157,6 +160,7 @@ impl World {
                 with_sessions: &with_sessions,
                 orphans: &orphans,
                 loads: &self.sessions,
+                unselected: &self.unselected,
             },
         )
     }
@@ -564,6 +568,65 @@ fn a_pod_that_vanishes_between_passes_is_a_departure() {
 }
 
 #[test]
+fn a_pod_that_leaves_the_selector_keeps_its_sessions() {
+    // Relabelled out of rotation (or the selector narrowed): the pod still runs and proxies may
+    // still route to it, so it is no departure, however long it stays out.
+    let mut w = World::new(rules(), &[("a", 3), ("b", 1)]);
+    w.step(1_000, &[ready("a", 0, 5), ready("b", 0, 5)]);
+    w.unselected.insert("a".into());
+    let fresh = ready("r", 1_090, 1_095);
+    assert!(w.step(1_100, &[ready("b", 0, 5), fresh.clone()]).is_empty());
+    assert!(
+        w.step(1_100 + 10 * WAIT, &[ready("b", 0, 5), fresh.clone()])
+            .is_empty()
+    );
+    assert!(!w.memory.departures.contains_key("a"));
+    // Deleted later, it departs like any worker.
+    w.unselected.clear();
+    let plan = w.plan(1_200 + 10 * WAIT, &[ready("b", 0, 5), fresh]);
+    assert!(w.memory.departures.contains_key("a"), "{plan:?}");
+}
+
+#[test]
+fn late_sessions_wait_for_a_target_that_is_live_but_not_ready() {
+    let mut w = World::new(rules(), &[("a", 2)]);
+    w.step(1_000, &[ready("a", 0, 5)]);
+    assert_eq!(
+        w.step(1_010, &[terminating("a", 0), ready("b", 1_005, 1_006)]),
+        ["a->b Replaced"]
+    );
+    // A lagging proxy writes for a while b is briefly NotReady: nothing is deleted, nothing moves.
+    w.write("a", 1);
+    let plan = w.plan(1_020 + 2 * WAIT, &[pending("b", 1_005)]);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.waiting, 1);
+    // b is Ready again: the late session follows.
+    assert_eq!(
+        w.step(1_030 + 2 * WAIT, &[ready("b", 1_005, 1_029 + 2 * WAIT)]),
+        ["a->b LateSessions"]
+    );
+}
+
+#[test]
+fn late_sessions_follow_the_targets_own_migration() {
+    let mut w = World::new(rules(), &[("a", 2)]);
+    w.step(1_000, &[ready("a", 0, 5)]);
+    assert_eq!(
+        w.step(1_010, &[terminating("a", 0), ready("b", 1_005, 1_006)]),
+        ["a->b Replaced"]
+    );
+    assert_eq!(
+        w.step(1_020, &[terminating("b", 1_005), ready("c", 1_015, 1_016)]),
+        ["b->c Replaced"]
+    );
+    w.write("a", 1);
+    assert_eq!(
+        w.step(1_030, &[ready("c", 1_015, 1_016)]),
+        ["a->c LateSessions"]
+    );
+}
+
+#[test]
 fn a_reused_worker_id_needs_no_migration() {
     // StatefulSet: db-0 is deleted and recreated under the same name, so the same worker id.
     let mut w = World::new(rules(), &[("db-0", 5), ("db-1", 5)]);
@@ -909,26 +972,25 @@ fn late_sessions_become_a_departure_again_when_the_target_is_gone() {
         w.step(1_060, &[terminating("a", 0), ready("r", 1_050, 1_055)]),
         ["a->r Replaced"]
     );
-    let r3 = ready("r3", 1_075, 1_076);
-    assert_eq!(
-        w.step(1_080, &[terminating("r", 1_050), r3.clone()]),
-        ["r->r3 Replaced"]
-    );
-    // r is gone, a gets late sessions: nowhere to send them by memory, so a departs again.
+    // r leaves without a replacement: its sessions are deleted, so no chain leads on from r.
+    w.step(1_080, &[terminating("r", 1_050)]);
+    assert_eq!(w.step(1_080 + WAIT, &[]), ["r deleted Terminated"]);
+    // a gets late sessions: nowhere to send them by memory, so a departs again.
     w.write("a", 2);
-    let plan = w.plan(1_090, std::slice::from_ref(&r3));
+    let now = 1_090 + WAIT;
+    let plan = w.plan(now, &[]);
     assert!(plan.actions.is_empty(), "{:?}", plan.actions);
     assert_eq!(plan.waiting, 1);
-    assert_eq!(plan.wake_at, Some(t(1_090 + WAIT)));
+    assert_eq!(plan.wake_at, Some(t(now + WAIT)));
     let departure = w.memory.departures.get("a").expect("a departs again");
     assert!(departure.orphan);
     assert_eq!(departure.family, web());
-    // r3 replaced r already; a fresh pod takes a's sessions.
+    // A fresh pod of its family takes a's sessions.
     assert_eq!(
-        w.step(1_100, &[r3, ready("r4", 1_095, 1_096)]),
+        w.step(now + 10, &[ready("r4", now + 5, now + 6)]),
         ["a->r4 Replaced"]
     );
-    assert_eq!((w.count("a"), w.count("r3"), w.count("r4")), (0, 2, 2));
+    assert_eq!((w.count("a"), w.count("r4")), (0, 2));
 }
 
 /// Bug found by this test: `Memory::completed` took the family from the departure only, so
@@ -1339,6 +1401,7 @@ impl Sim {
                 with_sessions: &with_sessions,
                 orphans: &orphans,
                 loads: &self.sessions,
+                unselected: &BTreeSet::new(),
             },
         );
 

@@ -68,14 +68,15 @@ pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<
                 "the object does not match the SessionPolicy schema: {}",
                 invalid.error
             );
-            return invalid_policy(&ctx, &namespace, &name, object.meta().generation, message)
-                .await;
+            let generation = object.meta().generation;
+            return invalid_policy(&ctx, &namespace, &name, generation, None, message).await;
         }
     };
     let valid = match ValidPolicy::new(&policy.spec) {
         Ok(valid) => valid,
         Err(message) => {
-            return invalid_policy(&ctx, &namespace, &name, policy.meta().generation, message)
+            let generation = policy.meta().generation;
+            return invalid_policy(&ctx, &namespace, &name, generation, Some(policy), message)
                 .await;
         }
     };
@@ -86,31 +87,36 @@ pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<
     result
 }
 
-/// A policy the operator cannot act on: `Ready=False, InvalidSpec`, no store mutation.
+/// A policy the operator cannot act on: `Ready=False, InvalidSpec`, no store mutation. The rest
+/// of its status (counters, last sweep) is kept when the object could be read.
 async fn invalid_policy(
     ctx: &Context,
     namespace: &str,
     name: &str,
     generation: Option<i64>,
+    policy: Option<&SessionPolicy>,
     message: String,
 ) -> Result<Requeue, Error> {
     ctx.metrics.error("invalid_policy");
     tracing::warn!(%namespace, %name, %message, "invalid SessionPolicy");
     if ctx.fence.is_open() {
         let now = Timestamp::now();
-        let conds = conditions(
+        let previous = policy.map(previous_conditions).unwrap_or(&[]);
+        let mut status = policy.and_then(|p| p.status.clone()).unwrap_or_default();
+        status.observed_generation = generation;
+        status.conditions = conditions(
             &[
                 Cond::new("Ready", false, "InvalidSpec", &message),
                 Cond::new("Degraded", true, "InvalidSpec", &message),
             ],
-            &[],
+            previous,
             generation,
             now,
         );
         let status = json!({
             "apiVersion": "sessions.blockyard.io/v1alpha1",
             "kind": "SessionPolicy",
-            "status": {"observedGeneration": generation, "conditions": conds},
+            "status": status,
         });
         let api: Api<SessionPolicy> = Api::namespaced(ctx.client.clone(), namespace);
         api.patch_status(
@@ -138,8 +144,7 @@ async fn pass(
 
     // Pods of this policy, and the worker ids of every policy's pods (for orphan detection).
     let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
+        .all_pods()
         .into_iter()
         .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && valid.selects(p))
         .collect();
@@ -161,6 +166,23 @@ async fn pass(
         ));
     }
     let live_ids = live_worker_ids(ctx);
+    // Running pods of the namespace that this policy does not select (any more): their ids
+    // are never departures, nor orphans.
+    let selected: BTreeSet<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    let unselected: BTreeSet<String> = ctx
+        .all_pods()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && !valid.selects(p))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Failed" | "Succeeded")
+            )
+        })
+        .filter_map(|p| valid.worker_id(p))
+        .filter(|id| !selected.contains(id.as_str()))
+        .collect();
 
     // The store: which workers hold sessions, and (at a slower cadence) how many.
     let started = Instant::now();
@@ -192,7 +214,11 @@ async fn pass(
         .collect();
     let orphans: BTreeMap<String, Option<Family>> = with_sessions
         .iter()
-        .filter(|id| !live_ids.contains(id.as_str()) && !state.memory.knows(id))
+        .filter(|id| {
+            !live_ids.contains(id.as_str())
+                && !unselected.contains(id.as_str())
+                && !state.memory.knows(id)
+        })
         .filter_map(|id| {
             workers::claims_orphan(valid, &families, id).map(|family| (id.clone(), Some(family)))
         })
@@ -213,6 +239,7 @@ async fn pass(
             with_sessions: &with_sessions,
             orphans: &orphans,
             loads: &counts,
+            unselected: &unselected,
         },
     );
 
@@ -226,6 +253,10 @@ async fn pass(
         waiting = plan.waiting,
         "planned"
     );
+    if !leader {
+        // A standby takes the counters from status again when it becomes leader.
+        state.counters = None;
+    }
     let counters = state.counters.get_or_insert_with(|| {
         policy
             .status
@@ -367,16 +398,14 @@ async fn pass(
 /// Worker ids of the pods of every valid policy.
 fn live_worker_ids(ctx: &Context) -> BTreeSet<String> {
     let policies: Vec<(Option<String>, ValidPolicy)> = ctx
-        .policies
-        .state()
+        .all_policies()
         .iter()
         .filter_map(|p| {
             let policy = p.0.as_ref().ok()?;
             Some((policy.namespace(), ValidPolicy::new(&policy.spec).ok()?))
         })
         .collect();
-    ctx.pods
-        .state()
+    ctx.all_pods()
         .iter()
         .flat_map(|pod| {
             policies
@@ -423,6 +452,19 @@ async fn execute(
         .await;
     let mut failures = 0;
     let mut events = Vec::new();
+    // Each departed pod is the Event's related object, so that the Recorder keeps one Event
+    // (series) per migrated worker instead of folding them all into the first one.
+    let related = |action: &Action| {
+        (policy.spec.worker_id.from == crate::policy::WorkerIdSource::PodName).then(|| {
+            k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(action.worker().to_string()),
+                namespace: policy.namespace(),
+                ..Default::default()
+            }
+        })
+    };
     for (action, result) in results {
         match result {
             Ok(moved) => {
@@ -432,7 +474,9 @@ async fn execute(
                     .duration_until(now)
                     .unsigned_abs();
                 ctx.metrics.migration_latency.observe(latency.as_secs_f64());
-                events.push(record_success(ctx, policy, &action, moved, counters));
+                let mut event = record_success(ctx, policy, &action, moved, counters);
+                event.secondary = related(&action);
+                events.push(event);
             }
             Err(message) => {
                 failures += 1;
@@ -442,7 +486,7 @@ async fn execute(
                     reason: "MigrationFailed".into(),
                     note: Some(truncate(&message)),
                     action: "Migrate".into(),
-                    secondary: None,
+                    secondary: related(&action),
                 });
             }
         }
@@ -624,6 +668,9 @@ async fn deletion_costs(
 ) -> Result<(), kube::Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     for w in workers.iter().filter(|w| !w.departing) {
+        if !ctx.fence.is_open() {
+            return Ok(());
+        }
         let want = counts.get(&w.id).copied().unwrap_or(0).min(i32::MAX as u64) as i64;
         if !needs_cost_update(w.deletion_cost, want) {
             continue;
@@ -705,6 +752,11 @@ async fn write_status(
     state: &mut PolicyState,
     status: SessionPolicyStatus,
 ) -> Result<(), Error> {
+    // Leadership may have ended while the pass ran: a former leader must not overwrite the new
+    // one's status.
+    if !ctx.fence.is_open() {
+        return Ok(());
+    }
     if let Some((at, last)) = &state.last_status
         && *last == status
         && at.elapsed() < Duration::from_secs(60)
@@ -728,13 +780,17 @@ async fn write_status(
     Ok(())
 }
 
+/// Publishes Events on the policy, one after the other (the Recorder aggregates repeats by
+/// key, and concurrent publishes would race its cache), and only while this replica leads.
 async fn publish_all(ctx: &Context, policy: &SessionPolicy, events: Vec<Event>) {
-    let reference = policy.object_ref(&());
-    let publishes = events
-        .iter()
-        .map(|event| ctx.recorder.publish(event, &reference));
-    for result in futures::future::join_all(publishes).await {
-        if let Err(e) = result {
+    let mut reference = policy.object_ref(&());
+    // The key of an Event series must not change with every status write.
+    reference.resource_version = None;
+    for event in &events {
+        if !ctx.fence.is_open() {
+            return;
+        }
+        if let Err(e) = ctx.recorder.publish(event, &reference).await {
             ctx.metrics.error("event");
             tracing::debug!(error = %e, "publishing an event failed");
         }

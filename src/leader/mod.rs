@@ -116,9 +116,10 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// Renew when a third of the lease is left.
+    /// Renew when half of the lease is left, so a slow or failed renewal has time to be retried
+    /// before the fence closes.
     fn renew_grace(&self) -> u64 {
-        (self.duration.as_secs() / 3).max(1)
+        (self.duration.as_secs() / 2).max(1)
     }
 
     /// Stop mutating this long before the lease could expire, for clock skew between replicas.
@@ -202,7 +203,12 @@ async fn campaign(
                     anyhow::bail!("leadership lost: another replica holds the lease")
                 }
                 Ok(false) => {}
-                Err(e) if was_leader => anyhow::bail!("leadership lost: {e}"),
+                // A failed renewal is retried: only the fence deadline ends a leadership, so an
+                // API-server blip does not restart the leader.
+                Err(e) if was_leader => {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "lease election error; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -79,14 +79,18 @@ impl Cluster {
 
     /// Creates a policy from a JSON spec.
     pub async fn apply_policy(&self, name: &str, spec: Value) -> SessionPolicy {
+        self.apply_policy_in(NS, name, spec).await
+    }
+
+    pub async fn apply_policy_in(&self, ns: &str, name: &str, spec: Value) -> SessionPolicy {
         let policy: SessionPolicy = serde_json::from_value(json!({
             "apiVersion": "sessions.blockyard.io/v1alpha1",
             "kind": "SessionPolicy",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": ns},
             "spec": spec,
         }))
         .expect("policy");
-        self.policies()
+        Api::<SessionPolicy>::namespaced(self.client.clone(), ns)
             .create(&PostParams::default(), &policy)
             .await
             .expect("create policy")
@@ -95,7 +99,11 @@ impl Cluster {
     /// Creates a Running, Ready worker pod. `owner` is `(kind, name)` of its controller, with the
     /// `pod-template-hash` label for ReplicaSets named `<deployment>-<hash>`.
     pub async fn ready_pod(&self, name: &str, app: &str, owner: Option<(&str, &str)>) {
-        let mut metadata = json!({"name": name, "namespace": NS, "labels": {"app": app}});
+        self.ready_pod_in(NS, name, app, owner).await
+    }
+
+    pub async fn ready_pod_in(&self, ns: &str, name: &str, app: &str, owner: Option<(&str, &str)>) {
+        let mut metadata = json!({"name": name, "namespace": ns, "labels": {"app": app}});
         if let Some((kind, owner_name)) = owner {
             metadata["ownerReferences"] = json!([{
                 "apiVersion": "apps/v1", "kind": kind, "name": owner_name,
@@ -113,8 +121,8 @@ impl Cluster {
         });
         let control = self.emulator.control();
         control.create(pod).expect("create pod");
-        control.set_pod_phase(NS, name, "Running").expect("running");
-        control.set_pod_ready(NS, name, true).expect("ready");
+        control.set_pod_phase(ns, name, "Running").expect("running");
+        control.set_pod_ready(ns, name, true).expect("ready");
     }
 
     /// Starts a graceful deletion (deletionTimestamp; removed after its 1 s grace period).
@@ -226,7 +234,7 @@ impl Default for OperatorConfig<'_> {
     fn default() -> Self {
         Self {
             identity: "op-a",
-            lease_duration: "3s",
+            lease_duration: "4s",
             extra: Vec::new(),
         }
     }

@@ -122,7 +122,7 @@ async fn standby_takes_over_a_killed_leader_and_finishes_the_rollout() {
     )
     .await;
     assert_eq!(holder(&cluster).await.as_deref(), Some("op-b"));
-    // Lease of 3 s: the standby may take over only after it expired, and soon after.
+    // Lease of 4 s: the standby may take over only after it expired, and soon after.
     assert!(
         took >= Duration::from_secs(1),
         "took over before the lease could expire: {took:?}"

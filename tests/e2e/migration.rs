@@ -315,7 +315,13 @@ async fn reused_statefulset_name_needs_no_reroute() {
             .await;
     }
     let seeded = stores.seed(&pods, 30).await;
-    cluster.apply_policy("web", policy_spec(json!({}))).await;
+    // Long enough for the old pod's shutdown and the new one's start on a loaded machine.
+    cluster
+        .apply_policy(
+            "web",
+            policy_spec(json!({"migration": {"replacementWait": "60s"}})),
+        )
+        .await;
     let mut operator = Operator::start(&cluster, &stores, OperatorConfig::default()).await;
     operator.wait_leader(Duration::from_secs(20)).await;
 
@@ -444,5 +450,81 @@ async fn pod_deletion_cost_follows_session_counts() {
         || async { (cost(pods[2].clone()).await? == 30).then_some(()) },
     )
     .await;
+    operator.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_watched_namespaces_are_each_handled() {
+    let cluster = Cluster::start().await;
+    let stores = Stores::new().await;
+    cluster
+        .emulator
+        .control()
+        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}))
+        .expect("namespace");
+    let (rs_a, rs_b) = ("alpha-6b7c8d9f5", "beta-6b7c8d9f5");
+    let alpha: Vec<String> = (0..3).map(|i| format!("{rs_a}-m{i:04}")).collect();
+    let beta: Vec<String> = (0..3).map(|i| format!("{rs_b}-m{i:04}")).collect();
+    for name in &alpha {
+        cluster
+            .ready_pod_in(NS, name, "worker", Some(("ReplicaSet", rs_a)))
+            .await;
+    }
+    for name in &beta {
+        cluster
+            .ready_pod_in("other", name, "worker", Some(("ReplicaSet", rs_b)))
+            .await;
+    }
+    let seeded = stores.seed(&alpha, 20).await + stores.seed(&beta, 20).await;
+    cluster
+        .apply_policy_in(NS, "alpha", policy_spec(json!({})))
+        .await;
+    cluster
+        .apply_policy_in("other", "beta", policy_spec(json!({})))
+        .await;
+    let config = OperatorConfig {
+        extra: vec!["--watch-namespace".into(), format!("{NS},other")],
+        ..Default::default()
+    };
+    let mut operator = Operator::start(&cluster, &stores, config).await;
+    operator.wait_leader(Duration::from_secs(20)).await;
+    // Both policies are reconciled.
+    for (ns, name) in [(NS, "alpha"), ("other", "beta")] {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{name} Ready"),
+            || async {
+                let api: kube::Api<session_operator::policy::SessionPolicy> =
+                    kube::Api::namespaced(cluster.client.clone(), ns);
+                let status = api.get(name).await.ok()?.status?;
+                (status.workers?.ready == 3).then_some(())
+            },
+        )
+        .await;
+    }
+    // A replacement in one namespace moves that pod's sessions; nothing else is touched.
+    let new_beta = format!("{rs_b}-m9999");
+    cluster
+        .ready_pod_in("other", &new_beta, "worker", Some(("ReplicaSet", rs_b)))
+        .await;
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client.clone(), "other")
+        .delete(&beta[0], &Default::default())
+        .await
+        .expect("delete");
+    eventually(Duration::from_secs(20), "beta's pod migrated", || async {
+        (stores.counts().await.get(&new_beta) == Some(&20)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts = stores.counts().await;
+    assert_eq!(counts.values().sum::<u64>(), seeded, "{counts:?}");
+    for pod in alpha.iter().chain(beta.iter().skip(1)) {
+        assert_eq!(
+            counts.get(pod),
+            Some(&20),
+            "{pod} kept its sessions: {counts:?}"
+        );
+    }
+    assert_eq!(operator.mutations().len(), 1, "{:?}", operator.mutations());
     operator.terminate().await;
 }
