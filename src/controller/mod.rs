@@ -98,7 +98,8 @@ pub struct Context {
     /// Per-policy memory (planner memory, counters, sweep times).
     states: Mutex<HashMap<ObjectRef<GuardedPolicy>, Arc<tokio::sync::Mutex<PolicyState>>>>,
     /// Session counts of all workers, refreshed every `counts_interval`.
-    counts: tokio::sync::Mutex<Option<(Instant, SessionCounts)>>,
+    counts: std::sync::RwLock<Option<(Instant, SessionCounts)>>,
+    counts_refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -178,7 +179,8 @@ pub async fn run(
         health: health.clone(),
         settings,
         states: Mutex::default(),
-        counts: tokio::sync::Mutex::default(),
+        counts: std::sync::RwLock::default(),
+        counts_refreshing: std::sync::atomic::AtomicBool::new(false),
     });
 
     // Readiness: every watch delivered its initial list.

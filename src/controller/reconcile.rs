@@ -131,7 +131,7 @@ async fn invalid_policy(
 
 /// The level-triggered pass over a valid policy.
 async fn pass(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     policy: &SessionPolicy,
     valid: &ValidPolicy,
     state: &mut PolicyState,
@@ -417,20 +417,37 @@ fn live_worker_ids(ctx: &Context) -> BTreeSet<String> {
         .collect()
 }
 
-/// Session counts of all workers, refreshed at most every `counts_interval`.
-async fn session_counts(ctx: &Context) -> Result<SessionCounts, crate::store::StoreError> {
-    let mut cached = ctx.counts.lock().await;
-    if let Some((at, counts)) = cached.as_ref()
-        && at.elapsed() < ctx.settings.counts_interval
-    {
-        return Ok(counts.clone());
+/// Session counts of all workers. A full count costs O(sessions), so it never delays a pass:
+/// once a snapshot exists, passes use it and a stale one is refreshed in the background.
+async fn session_counts(ctx: &Arc<Context>) -> Result<SessionCounts, crate::store::StoreError> {
+    let snapshot = ctx.counts.read().unwrap_or_else(|e| e.into_inner()).clone();
+    match snapshot {
+        Some((at, counts)) => {
+            if at.elapsed() >= ctx.settings.counts_interval
+                && !ctx.counts_refreshing.swap(true, Ordering::AcqRel)
+            {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = refresh_counts(&ctx).await {
+                        ctx.metrics.error("store");
+                        tracing::warn!(error = %e, "refreshing session counts failed");
+                    }
+                    ctx.counts_refreshing.store(false, Ordering::Release);
+                });
+            }
+            Ok(counts)
+        }
+        None => refresh_counts(ctx).await,
     }
+}
+
+async fn refresh_counts(ctx: &Context) -> Result<SessionCounts, crate::store::StoreError> {
     let started = Instant::now();
     let counts = ctx.store.counts_by_worker().await;
     ctx.metrics
         .observe_store(StoreOp::CountsByWorker, started.elapsed());
     let counts = Arc::new(counts?);
-    *cached = Some((Instant::now(), counts.clone()));
+    *ctx.counts.write().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), counts.clone()));
     Ok(counts)
 }
 

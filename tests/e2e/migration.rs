@@ -504,6 +504,8 @@ async fn several_watched_namespaces_are_each_handled() {
     }
     // A replacement in one namespace moves that pod's sessions; nothing else is touched.
     let new_beta = format!("{rs_b}-m9999");
+    // Creation times have one-second resolution: a replacement must be visibly newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     cluster
         .ready_pod_in("other", &new_beta, "worker", Some(("ReplicaSet", rs_b)))
         .await;
