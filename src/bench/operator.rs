@@ -9,16 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store as Reader};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube_emulator::{Controllers, Emulator};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::percentile_ms;
-use crate::demo::{Tracker, ready_workers};
+use crate::demo::{Tracker, pod_reader, ready_workers};
 use crate::store::{
     Entry, LayeredStore, PostgresStore, RedisOptions, RedisStore, Store, StoreOptions,
 };
@@ -105,7 +102,7 @@ async fn measure(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = emulator.client()?;
     let stop = CancellationToken::new();
-    let pods = pod_reader(&client, stop.clone());
+    let pods = pod_reader(&client, NS, stop.clone());
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let deployment: Deployment = serde_json::from_value(json!({
@@ -307,23 +304,6 @@ async fn cleanup(args: &OperatorBench, schema: &str, prefix: &str) {
             cursor = next;
         }
     }
-}
-
-fn pod_reader(client: &kube::Client, stop: CancellationToken) -> Reader<Pod> {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(
-        Api::<Pod>::namespaced(client.clone(), NS),
-        Default::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects();
-    tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut stream = std::pin::pin!(stream.take_until(stop.cancelled_owned()));
-        while stream.next().await.is_some() {}
-    });
-    reader
 }
 
 /// Peak resident set size of a process, from `/proc/<pid>/status` (`VmHWM`), in KiB.

@@ -111,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let pods = pod_reader(&client, shutdown.clone());
+    let pods = pod_reader(&client, NS, shutdown.clone());
     create_workload(&client, &args).await?;
     out.say(&format!(
         "Deployment {DEPLOYMENT}: {} workers; SessionPolicy {DEPLOYMENT}: reroute on replace and on terminate, replacementWait {}",
@@ -287,10 +287,15 @@ async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()>
     Ok(())
 }
 
-fn pod_reader(client: &Client, shutdown: CancellationToken) -> Reader<Pod> {
+/// A cache of the pods of `namespace`, kept until `shutdown`.
+pub(crate) fn pod_reader(
+    client: &Client,
+    namespace: &str,
+    shutdown: CancellationToken,
+) -> Reader<Pod> {
     let (reader, writer) = reflector::store();
     let stream = watcher(
-        Api::<Pod>::namespaced(client.clone(), NS),
+        Api::<Pod>::namespaced(client.clone(), namespace),
         Default::default(),
     )
     .default_backoff()
