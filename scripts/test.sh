@@ -55,6 +55,9 @@ ensure_kubectl() {
 ensure_postgres
 command -v psql >/dev/null || apt_install postgresql-client
 ensure_redis
+# The Redis TLS test starts its own TLS redis-server with certificates made by openssl.
+command -v redis-server >/dev/null || apt_install redis-server
+command -v openssl >/dev/null || apt_install openssl
 ensure_kubectl
 
 # A database of its own for this run, dropped afterwards.

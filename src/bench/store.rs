@@ -131,6 +131,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
         prefix: prefix.clone(),
         index_only,
         response_timeout: Duration::from_secs(60),
+        ca_file: None,
     };
     let indexed = RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(true))
         .await
@@ -154,6 +155,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
                     prefix,
                     index_only: false,
                     response_timeout: Duration::from_secs(60),
+                    ca_file: None,
                 },
             )
             .await?;
@@ -170,6 +172,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
                     prefix,
                     index_only: true,
                     response_timeout: Duration::from_secs(60),
+                    ca_file: None,
                 },
             )
             .await?;
@@ -450,6 +453,7 @@ async fn clear_prefix(store: &RedisStore, url: &str) -> anyhow::Result<()> {
             prefix: store.prefix().to_string(),
             index_only: true,
             response_timeout: Duration::from_secs(60),
+            ca_file: None,
         },
     )
     .await?;

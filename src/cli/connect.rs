@@ -42,6 +42,9 @@ pub struct StoreArgs {
     /// Every Redis writer maintains the per-worker index: skip the SCAN for foreign hashes.
     #[arg(long, env = "REDIS_INDEX_ONLY", global = true)]
     pub redis_index_only: bool,
+    /// PEM file of the CA of a `rediss://` server whose certificate the system does not trust.
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 impl StoreArgs {
@@ -75,6 +78,7 @@ impl StoreArgs {
         let redis = RedisOptions {
             prefix: self.redis_prefix.clone(),
             index_only: self.redis_index_only,
+            ca_file: self.redis_ca_file.clone(),
             ..RedisOptions::default()
         };
         RedisStore::connect(url, self.options(), redis)

@@ -46,6 +46,9 @@ pub struct RedisOptions {
     pub index_only: bool,
     /// Per-command timeout; a Redis that stops answering fails operations after this long.
     pub response_timeout: Duration,
+    /// PEM file of the CA that signed a `rediss://` server's certificate, when it is not in the
+    /// system's trust store.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisOptions {
@@ -54,6 +57,7 @@ impl Default for RedisOptions {
             prefix: DEFAULT_PREFIX.to_string(),
             index_only: false,
             response_timeout: Duration::from_secs(2),
+            ca_file: None,
         }
     }
 }
@@ -403,8 +407,21 @@ impl RedisStore {
     /// an error naming the URL without its password.
     pub async fn connect(url: &str, options: StoreOptions, redis: RedisOptions) -> Result<Self> {
         options.validate()?;
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Config(format!("invalid Redis URL: {e}")))?;
+        let client = match &redis.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StoreError::Config(format!("reading the Redis CA file {}: {e}", path.display()))
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url, certs)
+                    .map_err(|e| StoreError::Config(format!("invalid Redis URL or CA file: {e}")))?
+            }
+            None => redis::Client::open(url)
+                .map_err(|e| StoreError::Config(format!("invalid Redis URL: {e}")))?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.response_timeout))
             .set_response_timeout(Some(redis.response_timeout))

@@ -96,6 +96,7 @@ impl RedisPrefix {
             prefix: self.prefix.clone(),
             index_only,
             response_timeout: Duration::from_millis(500),
+            ca_file: None,
         }
     }
 
