@@ -76,7 +76,7 @@ impl Default for Settings {
             namespaces: Vec::new(),
             orphan_grace: Duration::from_secs(10),
             counts_interval: Duration::from_secs(10),
-            migration_concurrency: 8,
+            migration_concurrency: 16,
         }
     }
 }

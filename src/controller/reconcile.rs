@@ -453,7 +453,7 @@ async fn refresh_counts(ctx: &Context) -> Result<SessionCounts, crate::store::St
 
 /// Runs the planned actions (a few at a time) through the fence; returns how many failed.
 async fn execute(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     policy: &SessionPolicy,
     actions: &[Action],
     memory: &mut Memory,
@@ -508,7 +508,10 @@ async fn execute(
             }
         }
     }
-    publish_all(ctx, policy, events).await;
+    // Events go out in the background: the next pass (the next wave of a rollout) must not
+    // wait for one API call per migration.
+    let (ctx, policy) = (ctx.clone(), policy.clone());
+    tokio::spawn(async move { publish_all(&ctx, &policy, events).await });
     failures
 }
 
