@@ -4,10 +4,30 @@
 mod operator;
 mod store;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 pub use operator::OperatorBench;
 pub use store::StoreBench;
+
+/// Where the benchmarks find Postgres and Redis (each run uses a schema and key prefix of its
+/// own and removes them afterwards).
+#[derive(Debug, Args)]
+pub struct BenchStores {
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {

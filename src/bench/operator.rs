@@ -22,20 +22,8 @@ use crate::store::{
 
 #[derive(Debug, Args)]
 pub struct OperatorBench {
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    stores: super::BenchStores,
     /// Worker pods in the Deployment.
     #[arg(long, default_value_t = 200)]
     workers: usize,
@@ -58,14 +46,14 @@ pub async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
     let prefix = format!("{tag}:");
     let options = StoreOptions::default();
     let primary = Arc::new(
-        PostgresStore::connect(&args.database_url, &tag, options.clone())
+        PostgresStore::connect(&args.stores.database_url, &tag, options.clone())
             .await
             .context("connecting to Postgres")?,
     );
     primary.migrate(&tag).await.context("migrating")?;
     let cache = Arc::new(
         RedisStore::connect(
-            &args.redis_url,
+            &args.stores.redis_url,
             options.clone(),
             RedisOptions {
                 prefix: prefix.clone(),
@@ -148,9 +136,9 @@ async fn measure(
         .arg("run")
         .args([
             "--database-url",
-            &args.database_url,
+            &args.stores.database_url,
             "--redis-url",
-            &args.redis_url,
+            &args.stores.redis_url,
         ])
         .args(["--schema", schema, "--redis-prefix", prefix])
         .args(["--lease-namespace", NS, "--identity", "bench-operator"])
@@ -243,7 +231,7 @@ async fn seed(
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
     let cached = args.sessions / 10;
-    let pool = sqlx::PgPool::connect(&args.database_url).await?;
+    let pool = sqlx::PgPool::connect(&args.stores.database_url).await?;
     let sql = format!(
         "INSERT INTO \"{schema}\".blockyard_sessions (id, worker_id, user_sub, last_access, expires_at)
          SELECT 'bench-' || g, ($1::text[])[1 + g % $2], '', now(), 'infinity'::timestamptz
@@ -276,11 +264,11 @@ async fn seed(
 }
 
 async fn cleanup(args: &OperatorBench, schema: &str, prefix: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
+    if let Ok(pool) = sqlx::PgPool::connect(&args.stores.database_url).await {
         let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
     }
-    if let Ok(client) = redis::Client::open(args.redis_url.as_str())
+    if let Ok(client) = redis::Client::open(args.stores.redis_url.as_str())
         && let Ok(mut conn) = client.get_multiplexed_async_connection().await
     {
         let mut cursor: u64 = 0;

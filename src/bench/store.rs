@@ -29,20 +29,8 @@ use crate::store::{
 
 #[derive(Debug, Args)]
 pub struct StoreBench {
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    stores: super::BenchStores,
     /// Total session counts N to measure at.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     sizes: Vec<usize>,
@@ -114,7 +102,7 @@ pub async fn run(mut args: StoreBench) -> anyhow::Result<()> {
         "every size must be >= k"
     );
     let tag = format!("bench_{}", std::process::id());
-    let pg = PostgresStore::connect(&args.database_url, &tag, StoreOptions::default())
+    let pg = PostgresStore::connect(&args.stores.database_url, &tag, StoreOptions::default())
         .await
         .context("connecting to Postgres")?;
     pg.migrate(&tag).await?;
@@ -133,11 +121,19 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
         response_timeout: Duration::from_secs(60),
         ca_file: None,
     };
-    let indexed = RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(true))
-        .await
-        .context("connecting to Redis")?;
-    let fallback =
-        RedisStore::connect(&args.redis_url, StoreOptions::default(), redis_opts(false)).await?;
+    let indexed = RedisStore::connect(
+        &args.stores.redis_url,
+        StoreOptions::default(),
+        redis_opts(true),
+    )
+    .await
+    .context("connecting to Redis")?;
+    let fallback = RedisStore::connect(
+        &args.stores.redis_url,
+        StoreOptions::default(),
+        redis_opts(false),
+    )
+    .await?;
     let result = async {
         let run = |part: Part| args.parts.is_empty() || args.parts.contains(&part);
         if run(Part::Redis) {
@@ -149,7 +145,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
         if run(Part::Layered) {
             let prefix = format!("{tag}:layered:");
             let cache = RedisStore::connect(
-                &args.redis_url,
+                &args.stores.redis_url,
                 StoreOptions::default(),
                 RedisOptions {
                     prefix,
@@ -160,13 +156,13 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
             )
             .await?;
             let ops = layered_worker_ops(args, pg, &cache).await;
-            clear_prefix(&cache, &args.redis_url).await?;
+            clear_prefix(&cache, &args.stores.redis_url).await?;
             ops?;
         }
         if run(Part::Workers) {
             let prefix = format!("{tag}:workers:");
             let redis = RedisStore::connect(
-                &args.redis_url,
+                &args.stores.redis_url,
                 StoreOptions::default(),
                 RedisOptions {
                     prefix,
@@ -177,7 +173,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
             )
             .await?;
             let ops = worker_listing(args, pg, &redis).await;
-            clear_prefix(&redis, &args.redis_url).await?;
+            clear_prefix(&redis, &args.stores.redis_url).await?;
             ops?;
         }
         if run(Part::Blocking) {
@@ -198,7 +194,7 @@ async fn run_all(args: &StoreBench, tag: &str, pg: &PostgresStore) -> anyhow::Re
     // Clean up the benchmark's keys, whatever happened: index the hashes the baseline script
     // moved behind the index's back, then delete worker by worker.
     indexed.adopt_unindexed().await?;
-    clear_prefix(&indexed, &args.redis_url).await?;
+    clear_prefix(&indexed, &args.stores.redis_url).await?;
     result
 }
 
@@ -252,7 +248,7 @@ async fn redis_worker_ops(
     let script = Script::new(SCAN_REROUTE);
     let pattern = format!("{}session:*", store.prefix());
     // The baseline blocks Redis for seconds at 1M keys: no response timeout for it.
-    let mut conn = redis::Client::open(args.redis_url.as_str())?
+    let mut conn = redis::Client::open(args.stores.redis_url.as_str())?
         .get_multiplexed_async_connection_with_config(
             &redis::AsyncConnectionConfig::new().set_response_timeout(None),
         )
@@ -511,7 +507,7 @@ async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result
     store
         .set_many(&sessions(0..n, |_| "big".to_string()))
         .await?;
-    let ((), took, worst) = while_pinging(&args.redis_url, async {
+    let ((), took, worst) = while_pinging(&args.stores.redis_url, async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         Ok(())
     })
@@ -522,7 +518,7 @@ async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result
         ms(took),
         ms(worst)
     );
-    let (count, took, worst) = while_pinging(&args.redis_url, async {
+    let (count, took, worst) = while_pinging(&args.stores.redis_url, async {
         Ok(store.count_for_worker("big").await?)
     })
     .await?;
@@ -533,7 +529,7 @@ async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result
         ms(took),
         ms(worst)
     );
-    let (entries, took, worst) = while_pinging(&args.redis_url, async {
+    let (entries, took, worst) = while_pinging(&args.stores.redis_url, async {
         Ok(store.entries_for_worker("big").await?)
     })
     .await?;
@@ -544,7 +540,7 @@ async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result
         ms(took),
         ms(worst)
     );
-    let (moved, took, worst) = while_pinging(&args.redis_url, async {
+    let (moved, took, worst) = while_pinging(&args.stores.redis_url, async {
         Ok(store.reroute_worker("big", "big2").await?)
     })
     .await?;
@@ -555,7 +551,7 @@ async fn redis_blocking(args: &StoreBench, store: &RedisStore) -> anyhow::Result
         ms(took),
         ms(worst)
     );
-    let (deleted, took, worst) = while_pinging(&args.redis_url, async {
+    let (deleted, took, worst) = while_pinging(&args.stores.redis_url, async {
         Ok(store.delete_by_worker("big2").await?)
     })
     .await?;

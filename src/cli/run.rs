@@ -121,6 +121,15 @@ impl RunArgs {
         Ok(())
     }
 
+    /// `--lease-namespace`, else `$POD_NAMESPACE`; `None` leaves it to the kubeconfig.
+    fn lease_namespace(&self) -> Option<String> {
+        self.lease_namespace.clone().or_else(|| {
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+    }
+
     fn identity(&self) -> String {
         self.identity
             .clone()
@@ -164,11 +173,7 @@ impl RunArgs {
             self.store.redis_prefix,
             humantime::format_duration(self.store.touch_window),
             self.leader_elect,
-            self.lease_namespace
-                .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|s| !s.is_empty()))
+            self.lease_namespace()
                 .unwrap_or_else(|| "<kubeconfig namespace>".into()),
             self.lease_name,
             humantime::format_duration(self.lease_duration),
@@ -238,13 +243,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lease = args.leader_elect.then(|| LeaseConfig {
         name: args.lease_name.clone(),
         namespace: args
-            .lease_namespace
-            .clone()
-            .or_else(|| {
-                std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-            })
+            .lease_namespace()
             .unwrap_or_else(|| client.default_namespace().to_string()),
         identity: identity.clone(),
         duration: args.lease_duration,

@@ -173,13 +173,7 @@ async fn pass(
         .all_pods()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && !valid.selects(p))
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Failed" | "Succeeded")
-            )
-        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && !workers::is_finished(p))
         .filter_map(|p| valid.worker_id(p))
         .filter(|id| !selected.contains(id.as_str()))
         .collect();
@@ -325,8 +319,7 @@ async fn pass(
 
     // Status.
     if leader {
-        let ready = workers.iter().filter(|w| w.ready).count() as u32;
-        let terminating = workers.iter().filter(|w| w.departing).count() as u32;
+        let worker_counts = worker_counts(&workers);
         let sessions: u64 = workers
             .iter()
             .map(|w| w.id.as_str())
@@ -339,8 +332,8 @@ async fn pass(
             "paused: no store mutation for this policy".to_string()
         } else {
             format!(
-                "{ready} ready worker(s), {} departure(s) pending",
-                plan.waiting
+                "{} ready worker(s), {} departure(s) pending",
+                worker_counts.ready, plan.waiting
             )
         };
         conds.push(Cond::new(
@@ -367,7 +360,7 @@ async fn pass(
                 policy.meta().generation,
                 now,
             ),
-            workers: Some(WorkerCounts { ready, terminating }),
+            workers: Some(worker_counts),
             sessions: Some(sessions),
             migrations: state.counters,
             last_idle_sweep: state
@@ -393,6 +386,13 @@ async fn pass(
         requeue = requeue.min(interval);
     }
     Ok(Requeue::requeue(requeue))
+}
+
+fn worker_counts(workers: &[Worker]) -> WorkerCounts {
+    WorkerCounts {
+        ready: workers.iter().filter(|w| w.ready).count() as u32,
+        terminating: workers.iter().filter(|w| w.departing).count() as u32,
+    }
 }
 
 /// Worker ids of the pods of every valid policy.
@@ -746,10 +746,7 @@ async fn store_unavailable(
             policy.meta().generation,
             now,
         );
-        status.workers = Some(WorkerCounts {
-            ready: workers.iter().filter(|w| w.ready).count() as u32,
-            terminating: workers.iter().filter(|w| w.departing).count() as u32,
-        });
+        status.workers = Some(worker_counts(workers));
         write_status(ctx, policy, state, status).await?;
     }
     Ok(Requeue::requeue(Duration::from_secs(5)))

@@ -61,6 +61,14 @@ impl Family {
     }
 }
 
+/// Whether a pod's phase is final (Failed or Succeeded): it will not serve again.
+pub fn is_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed" | "Succeeded")
+    )
+}
+
 pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// The worker view of a pod the policy selects; `None` when the pod has no worker id (a missing
@@ -70,8 +78,7 @@ pub fn worker(policy: &ValidPolicy, pod: &Pod) -> Option<Worker> {
     let meta = &pod.metadata;
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref());
-    let departing =
-        meta.deletion_timestamp.is_some() || matches!(phase, Some("Failed" | "Succeeded"));
+    let departing = meta.deletion_timestamp.is_some() || is_finished(pod);
     let ready_condition = status
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));

@@ -352,12 +352,7 @@ async fn settle(
         let total = pods
             .state()
             .iter()
-            .filter(|p| {
-                !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Failed" | "Succeeded")
-                )
-            })
+            .filter(|p| !crate::controller::workers::is_finished(p))
             .count();
         out.progress(&format!(
             "  [{phase}] pods {ready} Ready / {total} · sessions on departed workers {on_departed} · rerouted {} · deleted {}",
