@@ -173,7 +173,7 @@ async fn measure(
                 && s.available_replicas == Some(args.workers as i32)
                 && s.replicas == Some(args.workers as i32)
         });
-        if done && tracker.sessions_on_departed().await? == 0 {
+        if done && tracker.sessions_on_departed().await? == 0 && tracker.pending() == 0 {
             break;
         }
         anyhow::ensure!(
@@ -184,6 +184,7 @@ async fn measure(
     let rollout = started.elapsed();
     let rss = operator.id().and_then(peak_rss_kib);
     let _ = operator.kill().await;
+    let workers = ready_workers(&pods);
     stop.cancel();
     emulator.shutdown().await;
 
@@ -194,15 +195,17 @@ async fn measure(
     latencies.sort();
     let total: u64 = store.counts_by_worker().await?.values().sum();
     println!(
-        "rolling update of {} workers: {:.1} s; {} departures with sessions",
+        "rolling update of {} workers: {:.1} s; {} of {} departures measured",
         args.workers,
         rollout.as_secs_f64(),
-        latencies.len()
+        latencies.len(),
+        args.workers
     );
+    let p99 = percentile_ms(&latencies, 0.99);
     println!(
         "migration latency (departure seen → sessions moved): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 ≤ 500 ms)",
         percentile_ms(&latencies, 0.5),
-        percentile_ms(&latencies, 0.99),
+        p99,
         percentile_ms(&latencies, 1.0)
     );
     match rss {
@@ -218,7 +221,60 @@ async fn measure(
         args.sessions
     );
     println!("sessions lost: 0 ({total} of {})", args.sessions);
+
+    // The floor: what Postgres alone needs to move one wave (maxSurge 25 % of the pods depart
+    // together) with the operator's concurrency, on a machine no longer busy with the rollout.
+    let wave = args.workers.div_ceil(4).min(workers.len());
+    let concurrency = crate::controller::Settings::default().migration_concurrency;
+    let floor = postgres_floor(
+        &args.stores.database_url,
+        schema,
+        &workers[..wave],
+        concurrency,
+    )
+    .await?;
+    let floor_ms = floor.as_secs_f64() * 1000.0;
+    println!(
+        "floor: Postgres alone moves one wave ({wave} workers, {} sessions, {concurrency} at a time) in {floor_ms:.0} ms; migration p99 = {:.2} × floor",
+        wave * args.sessions / args.workers.max(1),
+        p99 / floor_ms.max(1.0)
+    );
     Ok(())
+}
+
+/// Times plain `UPDATE`s moving every session of `workers` (one statement per worker,
+/// `concurrency` at a time): the least store work a wave's migrations can cost.
+async fn postgres_floor(
+    url: &str,
+    schema: &str,
+    workers: &[String],
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    use futures::{StreamExt, TryStreamExt};
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(concurrency as u32)
+        .connect(url)
+        .await?;
+    // Open every connection before the clock starts.
+    futures::stream::iter(0..concurrency)
+        .map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(&pool))
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let sql =
+        format!("UPDATE \"{schema}\".blockyard_sessions SET worker_id = $2 WHERE worker_id = $1");
+    let started = Instant::now();
+    futures::stream::iter(workers)
+        .map(|w| {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(w)
+                .bind(format!("{w}-floor"))
+                .execute(&pool)
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(started.elapsed())
 }
 
 /// Most sessions go straight into Postgres (fast); a tenth through the layered store, so the

@@ -4,8 +4,12 @@
 //! - [`workers`] — the planner's view of a pod;
 //! - [`planner`] — the pure decision logic;
 //! - `reconcile` — one pass over a policy (I/O at the edges of the planner);
+//! - `migrations` — the planned actions, each a task of its own;
+//! - `events` — Kubernetes Events, published by one background task;
 //! - [`status`] — conditions.
 
+mod events;
+mod migrations;
 pub mod planner;
 mod reconcile;
 pub mod status;
@@ -23,7 +27,11 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store as Reader};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use events::Events;
+use migrations::Migrations;
 
 use crate::leader::Fence;
 use crate::policy::{SessionPolicy, ValidPolicy};
@@ -66,7 +74,7 @@ pub struct Settings {
     pub orphan_grace: Duration,
     /// How often session counts (status, loads, deletion costs) are refreshed from the store.
     pub counts_interval: Duration,
-    /// How many migrations of one pass run concurrently.
+    /// How many migrations (of all policies) run concurrently.
     pub migration_concurrency: usize,
 }
 
@@ -91,7 +99,13 @@ pub struct Context {
     pods: Vec<Reader<Pod>>,
     policies: Vec<Reader<GuardedPolicy>>,
     pub fence: Fence,
-    pub recorder: Recorder,
+    events: Events,
+    migrations: Migrations,
+    /// Per watched scope, the way to ask its Controller for another pass over a policy.
+    triggers: Vec<(
+        Option<String>,
+        mpsc::UnboundedSender<ObjectRef<GuardedPolicy>>,
+    )>,
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub settings: Settings,
@@ -121,6 +135,16 @@ impl Context {
     /// Every cached policy of every watched scope.
     pub fn all_policies(&self) -> Vec<Arc<GuardedPolicy>> {
         self.policies.iter().flat_map(|r| r.state()).collect()
+    }
+
+    /// Asks for another pass over a policy (one of its migrations ended).
+    fn request_pass(&self, key: &ObjectRef<GuardedPolicy>) {
+        for (scope, trigger) in &self.triggers {
+            if scope.is_none() || *scope == key.namespace {
+                // The receiver is gone only when the controller stopped.
+                let _ = trigger.send(key.clone());
+            }
+        }
     }
 
     /// Drops the memory of policies that no longer exist (deletions are not reconciled).
@@ -167,8 +191,23 @@ pub async fn run(
         controller: "session-operator".into(),
         instance: Some(fence.identity().to_string()),
     };
+    let mut triggers = Vec::new();
+    let mut trigger_streams = Vec::new();
+    for scope in &scopes {
+        let (tx, rx) = mpsc::unbounded_channel();
+        triggers.push((scope.clone(), tx));
+        trigger_streams.push(stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|key| (key, rx))
+        }));
+    }
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: Events::spawn(
+            Recorder::new(client.clone(), reporter),
+            fence.clone(),
+            metrics.clone(),
+        ),
+        migrations: Migrations::new(settings.migration_concurrency, shutdown.clone()),
+        triggers,
         client: client.clone(),
         store: store.store,
         layered: store.layered,
@@ -207,8 +246,9 @@ pub async fn run(
         .iter()
         .zip(policy_stores)
         .zip(pod_stores)
+        .zip(trigger_streams)
         .map(
-            |((scope, (policy_reader, policy_writer)), (_, pod_writer))| {
+            |(((scope, (policy_reader, policy_writer)), (_, pod_writer)), triggers)| {
                 let policy_stream = watcher(
                     scoped_api::<GuardedPolicy>(&client, scope),
                     Default::default(),
@@ -229,6 +269,7 @@ pub async fn run(
                     })
                     // A new leader reconciles everything at once.
                     .reconcile_all_on(became_leader(fence.subscribe()))
+                    .reconcile_on(triggers)
                     .with_config(controller::Config::default().concurrency(4))
                     .graceful_shutdown_on(async move { shutdown.cancelled().await })
                     .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -241,6 +282,7 @@ pub async fn run(
         )
         .collect::<Vec<_>>();
     futures::future::join_all(controllers).await;
+    ctx.migrations.wait().await;
 }
 
 /// The API of a namespace, or of all namespaces.

@@ -2,8 +2,9 @@
 //!
 //! Input: the policy's worker pods, which worker ids hold sessions in the store, approximate
 //! loads, the policy's rules, the time, and the planner's [`Memory`] of earlier passes. Output:
-//! the store actions to take now and when to look again. The controller executes the actions
-//! and reports each success back with [`Memory::completed`].
+//! the store actions to take now and when to look again. The controller hands each action it
+//! executes to [`Memory::started`] and reports its end with [`Memory::completed`] or
+//! [`Memory::failed`]; actions run outside the pass, so later passes may plan while they run.
 //!
 //! Semantics (level-triggered, so nothing depends on seeing every watch event):
 //!
@@ -154,8 +155,12 @@ pub struct Memory {
     /// Replacement worker → when it was paired; a worker replaces one departure only.
     paired: BTreeMap<String, Timestamp>,
     /// Departed worker → the replacement its planned `Delete` (`onReplace: Delete`) was paired
-    /// with, recorded in `paired` when the delete completes.
+    /// with, recorded in `paired` when the delete starts.
     delete_pairs: BTreeMap<String, String>,
+    /// Workers whose action was handed to the executor and not reported back yet → the
+    /// replacement the action pairs with. Migrations run outside the pass, so a pass must
+    /// neither plan them again nor pair their replacement with another departure.
+    in_flight: BTreeMap<String, Option<String>>,
     /// Unknown worker ids with sessions → first seen.
     orphans_seen: BTreeMap<String, Timestamp>,
     /// Migrated workers with late sessions whose target is live but not Ready → since when.
@@ -163,30 +168,59 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// Records that an action of the last plan was handed to the executor. Until it is
+    /// reported with [`Self::completed`] or [`Self::failed`], its worker is not planned again and
+    /// a `Replaced` action's replacement stays paired.
+    pub fn started(&mut self, action: &Action, now: Timestamp) {
+        let id = action.worker();
+        let target = match action {
+            Action::Reroute {
+                to,
+                reason: Reason::Replaced,
+                ..
+            } => Some(to.clone()),
+            Action::Delete {
+                reason: Reason::Replaced,
+                ..
+            } => self.delete_pairs.get(id).cloned(),
+            _ => None,
+        };
+        if let Some(target) = &target {
+            self.paired.insert(target.clone(), now);
+        }
+        self.in_flight.insert(id.to_string(), target);
+    }
+
     /// Records a successfully executed action.
     pub fn completed(&mut self, action: &Action, now: Timestamp) {
         let id = action.worker().to_string();
+        if let Some(Some(target)) = self.in_flight.remove(&id) {
+            // Retention of the pairing counts from the moment the sessions arrived.
+            self.paired.insert(target, now);
+        }
         // A late-sessions action has no departure: keep the family already known.
         let family = match self.departures.remove(&id) {
             Some(d) => d.family,
             None => self.resolved.get(&id).and_then(|(_, _, f)| f.clone()),
         };
-        let replaced_by = self.delete_pairs.remove(&id);
         let resolution = match action {
-            Action::Reroute { to, reason, .. } => {
-                if *reason == Reason::Replaced {
-                    self.paired.insert(to.clone(), now);
-                }
-                Resolution::Rerouted { to: to.clone() }
-            }
-            Action::Delete { reason, .. } => {
-                if let (Reason::Replaced, Some(to)) = (reason, replaced_by) {
-                    self.paired.insert(to, now);
-                }
-                Resolution::Deleted
-            }
+            Action::Reroute { to, .. } => Resolution::Rerouted { to: to.clone() },
+            Action::Delete { .. } => Resolution::Deleted,
         };
         self.resolved.insert(id, (resolution, now, family));
+    }
+
+    /// Records an action that failed: its worker is planned afresh by the next pass, and its
+    /// replacement is free again.
+    pub fn failed(&mut self, action: &Action) {
+        if let Some(Some(target)) = self.in_flight.remove(action.worker()) {
+            self.paired.remove(&target);
+        }
+    }
+
+    /// How many actions are executing.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// Worker ids the planner has seen or tracked, and so claims for this policy.
@@ -308,7 +342,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     let mut late_waiting = std::mem::take(&mut memory.late_waiting);
     late_waiting.retain(|id, _| input.with_sessions.contains(id));
     for (id, (resolution, at, family)) in &memory.resolved {
-        if !input.with_sessions.contains(id) {
+        if !input.with_sessions.contains(id) || memory.in_flight.contains_key(id) {
             continue;
         }
         // Follow the target's own migrations: A→B then B→C sends A's late sessions to C.
@@ -381,7 +415,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     memory
         .paired
         .retain(|id, at| live.contains(id.as_str()) && now < after(*at, retention));
-    // Pairs of deletes planned earlier and not completed are planned afresh below.
+    // Pairs of deletes planned earlier and not started are planned afresh below.
     memory.delete_pairs.clear();
     let mut order: Vec<(String, Departure)> = memory
         .departures
@@ -391,6 +425,9 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     order.sort_by(|a, b| (a.1.observed_at, &a.0).cmp(&(b.1.observed_at, &b.0)));
     let mut paired_now: BTreeSet<String> = BTreeSet::new();
     for (id, departure) in order {
+        if memory.in_flight.contains_key(&id) {
+            continue;
+        }
         if !input.with_sessions.contains(&id) {
             memory.departures.remove(&id);
             memory

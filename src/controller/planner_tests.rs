@@ -2,7 +2,9 @@
 //!
 //! The tests drive [`plan`] pass by pass through a small harness that plays the controller: it
 //! derives `with_sessions` and `loads` from a simulated `worker → sessions` map, executes the
-//! planned actions on that map and reports them with [`Memory::completed`].
+//! planned actions on that map and reports them with [`Memory::started`] and
+//! [`Memory::completed`]. The property test also lets actions stay in flight across passes and
+//! fail.
 //!
 //! Times are whole seconds after a fixed epoch (`t(0)`); the default rules wait 120 s for a
 //! replacement and 10 s before an unknown id with sessions counts as an orphan departure.
@@ -177,6 +179,7 @@ impl World {
                     self.sessions.remove(worker);
                 }
             }
+            self.memory.started(action, t(now));
             self.memory.completed(action, t(now));
         }
     }
@@ -504,7 +507,7 @@ fn on_replace_delete_deletes_once_the_replacement_is_ready() {
 /// so one replacement "replaced" every departure of the next passes. Here b would have been
 /// deleted as `Replaced` on r1, although r1 replaced a and b's own replacement never came;
 /// `onTerminate: Reroute` must apply to b instead. Fixed by remembering the replacement a
-/// planned `Delete` was paired with and recording the pair when it completes.
+/// planned `Delete` was paired with and recording the pair when it starts.
 #[test]
 fn on_replace_delete_still_pairs_one_to_one_across_passes() {
     let mut w = World::new(
@@ -543,6 +546,102 @@ fn on_replace_delete_still_pairs_one_to_one_across_passes() {
         ["b->r1 Terminated"]
     );
     assert_eq!((w.count("b"), w.count("r1"), w.count("c")), (0, 2, 9));
+}
+
+/// Migrations run outside the pass: while one runs, later passes neither plan its worker
+/// again nor hand its replacement to another departure.
+#[test]
+fn an_action_in_flight_is_not_planned_again_and_keeps_its_replacement() {
+    let mut w = World::new(rules(), &[("a", 4), ("b", 3)]);
+    w.step(1_000, &[ready("a", 0, 5), ready("b", 0, 5)]);
+    let (r1, r2) = (ready("r1", 990, 995), ready("r2", 991, 996));
+    let plan = w.plan(
+        1_010,
+        &[
+            terminating("a", 0),
+            ready("b", 0, 5),
+            r1.clone(),
+            r2.clone(),
+        ],
+    );
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["a->r1 Replaced"]
+    );
+    w.memory.started(&plan.actions[0], t(1_010));
+    assert_eq!(w.memory.in_flight(), 1);
+
+    // b departs while a's migration runs (a still holds its sessions).
+    let next = w.plan(
+        1_011,
+        &[
+            terminating("a", 0),
+            terminating("b", 0),
+            r1.clone(),
+            r2.clone(),
+        ],
+    );
+    assert_eq!(
+        next.actions.iter().map(show).collect::<Vec<_>>(),
+        ["b->r2 Replaced"]
+    );
+    w.apply(1_011, &next);
+
+    // a's migration landed in the store but is not reported yet: a without sessions is
+    // neither "empty" nor planned.
+    w.sessions.remove("a");
+    *w.sessions.entry("r1".into()).or_default() += 4;
+    let quiet = w.plan(1_012, &[r1.clone(), r2.clone()]);
+    assert!(quiet.actions.is_empty(), "{:?}", quiet.actions);
+    w.memory.completed(&plan.actions[0], t(1_012));
+    assert_eq!(w.memory.in_flight(), 0);
+    assert_eq!(
+        w.memory.resolution("a"),
+        Some(&Resolution::Rerouted { to: "r1".into() })
+    );
+    // A lagging proxy writes for a again: its sessions follow to r1.
+    w.write("a", 1);
+    assert_eq!(w.step(1_013, &[r1, r2]), ["a->r1 LateSessions"]);
+}
+
+#[test]
+fn a_failed_action_frees_its_replacement_and_is_planned_again() {
+    let mut w = World::new(rules(), &[("a", 4)]);
+    w.step(1_000, &[ready("a", 0, 5)]);
+    let r = ready("r", 990, 995);
+    let plan = w.plan(1_010, &[terminating("a", 0), r.clone()]);
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["a->r Replaced"]
+    );
+    w.memory.started(&plan.actions[0], t(1_010));
+    w.memory.failed(&plan.actions[0]);
+    assert_eq!(w.memory.in_flight(), 0);
+    assert_eq!(w.step(1_015, &[terminating("a", 0), r]), ["a->r Replaced"]);
+    assert_eq!(w.count("r"), 4);
+}
+
+#[test]
+fn an_on_replace_delete_in_flight_keeps_its_replacement_paired() {
+    let mut w = World::new(
+        Rules {
+            on_replace: OnReplace::Delete,
+            ..rules()
+        },
+        &[("a", 2), ("b", 2)],
+    );
+    w.step(1_000, &[ready("a", 0, 5), ready("b", 0, 5)]);
+    let r = ready("r", 990, 995);
+    let plan = w.plan(1_010, &[terminating("a", 0), ready("b", 0, 5), r.clone()]);
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["a deleted Replaced"]
+    );
+    w.memory.started(&plan.actions[0], t(1_010));
+    // b departs during a's delete: r is taken, so b waits for a replacement of its own.
+    let next = w.plan(1_011, &[terminating("a", 0), terminating("b", 0), r]);
+    assert!(next.actions.is_empty(), "{:?}", next.actions);
+    assert_eq!(next.waiting, 1);
 }
 
 #[test]
@@ -1224,8 +1323,12 @@ enum Op {
     Write { target: usize, n: u64 },
     /// Time passes.
     Advance(u16),
-    /// The actions of the next pass fail (store error): neither applied nor completed.
+    /// The actions of the next pass fail (store error): started, not applied, failed.
     FailNext,
+    /// The actions of the next pass stay in flight for two more passes: the first sees them
+    /// running (nothing moved yet); the second sees their effect in the store, and they are
+    /// reported completed only after it planned (the worst order for the planner).
+    DeferNext,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -1239,6 +1342,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..16, 1u64..20).prop_map(|(target, n)| Op::Write { target, n }),
         3 => (0u16..400).prop_map(Op::Advance),
         1 => Just(Op::FailNext),
+        2 => Just(Op::DeferNext),
     ]
 }
 
@@ -1282,6 +1386,12 @@ struct Sim {
     written: u64,
     deleted: u64,
     fail_next: bool,
+    defer_next: bool,
+    /// Every action stays in flight for two passes (as with [`Op::DeferNext`]).
+    slow: bool,
+    /// Actions started by an earlier pass and not reported back yet, with whether they
+    /// already ran through one pass.
+    in_flight: Vec<(Action, bool)>,
     /// Replacement → when a `Replaced` reroute onto it completed, while it stays live and
     /// within the planner's retention.
     replaced_onto: BTreeMap<String, i64>,
@@ -1300,6 +1410,9 @@ impl Sim {
             written: 0,
             deleted: 0,
             fail_next: false,
+            defer_next: false,
+            slow: false,
+            in_flight: Vec::new(),
             replaced_onto: BTreeMap::new(),
         }
     }
@@ -1349,6 +1462,7 @@ impl Sim {
             }
             Op::Advance(secs) => self.now += i64::from(secs),
             Op::FailNext => self.fail_next = true,
+            Op::DeferNext => self.defer_next = true,
             _ => {}
         }
     }
@@ -1373,8 +1487,29 @@ impl Sim {
             .collect()
     }
 
+    /// Applies an action to the simulated store.
+    fn execute(&mut self, action: &Action) {
+        match action {
+            Action::Reroute { from, to, .. } => {
+                let moved = self.sessions.remove(from).unwrap_or(0);
+                *self.sessions.entry(to.clone()).or_default() += moved;
+            }
+            Action::Delete { worker, .. } => {
+                self.deleted += self.sessions.remove(worker).unwrap_or(0);
+            }
+        }
+    }
+
     /// One controller pass; checks the per-pass invariants.
     fn pass(&mut self) -> Result<(), TestCaseError> {
+        let (landed, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|(_, aged)| *aged);
+        let landed: Vec<Action> = landed.into_iter().map(|(a, _)| a).collect();
+        let running: Vec<Action> = running.into_iter().map(|(a, _)| a).collect();
+        for action in &landed {
+            self.execute(action);
+        }
         let workers = self.workers();
         let with_sessions: BTreeSet<String> = self
             .sessions
@@ -1431,6 +1566,13 @@ impl Sim {
                 "two actions for one worker: {:?}",
                 plan.actions
             );
+            prop_assert!(
+                !landed
+                    .iter()
+                    .chain(&running)
+                    .any(|a| a.worker() == action.worker()),
+                "planned again while in flight: {action:?}\nin flight: {landed:?} {running:?}"
+            );
             if let Action::Reroute {
                 from, to, reason, ..
             } = action
@@ -1459,23 +1601,37 @@ impl Sim {
             }
         }
 
-        if !std::mem::take(&mut self.fail_next) {
-            for action in &plan.actions {
-                match action {
-                    Action::Reroute {
-                        from, to, reason, ..
-                    } => {
-                        let moved = self.sessions.remove(from).unwrap_or(0);
-                        *self.sessions.entry(to.clone()).or_default() += moved;
-                        if *reason == Reason::Replaced {
-                            self.replaced_onto.insert(to.clone(), self.now);
-                        }
-                    }
-                    Action::Delete { worker, .. } => {
-                        self.deleted += self.sessions.remove(worker).unwrap_or(0);
-                    }
+        let now = t(self.now);
+        for action in &landed {
+            self.memory.completed(action, now);
+        }
+        self.in_flight
+            .extend(running.into_iter().map(|action| (action, true)));
+        let fail = std::mem::take(&mut self.fail_next);
+        let defer = std::mem::take(&mut self.defer_next) || self.slow;
+        for action in &plan.actions {
+            self.memory.started(action, now);
+            let replaced = match action {
+                Action::Reroute {
+                    to,
+                    reason: Reason::Replaced,
+                    ..
+                } => Some(to.clone()),
+                _ => None,
+            };
+            if let Some(to) = &replaced {
+                self.replaced_onto.insert(to.clone(), self.now);
+            }
+            if fail {
+                self.memory.failed(action);
+                if let Some(to) = &replaced {
+                    self.replaced_onto.remove(to);
                 }
-                self.memory.completed(action, t(self.now));
+            } else if defer {
+                self.in_flight.push((action.clone(), false));
+            } else {
+                self.execute(action);
+                self.memory.completed(action, now);
             }
         }
         // (4) Reroutes never lose sessions: only deletes remove them.
@@ -1504,33 +1660,55 @@ proptest! {
         initial in prop::collection::vec((0u8..3, any::<bool>()), 0..5),
         ops in prop::collection::vec(op(), 1..60),
     ) {
-        let mut sim = Sim::new(rules);
-        for (family, ready) in initial {
-            sim.add(family, ready);
-        }
-        sim.pass()?;
-        for op in &ops {
-            sim.apply_op(op);
-            sim.pass()?;
-        }
-
-        // Settle: the pods stay as they are, at least one of them Ready, no more writes, and
-        // time moves past every grace and wait.
-        if !sim.pods.iter().any(|p| p.ready_since.is_some() && !p.departing) {
-            sim.add(0, true);
-        }
-        let step = (sim.rules.replacement_wait + sim.rules.orphan_grace).as_secs() as i64 + 1;
-        for _ in 0..6 {
-            sim.now += step;
-            sim.pass()?;
-        }
-        // (3) Every departed worker's sessions were rerouted or deleted.
-        let stranded = sim.stranded();
-        prop_assert!(
-            stranded.is_empty(),
-            "sessions left on departed workers: {stranded:?}\npods: {:?}\nmemory: {:?}",
-            sim.pods,
-            sim.memory
-        );
+        run_history(Sim::new(rules), initial, &ops)?;
     }
+
+    /// Every migration outlives the pass that planned it and the next one: passes plan while
+    /// migrations run, as in a rolling update's waves.
+    #[test]
+    fn random_histories_with_slow_migrations_keep_the_invariants_and_converge(
+        rules in sim_rules(),
+        initial in prop::collection::vec((0u8..3, any::<bool>()), 0..5),
+        ops in prop::collection::vec(op(), 1..60),
+    ) {
+        let mut sim = Sim::new(rules);
+        sim.slow = true;
+        run_history(sim, initial, &ops)?;
+    }
+}
+
+/// Plays a history pass by pass, then lets it settle and checks that nothing is stranded.
+fn run_history(mut sim: Sim, initial: Vec<(u8, bool)>, ops: &[Op]) -> Result<(), TestCaseError> {
+    for (family, ready) in initial {
+        sim.add(family, ready);
+    }
+    sim.pass()?;
+    for op in ops {
+        sim.apply_op(op);
+        sim.pass()?;
+    }
+
+    // Settle: the pods stay as they are, at least one of them Ready, no more writes, and
+    // time moves past every grace and wait.
+    if !sim
+        .pods
+        .iter()
+        .any(|p| p.ready_since.is_some() && !p.departing)
+    {
+        sim.add(0, true);
+    }
+    let step = (sim.rules.replacement_wait + sim.rules.orphan_grace).as_secs() as i64 + 1;
+    for _ in 0..10 {
+        sim.now += step;
+        sim.pass()?;
+    }
+    // (3) Every departed worker's sessions were rerouted or deleted.
+    let stranded = sim.stranded();
+    prop_assert!(
+        stranded.is_empty(),
+        "sessions left on departed workers: {stranded:?}\npods: {:?}\nmemory: {:?}",
+        sim.pods,
+        sim.memory
+    );
+    Ok(())
 }

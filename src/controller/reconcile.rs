@@ -1,12 +1,12 @@
-//! One reconciliation of a policy: gather pods and store facts, let the planner decide, execute
-//! (only as leader, only through the fence), then sweeps, deletion costs and status.
+//! One reconciliation of a policy: gather pods and store facts, let the planner decide, start
+//! the migrations (only as leader; they run as tasks of their own, each batch behind the
+//! fence), then sweeps, deletion costs and status.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -17,7 +17,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::planner::{self, Action, Memory, Rules};
+use super::migrations;
+use super::planner::{self, Memory, Rules};
 use super::status::{Cond, conditions};
 use super::workers::{self, DELETION_COST_ANNOTATION, Family, Worker};
 use super::{Context, GuardedPolicy, SessionCounts};
@@ -31,11 +32,15 @@ const FIELD_MANAGER: &str = "session-operator";
 /// Requeue at least this often: the pass is level-triggered and cheap.
 const RESYNC: Duration = Duration::from_secs(10);
 
-/// What the operator remembers about one policy between passes.
+/// What the operator remembers about one policy between passes. Migration tasks record their
+/// outcomes here too (see [`super::migrations`]).
 #[derive(Debug, Default)]
 pub struct PolicyState {
-    memory: Memory,
-    counters: Option<MigrationCounters>,
+    pub(super) memory: Memory,
+    /// Taken from status when this replica becomes leader, then kept here.
+    pub(super) counters: Option<MigrationCounters>,
+    /// Workers whose last migration failed → the error, until one succeeds.
+    pub(super) failing: BTreeMap<String, String>,
     last_idle_sweep: Option<(Instant, IdleSweepRecord)>,
     last_status: Option<(Instant, SessionPolicyStatus)>,
 }
@@ -80,9 +85,9 @@ pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<
                 .await;
         }
     };
-    let state = ctx.state(&key);
-    let mut state = state.lock().await;
-    let result = pass(&ctx, policy, &valid, &mut state).await;
+    let handle = ctx.state(&key);
+    let mut state = handle.lock().await;
+    let result = pass(&ctx, &key, &handle, policy, &valid, &mut state).await;
     ctx.metrics.reconciled(result.is_ok());
     result
 }
@@ -132,6 +137,8 @@ async fn invalid_policy(
 /// The level-triggered pass over a valid policy.
 async fn pass(
     ctx: &Arc<Context>,
+    key: &ObjectRef<GuardedPolicy>,
+    handle: &Arc<tokio::sync::Mutex<PolicyState>>,
     policy: &SessionPolicy,
     valid: &ValidPolicy,
     state: &mut PolicyState,
@@ -224,7 +231,7 @@ async fn pass(
         replacement_wait: valid.replacement_wait,
         orphan_grace: ctx.settings.orphan_grace,
     };
-    let plan = planner::plan(
+    let mut plan = planner::plan(
         &mut state.memory,
         &planner::Input {
             now,
@@ -250,22 +257,31 @@ async fn pass(
     if !leader {
         // A standby takes the counters from status again when it becomes leader.
         state.counters = None;
+    } else if state.counters.is_none() {
+        state.counters = Some(
+            policy
+                .status
+                .as_ref()
+                .and_then(|s| s.migrations)
+                .unwrap_or_default(),
+        );
     }
-    let counters = state.counters.get_or_insert_with(|| {
-        policy
-            .status
-            .as_ref()
-            .and_then(|s| s.migrations)
-            .unwrap_or_default()
-    });
     if leader && !valid.paused {
-        let failures = execute(ctx, policy, &plan.actions, &mut state.memory, counters).await;
-        if failures > 0 {
-            degraded.push((
-                "MigrationFailed",
-                format!("{failures} migration(s) failed; retrying"),
-            ));
-        }
+        let actions = std::mem::take(&mut plan.actions);
+        migrations::dispatch(ctx, key, handle, &mut state.memory, policy, actions);
+    }
+    // A failure is retried by a later pass; it is over once the worker holds no sessions.
+    state
+        .failing
+        .retain(|worker, _| with_sessions.contains(worker));
+    if let Some((worker, message)) = state.failing.iter().next() {
+        degraded.push((
+            "MigrationFailed",
+            format!(
+                "{} migration(s) failing, retrying; {worker}: {message}",
+                state.failing.len()
+            ),
+        ));
     }
     if plan.stuck_no_ready_worker > 0 {
         degraded.push((
@@ -332,8 +348,10 @@ async fn pass(
             "paused: no store mutation for this policy".to_string()
         } else {
             format!(
-                "{} ready worker(s), {} departure(s) pending",
-                worker_counts.ready, plan.waiting
+                "{} ready worker(s), {} migration(s) running, {} departure(s) waiting",
+                worker_counts.ready,
+                state.memory.in_flight(),
+                plan.waiting
             )
         };
         conds.push(Cond::new(
@@ -451,198 +469,6 @@ async fn refresh_counts(ctx: &Context) -> Result<SessionCounts, crate::store::St
     Ok(counts)
 }
 
-/// Runs the planned actions (a few at a time) through the fence; returns how many failed.
-async fn execute(
-    ctx: &Arc<Context>,
-    policy: &SessionPolicy,
-    actions: &[Action],
-    memory: &mut Memory,
-    counters: &mut MigrationCounters,
-) -> usize {
-    let results: Vec<(Action, Result<u64, String>)> = stream::iter(actions.iter().cloned())
-        .map(|action| async move {
-            let result = migrate(ctx, &action).await;
-            (action, result)
-        })
-        .buffer_unordered(ctx.settings.migration_concurrency.max(1))
-        .collect()
-        .await;
-    let mut failures = 0;
-    let mut events = Vec::new();
-    // Each departed pod is the Event's related object, so that the Recorder keeps one Event
-    // (series) per migrated worker instead of folding them all into the first one.
-    let related = |action: &Action| {
-        (policy.spec.worker_id.from == crate::policy::WorkerIdSource::PodName).then(|| {
-            k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(action.worker().to_string()),
-                namespace: policy.namespace(),
-                ..Default::default()
-            }
-        })
-    };
-    for (action, result) in results {
-        match result {
-            Ok(moved) => {
-                let now = Timestamp::now();
-                memory.completed(&action, now);
-                let latency = action_observed_at(&action)
-                    .duration_until(now)
-                    .unsigned_abs();
-                ctx.metrics.migration_latency.observe(latency.as_secs_f64());
-                let mut event = record_success(ctx, policy, &action, moved, counters);
-                event.secondary = related(&action);
-                events.push(event);
-            }
-            Err(message) => {
-                failures += 1;
-                tracing::warn!(worker = action.worker(), %message, "migration failed");
-                events.push(Event {
-                    type_: EventType::Warning,
-                    reason: "MigrationFailed".into(),
-                    note: Some(truncate(&message)),
-                    action: "Migrate".into(),
-                    secondary: related(&action),
-                });
-            }
-        }
-    }
-    // Events go out in the background: the next pass (the next wave of a rollout) must not
-    // wait for one API call per migration.
-    let (ctx, policy) = (ctx.clone(), policy.clone());
-    tokio::spawn(async move { publish_all(&ctx, &policy, events).await });
-    failures
-}
-
-fn action_observed_at(action: &Action) -> Timestamp {
-    match action {
-        Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => *observed_at,
-    }
-}
-
-/// One migration, in committed batches, each behind the fence: a replica whose lease ran out
-/// stops between two batches. With a Redis cache, the moved ids are re-applied to the cache once
-/// more after [`REAPPLY_DELAY`] (see [`reapply_to_cache`]).
-async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
-    let started = Instant::now();
-    let limit = ctx.store.options().batch();
-    let mut ids: Vec<String> = Vec::new();
-    let failed = |e: &dyn std::fmt::Display| {
-        ctx.metrics.error("store");
-        format!("{}: {e}", action.worker())
-    };
-    loop {
-        if let Err(e) = ctx.fence.check() {
-            ctx.metrics.error("fenced");
-            return Err(e.to_string());
-        }
-        let batch = match action {
-            Action::Reroute { from, to, .. } => ctx.store.reroute_batch(from, to, limit).await,
-            Action::Delete { worker, .. } => ctx.store.delete_worker_batch(worker, limit).await,
-        }
-        .map_err(|e| failed(&e))?;
-        if batch.is_empty() {
-            break;
-        }
-        ids.extend(batch);
-    }
-    let op = match action {
-        Action::Reroute { .. } => StoreOp::RerouteWorker,
-        Action::Delete { .. } => StoreOp::DeleteByWorker,
-    };
-    ctx.metrics.observe_store(op, started.elapsed());
-    let moved = ids.len() as u64;
-    if let Some(layered) = ctx.layered.clone()
-        && !ids.is_empty()
-    {
-        tokio::spawn(reapply_to_cache(
-            layered,
-            ctx.fence.clone(),
-            action.clone(),
-            ids,
-        ));
-    }
-    Ok(moved)
-}
-
-/// How long after a migration its cache update is applied once more.
-const REAPPLY_DELAY: Duration = Duration::from_secs(2);
-
-/// Delayed double invalidation: a proxy that honours none of this library's cache tickets
-/// (blockyard's own) may have read Postgres just before the migration committed and fill the
-/// cache with the old worker afterwards. Re-applying the migration to the cache by id a moment
-/// later overwrites such a copy.
-async fn reapply_to_cache(
-    layered: Arc<crate::store::LayeredStore>,
-    fence: crate::leader::Fence,
-    action: Action,
-    ids: Vec<String>,
-) {
-    tokio::time::sleep(REAPPLY_DELAY).await;
-    if fence.check().is_err() {
-        return;
-    }
-    let result = match &action {
-        Action::Reroute { from, to, .. } => layered.cache_reroute_ids(&ids, from, to).await,
-        Action::Delete { .. } => layered.cache_invalidate(&ids).await,
-    };
-    if let Err(e) = result {
-        tracing::warn!(worker = action.worker(), error = %e, "re-applying a migration to the cache failed");
-    }
-}
-
-fn record_success(
-    ctx: &Context,
-    policy: &SessionPolicy,
-    action: &Action,
-    moved: u64,
-    counters: &mut MigrationCounters,
-) -> Event {
-    let identity = ctx.fence.identity();
-    let policy_name = policy.name_any();
-    match action {
-        Action::Reroute {
-            from, to, reason, ..
-        } => {
-            counters.rerouted += moved;
-            ctx.metrics.sessions_rerouted.inc_by(moved);
-            ctx.metrics.migration("reroute", reason.as_str());
-            tracing::info!(
-                policy = %policy_name, %identity, mutation = "reroute_worker", from = %from, to = %to,
-                sessions = moved, reason = reason.as_str(), "rerouted sessions"
-            );
-            Event {
-                type_: EventType::Normal,
-                reason: format!("Rerouted{}", reason.as_str()),
-                note: Some(truncate(&format!(
-                    "moved {moved} session(s) from worker {from} to {to}"
-                ))),
-                action: "Reroute".into(),
-                secondary: None,
-            }
-        }
-        Action::Delete { worker, reason, .. } => {
-            counters.deleted += moved;
-            ctx.metrics.sessions_deleted.inc_by(moved);
-            ctx.metrics.migration("delete", reason.as_str());
-            tracing::info!(
-                policy = %policy_name, %identity, mutation = "delete_by_worker", worker = %worker,
-                sessions = moved, reason = reason.as_str(), "deleted sessions"
-            );
-            Event {
-                type_: EventType::Normal,
-                reason: format!("Deleted{}", reason.as_str()),
-                note: Some(truncate(&format!(
-                    "deleted {moved} session(s) of departed worker {worker}"
-                ))),
-                action: "Delete".into(),
-                secondary: None,
-            }
-        }
-    }
-}
-
 async fn idle_sweep(
     ctx: &Context,
     policy: &SessionPolicy,
@@ -673,7 +499,7 @@ async fn idle_sweep(
             action: "Sweep".into(),
             secondary: None,
         };
-        publish_all(ctx, policy, vec![event]).await;
+        ctx.events.publish(policy, event);
     }
     Ok(removed)
 }
@@ -795,32 +621,6 @@ async fn write_status(
     .await?;
     state.last_status = Some((Instant::now(), status));
     Ok(())
-}
-
-/// Publishes Events on the policy, one after the other (the Recorder aggregates repeats by
-/// key, and concurrent publishes would race its cache), and only while this replica leads.
-async fn publish_all(ctx: &Context, policy: &SessionPolicy, events: Vec<Event>) {
-    let mut reference = policy.object_ref(&());
-    // The key of an Event series must not change with every status write.
-    reference.resource_version = None;
-    for event in &events {
-        if !ctx.fence.is_open() {
-            return;
-        }
-        if let Err(e) = ctx.recorder.publish(event, &reference).await {
-            ctx.metrics.error("event");
-            tracing::debug!(error = %e, "publishing an event failed");
-        }
-    }
-}
-
-/// Event notes are limited to 1 kB.
-fn truncate(text: &str) -> String {
-    let mut end = text.len().min(1000);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
 }
 
 #[cfg(test)]

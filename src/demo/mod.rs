@@ -359,7 +359,7 @@ async fn settle(
             metrics.sessions_rerouted.get(),
             metrics.sessions_deleted.get(),
         ));
-        if rolled_out && on_departed == 0 && total == ready {
+        if rolled_out && on_departed == 0 && total == ready && tracker.pending() == 0 {
             out.done();
             return Ok(());
         }

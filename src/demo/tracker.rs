@@ -21,6 +21,9 @@ struct State {
     stuck: BTreeSet<String>,
 }
 
+/// How often the tracker looks at the pods and the store.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
+
 pub struct Tracker {
     store: Arc<dyn Store>,
     pods: Reader<Pod>,
@@ -28,15 +31,22 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Starts tracking. Each look reads which workers hold sessions (one cheap query, so the
+    /// measurement does not load the store it measures) and which pods are departing. A
+    /// departure is timed from the first look that sees the pod departing while it (still, or
+    /// at the look before) holds sessions, to the first look that finds it holding none: an
+    /// upper bound of the operator's latency by at most one look.
     pub fn start(store: Arc<dyn Store>, pods: Reader<Pod>, replacement_wait: Duration) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let give_up = replacement_wait + Duration::from_secs(5);
         tokio::spawn({
             let (store, pods, state) = (store.clone(), pods.clone(), Arc::downgrade(&state));
             async move {
+                let mut holding = BTreeSet::new();
                 loop {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(LOOK_EVERY).await;
                     let Some(state) = state.upgrade() else { return };
+                    let looked = Instant::now();
                     let departing: Vec<String> = pods
                         .state()
                         .iter()
@@ -47,39 +57,46 @@ impl Tracker {
                         })
                         .map(|p| p.name_any())
                         .collect();
+                    let Ok(now_holding) = store.workers_with_sessions().await else {
+                        continue;
+                    };
+                    let answered = Instant::now();
+                    let mut s = lock(&state);
+                    let phase = s.phase;
                     for pod in departing {
-                        let new = state
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .seen
-                            .insert(pod.clone());
-                        if new && store.count_for_worker(&pod).await.unwrap_or(0) > 0 {
-                            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-                            let phase = s.phase;
-                            s.pending.insert(pod, (Instant::now(), phase));
+                        let held = holding.contains(&pod) || now_holding.contains(&pod);
+                        if held && s.seen.insert(pod.clone()) {
+                            s.pending.insert(pod, (looked, phase));
                         }
                     }
-                    let pending: Vec<(String, Instant, &'static str)> = state
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                    let done: Vec<String> = s
+                        .pending
+                        .keys()
+                        .filter(|pod| !now_holding.contains(*pod))
+                        .cloned()
+                        .collect();
+                    for pod in done {
+                        if let Some((since, phase)) = s.pending.remove(&pod) {
+                            s.latencies.entry(phase).or_default().push(answered - since);
+                        }
+                    }
+                    let late: Vec<String> = s
                         .pending
                         .iter()
-                        .map(|(p, (t, phase))| (p.clone(), *t, *phase))
+                        .filter(|(_, (since, _))| since.elapsed() > give_up)
+                        .map(|(pod, _)| pod.clone())
                         .collect();
-                    for (pod, since, phase) in pending {
-                        let left = store.count_for_worker(&pod).await.unwrap_or(1);
-                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-                        if left == 0 {
-                            s.pending.remove(&pod);
-                            s.latencies.entry(phase).or_default().push(since.elapsed());
-                        } else if since.elapsed() > give_up {
-                            s.stuck.insert(pod);
-                        }
-                    }
+                    s.stuck.extend(late);
+                    holding = now_holding;
                 }
             }
         });
         Self { store, pods, state }
+    }
+
+    /// Departures whose sessions have not been seen moved yet.
+    pub fn pending(&self) -> usize {
+        lock(&self.state).pending.len()
     }
 
     /// Sessions held by workers that are not Ready, live pods.
@@ -96,24 +113,20 @@ impl Tracker {
 
     /// Attributes the departures seen from now on to `phase`.
     pub fn phase(&self, phase: &'static str) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).phase = phase;
+        lock(&self.state).phase = phase;
     }
 
     /// Departure-to-moved latencies per phase.
     pub fn latencies(&self) -> BTreeMap<&'static str, Vec<Duration>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .latencies
-            .clone()
+        lock(&self.state).latencies.clone()
     }
 
     /// Departed workers that still held sessions after `replacementWait` (+5 s).
     pub fn stuck(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stuck
-            .len()
+        lock(&self.state).stuck.len()
     }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }

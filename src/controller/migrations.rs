@@ -1,0 +1,296 @@
+//! Migrations run as tasks of their own, outside the pass that planned them.
+//!
+//! A rolling update removes pods in waves; if a pass waited for every migration it planned, a
+//! departure seen meanwhile would wait for the whole wave before its own migration could even
+//! start. Instead a pass hands each action to a task and returns: the next pass (triggered by
+//! the next pod event) plans the new departures while earlier ones are still moving. The
+//! planner's [`Memory`] knows what is in flight, so nothing is planned twice, and each task
+//! reports its end to the policy's state and asks for another pass (status, late sessions,
+//! retries).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::planner::{Action, Memory};
+use super::reconcile::PolicyState;
+use super::{Context, GuardedPolicy};
+use crate::leader::Fence;
+use crate::policy::{SessionPolicy, WorkerIdSource};
+use crate::store::LayeredStore;
+use crate::telemetry::StoreOp;
+
+/// The migrations of every policy.
+pub struct Migrations {
+    /// At most this many migrations touch the store at once.
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+    /// Cancelled on shutdown: running migrations stop at their next batch boundary.
+    stop: CancellationToken,
+}
+
+impl Migrations {
+    pub fn new(concurrency: usize, stop: CancellationToken) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            tasks: TaskTracker::new(),
+            stop,
+        }
+    }
+
+    /// Waits until every migration task ended; called once the controllers stopped, so that
+    /// the Lease is released only when no store mutation can follow.
+    pub async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Starts the plan's actions: marks them in flight in `memory` (the policy's state, locked by
+/// the caller as `handle`) and spawns one task per action.
+pub(super) fn dispatch(
+    ctx: &Arc<Context>,
+    key: &ObjectRef<GuardedPolicy>,
+    handle: &Arc<Mutex<PolicyState>>,
+    memory: &mut Memory,
+    policy: &SessionPolicy,
+    actions: Vec<Action>,
+) {
+    if actions.is_empty() {
+        return;
+    }
+    let policy = Arc::new(policy.clone());
+    let now = Timestamp::now();
+    for action in actions {
+        memory.started(&action, now);
+        ctx.migrations.tasks.spawn(run(
+            ctx.clone(),
+            key.clone(),
+            handle.clone(),
+            policy.clone(),
+            action,
+        ));
+    }
+}
+
+/// One migration task: migrate, record the outcome in the policy's state, queue its Event and
+/// ask for another pass.
+async fn run(
+    ctx: Arc<Context>,
+    key: ObjectRef<GuardedPolicy>,
+    state: Arc<Mutex<PolicyState>>,
+    policy: Arc<SessionPolicy>,
+    action: Action,
+) {
+    let result = match ctx.migrations.permits.clone().acquire_owned().await {
+        Ok(_permit) => migrate(&ctx, &action).await,
+        Err(_) => Err(format!("{}: shutting down", action.worker())),
+    };
+    let finished = Timestamp::now();
+    let failed = result.is_err();
+    let mut event = {
+        // The pass holds this lock while it reads the store and plans: an outcome is recorded
+        // between passes, never in the middle of one.
+        let mut state = state.lock().await;
+        match result {
+            Ok(moved) => {
+                state.memory.completed(&action, finished);
+                state.failing.remove(action.worker());
+                if let Some(counters) = state.counters.as_mut() {
+                    match action {
+                        Action::Reroute { .. } => counters.rerouted += moved,
+                        Action::Delete { .. } => counters.deleted += moved,
+                    }
+                }
+                let latency = observed_at(&action).duration_until(finished).unsigned_abs();
+                ctx.metrics.migration_latency.observe(latency.as_secs_f64());
+                success(&ctx, &policy, &action, moved)
+            }
+            Err(message) => {
+                state.memory.failed(&action);
+                state
+                    .failing
+                    .insert(action.worker().to_string(), message.clone());
+                tracing::warn!(worker = action.worker(), %message, "migration failed");
+                Event {
+                    type_: EventType::Warning,
+                    reason: "MigrationFailed".into(),
+                    note: Some(truncate(&message)),
+                    action: "Migrate".into(),
+                    secondary: None,
+                }
+            }
+        }
+    };
+    // Each departed pod is the Event's related object, so that the Recorder keeps one Event
+    // (series) per migrated worker instead of folding them all into the first one.
+    event.secondary = related_pod(&policy, &action);
+    ctx.events.publish(&policy, event);
+    if failed {
+        // Not at once: a store that refuses this migration would be hammered in a loop.
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY_AFTER) => {}
+            _ = ctx.migrations.stop.cancelled() => return,
+        }
+    }
+    ctx.request_pass(&key);
+}
+
+/// How long after a failed migration its policy gets another pass (pod events may bring one
+/// sooner).
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+fn observed_at(action: &Action) -> Timestamp {
+    match action {
+        Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => *observed_at,
+    }
+}
+
+fn related_pod(policy: &SessionPolicy, action: &Action) -> Option<ObjectReference> {
+    (policy.spec.worker_id.from == WorkerIdSource::PodName).then(|| ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(action.worker().to_string()),
+        namespace: policy.namespace(),
+        ..Default::default()
+    })
+}
+
+/// One migration, in committed batches, each behind the fence: a replica whose lease ran out
+/// stops between two batches, and so does one that is shutting down (the next leader finishes
+/// the migration). With a Redis cache, the moved ids are re-applied to the cache once more
+/// after [`REAPPLY_DELAY`] (see [`reapply_to_cache`]).
+async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
+    let started = Instant::now();
+    let limit = ctx.store.options().batch();
+    let mut ids: Vec<String> = Vec::new();
+    let failed = |e: &dyn std::fmt::Display| {
+        ctx.metrics.error("store");
+        format!("{}: {e}", action.worker())
+    };
+    loop {
+        if let Err(e) = ctx.fence.check() {
+            ctx.metrics.error("fenced");
+            return Err(e.to_string());
+        }
+        if ctx.migrations.stop.is_cancelled() {
+            return Err(format!("{}: shutting down", action.worker()));
+        }
+        let batch = match action {
+            Action::Reroute { from, to, .. } => ctx.store.reroute_batch(from, to, limit).await,
+            Action::Delete { worker, .. } => ctx.store.delete_worker_batch(worker, limit).await,
+        }
+        .map_err(|e| failed(&e))?;
+        let last = batch.len() < limit;
+        ids.extend(batch);
+        // A short batch was the last one: sessions a proxy writes for the worker from now on
+        // are late sessions, which the next pass migrates (it is requested when this ends).
+        if last {
+            break;
+        }
+    }
+    let op = match action {
+        Action::Reroute { .. } => StoreOp::RerouteWorker,
+        Action::Delete { .. } => StoreOp::DeleteByWorker,
+    };
+    ctx.metrics.observe_store(op, started.elapsed());
+    let moved = ids.len() as u64;
+    if let Some(layered) = ctx.layered.clone()
+        && !ids.is_empty()
+    {
+        tokio::spawn(reapply_to_cache(
+            layered,
+            ctx.fence.clone(),
+            action.clone(),
+            ids,
+        ));
+    }
+    Ok(moved)
+}
+
+/// How long after a migration its cache update is applied once more.
+const REAPPLY_DELAY: Duration = Duration::from_secs(2);
+
+/// Delayed double invalidation: a proxy that honours none of this library's cache tickets
+/// (blockyard's own) may have read Postgres just before the migration committed and fill the
+/// cache with the old worker afterwards. Re-applying the migration to the cache by id a moment
+/// later overwrites such a copy.
+async fn reapply_to_cache(
+    layered: Arc<LayeredStore>,
+    fence: Fence,
+    action: Action,
+    ids: Vec<String>,
+) {
+    tokio::time::sleep(REAPPLY_DELAY).await;
+    if fence.check().is_err() {
+        return;
+    }
+    let result = match &action {
+        Action::Reroute { from, to, .. } => layered.cache_reroute_ids(&ids, from, to).await,
+        Action::Delete { .. } => layered.cache_invalidate(&ids).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(worker = action.worker(), error = %e, "re-applying a migration to the cache failed");
+    }
+}
+
+/// Logs (with the identity that made the mutation), counts and describes a migration.
+fn success(ctx: &Context, policy: &SessionPolicy, action: &Action, moved: u64) -> Event {
+    let identity = ctx.fence.identity();
+    let policy_name = policy.name_any();
+    match action {
+        Action::Reroute {
+            from, to, reason, ..
+        } => {
+            ctx.metrics.sessions_rerouted.inc_by(moved);
+            ctx.metrics.migration("reroute", reason.as_str());
+            tracing::info!(
+                policy = %policy_name, %identity, mutation = "reroute_worker", from = %from, to = %to,
+                sessions = moved, reason = reason.as_str(), "rerouted sessions"
+            );
+            Event {
+                type_: EventType::Normal,
+                reason: format!("Rerouted{}", reason.as_str()),
+                note: Some(truncate(&format!(
+                    "moved {moved} session(s) from worker {from} to {to}"
+                ))),
+                action: "Reroute".into(),
+                secondary: None,
+            }
+        }
+        Action::Delete { worker, reason, .. } => {
+            ctx.metrics.sessions_deleted.inc_by(moved);
+            ctx.metrics.migration("delete", reason.as_str());
+            tracing::info!(
+                policy = %policy_name, %identity, mutation = "delete_by_worker", worker = %worker,
+                sessions = moved, reason = reason.as_str(), "deleted sessions"
+            );
+            Event {
+                type_: EventType::Normal,
+                reason: format!("Deleted{}", reason.as_str()),
+                note: Some(truncate(&format!(
+                    "deleted {moved} session(s) of departed worker {worker}"
+                ))),
+                action: "Delete".into(),
+                secondary: None,
+            }
+        }
+    }
+}
+
+/// Event notes are limited to 1 kB.
+pub(super) fn truncate(text: &str) -> String {
+    let mut end = text.len().min(1000);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
