@@ -173,7 +173,8 @@ async fn measure(
                 && s.available_replicas == Some(args.workers as i32)
                 && s.replicas == Some(args.workers as i32)
         });
-        if done && tracker.sessions_on_departed().await? == 0 && tracker.pending() == 0 {
+        // Counting what departed workers hold loads the store being measured: only at the end.
+        if done && tracker.pending() == 0 && tracker.sessions_on_departed().await? == 0 {
             break;
         }
         anyhow::ensure!(

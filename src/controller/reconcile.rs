@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -22,6 +23,7 @@ use super::planner::{self, Memory, Rules};
 use super::status::{Cond, conditions};
 use super::workers::{self, DELETION_COST_ANNOTATION, Family, Worker};
 use super::{Context, GuardedPolicy, SessionCounts};
+use crate::leader::Fence;
 use crate::policy::{
     IdleSweepRecord, MigrationCounters, SessionPolicy, SessionPolicyStatus, ValidPolicy,
     WorkerCounts, duration,
@@ -334,6 +336,7 @@ async fn pass(
     }
 
     // Status.
+    let mut status_held_back = None;
     if leader {
         let worker_counts = worker_counts(&workers);
         let sessions: u64 = workers
@@ -392,10 +395,13 @@ async fn pass(
                         .and_then(|s| s.last_idle_sweep.clone())
                 }),
         };
-        write_status(ctx, policy, state, status).await?;
+        status_held_back = write_status(ctx, policy, state, status).await?;
     }
 
     let mut requeue = RESYNC;
+    if let Some(wait) = status_held_back {
+        requeue = requeue.min(wait);
+    }
     if let Some(wake) = plan.wake_at {
         let until = now.duration_until(wake).unsigned_abs();
         requeue = requeue.min(until.max(Duration::from_millis(50)));
@@ -505,7 +511,8 @@ async fn idle_sweep(
 }
 
 /// Keeps each worker pod's deletion cost near its session count. Hysteresis: a pod is patched
-/// only when its count moved by more than 10% (and at least 2) from the annotated value.
+/// only when its count moved by more than 10% (and at least 2) from the annotated value. A few
+/// patches run at a time, so that switching `podDeletionCost` on for a large pool takes seconds.
 async fn deletion_costs(
     ctx: &Context,
     namespace: &str,
@@ -513,28 +520,45 @@ async fn deletion_costs(
     counts: &BTreeMap<String, u64>,
 ) -> Result<(), kube::Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    for w in workers.iter().filter(|w| !w.departing) {
-        if !ctx.fence.is_open() {
-            return Ok(());
-        }
-        let want = counts.get(&w.id).copied().unwrap_or(0).min(i32::MAX as u64) as i64;
-        if !needs_cost_update(w.deletion_cost, want) {
-            continue;
-        }
-        let patch =
-            json!({"metadata": {"annotations": {DELETION_COST_ANNOTATION: want.to_string()}}});
-        match api
-            .patch(&w.pod, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            // The pod went away meanwhile: nothing to annotate.
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    let patches: Vec<_> = workers
+        .iter()
+        .filter(|w| !w.departing)
+        .filter_map(|w| {
+            let want = counts.get(&w.id).copied().unwrap_or(0).min(i32::MAX as u64) as i64;
+            needs_cost_update(w.deletion_cost, want)
+                .then(|| patch_cost(api.clone(), ctx.fence.clone(), w.pod.clone(), want))
+        })
+        .collect();
+    let results: Vec<Result<(), kube::Error>> = stream::iter(patches)
+        .buffer_unordered(DELETION_COST_PATCHES)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
+
+async fn patch_cost(
+    api: Api<Pod>,
+    fence: Fence,
+    pod: String,
+    want: i64,
+) -> Result<(), kube::Error> {
+    if !fence.is_open() {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"annotations": {DELETION_COST_ANNOTATION: want.to_string()}}});
+    match api
+        .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // The pod went away meanwhile: nothing to annotate.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletion-cost patches in flight at once.
+const DELETION_COST_PATCHES: usize = 8;
 
 /// Whether an annotated cost differs enough from the wanted one to be patched.
 pub(crate) fn needs_cost_update(current: Option<i64>, want: i64) -> bool {
@@ -588,23 +612,32 @@ fn previous_conditions(
         .unwrap_or(&[])
 }
 
+/// Status numbers (counts, counters, messages) are written at most this often; a change of a
+/// condition's status or reason, or of the generation, is written at once. During a rollout
+/// every finished migration asks for a pass, and each pass would otherwise patch the status.
+const STATUS_NUMBERS_EVERY: Duration = Duration::from_secs(2);
+
 /// Applies the status when it changed (ignoring condition timestamps) or a minute passed.
+/// Returns how long a change of numbers only was held back (see [`STATUS_NUMBERS_EVERY`]): the
+/// caller looks again by then.
 async fn write_status(
     ctx: &Context,
     policy: &SessionPolicy,
     state: &mut PolicyState,
     status: SessionPolicyStatus,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     // Leadership may have ended while the pass ran: a former leader must not overwrite the new
     // one's status.
     if !ctx.fence.is_open() {
-        return Ok(());
+        return Ok(None);
     }
-    if let Some((at, last)) = &state.last_status
-        && *last == status
-        && at.elapsed() < Duration::from_secs(60)
-    {
-        return Ok(());
+    if let Some((at, last)) = &state.last_status {
+        if *last == status && at.elapsed() < Duration::from_secs(60) {
+            return Ok(None);
+        }
+        if same_conditions(last, &status) && at.elapsed() < STATUS_NUMBERS_EVERY {
+            return Ok(Some(STATUS_NUMBERS_EVERY - at.elapsed()));
+        }
     }
     let namespace = policy.namespace().unwrap_or_default();
     let api: Api<SessionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -620,12 +653,60 @@ async fn write_status(
     )
     .await?;
     state.last_status = Some((Instant::now(), status));
-    Ok(())
+    Ok(None)
+}
+
+/// Whether two statuses agree on the generation and on every condition's status and reason.
+fn same_conditions(a: &SessionPolicyStatus, b: &SessionPolicyStatus) -> bool {
+    let key = |s: &SessionPolicyStatus| {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect::<Vec<_>>()
+    };
+    a.observed_generation == b.observed_generation && key(a) == key(b)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::needs_cost_update;
+    use super::{Cond, SessionPolicyStatus, conditions, needs_cost_update, same_conditions};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn status(
+        generation: i64,
+        reason: &'static str,
+        message: &str,
+        sessions: u64,
+    ) -> SessionPolicyStatus {
+        SessionPolicyStatus {
+            observed_generation: Some(generation),
+            conditions: conditions(
+                &[Cond::new("Ready", true, reason, message)],
+                &[],
+                Some(generation),
+                Timestamp::now(),
+            ),
+            sessions: Some(sessions),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_numbers_and_messages_may_wait_for_the_next_status_write() {
+        let base = status(1, "Reconciled", "8 ready worker(s)", 100);
+        assert!(same_conditions(
+            &base,
+            &status(1, "Reconciled", "7 ready worker(s)", 90)
+        ));
+        assert!(!same_conditions(
+            &base,
+            &status(1, "Paused", "8 ready worker(s)", 100)
+        ));
+        assert!(!same_conditions(
+            &base,
+            &status(2, "Reconciled", "8 ready worker(s)", 100)
+        ));
+    }
 
     #[test]
     fn deletion_cost_hysteresis() {
