@@ -29,7 +29,7 @@ use crate::policy::SessionPolicy;
 use crate::store::{MemoryStore, Store};
 use crate::telemetry::{Health, Metrics};
 use proxies::Proxies;
-pub(crate) use tracker::Tracker;
+pub(crate) use tracker::{LOOK_EVERY, Tracker};
 
 const NS: &str = "demo";
 const DEPLOYMENT: &str = "workers";
@@ -531,7 +531,11 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(f, "  departed workers still holding sessions")?;
         writeln!(f, "    after replacementWait                {}", self.stuck)?;
-        writeln!(f, "  migration latency, departure seen → sessions moved:")?;
+        writeln!(
+            f,
+            "  migration latency, departure seen → sessions moved (looked at every {} ms):",
+            LOOK_EVERY.as_millis()
+        )?;
         for (phase, n, p50, p99) in &self.latency {
             writeln!(
                 f,

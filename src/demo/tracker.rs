@@ -22,7 +22,7 @@ struct State {
 }
 
 /// How often the tracker looks at the pods and the store.
-const LOOK_EVERY: Duration = Duration::from_millis(20);
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(20);
 
 pub struct Tracker {
     store: Arc<dyn Store>,
