@@ -30,6 +30,11 @@ pub struct OperatorBench {
     /// Sessions spread over the workers (a tenth also written through the cache).
     #[arg(long, default_value_t = 200_000)]
     sessions: usize,
+    /// Spread the new pods' readiness over up to this long (each pod gets its own share), as
+    /// real readiness probes do. `0s` (the default) is the worst case: every surge pod turns
+    /// Ready at once, so a whole wave of old pods departs together.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    ready_jitter: Duration,
     /// Small sizes for a quick check (used by scripts/test.sh).
     #[arg(long)]
     smoke: bool,
@@ -79,6 +84,7 @@ async fn measure(
         .controllers(Controllers::all())
         .nodes(10)
         .pod_ready_delay(Duration::from_millis(100))
+        .pod_ready_jitter(args.ready_jitter)
         .start()
         .await?;
     let control = emulator.control();
@@ -117,10 +123,18 @@ async fn measure(
     let seeded = Instant::now();
     seed(args, schema, &workers, store.as_ref()).await?;
     println!(
-        "operator bench: {} workers, {} sessions (seeded in {:.1} s), layered store",
+        "operator bench: {} workers, {} sessions (seeded in {:.1} s), layered store, pods Ready {}",
         workers.len(),
         args.sessions,
-        seeded.elapsed().as_secs_f64()
+        seeded.elapsed().as_secs_f64(),
+        if args.ready_jitter.is_zero() {
+            "100 ms after start, all at once".to_string()
+        } else {
+            format!(
+                "100 ms + up to {} after start",
+                humantime::format_duration(args.ready_jitter)
+            )
+        }
     );
 
     let policy = json!({

@@ -72,6 +72,7 @@ pub struct EmulatorBuilder {
     controllers: Controllers,
     nodes: usize,
     pod_ready_delay: Duration,
+    pod_ready_jitter: Duration,
     request_log_limit: usize,
     audit_log: Option<std::path::PathBuf>,
 }
@@ -85,6 +86,7 @@ impl Default for EmulatorBuilder {
             controllers: Controllers::none(),
             nodes: 1,
             pod_ready_delay: Duration::from_millis(200),
+            pod_ready_jitter: Duration::ZERO,
             request_log_limit: 10_000,
             audit_log: None,
         }
@@ -133,6 +135,14 @@ impl EmulatorBuilder {
     /// a pod's [`READY_DELAY_ANNOTATION`] overrides it.
     pub fn pod_ready_delay(mut self, delay: Duration) -> Self {
         self.pod_ready_delay = delay;
+        self
+    }
+
+    /// Spreads readiness like real probes do: each pod waits the ready delay plus a share of
+    /// `jitter` of its own (picked by its uid; default zero, so pods started together become
+    /// Ready together).
+    pub fn pod_ready_jitter(mut self, jitter: Duration) -> Self {
+        self.pod_ready_jitter = jitter;
         self
     }
 
@@ -200,6 +210,7 @@ impl EmulatorBuilder {
             controllers::Settings {
                 nodes: self.nodes,
                 pod_ready_delay: self.pod_ready_delay,
+                pod_ready_jitter: self.pod_ready_jitter,
             },
             hooks,
         );

@@ -39,6 +39,10 @@ struct Args {
     /// Milliseconds the emulated kubelet keeps a started pod NotReady.
     #[arg(long, default_value_t = 200)]
     pod_ready_delay_ms: u64,
+    /// Up to this many milliseconds more per pod, picked by the pod's uid (readiness spread
+    /// out as with real probes).
+    #[arg(long, default_value_t = 0)]
+    pod_ready_jitter_ms: u64,
     /// Append one JSON line per request served to this file (created or truncated).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
@@ -57,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
         .bookmark_interval(Duration::from_secs(args.bookmark_interval.max(1)))
         .controllers(args.controllers)
         .nodes(args.nodes)
-        .pod_ready_delay(Duration::from_millis(args.pod_ready_delay_ms));
+        .pod_ready_delay(Duration::from_millis(args.pod_ready_delay_ms))
+        .pod_ready_jitter(Duration::from_millis(args.pod_ready_jitter_ms));
     if let Some(path) = &args.audit_log {
         builder = builder.audit_log(path);
     }

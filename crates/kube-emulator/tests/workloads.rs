@@ -1149,3 +1149,63 @@ async fn request_log_records_rbac_attributes() {
     assert!(emulator.control().requests().is_empty());
     emulator.shutdown().await;
 }
+
+/// With a ready jitter, pods started together become Ready spread out (each after its own
+/// share of the jitter); without one they become Ready together.
+#[tokio::test]
+async fn ready_jitter_spreads_readiness() {
+    async fn readiness_spread(jitter: Duration) -> Duration {
+        let emulator = Emulator::builder()
+            .controllers(Controllers::all())
+            .pod_ready_delay(Duration::ZERO)
+            .pod_ready_jitter(jitter)
+            .start()
+            .await
+            .expect("emulator starts");
+        let client = emulator.client().expect("client");
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        let pods: Api<Pod> = Api::namespaced(client, "default");
+        let mut watch = pods
+            .watch(&WatchParams::default(), "0")
+            .await
+            .expect("watch")
+            .boxed();
+        let strategy = json!({"type": "RollingUpdate"});
+        deployments
+            .create(&PostParams::default(), &deployment("spread", 10, strategy))
+            .await
+            .expect("create");
+        let mut ready_at: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while ready_at.len() < 10 {
+            let event = tokio::time::timeout_at(deadline, watch.try_next())
+                .await
+                .expect("all pods Ready in time")
+                .expect("watch event")
+                .expect("watch open");
+            if let WatchEvent::Added(pod) | WatchEvent::Modified(pod) = event
+                && is_ready(&pod)
+            {
+                ready_at
+                    .entry(pod.name_any())
+                    .or_insert_with(tokio::time::Instant::now);
+            }
+        }
+        emulator.shutdown().await;
+        let first = ready_at.values().min().copied().expect("ten pods");
+        let last = ready_at.values().max().copied().expect("ten pods");
+        last - first
+    }
+
+    let together = readiness_spread(Duration::ZERO).await;
+    let spread = readiness_spread(Duration::from_secs(2)).await;
+    // Ten uniform shares of 2 s span less than 0.5 s with probability about 10 · 0.25⁹.
+    assert!(
+        spread >= Duration::from_millis(500),
+        "with 2 s of jitter, readiness spread over only {spread:?}"
+    );
+    assert!(
+        spread > together,
+        "jitter spread readiness over {spread:?}, without it {together:?}"
+    );
+}

@@ -89,28 +89,45 @@ pub enum Crash {
 pub(crate) struct Kubelet {
     client: Client,
     delay: Duration,
+    /// Up to this much more per pod (see [`Kubelet::ready_delay`]).
+    jitter: Duration,
     hooks: Arc<KubeletHooks>,
     started: HashMap<PodKey, Instant>,
     next_ip: u32,
 }
 
 impl Kubelet {
-    pub fn new(client: Client, delay: Duration, hooks: Arc<KubeletHooks>) -> Self {
+    pub fn new(
+        client: Client,
+        delay: Duration,
+        jitter: Duration,
+        hooks: Arc<KubeletHooks>,
+    ) -> Self {
         Self {
             client,
             delay,
+            jitter,
             hooks,
             started: HashMap::new(),
             next_ip: 0,
         }
     }
 
+    /// The pod's annotation, else the delay plus the pod's share of the jitter: a fraction of
+    /// it that a hash of the pod's uid picks, so that pods started together become Ready
+    /// spread out (as real readiness probes do) and the same pod always waits the same.
     fn ready_delay(&self, pod: &Value) -> Duration {
         pod.pointer("/metadata/annotations")
             .and_then(|a| a.get(READY_DELAY_ANNOTATION))
             .and_then(Value::as_str)
             .and_then(parse_duration)
-            .unwrap_or(self.delay)
+            .unwrap_or_else(|| {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::hash::DefaultHasher::new();
+                meta_str(pod, "uid").unwrap_or_default().hash(&mut hasher);
+                let share = (hasher.finish() % 1_000) as f64 / 1_000.0;
+                self.delay + self.jitter.mul_f64(share)
+            })
     }
 
     fn stalled(&self, key: &PodKey, pod: &Value) -> bool {

@@ -150,6 +150,7 @@ impl fmt::Display for Controllers {
 pub(crate) struct Settings {
     pub nodes: usize,
     pub pod_ready_delay: Duration,
+    pub pod_ready_jitter: Duration,
 }
 
 /// Creates the emulated nodes (when the scheduler or kubelet run) and spawns the
@@ -207,7 +208,12 @@ pub(crate) fn spawn(
         let wake = hooks.wake.clone();
         tasks.push(tokio::spawn(run(
             client.clone(),
-            kubelet::Kubelet::new(client.clone(), settings.pod_ready_delay, hooks),
+            kubelet::Kubelet::new(
+                client.clone(),
+                settings.pod_ready_delay,
+                settings.pod_ready_jitter,
+                hooks,
+            ),
             Some(wake),
         )));
     }
