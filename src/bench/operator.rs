@@ -189,7 +189,12 @@ async fn measure(
         });
         // Counting what departed workers hold loads the store being measured: only at the end.
         if done && tracker.pending() == 0 && tracker.sessions_on_departed().await? == 0 {
-            break;
+            // The last pods may have departed and been migrated since the tracker's last look:
+            // let it look again so that their departures are timed too.
+            tokio::time::sleep(crate::demo::LOOK_EVERY * 3).await;
+            if tracker.pending() == 0 {
+                break;
+            }
         }
         anyhow::ensure!(
             Instant::now() < deadline,

@@ -32,10 +32,10 @@ pub struct Tracker {
 
 impl Tracker {
     /// Starts tracking. Each look reads which workers hold sessions (one cheap query, so the
-    /// measurement does not load the store it measures) and which pods are departing. A
-    /// departure is timed from the first look that sees the pod departing while it (still, or
-    /// at the look before) holds sessions, to the first look that finds it holding none: an
-    /// upper bound of the operator's latency by at most one look.
+    /// measurement does not load the store it measures), then which pods are departing. A
+    /// departure of a worker that held sessions is timed from the look before the one that
+    /// first sees it departing to the first look that finds it holding none: an upper bound of
+    /// the operator's latency, by at most two looks.
     pub fn start(store: Arc<dyn Store>, pods: Reader<Pod>, replacement_wait: Duration) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let give_up = replacement_wait + Duration::from_secs(5);
@@ -43,10 +43,18 @@ impl Tracker {
             let (store, pods, state) = (store.clone(), pods.clone(), Arc::downgrade(&state));
             async move {
                 let mut holding = BTreeSet::new();
+                // The pods were last seen not departing then: a departure seen now happened
+                // after it, and is timed from it (an upper bound).
+                let mut last_look = Instant::now();
                 loop {
                     tokio::time::sleep(LOOK_EVERY).await;
                     let Some(state) = state.upgrade() else { return };
-                    let looked = Instant::now();
+                    // The store first, then the pods: a pod the operator migrated between the
+                    // two reads is seen departing while the store still showed its sessions.
+                    let Ok(now_holding) = store.workers_with_sessions().await else {
+                        continue;
+                    };
+                    let answered = Instant::now();
                     let departing: Vec<String> = pods
                         .state()
                         .iter()
@@ -57,16 +65,12 @@ impl Tracker {
                         })
                         .map(|p| p.name_any())
                         .collect();
-                    let Ok(now_holding) = store.workers_with_sessions().await else {
-                        continue;
-                    };
-                    let answered = Instant::now();
                     let mut s = lock(&state);
                     let phase = s.phase;
                     for pod in departing {
                         let held = holding.contains(&pod) || now_holding.contains(&pod);
                         if held && s.seen.insert(pod.clone()) {
-                            s.pending.insert(pod, (looked, phase));
+                            s.pending.insert(pod, (last_look, phase));
                         }
                     }
                     let done: Vec<String> = s
@@ -88,6 +92,7 @@ impl Tracker {
                         .collect();
                     s.stuck.extend(late);
                     holding = now_holding;
+                    last_look = answered;
                 }
             }
         });
