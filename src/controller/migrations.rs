@@ -46,8 +46,9 @@ impl Migrations {
         }
     }
 
-    /// Waits until every migration task ended; called once the controllers stopped, so that
-    /// the Lease is released only when no store mutation can follow.
+    /// Waits until every migration task (and its delayed cache re-application) ended; called
+    /// once the controllers stopped, so that the Lease is released only when no store mutation
+    /// can follow.
     pub async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
@@ -206,7 +207,9 @@ async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
     if let Some(layered) = ctx.layered.clone()
         && !ids.is_empty()
     {
-        tokio::spawn(reapply_to_cache(
+        // Tracked like the migration itself: a shutdown waits for it (at most REAPPLY_DELAY)
+        // before the Lease is released, so that it is not lost with the process.
+        ctx.migrations.tasks.spawn(reapply_to_cache(
             layered,
             ctx.fence.clone(),
             action.clone(),
