@@ -184,24 +184,34 @@ async fn assert_coherent(shared: &Shared, ids: &[String], when: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fill_that_read_before_another_process_rerouted_is_refused() {
-    let shared = shared().await;
-    let proxy = process(&shared).await;
-    let operator = process(&shared).await;
+/// The scene of the deterministic races: two processes, a session `s` on `w1` that only
+/// Postgres holds (evicted from the cache), and the proxy's read of it, which found `w1` in
+/// Postgres and is paused just before filling the cache.
+async fn proxy_paused_before_fill(
+    shared: &Shared,
+) -> (Process, Process, tokio::task::JoinHandle<Option<String>>) {
+    let proxy = process(shared).await;
+    let operator = process(shared).await;
     operator
         .layered
         .set("s", &Entry::new("w1", ""))
         .await
         .unwrap();
     shared.cache.delete("s").await.unwrap(); // evicted: the proxy's next get misses
-    // The proxy reads w1 from Postgres and pauses before filling the cache.
     proxy.gate.hold_get.store(true, Ordering::SeqCst);
     let read = tokio::spawn({
         let layered = proxy.layered.clone();
         async move { worker_of(layered.as_ref(), "s").await }
     });
     proxy.gate.reached.notified().await;
+    (proxy, operator, read)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_that_read_before_another_process_rerouted_is_refused() {
+    let shared = shared().await;
+    // The proxy reads w1 from Postgres and pauses before filling the cache.
+    let (proxy, operator, read) = proxy_paused_before_fill(&shared).await;
     // Meanwhile the operator reroutes w1 → w2, in Postgres and in the cache.
     assert_eq!(
         operator.layered.reroute_worker("w1", "w2").await.unwrap(),
@@ -222,21 +232,8 @@ async fn a_fill_that_read_before_another_process_rerouted_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fill_between_the_primary_commit_and_the_cache_update_is_corrected() {
     let shared = shared().await;
-    let proxy = process(&shared).await;
-    let operator = process(&shared).await;
-    operator
-        .layered
-        .set("s", &Entry::new("w1", ""))
-        .await
-        .unwrap();
-    shared.cache.delete("s").await.unwrap();
     // Proxy: reads w1, pauses.
-    proxy.gate.hold_get.store(true, Ordering::SeqCst);
-    let read = tokio::spawn({
-        let layered = proxy.layered.clone();
-        async move { worker_of(layered.as_ref(), "s").await }
-    });
-    proxy.gate.reached.notified().await;
+    let (proxy, operator, read) = proxy_paused_before_fill(&shared).await;
     // Operator: commits the reroute in Postgres, pauses before its cache step.
     operator.gate.hold_reroute.store(true, Ordering::SeqCst);
     let reroute = tokio::spawn({
@@ -259,20 +256,7 @@ async fn a_fill_between_the_primary_commit_and_the_cache_update_is_corrected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fill_that_read_before_another_process_deleted_is_refused() {
     let shared = shared().await;
-    let proxy = process(&shared).await;
-    let operator = process(&shared).await;
-    operator
-        .layered
-        .set("s", &Entry::new("w1", ""))
-        .await
-        .unwrap();
-    shared.cache.delete("s").await.unwrap();
-    proxy.gate.hold_get.store(true, Ordering::SeqCst);
-    let read = tokio::spawn({
-        let layered = proxy.layered.clone();
-        async move { worker_of(layered.as_ref(), "s").await }
-    });
-    proxy.gate.reached.notified().await;
+    let (proxy, operator, read) = proxy_paused_before_fill(&shared).await;
     assert_eq!(operator.layered.delete_by_worker("w1").await.unwrap(), 1);
     proxy.gate.release.notify_one();
     assert_eq!(read.await.unwrap().as_deref(), Some("w1"));

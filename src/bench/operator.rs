@@ -88,12 +88,7 @@ async fn measure(
         .start()
         .await?;
     let control = emulator.control();
-    control
-        .load_yaml(&crate::policy::crd_yaml())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    control
-        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::demo::prepare(&emulator, NS)?;
     let client = emulator.client()?;
     let stop = CancellationToken::new();
     let pods = pod_reader(&client, NS, stop.clone());

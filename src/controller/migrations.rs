@@ -111,7 +111,7 @@ async fn run(
                         Action::Delete { .. } => counters.deleted += moved,
                     }
                 }
-                let latency = observed_at(&action).duration_until(finished).unsigned_abs();
+                let latency = action.observed_at().duration_until(finished).unsigned_abs();
                 ctx.metrics.migration_latency.observe(latency.as_secs_f64());
                 success(&ctx, &policy, &action, moved)
             }
@@ -148,12 +148,6 @@ async fn run(
 /// How long after a failed migration its policy gets another pass (pod events may bring one
 /// sooner).
 const RETRY_AFTER: Duration = Duration::from_secs(5);
-
-fn observed_at(action: &Action) -> Timestamp {
-    match action {
-        Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => *observed_at,
-    }
-}
 
 fn related_pod(policy: &SessionPolicy, action: &Action) -> Option<ObjectReference> {
     (policy.spec.worker_id.from == WorkerIdSource::PodName).then(|| ObjectReference {

@@ -84,6 +84,15 @@ impl Action {
             Action::Delete { worker, .. } => worker,
         }
     }
+
+    /// When the departure (or the late sessions) the action handles was observed.
+    pub fn observed_at(&self) -> Timestamp {
+        match self {
+            Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => {
+                *observed_at
+            }
+        }
+    }
 }
 
 /// Why an action was planned; becomes the Event's reason.

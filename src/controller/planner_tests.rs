@@ -96,12 +96,6 @@ fn show(action: &Action) -> String {
     }
 }
 
-fn observed_at(action: &Action) -> Timestamp {
-    match action {
-        Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => *observed_at,
-    }
-}
-
 /// The controller, played against a simulated store.
 struct World {
     rules: Rules,
@@ -269,7 +263,7 @@ fn surge_rollout_pairs_one_to_one_least_loaded_first() {
     );
     let shown: Vec<String> = plan.actions.iter().map(show).collect();
     assert_eq!(shown, ["a->r2 Replaced", "b->r1 Replaced"]);
-    assert!(plan.actions.iter().all(|a| observed_at(a) == t(1_010)));
+    assert!(plan.actions.iter().all(|a| a.observed_at() == t(1_010)));
     w.apply(1_010, &plan);
 
     // c terminates while both replacements are taken and r3 is not Ready yet: it waits.
@@ -343,7 +337,7 @@ fn max_unavailable_rollout_waits_for_the_replacement_then_reroutes_when_ready() 
         ["a->r Replaced"]
     );
     assert_eq!(
-        observed_at(&plan.actions[0]),
+        plan.actions[0].observed_at(),
         t(1_100),
         "latency counts from the departure"
     );
@@ -372,7 +366,7 @@ fn without_replacement_on_terminate_delete_applies_after_replacement_wait() {
         plan.actions.iter().map(show).collect::<Vec<_>>(),
         ["a deleted Terminated"]
     );
-    assert_eq!(observed_at(&plan.actions[0]), t(1_100));
+    assert_eq!(plan.actions[0].observed_at(), t(1_100));
     assert_eq!(plan.waiting, 0);
     w.apply(1_100 + WAIT, &plan);
     assert_eq!((w.count("a"), w.count("b")), (0, 2));
@@ -497,7 +491,7 @@ fn on_replace_delete_deletes_once_the_replacement_is_ready() {
         plan.actions.iter().map(show).collect::<Vec<_>>(),
         ["a deleted Replaced"]
     );
-    assert_eq!(observed_at(&plan.actions[0]), t(1_100));
+    assert_eq!(plan.actions[0].observed_at(), t(1_100));
     w.apply(1_110, &plan);
     assert_eq!((w.count("a"), w.count("r")), (0, 1));
 }
@@ -656,7 +650,7 @@ fn a_pod_that_vanishes_between_passes_is_a_departure() {
     let shown: Vec<String> = plan.actions.iter().map(show).collect();
     // a has a fresh replacement; x vanished too, and waits for one of its own.
     assert_eq!(shown, ["a->r Replaced"]);
-    assert_eq!(observed_at(&plan.actions[0]), t(1_100));
+    assert_eq!(plan.actions[0].observed_at(), t(1_100));
     assert_eq!(plan.waiting, 1);
     assert!(w.memory.departures.contains_key("x"));
     w.apply(1_100, &plan);
@@ -1038,7 +1032,7 @@ fn late_sessions_are_rerouted_again_to_the_same_target() {
         plan.actions.iter().map(show).collect::<Vec<_>>(),
         ["a->r LateSessions"]
     );
-    assert_eq!(observed_at(&plan.actions[0]), t(1_020));
+    assert_eq!(plan.actions[0].observed_at(), t(1_020));
     w.apply(1_020, &plan);
     assert_eq!((w.count("a"), w.count("r")), (0, 5));
     // Again, after a's pod is gone.

@@ -72,12 +72,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("starting the emulator")?;
     let control = emulator.control();
-    control
-        .load_yaml(&crate::policy::crd_yaml())
-        .map_err(|e| anyhow::anyhow!("installing the CRD: {e}"))?;
-    control
-        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
-        .map_err(|e| anyhow::anyhow!("creating namespace {NS}: {e}"))?;
+    prepare(&emulator, NS)?;
     let client = emulator.client()?;
 
     let (sessions, store_name) = connect(&args).await?;
@@ -288,6 +283,18 @@ async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()>
 }
 
 /// A cache of the pods of `namespace`, kept until `shutdown`.
+/// Installs the SessionPolicy CRD in an emulated cluster and creates `namespace`.
+pub(crate) fn prepare(emulator: &Emulator, namespace: &str) -> anyhow::Result<()> {
+    let control = emulator.control();
+    control
+        .load_yaml(&crate::policy::crd_yaml())
+        .map_err(|e| anyhow::anyhow!("installing the CRD: {e}"))?;
+    control
+        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
+        .map_err(|e| anyhow::anyhow!("creating namespace {namespace}: {e}"))?;
+    Ok(())
+}
+
 pub(crate) fn pod_reader(
     client: &Client,
     namespace: &str,

@@ -965,36 +965,21 @@ impl Store for RedisStore {
     }
 
     async fn sweep_batch(&self, sweep: Sweep<'_>, limit: usize) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let collect = |ids: Vec<String>| {
+            removed.extend(ids);
+            removed.len() < limit
+        };
         match sweep {
             // Redis expires session hashes itself; what is left to remove are the index members
             // of expired sessions, reported as the sessions removed.
-            Sweep::Expired => {
-                let mut removed = Vec::new();
-                self.prune_walk(
-                    |ids| {
-                        removed.extend(ids);
-                        removed.len() < limit
-                    },
-                    limit,
-                )
-                .await?;
-                Ok(removed)
-            }
+            Sweep::Expired => self.prune_walk(collect, limit).await?,
             Sweep::Idle { max_age, workers } => {
-                let mut removed = Vec::new();
-                self.sweep_idle_walk(
-                    max_age,
-                    workers,
-                    |ids| {
-                        removed.extend(ids);
-                        removed.len() < limit
-                    },
-                    limit,
-                )
-                .await?;
-                Ok(removed)
+                self.sweep_idle_walk(max_age, workers, collect, limit)
+                    .await?
             }
         }
+        Ok(removed)
     }
 
     /// Walks each index once (not once per batch as the default loop over `sweep_batch` would).
