@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: makes sure Postgres and Redis answer (installing and starting them from
-# Debian packages on a fresh machine), then runs formatting and lint checks, every test of the
-# workspace, and the benchmarks in smoke mode.
+# The whole test suite: builds kubectl and the real control plane from their Go modules, makes
+# sure Postgres and Redis answer (installing and starting them from Debian packages on a fresh
+# machine), then runs formatting and lint checks, every test of the workspace (end to end on the
+# emulator), the chart tests, the real-cluster lane (scripts/test-real.sh) and the benchmarks
+# in smoke mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,19 +48,26 @@ ensure_redis() {
   wait_for 127.0.0.1 $REDIS_PORT
 }
 
-ensure_kubectl() {
-  command -v kubectl >/dev/null && return 0
-  echo "kubectl not found; installing Debian's kubernetes-client for the emulator's kubectl test" >&2
-  apt_install kubernetes-client || echo "warning: kubectl unavailable; the emulator's kubectl test fails unless KUBE_EMULATOR_SKIP_KUBECTL=1" >&2
+# kubectl >= 1.30 for the kubectl tests (Debian's kubernetes-client is 1.20): the one built with
+# the real control plane from k8s.io/kubernetes v1.34 (scripts/build-control-plane.sh, needs
+# Go; seconds when built before), first on PATH for everything below.
+ensure_control_plane() {
+  command -v go >/dev/null || {
+    echo "error: Go (>= 1.24) is needed to build kubectl and the real control plane" >&2
+    return 1
+  }
+  ./scripts/build-control-plane.sh
+  export PATH="$PWD/tools/control-plane/bin:$PATH"
+  kubectl version --client
 }
 
+ensure_control_plane
 ensure_postgres
 command -v psql >/dev/null || apt_install postgresql-client
 ensure_redis
 # The Redis TLS test starts its own TLS redis-server with certificates made by openssl.
 command -v redis-server >/dev/null || apt_install redis-server
 command -v openssl >/dev/null || apt_install openssl
-ensure_kubectl
 
 # A database of its own for this run, dropped afterwards.
 db="session_operator_test_$$"
@@ -71,10 +80,18 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The fault suite is `test = false` (not part of `cargo test --workspace`), so --all-targets skips it.
+cargo clippy --test faults -- -D warnings
 cargo test --workspace
+# The fault suite's quick subset (own Postgres/Redis instances; the full set: ./scripts/faults.sh).
+cargo test --test faults quick_
 # Helm chart, Dockerfile and install checks (a Python venv with Helm's Go SDK, kubernetes-validate,
 # checkov, hadolint), including the chart/binary drift and RBAC-from-reality tests.
-CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh
+# (test_real_cluster.py needs the real control plane: scripts/test-real.sh runs it.)
+CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh --ignore=tests/chart/test_real_cluster.py
+# The same end-to-end scenarios (those without emulator hooks) and the chart's Helm install on a
+# real control plane: kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok.
+./scripts/test-real.sh
 cargo run -q -- bench store --smoke
 cargo run -q -- bench operator --smoke
 # Benchmark targets built in the test profile and run once with small sizes.

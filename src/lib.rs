@@ -14,6 +14,7 @@
 //! - [`telemetry`] — logging, metrics, health endpoints.
 
 pub mod bench;
+pub mod cache_repair;
 pub mod cli;
 pub mod controller;
 pub mod demo;

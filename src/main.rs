@@ -13,7 +13,8 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, the whole cause chain; URLs in it were redacted where they were added.
-            eprintln!("error: {err:#}");
+            // Each cause once (see `cli::error_line`).
+            eprintln!("error: {}", cli::error_line(&err));
             ExitCode::FAILURE
         }
     }

@@ -32,8 +32,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let fence = match config.lease {
-        Some(_) => Fence::new_standby(&identity),
+    let fence = match &config.lease {
+        Some(lease) => {
+            let fence =
+                Fence::new_standby(&identity, &format!("{}/{}", lease.namespace, lease.name));
+            // Every mutation proves this replica's epoch in the store (see store::Fencing).
+            store.store.set_fencing(Arc::new(fence.clone()));
+            fence
+        }
         None => Fence::always_open(&identity),
     };
     // The lease is released only after the controller stopped, so no store mutation, status
@@ -44,10 +50,20 @@ pub async fn run(
             client.clone(),
             lease,
             fence.clone(),
+            store.store.clone(),
             release.clone(),
         ))
     });
     tokio::spawn(leader_gauge(fence.clone(), metrics.clone()));
+    let layered = store.layered.clone();
+    if let Some(layered) = layered.clone() {
+        tokio::spawn(crate::cache_repair::repair_loop(
+            layered,
+            fence.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(crate::sweep::expiry_loop(
         store.store.clone(),
         fence.clone(),
@@ -59,7 +75,7 @@ pub async fn run(
     let controller = tokio::spawn(controller::run(
         client,
         store,
-        fence,
+        fence.clone(),
         metrics,
         health,
         config.controller,
@@ -84,6 +100,11 @@ pub async fn run(
     };
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    // What the cache could not be told yet is repaired before the lease is released (and stays
+    // recorded in Postgres for the next leader if Redis still does not answer).
+    if let Some(layered) = layered {
+        crate::cache_repair::before_shutdown(&layered, &fence).await;
+    }
     release.cancel();
     if let Some(task) = leader_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -96,6 +117,7 @@ async fn leader_gauge(fence: Fence, metrics: Metrics) {
     let mut leading = fence.subscribe();
     loop {
         metrics.leader.set(i64::from(*leading.borrow_and_update()));
+        metrics.epoch.set(fence.epoch().unwrap_or(0));
         if leading.changed().await.is_err() {
             return;
         }

@@ -211,7 +211,146 @@ fn an_unmigrated_schema_points_at_migrate() {
         ],
         &[],
     );
-    assert!(one_line_error(&out).contains("session-operator migrate"));
+    let err = one_line_error(&out);
+    assert!(err.contains("session-operator migrate"), "{err}");
+    // sqlx appends the line of the Postgres server's C source; it means nothing to a user.
+    assert!(!err.contains(" at line "), "{err}");
+}
+
+/// A URL of another database is refused before anything connects: it used to be read as
+/// Postgres settings and sent to whatever answered on the port.
+#[test]
+fn a_database_url_of_another_scheme_is_refused_without_connecting() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let url = format!("mysql://app:hunter2@127.0.0.1:{port}/db");
+    for args in [
+        vec!["sessions", "count", "--database-url", url.as_str()],
+        vec!["migrate", "--database-url", url.as_str()],
+        vec!["sessions", "get", "s", "--database-url", url.as_str()],
+    ] {
+        let err = one_line_error(&run(&args, &[]));
+        assert!(
+            err.contains("--database-url") && err.contains("postgres, postgresql"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    assert!(
+        listener.accept().is_err(),
+        "nothing may connect to a mysql:// URL"
+    );
+}
+
+/// `0s` disables the Postgres timeouts, as `0` does in Postgres: with a row locked for a
+/// moment, a write waits for it instead of failing after 1 ms.
+#[tokio::test]
+async fn zero_postgres_timeouts_mean_no_timeout() {
+    let schema = PgSchema::new().await;
+    let pg = common::pg_url();
+    let store = [
+        "--database-url",
+        pg.as_str(),
+        "--schema",
+        schema.name.as_str(),
+    ];
+    let with = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&store);
+        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    ok(&run(
+        &with(&["migrate"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    ));
+    ok(&run(
+        &with(&["sessions", "set", "s1", "--worker", "a"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    ));
+    let pool = sqlx::PgPool::connect(&pg).await.expect("pool");
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {}.blockyard_sessions WHERE id = 's1' FOR UPDATE",
+        schema.name
+    )))
+    .fetch_one(&mut *tx)
+    .await
+    .expect("lock the row");
+    let args = with(&[
+        "sessions",
+        "set",
+        "s1",
+        "--worker",
+        "b",
+        "--pg-lock-timeout",
+        "0s",
+        "--pg-statement-timeout",
+        "0s",
+    ]);
+    let writer = tokio::task::spawn_blocking(move || {
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    });
+    // The write waits on the lock (a 1 ms lock timeout would have failed it by now, retries
+    // included); release the row once the write is seen waiting.
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND application_name = 'session-operator' AND datname = current_database()";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(&pool)
+            .await
+            .expect("pg_stat_activity");
+        if n > 0 {
+            break;
+        }
+        assert!(!writer.is_finished(), "the write did not wait for the lock");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Well past 1 ms and the three retries (0.6 s) the old conversion allowed.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    tx.rollback().await.expect("release");
+    ok(&writer.await.expect("writer"));
+    let got = json(&run(
+        &with(&["sessions", "get", "s1", "-o", "json"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    ));
+    assert_eq!(got["entry"]["worker_id"], "b");
+}
+
+/// A kubeconfig that does not parse: the error says so once, on one line (kube's error
+/// repeats its source's message, which printed the parse error three times, with snippets).
+#[test]
+fn a_kubeconfig_parse_error_is_printed_once() {
+    let path = std::env::temp_dir().join(format!("cli-bad-{}.kubeconfig", std::process::id()));
+    std::fs::write(&path, "apiVersion: v1\nclusters: [oops\n").expect("write");
+    let out = run(
+        &[
+            "run",
+            "--database-url",
+            &common::pg_url(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[("KUBECONFIG", path.to_str().expect("path"))],
+    );
+    let _ = std::fs::remove_file(&path);
+    let err = one_line_error(&out);
+    assert_eq!(err.matches("unclosed bracket").count(), 1, "{err}");
+    assert!(err.contains("failed to parse kubeconfig YAML"), "{err}");
 }
 
 /// Durations from the command line that would overflow when added up are an error, never a

@@ -409,3 +409,65 @@ async fn reserved_words_as_schema_names_are_quoted() {
         .unwrap_err();
     assert!(err.to_string().contains("reserved"), "{err}");
 }
+
+/// blockyard appends `:` to a key prefix that lacks one (`REDIS_PREFIX=myapp` → keys
+/// `myapp:session:ID`); the library and the CLI, given the same `myapp`, use the same keys.
+#[tokio::test]
+async fn a_prefix_without_colon_means_what_it_means_to_blockyard() {
+    let prefix = RedisPrefix::new();
+    let mut conn = prefix.conn().await;
+    // What blockyard was configured with, and the keys it writes.
+    let configured = prefix.prefix.trim_end_matches(':').to_string();
+    assert!(!configured.ends_with(':'));
+    blockyard_hset(&mut conn, &prefix.prefix, "s1", "old").await;
+    blockyard_hset(&mut conn, &prefix.prefix, "s2", "old").await;
+
+    // The library, configured like blockyard.
+    let mut options = prefix.options(false);
+    options.prefix = configured.clone();
+    let store = session_operator::store::RedisStore::connect(
+        &common::redis_url(),
+        StoreOptions::default(),
+        options,
+    )
+    .await
+    .expect("connect");
+    assert_eq!(store.prefix(), prefix.prefix);
+    assert_eq!(store.get("s1").await.unwrap().unwrap().worker_id, "old");
+
+    // The CLI, configured like blockyard, reroutes blockyard's hashes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-operator"))
+        .args([
+            "sessions", "reroute", "--from", "old", "--to", "new", "-o", "json",
+        ])
+        .args([
+            "--redis-url",
+            &common::redis_url(),
+            "--redis-prefix",
+            &configured,
+        ])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["rerouted"], 2, "{json}");
+    for id in ["s1", "s2"] {
+        let worker: Option<String> = conn
+            .hget(format!("{}session:{id}", prefix.prefix), "worker_id")
+            .await
+            .unwrap();
+        assert_eq!(worker.as_deref(), Some("new"), "{id} as blockyard reads it");
+    }
+    let glob = configured
+        .replace('[', "\\[")
+        .replace(']', "\\]")
+        .replace('*', "\\*");
+    let stray: Vec<String> = conn.keys(format!("{glob}session*")).await.unwrap();
+    assert!(stray.is_empty(), "keys without the colon: {stray:?}");
+}

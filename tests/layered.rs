@@ -467,3 +467,64 @@ async fn delayed_double_invalidation_fixes_a_foreign_stale_fill() {
         .unwrap();
     assert_eq!(s.cache.get("t").await.unwrap(), None);
 }
+
+/// The ids a reroute could not update in Redis survive the process: another layered store over
+/// the same Postgres (a restarted operator, or the next leader), which never saw the failure,
+/// repairs them as soon as Redis answers, and clears the marks it repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repairs_survive_a_restart_and_run_once_redis_answers() {
+    let options = StoreOptions::default();
+    let s = setup(options.clone()).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    for id in &ids {
+        s.layered.set(id, &Entry::new("old", "")).await.unwrap();
+    }
+    // What a proxy reading Redis directly sees.
+    let direct = s.prefix.store(options.clone(), true).await;
+    s.proxy.cut();
+    assert_eq!(s.layered.reroute_worker("old", "new").await.unwrap(), 20);
+    assert_eq!(s.layered.stats().pending_repairs, 20);
+    assert!(!s.layered.stats().cache_available);
+    assert_eq!(
+        s.primary.cache_repairs().await.unwrap().len(),
+        20,
+        "recorded in Postgres"
+    );
+
+    let restarted =
+        LayeredStore::new(s.cache.clone(), s.primary.clone(), options).expect("layered store");
+    assert_eq!(
+        restarted.stats().pending_repairs,
+        0,
+        "a new process knows nothing itself"
+    );
+    for id in &ids {
+        assert_eq!(
+            worker_of(&direct, id).await.as_deref(),
+            Some("old"),
+            "stale before"
+        );
+    }
+    s.proxy.restore();
+    let mut left = None;
+    for _ in 0..50 {
+        left = restarted.repair_pending().await.ok();
+        if left == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, Some(0), "repaired once Redis answers");
+    for id in &ids {
+        assert_ne!(
+            worker_of(&direct, id).await.as_deref(),
+            Some("old"),
+            "{id} still stale"
+        );
+    }
+    assert!(
+        s.primary.cache_repairs().await.unwrap().is_empty(),
+        "marks cleared"
+    );
+    assert!(restarted.stats().cache_available);
+}

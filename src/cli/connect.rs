@@ -7,8 +7,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::store::{
-    DEFAULT_PREFIX, DEFAULT_SCHEMA, LayeredStore, PostgresOptions, PostgresStore, RedisOptions,
-    RedisStore, Store, StoreOptions, redact_url,
+    DEFAULT_PREFIX, DEFAULT_SCHEMA, LayeredStore, PgWorkerRecords, PostgresOptions, PostgresStore,
+    RedisOptions, RedisStore, RedisWorkerRecords, Store, StoreOptions, WorkerRecords, redact_url,
+    redis_key_prefix,
 };
 
 /// Where the sessions live. With both URLs the layered store (Redis over Postgres) is used;
@@ -24,7 +25,8 @@ pub struct StoreArgs {
     /// Postgres schema of the blockyard_sessions table.
     #[arg(long, env = "SESSION_SCHEMA", default_value = DEFAULT_SCHEMA, global = true)]
     pub schema: String,
-    /// Prefix of Redis keys.
+    /// Prefix of Redis keys; one without a trailing `:` gets it, as blockyard does (myapp →
+    /// keys myapp:session:ID).
     #[arg(long, env = "REDIS_PREFIX", default_value = DEFAULT_PREFIX, global = true)]
     pub redis_prefix: String,
     /// Idle TTL written with sessions (e.g. 30m); 0s means sessions never expire.
@@ -33,10 +35,11 @@ pub struct StoreArgs {
     /// Touch coalescing window of the layered store; must match the proxies' setting.
     #[arg(long, env = "SESSION_TOUCH_WINDOW", default_value = "0s", value_parser = humantime::parse_duration, global = true)]
     pub touch_window: Duration,
-    /// Longest wait for a Postgres row lock per statement before a batch is retried.
+    /// Longest wait for a Postgres row lock per statement before a batch is retried; 0s waits
+    /// forever (Postgres' "disabled").
     #[arg(long, env = "SESSION_PG_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub pg_lock_timeout: Duration,
-    /// Longest run of any Postgres statement (migrations are exempt).
+    /// Longest run of any Postgres statement (migrations are exempt); 0s means no limit.
     #[arg(long, env = "SESSION_PG_STATEMENT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub pg_statement_timeout: Duration,
     /// Every Redis writer maintains the per-worker index: skip the SCAN for foreign hashes.
@@ -57,9 +60,46 @@ impl StoreArgs {
     }
 
     pub fn database_url(&self) -> anyhow::Result<&str> {
-        self.database_url
+        let url = self
+            .database_url
             .as_deref()
-            .context("no Postgres configured: pass --database-url or set DATABASE_URL")
+            .context("no Postgres configured: pass --database-url or set DATABASE_URL")?;
+        self.check_urls()?;
+        Ok(url)
+    }
+
+    /// Checks the URLs' schemes before anything connects: a `mysql://` URL must not be read as
+    /// Postgres settings and sent to whatever answers on that port.
+    pub fn check_urls(&self) -> anyhow::Result<()> {
+        for (name, url, schemes) in [
+            (
+                "--database-url",
+                &self.database_url,
+                &["postgres", "postgresql"][..],
+            ),
+            (
+                "--redis-url",
+                &self.redis_url,
+                &["redis", "rediss", "redis+unix", "unix"][..],
+            ),
+        ] {
+            if let Some(url) = url {
+                let parsed = url::Url::parse(url)
+                    .with_context(|| format!("{name} {} is not a URL", redact_url(url)))?;
+                anyhow::ensure!(
+                    schemes.contains(&parsed.scheme()),
+                    "{name} {} must use one of the schemes {}",
+                    redact_url(url),
+                    schemes.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The Redis key prefix as it is used (see [`redis_key_prefix`]).
+    pub fn effective_redis_prefix(&self) -> String {
+        redis_key_prefix(&self.redis_prefix)
     }
 
     pub async fn postgres(&self, url: &str) -> anyhow::Result<PostgresStore> {
@@ -74,38 +114,98 @@ impl StoreArgs {
             .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
     }
 
-    pub async fn redis(&self, url: &str) -> anyhow::Result<RedisStore> {
-        let redis = RedisOptions {
+    fn redis_options(&self) -> RedisOptions {
+        RedisOptions {
             prefix: self.redis_prefix.clone(),
             index_only: self.redis_index_only,
             ca_file: self.redis_ca_file.clone(),
             ..RedisOptions::default()
-        };
-        RedisStore::connect(url, self.options(), redis)
+        }
+    }
+
+    pub async fn redis(&self, url: &str) -> anyhow::Result<RedisStore> {
+        RedisStore::connect(url, self.options(), self.redis_options())
             .await
             .with_context(|| format!("connecting to Redis at {}", redact_url(url)))
     }
 
+    /// For the operator: like [`Self::connect`], but with both URLs a Redis cache that does not
+    /// answer at start does not stop it. Postgres is the source of truth, so the operator
+    /// starts on it alone, with the cache counted as unavailable, and repairs the cache once
+    /// Redis answers (see `LayeredStore::repair_pending`).
+    pub async fn connect_operator(&self) -> anyhow::Result<Connected> {
+        let (Some(pg), Some(redis)) = (&self.database_url, &self.redis_url) else {
+            return self.connect().await;
+        };
+        self.check_urls()?;
+        let primary = Arc::new(self.postgres(pg).await?);
+        let primary_pg = primary.as_ref().clone();
+        let (cache, down) = match self.redis(redis).await {
+            Ok(cache) => (cache, None),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(error = %reason, "the Redis cache does not answer; starting on Postgres alone");
+                let lazy = RedisStore::connect_lazy(redis, self.options(), self.redis_options())
+                    .with_context(|| format!("Redis at {}", redact_url(redis)))?;
+                (lazy, Some(reason))
+            }
+        };
+        let cache = Arc::new(cache);
+        let layered = match down {
+            None => LayeredStore::new(cache, primary, self.options()),
+            Some(reason) => LayeredStore::new_degraded(cache, primary, self.options(), reason),
+        }
+        .context("combining the Redis cache with Postgres")?;
+        let layered = Arc::new(layered);
+        Ok(Connected {
+            store: layered.clone(),
+            layered: Some(layered),
+            records: Arc::new(PgWorkerRecords::new(primary_pg, &self.schema)),
+        })
+    }
+
     /// The configured store: layered with both URLs, otherwise the one given.
     pub async fn connect(&self) -> anyhow::Result<Connected> {
-        let (store, layered): (Arc<dyn Store>, _) = match (&self.database_url, &self.redis_url) {
-            (Some(pg), Some(redis)) => {
-                let primary = Arc::new(self.postgres(pg).await?);
-                let cache = Arc::new(self.redis(redis).await?);
-                let layered = Arc::new(
-                    LayeredStore::new(cache, primary, self.options())
-                        .context("combining the Redis cache with Postgres")?,
-                );
-                (layered.clone(), Some(layered))
-            }
-            (Some(pg), None) => (Arc::new(self.postgres(pg).await?), None),
-            (None, Some(redis)) => (Arc::new(self.redis(redis).await?), None),
-            (None, None) => bail!(
-                "no session store configured: pass --database-url and/or --redis-url \
-                 (or set DATABASE_URL / REDIS_URL)"
-            ),
+        self.check_urls()?;
+        // The operator's worker records live with the source of truth: Postgres when there is
+        // one, otherwise Redis.
+        let pg_records = |pg: &PostgresStore| -> Arc<dyn WorkerRecords> {
+            Arc::new(PgWorkerRecords::new(pg.clone(), &self.schema))
         };
-        Ok(Connected { store, layered })
+        let (store, layered, records): (Arc<dyn Store>, _, _) =
+            match (&self.database_url, &self.redis_url) {
+                (Some(pg), Some(redis)) => {
+                    let primary = Arc::new(self.postgres(pg).await?);
+                    let records = pg_records(primary.as_ref());
+                    let cache = Arc::new(self.redis(redis).await?);
+                    let layered = Arc::new(
+                        LayeredStore::new(cache, primary, self.options())
+                            .context("combining the Redis cache with Postgres")?,
+                    );
+                    (layered.clone() as Arc<dyn Store>, Some(layered), records)
+                }
+                (Some(pg), None) => {
+                    let primary = self.postgres(pg).await?;
+                    let records = pg_records(&primary);
+                    (Arc::new(primary) as Arc<dyn Store>, None, records)
+                }
+                (None, Some(redis)) => {
+                    let store = self.redis(redis).await?;
+                    // The records share the session store's connection (and its TLS settings).
+                    let records: Arc<dyn WorkerRecords> =
+                        Arc::new(RedisWorkerRecords::new(store.connection(), store.prefix()));
+                    (Arc::new(store) as Arc<dyn Store>, None, records)
+                }
+                (None, None) => bail!(
+                    "no session store configured: pass --database-url and/or --redis-url \
+                 (or set DATABASE_URL / REDIS_URL)"
+                ),
+            };
+        Ok(Connected {
+            store,
+            layered,
+            records,
+        })
     }
 }
 
@@ -113,6 +213,8 @@ impl StoreArgs {
 pub struct Connected {
     pub store: Arc<dyn Store>,
     layered: Option<Arc<LayeredStore>>,
+    /// Where the operator keeps its durable memory of each policy's workers.
+    pub records: Arc<dyn WorkerRecords>,
 }
 
 impl Connected {

@@ -11,7 +11,8 @@ pub use run::RunArgs;
 
 /// Keeps session-sticky routing tables consistent with worker pods.
 #[derive(Debug, Parser)]
-#[command(name = "session-operator", version, about)]
+// A flag given twice takes its last value (as in kubectl), so a wrapper can override defaults.
+#[command(name = "session-operator", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,6 +40,44 @@ pub enum Command {
     },
 }
 
+/// The one line printed for a failed command: the cause chain, each cause once. Libraries
+/// often repeat their source's message in their own (kube's kubeconfig errors do, twice), so
+/// a cause whose text is already on the line is left out.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    one_line(&line)
+}
+
+/// Joins a multi-line message into one line, without the source snippets some parsers add
+/// (`--> <input>:2:11`, `2 | clusters: [oops`, `  |   ^ unclosed bracket`): their first line
+/// already says what and where.
+fn one_line(text: &str) -> String {
+    let snippet = |l: &str| {
+        let l = l.trim_start();
+        l.starts_with("-->")
+            || l.trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|')
+    };
+    text.lines()
+        .filter(|l| !snippet(l))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -57,5 +96,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sessions(args) => sessions::run(args).await,
         Command::Bench { bench } => crate::bench::run(bench).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("kubeconfig parse error: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid type: expected a map at line 2 column 1")]
+    struct Inner;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let err = anyhow::Error::new(Outer(Inner)).context("no Kubernetes configuration");
+        let line = error_line(&err);
+        assert_eq!(
+            line,
+            "no Kubernetes configuration: kubeconfig parse error: invalid type: expected a map \
+             at line 2 column 1"
+        );
+        assert_eq!(line.matches("invalid type").count(), 1);
+    }
+
+    #[test]
+    fn source_snippets_are_left_out() {
+        let text = "failed to parse kubeconfig YAML: error: line 2 column 11: unclosed bracket '['\n \
+                    --> <input>:2:11\n  |\n1 | apiVersion: v1\n2 | clusters: [oops\n  |           ^ unclosed bracket '['";
+        assert_eq!(
+            super::one_line(text),
+            "failed to parse kubeconfig YAML: error: line 2 column 11: unclosed bracket '['"
+        );
+        assert_eq!(super::one_line("first\nsecond"), "first second");
     }
 }

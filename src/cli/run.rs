@@ -73,29 +73,7 @@ impl RunArgs {
                  (or set DATABASE_URL / REDIS_URL)"
             );
         }
-        for (name, url, schemes) in [
-            (
-                "--database-url",
-                &self.store.database_url,
-                &["postgres", "postgresql"][..],
-            ),
-            (
-                "--redis-url",
-                &self.store.redis_url,
-                &["redis", "rediss", "redis+unix", "unix"][..],
-            ),
-        ] {
-            if let Some(url) = url {
-                let parsed = url::Url::parse(url)
-                    .with_context(|| format!("{name} {} is not a URL", redact_url(url)))?;
-                anyhow::ensure!(
-                    schemes.contains(&parsed.scheme()),
-                    "{name} {} must use one of the schemes {}",
-                    redact_url(url),
-                    schemes.join(", ")
-                );
-            }
-        }
+        self.store.check_urls()?;
         if self.leader_elect {
             anyhow::ensure!(
                 self.lease_duration >= Duration::from_secs(2),
@@ -170,7 +148,7 @@ impl RunArgs {
             url(&self.store.database_url),
             url(&self.store.redis_url),
             self.store.schema,
-            self.store.redis_prefix,
+            self.store.effective_redis_prefix(),
             humantime::format_duration(self.store.touch_window),
             self.leader_elect,
             self.lease_namespace()
@@ -222,7 +200,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let result =
                 telemetry::serve(args_metrics_addr, registry, health, shutdown.clone()).await;
             if let Err(e) = &result {
-                tracing::error!(error = %format!("{e:#}"), "metrics server failed");
+                tracing::error!(error = %super::error_line(e), "metrics server failed");
                 shutdown.cancel();
             }
             result
@@ -272,15 +250,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<SessionStore> {
     let mut delay = Duration::from_millis(500);
     loop {
-        match args.store.connect().await {
+        match args.store.connect_operator().await {
             Ok(connected) => {
                 return Some(SessionStore {
                     layered: connected.layered(),
+                    records: connected.records.clone(),
                     store: connected.store,
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot reach the session store");
+                tracing::warn!(error = %super::error_line(&e), retry_in = ?delay, "cannot reach the session store");
             }
         }
         tokio::select! {

@@ -20,12 +20,12 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::planner::{Action, Memory};
+use super::planner::{Action, Memory, Reason};
 use super::reconcile::PolicyState;
 use super::{Context, GuardedPolicy};
 use crate::leader::Fence;
 use crate::policy::{SessionPolicy, WorkerIdSource};
-use crate::store::LayeredStore;
+use crate::store::{LayeredStore, StoreError};
 use crate::telemetry::StoreOp;
 
 /// The migrations of every policy.
@@ -92,12 +92,12 @@ async fn run(
     action: Action,
 ) {
     let result = match ctx.migrations.permits.clone().acquire_owned().await {
-        Ok(_permit) => migrate(&ctx, &action).await,
+        Ok(_permit) => migrate(&ctx, &policy, &action).await,
         Err(_) => Err(format!("{}: shutting down", action.worker())),
     };
     let finished = Timestamp::now();
     let failed = result.is_err();
-    let mut event = {
+    let event = {
         // The pass holds this lock while it reads the store and plans: an outcome is recorded
         // between passes, never in the middle of one.
         let mut state = state.lock().await;
@@ -121,20 +121,22 @@ async fn run(
                     .failing
                     .insert(action.worker().to_string(), message.clone());
                 tracing::warn!(worker = action.worker(), %message, "migration failed");
-                Event {
+                Some(Event {
                     type_: EventType::Warning,
                     reason: "MigrationFailed".into(),
                     note: Some(truncate(&message)),
                     action: "Migrate".into(),
                     secondary: None,
-                }
+                })
             }
         }
     };
     // Each departed pod is the Event's related object, so that the Recorder keeps one Event
     // (series) per migrated worker instead of folding them all into the first one.
-    event.secondary = related_pod(&policy, &action);
-    ctx.events.publish(&policy, event);
+    if let Some(mut event) = event {
+        event.secondary = related_pod(&policy, &action);
+        ctx.events.publish(&policy, event);
+    }
     if failed {
         // Not at once: a store that refuses this migration would be hammered in a loop.
         tokio::select! {
@@ -161,37 +163,72 @@ fn related_pod(policy: &SessionPolicy, action: &Action) -> Option<ObjectReferenc
 
 /// One migration, in committed batches, each behind the fence: a replica whose lease ran out
 /// stops between two batches, and so does one that is shutting down (the next leader finishes
-/// the migration). With a Redis cache, the moved ids are re-applied to the cache once more
-/// after [`REAPPLY_DELAY`] (see [`reapply_to_cache`]).
-async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
+/// the migration); the store itself refuses a batch of a superseded epoch (see
+/// [`crate::store::Fencing`]). Every committed batch is logged and counted as it commits, so a
+/// migration that fails later still accounts for what it changed.
+///
+/// Rows another transaction holds locked are skipped (`SKIP LOCKED`): a proxy idle in a
+/// transaction must not keep the rest of the worker's sessions from moving. When only such
+/// rows are left, the migration ends with an error saying how many, and is retried. With a
+/// Redis cache, the moved ids are re-applied to the cache once more after [`REAPPLY_DELAY`]
+/// (see [`reapply_to_cache`]).
+async fn migrate(ctx: &Context, policy: &SessionPolicy, action: &Action) -> Result<u64, String> {
     let started = Instant::now();
     let limit = ctx.store.options().batch();
     let mut ids: Vec<String> = Vec::new();
-    let failed = |e: &dyn std::fmt::Display| {
-        ctx.metrics.error("store");
-        format!("{}: {e}", action.worker())
-    };
-    loop {
+    let outcome = loop {
         if let Err(e) = ctx.fence.check() {
             ctx.metrics.error("fenced");
-            return Err(e.to_string());
+            break Err(e.to_string());
         }
         if ctx.migrations.stop.is_cancelled() {
-            return Err(format!("{}: shutting down", action.worker()));
+            break Err(format!("{}: shutting down", action.worker()));
         }
         let batch = match action {
-            Action::Reroute { from, to, .. } => ctx.store.reroute_batch(from, to, limit).await,
-            Action::Delete { worker, .. } => ctx.store.delete_worker_batch(worker, limit).await,
+            Action::Reroute { from, to, .. } => {
+                ctx.store.reroute_unlocked_batch(from, to, limit).await
+            }
+            Action::Delete { worker, .. } => ctx.store.delete_unlocked_batch(worker, limit).await,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                ctx.metrics.error(if matches!(e, StoreError::Fenced(_)) {
+                    "fenced"
+                } else {
+                    "store"
+                });
+                break Err(format!("{}: {e}", action.worker()));
+            }
+        };
+        let (n, full) = (batch.len(), batch.len() >= limit);
+        if n > 0 {
+            committed(ctx, policy, action, n as u64);
+            ids.extend(batch);
         }
-        .map_err(|e| failed(&e))?;
-        let last = batch.len() < limit;
-        ids.extend(batch);
-        // A short batch was the last one: sessions a proxy writes for the worker from now on
-        // are late sessions, which the next pass migrates (it is requested when this ends).
-        if last {
-            break;
+        if full {
+            continue;
         }
-    }
+        // A short batch: done, unless rows were skipped because another transaction holds
+        // them, or a proxy wrote late sessions meanwhile (then the next batch takes them).
+        match ctx.store.count_for_worker(action.worker()).await {
+            Ok(0) => break Ok(()),
+            Ok(left) if n == 0 => {
+                ctx.metrics.error("locked");
+                break Err(format!(
+                    "{}: moved {} session(s); {left} left that another transaction holds locked \
+                     (look for 'idle in transaction' in pg_stat_activity); retrying",
+                    action.worker(),
+                    ids.len()
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ctx.metrics.error("store");
+                break Err(format!("{}: {e}", action.worker()));
+            }
+        }
+    };
     let op = match action {
         Action::Reroute { .. } => StoreOp::RerouteWorker,
         Action::Delete { .. } => StoreOp::DeleteByWorker,
@@ -202,7 +239,8 @@ async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
         && !ids.is_empty()
     {
         // Tracked like the migration itself: a shutdown waits for it (at most REAPPLY_DELAY)
-        // before the Lease is released, so that it is not lost with the process.
+        // before the Lease is released, so that it is not lost with the process. Committed
+        // batches are re-applied even when a later batch failed.
         ctx.migrations.tasks.spawn(reapply_to_cache(
             layered,
             ctx.fence.clone(),
@@ -210,7 +248,32 @@ async fn migrate(ctx: &Context, action: &Action) -> Result<u64, String> {
             ids,
         ));
     }
-    Ok(moved)
+    outcome.map(|()| moved)
+}
+
+/// Logs (with the identity and epoch that made the mutation) and counts one committed batch.
+fn committed(ctx: &Context, policy: &SessionPolicy, action: &Action, n: u64) {
+    let identity = ctx.fence.identity();
+    let epoch = ctx.fence.epoch();
+    let policy = policy.name_any();
+    match action {
+        Action::Reroute {
+            from, to, reason, ..
+        } => {
+            ctx.metrics.sessions_rerouted.inc_by(n);
+            tracing::info!(
+                %policy, %identity, epoch, mutation = "reroute_worker", from = %from, to = %to,
+                sessions = n, reason = reason.as_str(), "committed a batch of rerouted sessions"
+            );
+        }
+        Action::Delete { worker, reason, .. } => {
+            ctx.metrics.sessions_deleted.inc_by(n);
+            tracing::info!(
+                %policy, %identity, epoch, mutation = "delete_by_worker", worker = %worker,
+                sessions = n, reason = reason.as_str(), "committed a batch of deleted sessions"
+            );
+        }
+    }
 }
 
 /// How long after a migration its cache update is applied once more.
@@ -239,18 +302,30 @@ async fn reapply_to_cache(
     }
 }
 
-/// Logs (with the identity that made the mutation), counts and describes a migration.
-fn success(ctx: &Context, policy: &SessionPolicy, action: &Action, moved: u64) -> Event {
+/// Logs (with the identity that made the mutation), counts and describes a migration. A
+/// late-session migration is logged at debug level and tallied for a summary instead (see
+/// [`super::events`]): `None`.
+fn success(ctx: &Context, policy: &SessionPolicy, action: &Action, moved: u64) -> Option<Event> {
     let identity = ctx.fence.identity();
     let policy_name = policy.name_any();
-    match action {
+    if let Action::Reroute {
+        reason: Reason::LateSessions,
+        ..
+    }
+    | Action::Delete {
+        reason: Reason::LateSessions,
+        ..
+    } = action
+    {
+        return late_sessions(ctx, policy, action, moved);
+    }
+    Some(match action {
         Action::Reroute {
             from, to, reason, ..
         } => {
-            ctx.metrics.sessions_rerouted.inc_by(moved);
             ctx.metrics.migration("reroute", reason.as_str());
             tracing::info!(
-                policy = %policy_name, %identity, mutation = "reroute_worker", from = %from, to = %to,
+                policy = %policy_name, %identity, migrated = %from, to = %to,
                 sessions = moved, reason = reason.as_str(), "rerouted sessions"
             );
             Event {
@@ -264,10 +339,9 @@ fn success(ctx: &Context, policy: &SessionPolicy, action: &Action, moved: u64) -
             }
         }
         Action::Delete { worker, reason, .. } => {
-            ctx.metrics.sessions_deleted.inc_by(moved);
             ctx.metrics.migration("delete", reason.as_str());
             tracing::info!(
-                policy = %policy_name, %identity, mutation = "delete_by_worker", worker = %worker,
+                policy = %policy_name, %identity, migrated = %worker,
                 sessions = moved, reason = reason.as_str(), "deleted sessions"
             );
             Event {
@@ -280,7 +354,49 @@ fn success(ctx: &Context, policy: &SessionPolicy, action: &Action, moved: u64) -
                 secondary: None,
             }
         }
-    }
+    })
+}
+
+fn late_sessions(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    action: &Action,
+    moved: u64,
+) -> Option<Event> {
+    let identity = ctx.fence.identity();
+    let policy_name = policy.name_any();
+    let to = match action {
+        Action::Reroute { from, to, .. } => {
+            ctx.metrics
+                .migration("reroute", Reason::LateSessions.as_str());
+            tracing::debug!(
+                policy = %policy_name, %identity, from = %from, to = %to,
+                sessions = moved, reason = "LateSessions", "rerouted sessions"
+            );
+            Some(to.clone())
+        }
+        Action::Delete { worker, .. } => {
+            ctx.metrics
+                .migration("delete", Reason::LateSessions.as_str());
+            tracing::debug!(
+                policy = %policy_name, %identity, worker = %worker,
+                sessions = moved, reason = "LateSessions", "deleted sessions"
+            );
+            None
+        }
+    };
+    ctx.events.late_sessions(
+        policy,
+        super::events::LateMigration {
+            namespace: policy.namespace().unwrap_or_default(),
+            policy: policy_name,
+            from: action.worker().to_string(),
+            to,
+            moved,
+            related: related_pod(policy, action),
+        },
+    );
+    None
 }
 
 /// Event notes are limited to 1 kB.

@@ -6,12 +6,16 @@
 //! - `reconcile` — one pass over a policy (I/O at the edges of the planner);
 //! - `migrations` — the planned actions, each a task of its own;
 //! - `events` — Kubernetes Events, published by one background task;
-//! - [`status`] — conditions.
+//! - [`status`] — conditions, the session count, migration health;
+//! - `ownership` — pods selected by several policies belong to one.
 
 mod events;
 mod migrations;
+pub mod observe;
+mod ownership;
 pub mod planner;
 mod reconcile;
+mod records;
 pub mod status;
 pub mod workers;
 
@@ -19,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Controller};
@@ -35,28 +39,32 @@ use migrations::Migrations;
 
 use crate::leader::Fence;
 use crate::policy::{SessionPolicy, ValidPolicy};
-use crate::store::{LayeredStore, Store};
-use crate::telemetry::{Health, Metrics};
+use crate::store::{LayeredStore, MemoryWorkerRecords, Store, WorkerRecords};
+use crate::telemetry::{Health, Metrics, PolicySnapshot};
 
 pub use reconcile::PolicyState;
 
 /// A policy object that may have failed to deserialize (it then gets `Ready=False`).
 pub type GuardedPolicy = DeserializeGuard<SessionPolicy>;
 
-/// The session store the operator mutates, and the layered store behind it when Redis caches
-/// Postgres (migrations are re-applied to its cache after a delay).
+/// The session store the operator mutates, the layered store behind it when Redis caches
+/// Postgres (migrations are re-applied to its cache after a delay), and where the operator
+/// keeps its durable memory of each policy's workers (see [`records`]).
 #[derive(Clone)]
 pub struct SessionStore {
     pub store: Arc<dyn Store>,
     pub layered: Option<Arc<LayeredStore>>,
+    pub records: Arc<dyn WorkerRecords>,
 }
 
 impl SessionStore {
-    /// A store without a cache layer.
+    /// A store without a cache layer, whose worker records live in process memory (the
+    /// embedded memory store, whose sessions do too).
     pub fn plain(store: Arc<dyn Store>) -> Self {
         Self {
             store,
             layered: None,
+            records: Arc::new(MemoryWorkerRecords::default()),
         }
     }
 }
@@ -95,9 +103,13 @@ pub struct Context {
     pub store: Arc<dyn Store>,
     /// The layered store behind `store`, when Redis caches Postgres.
     pub layered: Option<Arc<LayeredStore>>,
+    /// The durable memory of each policy's workers; written only through [`records::persist`].
+    records: Arc<dyn WorkerRecords>,
     /// One reader per watched scope (a namespace, or all).
     pods: Vec<Reader<Pod>>,
     policies: Vec<Reader<GuardedPolicy>>,
+    /// In which order the pod watches first showed each pod (see [`observe`]).
+    pub observations: Arc<observe::Observations>,
     pub fence: Fence,
     events: Events,
     migrations: Migrations,
@@ -186,6 +198,17 @@ pub async fn run(
     let policies: Vec<Reader<GuardedPolicy>> =
         policy_stores.iter().map(|(r, _)| r.clone()).collect();
     let pods: Vec<Reader<Pod>> = pod_stores.iter().map(|(r, _)| r.clone()).collect();
+    // session_operator_policy_* are read from these readers at scrape time.
+    metrics.policies.set({
+        let policies = policies.clone();
+        move || {
+            policies
+                .iter()
+                .flat_map(|r| r.state())
+                .filter_map(|p| p.0.as_ref().ok().and_then(PolicySnapshot::of))
+                .collect()
+        }
+    });
 
     let reporter = Reporter {
         controller: "session-operator".into(),
@@ -200,6 +223,8 @@ pub async fn run(
             rx.recv().await.map(|key| (key, rx))
         }));
     }
+    let observations = Arc::new(observe::Observations::default());
+    let synced = Arc::new(observe::Synced::new(scopes.len() * 2));
     let ctx = Arc::new(Context {
         events: Events::spawn(
             Recorder::new(client.clone(), reporter),
@@ -211,8 +236,10 @@ pub async fn run(
         client: client.clone(),
         store: store.store,
         layered: store.layered,
+        records: store.records,
         pods: pods.clone(),
         policies: policies.clone(),
+        observations: observations.clone(),
         fence: fence.clone(),
         metrics,
         health: health.clone(),
@@ -222,44 +249,33 @@ pub async fn run(
         counts_refreshing: std::sync::atomic::AtomicBool::new(false),
     });
 
-    // Readiness: every watch delivered its initial list.
-    tokio::spawn({
-        let (pods, policies, health) = (pods.clone(), policies.clone(), health.clone());
-        async move {
-            for reader in &pods {
-                if reader.wait_until_ready().await.is_err() {
-                    return;
-                }
-            }
-            for reader in &policies {
-                if reader.wait_until_ready().await.is_err() {
-                    return;
-                }
-            }
-            health
-                .synced
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    });
-
+    // Readiness: every watch stream delivered its initial list (its own InitDone event), and
+    // the store answers (see `probe_store`).
+    tokio::spawn(probe_store(ctx.clone(), shutdown.clone()));
     let controllers = scopes
         .iter()
         .zip(policy_stores)
         .zip(pod_stores)
         .zip(trigger_streams)
+        .enumerate()
         .map(
-            |(((scope, (policy_reader, policy_writer)), (_, pod_writer)), triggers)| {
+            |(index, (((scope, (policy_reader, policy_writer)), (_, pod_writer)), triggers))| {
                 let policy_stream = watcher(
                     scoped_api::<GuardedPolicy>(&client, scope),
                     Default::default(),
                 )
                 .default_backoff()
                 .reflect(policy_writer)
+                .inspect_ok(mark_synced(&synced, &health, 2 * index))
                 .applied_objects();
+                let observations = observations.clone();
                 let pod_stream = watcher(scoped_api::<Pod>(&client, scope), Default::default())
                     .default_backoff()
                     .modify(slim_pod)
+                    // Before the reflector: a pass that sees the pod sees its observation.
+                    .inspect_ok(move |event| observations.record(event))
                     .reflect(pod_writer)
+                    .inspect_ok(mark_synced(&synced, &health, 2 * index + 1))
                     .touched_objects();
                 let mapper_policies = policy_reader.clone();
                 let shutdown = shutdown.clone();
@@ -284,6 +300,63 @@ pub async fn run(
     futures::future::join_all(controllers).await;
     ctx.migrations.wait().await;
 }
+
+/// Marks watch stream `index` synced at its `InitDone`; the operator is synced once all are.
+fn mark_synced<K>(
+    synced: &Arc<observe::Synced>,
+    health: &Arc<Health>,
+    index: usize,
+) -> impl FnMut(&watcher::Event<K>) + Send + 'static {
+    let (synced, health) = (synced.clone(), health.clone());
+    move |event| {
+        if synced.mark(index, matches!(event, watcher::Event::InitDone)) {
+            health
+                .synced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// How often the store is probed for `/readyz` (passes report failures sooner).
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps `/readyz`'s "store reachable" true to the store even when no policy exists (passes,
+/// which also report it, run only for policies): one primary-key lookup every
+/// [`STORE_PROBE_EVERY`].
+async fn probe_store(ctx: Arc<Context>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(STORE_PROBE_EVERY) => {}
+        }
+        let ok = match tokio::time::timeout(STORE_PROBE_EVERY * 5, ctx.store.get(PROBE_ID)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "store probe failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("store probe timed out");
+                false
+            }
+        };
+        let was = ctx
+            .health
+            .store_ok
+            .swap(ok, std::sync::atomic::Ordering::Relaxed);
+        if was != ok {
+            if ok {
+                tracing::info!("session store reachable again");
+            } else {
+                ctx.metrics.error("store");
+                tracing::warn!("session store unreachable: not ready");
+            }
+        }
+    }
+}
+
+/// The session id the store probe looks up (it never exists).
+const PROBE_ID: &str = "session-operator-readiness-probe";
 
 /// The API of a namespace, or of all namespaces.
 fn scoped_api<K>(client: &Client, namespace: &Option<String>) -> Api<K>

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::workers::{Family, Worker};
+use super::workers::{Family, Observed, Worker};
 use crate::policy::{OnReplace, OnTerminate};
 
 /// The policy's rules, as the planner needs them.
@@ -37,6 +37,15 @@ pub struct Rules {
     /// How long an unknown worker id must hold sessions without a pod before it counts as
     /// departed: a pod the watch has not shown yet must not be taken for a vanished one.
     pub orphan_grace: Duration,
+}
+
+/// A worker as [`Memory::remembered`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remembered {
+    pub pod: Option<String>,
+    pub family: Option<Family>,
+    pub created: Option<Timestamp>,
+    pub departed: Option<Timestamp>,
 }
 
 /// One pass's view of the world.
@@ -139,6 +148,32 @@ pub struct Departure {
     pub pod: Option<String>,
     /// Found in the store without a pod: any Ready worker of its family may replace it.
     pub orphan: bool,
+    /// When the watch first showed the departed pod, to order pods created in its second.
+    pub observed: Option<Observed>,
+    /// The departed pod's controller (`Kind/name`).
+    pub owner: Option<String>,
+}
+
+/// What the planner remembers of a worker it saw in the last pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub family: Option<Family>,
+    pub created: Option<Timestamp>,
+    pub pod: String,
+    pub observed: Option<Observed>,
+    pub owner: Option<String>,
+}
+
+impl Seen {
+    fn of(w: &Worker) -> Self {
+        Self {
+            family: w.family.clone(),
+            created: w.created,
+            pod: w.pod.clone(),
+            observed: w.observed,
+            owner: w.owner.clone(),
+        }
+    }
 }
 
 /// How a departure ended.
@@ -152,12 +187,26 @@ pub enum Resolution {
     Empty,
 }
 
-/// What the planner remembers between passes. Lost on restart by design: the store and the
-/// pods are the truth, and memory only sharpens decisions (disappearances, pairing).
+/// A worker of the policy known from the durable records (see [`Memory::restore`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub pod: String,
+    pub family: Option<Family>,
+    pub created: Option<Timestamp>,
+    /// When a previous operator saw it depart, if it did.
+    pub departed: Option<Timestamp>,
+}
+
+/// What the planner remembers between passes. The controller keeps the set of workers it knows
+/// durably (see [`Memory::remembered`] and [`Memory::restore`]); the rest (pairings, in-flight
+/// actions, late-session waits) is rebuilt from the store and the pods.
 #[derive(Debug, Default, Clone)]
 pub struct Memory {
-    /// Workers seen in the last pass (id → family, creation, pod), to notice disappearances.
-    last_seen: BTreeMap<String, (Option<Family>, Option<Timestamp>, String)>,
+    /// Workers known from the durable records and not seen since: a pass that finds no pod for
+    /// one departs it (it vanished, or departed under a previous leader).
+    recorded: BTreeMap<String, Recorded>,
+    /// Workers seen in the last pass, to notice disappearances.
+    last_seen: BTreeMap<String, Seen>,
     pub departures: BTreeMap<String, Departure>,
     /// Finished migrations, kept for `retention` to catch late sessions.
     resolved: BTreeMap<String, (Resolution, Timestamp, Option<Family>)>,
@@ -237,6 +286,71 @@ impl Memory {
         self.last_seen.contains_key(id)
             || self.departures.contains_key(id)
             || self.resolved.contains_key(id)
+            || self.recorded.contains_key(id)
+    }
+
+    /// Adds the workers of the durable records that this memory does not know yet. The next
+    /// pass departs each one whose id no pod holds: a vanished worker, or one whose departure a
+    /// previous leader observed, is completed like a departure seen here (its replacement is
+    /// any Ready worker of its family, as for an orphan).
+    pub fn restore(&mut self, records: impl IntoIterator<Item = (String, Recorded)>) {
+        for (id, record) in records {
+            if !self.knows(&id) {
+                self.recorded.insert(id, record);
+            }
+        }
+    }
+
+    /// Every worker this memory knows, as the durable records should hold it: serving workers
+    /// without `departed`, departures and resolved ones (kept while late sessions may follow)
+    /// with it. Pod details the memory no longer holds (resolved workers) are `None`.
+    pub fn remembered(&self) -> BTreeMap<String, Remembered> {
+        let mut out: BTreeMap<String, Remembered> = BTreeMap::new();
+        for (id, r) in &self.recorded {
+            out.insert(
+                id.clone(),
+                Remembered {
+                    pod: Some(r.pod.clone()),
+                    family: r.family.clone(),
+                    created: r.created,
+                    departed: r.departed,
+                },
+            );
+        }
+        for (id, seen) in &self.last_seen {
+            out.insert(
+                id.clone(),
+                Remembered {
+                    pod: Some(seen.pod.clone()),
+                    family: seen.family.clone(),
+                    created: seen.created,
+                    departed: None,
+                },
+            );
+        }
+        for (id, (_, at, family)) in &self.resolved {
+            out.insert(
+                id.clone(),
+                Remembered {
+                    pod: None,
+                    family: family.clone(),
+                    created: None,
+                    departed: Some(*at),
+                },
+            );
+        }
+        for (id, d) in &self.departures {
+            out.insert(
+                id.clone(),
+                Remembered {
+                    pod: d.pod.clone(),
+                    family: d.family.clone(),
+                    created: d.created,
+                    departed: Some(d.observed_at),
+                },
+            );
+        }
+        out
     }
 
     pub fn resolution(&self, id: &str) -> Option<&Resolution> {
@@ -281,26 +395,30 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 family: w.family.clone(),
                 pod: Some(w.pod.clone()),
                 orphan: false,
+                observed: w.observed,
+                owner: w.owner.clone(),
             });
         }
     }
     let present: BTreeSet<&str> = input.workers.iter().map(|w| w.id.as_str()).collect();
-    for (id, (family, created, pod)) in &memory.last_seen {
+    for (id, seen) in &memory.last_seen {
         if !present.contains(id.as_str()) && !memory.resolved.contains_key(id) {
             memory.departures.entry(id.clone()).or_insert(Departure {
                 observed_at: now,
-                created: *created,
-                family: family.clone(),
-                pod: Some(pod.clone()),
+                created: seen.created,
+                family: seen.family.clone(),
+                pod: Some(seen.pod.clone()),
                 orphan: false,
+                observed: seen.observed,
+                owner: seen.owner.clone(),
             });
         }
     }
     // Unselected pods stay remembered: when they are deleted later, they depart like any worker.
-    let mut seen: BTreeMap<String, (Option<Family>, Option<Timestamp>, String)> = input
+    let mut seen: BTreeMap<String, Seen> = input
         .workers
         .iter()
-        .map(|w| (w.id.clone(), (w.family.clone(), w.created, w.pod.clone())))
+        .map(|w| (w.id.clone(), Seen::of(w)))
         .collect();
     for (id, info) in std::mem::take(&mut memory.last_seen) {
         if input.unselected.contains(&id) {
@@ -308,6 +426,40 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
         }
     }
     memory.last_seen = seen;
+
+    // Recorded workers: one a pod holds is simply a worker again; one no pod holds departed
+    // while this memory did not watch (or under the previous leader).
+    for (id, record) in std::mem::take(&mut memory.recorded) {
+        if present.contains(id.as_str()) {
+            continue;
+        }
+        if live.contains(id.as_str()) {
+            // A pod the policy no longer selects: remembered, like any unselected worker.
+            memory.last_seen.entry(id).or_insert(Seen {
+                family: record.family,
+                created: record.created,
+                pod: record.pod,
+                observed: None,
+                owner: None,
+            });
+            continue;
+        }
+        if memory.departures.contains_key(&id) || memory.resolved.contains_key(&id) {
+            continue;
+        }
+        memory.departures.insert(
+            id,
+            Departure {
+                observed_at: record.departed.map_or(now, |t| t.min(now)),
+                created: record.created,
+                family: record.family,
+                pod: Some(record.pod),
+                orphan: true,
+                observed: None,
+                owner: None,
+            },
+        );
+    }
 
     // A live pod holds the id again (a StatefulSet's reused name): nothing to migrate.
     memory
@@ -335,6 +487,8 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                     family: family.clone(),
                     pod: None,
                     orphan: true,
+                    observed: None,
+                    owner: None,
                 },
             );
         } else {
@@ -416,6 +570,8 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 family,
                 pod: None,
                 orphan: true,
+                observed: None,
+                owner: None,
             },
         );
     }
@@ -444,13 +600,29 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 .insert(id, (Resolution::Empty, now, departure.family));
             continue;
         }
-        let replacement = ready
+        let candidates: Vec<(&Worker, Fit)> = ready
             .iter()
             .filter(|w| w.id != id)
             .filter(|w| !memory.paired.contains_key(&w.id) && !paired_now.contains(&w.id))
-            .filter(|w| is_replacement(w, &departure, rules))
-            .min_by_key(|w| candidate_key(w, &departure, &loads));
+            .filter_map(|w| fit(w, &departure, rules).map(|fit| (*w, fit)))
+            .collect();
+        let best = |wanted: Fit| {
+            candidates
+                .iter()
+                .filter(|(_, fit)| *fit == wanted)
+                .map(|(w, _)| *w)
+                .min_by_key(|w| candidate_key(w, &departure, &loads, input.with_sessions))
+        };
         let deadline = after(departure.observed_at, rules.replacement_wait);
+        // A replacement that is ambiguous (created in the departed pod's second, order unseen)
+        // is taken only when the alternative is deleting the sessions: a move can be undone.
+        let replacement = best(Fit::Clear).or_else(|| {
+            (now >= deadline
+                && rules.on_terminate == OnTerminate::Delete
+                && rules.on_replace == OnReplace::Reroute)
+                .then(|| best(Fit::Ambiguous))
+                .flatten()
+        });
         if let Some(to) = replacement {
             paired_now.insert(to.id.clone());
             plan.actions.push(match rules.on_replace {
@@ -487,7 +659,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                     let target = ready
                         .iter()
                         .filter(|w| w.id != id)
-                        .min_by_key(|w| candidate_key(w, &departure, &loads));
+                        .min_by_key(|w| candidate_key(w, &departure, &loads, input.with_sessions));
                     match target {
                         Some(to) => {
                             let moved = input.loads.get(&id).copied().unwrap_or(0);
@@ -516,15 +688,27 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     plan
 }
 
-/// Whether `w` may replace `departure`: created after the departed pod, and not a
-/// long-standing pod of a pool that merely shrank (created at most [`ARRIVAL_WINDOW`] or
-/// `replacement_wait`, whichever is longer, before the departure). A surge replacement is often
-/// created and Ready well before the old pod is deleted, so the window is generous; pods that
-/// already replaced another departure are excluded by the caller.
-fn is_replacement(w: &Worker, departure: &Departure, rules: &Rules) -> bool {
+/// How well a Ready worker fits as the replacement of a departure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    /// It appeared after the departed pod.
+    Clear,
+    /// Neither time, the watch nor ownership tells whether it replaces the departed pod: two
+    /// ownerless pods created in one second and both listed, or a newer sibling that was there
+    /// before the departure.
+    Ambiguous,
+}
+
+/// Whether `w` may replace `departure`: it appeared after the departed pod (see [`arrival`]),
+/// and it is not a long-standing pod of a pool that merely shrank (created at most
+/// [`ARRIVAL_WINDOW`] or `replacement_wait`, whichever is longer, before the departure). A surge
+/// replacement is often created and Ready well before the old pod is deleted, so the window is
+/// generous; pods that already replaced another departure, and departing pods (never Ready),
+/// are excluded by the caller.
+fn fit(w: &Worker, departure: &Departure, rules: &Rules) -> Option<Fit> {
     if departure.orphan {
         // Departed while nobody watched: any Ready worker of its family may take over.
-        return departure.family.is_none() || w.family == departure.family;
+        return (departure.family.is_none() || w.family == departure.family).then_some(Fit::Clear);
     }
     // A StatefulSet recreates a departed pod under its own name: its siblings, however new,
     // are not its replacement.
@@ -532,30 +716,131 @@ fn is_replacement(w: &Worker, departure: &Departure, rules: &Rules) -> bool {
         && w.family == departure.family
         && departure.pod.as_ref().is_some_and(|pod| *pod != w.pod)
     {
-        return false;
+        return None;
     }
-    let Some(created) = w.created else {
-        return true;
-    };
-    let newer = departure.created.is_none_or(|departed| created > departed);
     let window = rules.replacement_wait.max(ARRIVAL_WINDOW);
-    newer && created >= before(departure.observed_at, window)
+    if w.created
+        .is_some_and(|created| created < before(departure.observed_at, window))
+    {
+        return None;
+    }
+    match arrival(w, departure) {
+        Arrival::After => Some(Fit::Clear),
+        Arrival::Before => None,
+        Arrival::Unknown => Some(Fit::Ambiguous),
+    }
+}
+
+/// Whether a worker appeared after a departed pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    After,
+    Before,
+    Unknown,
+}
+
+/// Orders `w` against the departed pod.
+///
+/// - A sibling of the same controller (ReplicaSet, Job, …) clearly replaces a pod only when it
+///   appeared after the pod departed (a crash, an eviction); one the watch showed before the
+///   departure is a peer (older) or ambiguous (newer: the next pod of a rollout), see
+///   [`sibling_order`].
+/// - `creationTimestamp` has one-second resolution: it decides only when the seconds differ.
+/// - Within a second, the watch's order decides: a pod it saw appear came after one it listed,
+///   and two it saw appear are ordered by when.
+/// - Then ownership: a pod of another ReplicaSet of the same Deployment belongs to the newer
+///   ReplicaSet; siblings created in one second were created together.
+fn arrival(w: &Worker, d: &Departure) -> Arrival {
+    let siblings = matches!((&w.owner, &d.owner), (Some(a), Some(b)) if a == b);
+    if siblings && let Some(order) = sibling_order(w, d) {
+        return order;
+    }
+    if let (Some(wc), Some(dc)) = (w.created, d.created) {
+        let (ws, ds) = (wc.as_second(), dc.as_second());
+        if ws != ds {
+            return if ws > ds {
+                Arrival::After
+            } else {
+                Arrival::Before
+            };
+        }
+    }
+    if let (Some(wo), Some(dobs)) = (w.observed, d.observed) {
+        match (wo.listed, dobs.listed) {
+            (false, false) if wo.seq > dobs.seq => return Arrival::After,
+            (false, false) | (true, false) => return Arrival::Before,
+            (false, true) => return Arrival::After,
+            (true, true) => {}
+        }
+    }
+    if siblings {
+        return Arrival::Before;
+    }
+    if w.owner.is_some()
+        && d.owner.is_some()
+        && matches!(d.family, Some(Family::Deployment(_)))
+        && w.family == d.family
+    {
+        return Arrival::After;
+    }
+    if w.created.is_none() || d.created.is_none() {
+        // Nothing says it is older (no creation times at all): it may replace.
+        return Arrival::After;
+    }
+    Arrival::Unknown
+}
+
+/// A sibling against its departed peer, by the watch. One that appeared after the departure
+/// was seen is a replacement. One that was there before is a peer that merely stays when it is
+/// also older than the departed pod, and ambiguous when it is newer (the next pod of a rollout,
+/// or a pod started just before the old one was retired): it is taken only rather than delete.
+/// `None` when the watch cannot tell (the departure was only listed, or not seen).
+fn sibling_order(w: &Worker, d: &Departure) -> Option<Arrival> {
+    let wo = w.observed?;
+    let dobs = d.observed?;
+    let (departed, departure_listed) = dobs.departed?;
+    if departure_listed {
+        return None;
+    }
+    if !wo.listed && wo.seq > departed {
+        return Some(Arrival::After);
+    }
+    let newer = match (wo.listed, dobs.listed) {
+        (false, false) => wo.seq > dobs.seq,
+        (false, true) => true,
+        (true, false) => false,
+        (true, true) => {
+            matches!((w.created, d.created), (Some(a), Some(b)) if a.as_second() > b.as_second())
+        }
+    };
+    Some(if newer {
+        Arrival::Unknown
+    } else {
+        Arrival::Before
+    })
 }
 
 /// How long before a departure a pod may have been created and still count as its replacement.
 pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
-/// Sort key: same family first, then least loaded, then the earliest Ready (a rolling update
-/// brings replacements up in the order it removes old pods), then the id.
+/// Sort key: same family first, then workers holding no session (a fresh pod rather than one
+/// that may be the next to leave; `with_sessions` is read every pass, loads are sampled less
+/// often), then least loaded, then the earliest Ready (a rolling update brings replacements up
+/// in the order it removes old pods), then the first seen by the watch, then the id.
+#[allow(clippy::type_complexity)]
 fn candidate_key<'w>(
     w: &'w Worker,
     departure: &Departure,
     loads: &BTreeMap<String, u64>,
-) -> (bool, u64, Option<Timestamp>, &'w str) {
+    with_sessions: &BTreeSet<String>,
+) -> (bool, bool, u64, Option<Timestamp>, Option<u64>, &'w str) {
+    let load = loads.get(&w.id).copied().unwrap_or(0);
     (
         departure.family.is_some() && w.family != departure.family,
-        loads.get(&w.id).copied().unwrap_or(0),
+        load > 0 || with_sessions.contains(&w.id),
+        load,
         w.ready_since,
+        w.observed.map(|o| o.seq),
         w.id.as_str(),
     )
 }

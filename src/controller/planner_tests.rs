@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::controller::workers::{Family, Worker};
+use crate::controller::workers::{Family, Observed, Worker};
 use crate::policy::{OnReplace, OnTerminate};
 
 const WAIT: i64 = 120;
@@ -59,6 +59,8 @@ fn ready(id: &str, created: i64, ready_at: i64) -> Worker {
         family: web(),
         deletion_cost: None,
         departed_at: None,
+        observed: None,
+        owner: None,
     }
 }
 
@@ -864,11 +866,259 @@ fn old_pods_of_a_shrinking_pool_are_not_replacements() {
 }
 
 #[test]
-fn created_at_the_same_instant_is_not_newer() {
+fn created_at_the_same_instant_without_order_waits_then_moves_rather_than_deletes() {
+    // Both listed, created in one second, no owners: nothing tells which came first. The
+    // planner waits for a clear replacement; at the deadline it moves rather than deletes.
     let mut w = World::new(rules(), &[("a", 1)]);
     w.step(1_000, &[ready("a", 1_000, 1_000), ready("b", 1_000, 1_000)]);
     let plan = w.plan(1_010, &[terminating("a", 1_000), ready("b", 1_000, 1_000)]);
     assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.waiting, 1);
+    assert_eq!(
+        w.step(
+            1_010 + WAIT,
+            &[terminating("a", 1_000), ready("b", 1_000, 1_000)]
+        ),
+        ["a->b Replaced"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ties: creationTimestamp has one-second resolution; the watch's order and ownership decide.
+
+/// `w` as first seen by the watch: `seq`-th, appearing live or found in a list.
+fn seen(mut w: Worker, seq: u64, listed: bool) -> Worker {
+    w.observed = Some(Observed {
+        seq,
+        at: t(1_000),
+        listed,
+        departed: None,
+    });
+    w
+}
+
+/// `w` whose departure the watch showed as the `seq`-th event (live).
+fn departed_seen(mut w: Worker, seq: u64) -> Worker {
+    if let Some(o) = w.observed.as_mut() {
+        o.departed = Some((seq, false));
+    }
+    w
+}
+
+fn owned(mut w: Worker, owner: &str) -> Worker {
+    w.owner = Some(owner.into());
+    w
+}
+
+fn bare(w: Worker) -> Worker {
+    family(w, None)
+}
+
+#[test]
+fn replacements_created_in_the_departed_pods_second_are_ordered_by_the_watch() {
+    // The sequence, three times within one second: create old-N, give it sessions,
+    // create new-N, delete old-N. Bare pods, all created at t=1000.
+    let mut w = World::new(rules(), &[("old-1", 50), ("old-2", 50), ("old-3", 50)]);
+    let pod = |id: &str, seq: u64, departing: bool| {
+        let p = if departing {
+            terminating(id, 1_000)
+        } else {
+            ready(id, 1_000, 1_000)
+        };
+        bare(seen(p, seq, false))
+    };
+    // old-1 leaves while old-2 (holding sessions, the next to leave) and new-1 are Ready.
+    let pass1 = [
+        pod("old-1", 1, true),
+        pod("new-1", 2, false),
+        pod("old-2", 3, false),
+    ];
+    assert_eq!(w.step(1_000, &pass1), ["old-1->new-1 Replaced"]);
+    let pass2 = [
+        pod("new-1", 2, false),
+        pod("old-2", 3, true),
+        pod("new-2", 4, false),
+        pod("old-3", 5, true),
+        pod("new-3", 6, false),
+    ];
+    let mut actions = w.step(1_000, &pass2);
+    actions.sort();
+    assert_eq!(actions, ["old-2->new-2 Replaced", "old-3->new-3 Replaced"]);
+    assert_eq!(
+        (w.count("new-1"), w.count("new-2"), w.count("new-3")),
+        (50, 50, 50)
+    );
+}
+
+#[test]
+fn a_pod_the_watch_showed_before_the_departed_pod_is_never_its_replacement() {
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let older = bare(seen(ready("b", 1_000, 1_000), 1, false));
+    let departed = bare(seen(terminating("a", 1_000), 2, false));
+    let plan = w.plan(1_000, &[departed.clone(), older.clone()]);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    // Not even at the deadline: it is older, not ambiguous.
+    assert_eq!(
+        w.step(1_000 + WAIT, &[departed, older]),
+        ["a deleted Terminated"]
+    );
+}
+
+#[test]
+fn a_pod_seen_appearing_is_newer_than_a_listed_one_and_not_the_other_way_round() {
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let plan = w.plan(
+        1_000,
+        &[
+            bare(seen(terminating("a", 1_000), 7, true)),
+            bare(seen(ready("b", 1_000, 1_000), 8, false)),
+        ],
+    );
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["a->b Replaced"]
+    );
+
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let pods = [
+        bare(seen(terminating("a", 1_000), 9, false)),
+        bare(seen(ready("b", 1_000, 1_000), 3, true)),
+    ];
+    assert!(w.plan(1_000, &pods).actions.is_empty());
+    assert_eq!(w.step(1_000 + WAIT, &pods), ["a deleted Terminated"]);
+}
+
+#[test]
+fn another_replicaset_of_the_deployment_replaces_the_old_one_within_a_second() {
+    // Both listed (the operator started after them), created in one second.
+    let mut w = World::new(rules(), &[("old", 5)]);
+    let plan = w.plan(
+        1_000,
+        &[
+            owned(seen(terminating("old", 1_000), 1, true), "ReplicaSet/web-1"),
+            owned(
+                seen(ready("new", 1_000, 1_000), 2, true),
+                "ReplicaSet/web-2",
+            ),
+        ],
+    );
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["old->new Replaced"]
+    );
+}
+
+#[test]
+fn a_sibling_of_the_same_replicaset_created_in_the_same_second_is_not_a_replacement() {
+    // A scale-down of pods created together: the sibling is no replacement, so onTerminate
+    // applies (Delete).
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let pods = [
+        owned(seen(terminating("a", 1_000), 2, true), "ReplicaSet/web-1"),
+        owned(seen(ready("b", 1_000, 1_000), 1, true), "ReplicaSet/web-1"),
+    ];
+    assert!(w.plan(1_000, &pods).actions.is_empty());
+    assert_eq!(w.step(1_000 + WAIT, &pods), ["a deleted Terminated"]);
+}
+
+#[test]
+fn a_sibling_the_watch_showed_before_the_departure_is_a_peer_even_if_created_later() {
+    // A rollout right after the Deployment became Ready: the old ReplicaSet's pods were created
+    // over two seconds; old-1 is deleted while its sibling old-2 (created a second later) and
+    // no new pod is Ready. old-2 is the next to leave, not a replacement.
+    let rs_old = "ReplicaSet/web-1";
+    let mut w = World::new(rules(), &[("old-1", 50), ("old-2", 50)]);
+    let old1 = departed_seen(
+        owned(seen(terminating("old-1", 1_000), 1, false), rs_old),
+        10,
+    );
+    let old2 = owned(seen(ready("old-2", 1_001, 1_001), 2, false), rs_old);
+    let plan = w.plan(1_003, &[old1.clone(), old2.clone()]);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    let new1 = owned(
+        seen(ready("new-1", 1_003, 1_004), 11, false),
+        "ReplicaSet/web-2",
+    );
+    assert_eq!(
+        w.step(1_004, &[old1.clone(), old2.clone(), new1]),
+        ["old-1->new-1 Replaced"]
+    );
+
+    // Had no new pod come, old-2 takes the sessions at the deadline rather than a delete.
+    let mut w = World::new(rules(), &[("old-1", 50), ("old-2", 50)]);
+    assert!(
+        w.plan(1_003, &[old1.clone(), old2.clone()])
+            .actions
+            .is_empty()
+    );
+    assert_eq!(
+        w.step(1_003 + WAIT, &[old1, old2]),
+        ["old-1->old-2 Replaced"]
+    );
+    // An older sibling (created before old-1) is a peer: onTerminate applies.
+    let rs_old = "ReplicaSet/web-1";
+    let mut w = World::new(rules(), &[("old-1", 50)]);
+    let old1 = departed_seen(
+        owned(seen(terminating("old-1", 1_001), 2, false), rs_old),
+        10,
+    );
+    let old0 = owned(seen(ready("old-0", 1_000, 1_000), 1, false), rs_old);
+    assert!(
+        w.plan(1_003, &[old1.clone(), old0.clone()])
+            .actions
+            .is_empty()
+    );
+    assert_eq!(
+        w.step(1_003 + WAIT, &[old1, old0]),
+        ["old-1 deleted Terminated"]
+    );
+}
+
+#[test]
+fn a_sibling_that_appeared_after_the_departure_replaces_it() {
+    // A crash: the pod fails, its ReplicaSet creates a new pod in the same second.
+    let rs = "ReplicaSet/web-1";
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let mut failed = departed_seen(owned(seen(terminating("a", 1_000), 1, true), rs), 5);
+    failed.departed_at = None;
+    let replacement = owned(seen(ready("b", 1_000, 1_000), 6, false), rs);
+    let old_peer = owned(seen(ready("c", 1_000, 1_000), 2, true), rs);
+    assert_eq!(
+        w.step(1_000, &[failed, old_peer, replacement]),
+        ["a->b Replaced"]
+    );
+}
+
+#[test]
+fn a_clear_replacement_wins_over_an_ambiguous_one_and_ambiguity_never_deletes() {
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let departed = bare(seen(terminating("a", 1_000), 1, true));
+    let tie = bare(seen(ready("tie", 1_000, 1_000), 2, true));
+    assert!(
+        w.plan(1_000, &[departed.clone(), tie.clone()])
+            .actions
+            .is_empty()
+    );
+    let clear = bare(seen(ready("clear", 1_000, 1_001), 3, false));
+    assert_eq!(
+        w.step(1_001, &[departed.clone(), tie.clone(), clear]),
+        ["a->clear Replaced"]
+    );
+
+    // onTerminate: Reroute keeps its own fallback (least loaded); onReplace: Delete with
+    // onTerminate: Delete deletes either way.
+    let mut r = rules();
+    r.on_replace = OnReplace::Delete;
+    let mut w = World::new(r, &[("a", 5)]);
+    assert!(
+        w.plan(1_000, &[departed.clone(), tie.clone()])
+            .actions
+            .is_empty()
+    );
+    assert_eq!(
+        w.step(1_000 + WAIT, &[departed, tie]),
+        ["a deleted Terminated"]
+    );
 }
 
 #[test]
@@ -1366,6 +1616,8 @@ struct SimPod {
     created: i64,
     ready_since: Option<i64>,
     departing: bool,
+    /// Creation order: the watch saw the pods appear one after another.
+    seq: u64,
 }
 
 struct Sim {
@@ -1421,6 +1673,7 @@ impl Sim {
             created: self.now,
             ready_since: ready.then_some(self.now),
             departing: false,
+            seq: self.next as u64,
         });
     }
 
@@ -1444,10 +1697,13 @@ impl Sim {
                 self.pods.remove(i % len);
             }
             Op::Reuse(i) if len > 0 => {
+                let seq = self.next as u64;
+                self.next += 1;
                 let p = &mut self.pods[i % len];
                 p.created = self.now;
                 p.ready_since = None;
                 p.departing = false;
+                p.seq = seq;
             }
             Op::Write { target, n } if !self.ids.is_empty() => {
                 let id = self.ids[target % self.ids.len()].0.clone();
@@ -1476,6 +1732,13 @@ impl Sim {
                     family: Some(sim_family(p.family)),
                     deletion_cost: None,
                     departed_at: None,
+                    observed: Some(Observed {
+                        seq: p.seq,
+                        at: t(p.created),
+                        listed: false,
+                        departed: None,
+                    }),
+                    owner: None,
                 }
             })
             .collect()

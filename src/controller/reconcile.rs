@@ -19,8 +19,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::migrations;
-use super::planner::{self, Memory, Rules};
-use super::status::{Cond, conditions};
+use super::ownership::{self, Ceded};
+use super::planner::{self, Memory, Resolution, Rules};
+use super::status::{Cond, MigrationHealth, conditions, policy_sessions};
 use super::workers::{self, DELETION_COST_ANNOTATION, Family, Worker};
 use super::{Context, GuardedPolicy, SessionCounts};
 use crate::leader::Fence;
@@ -45,6 +46,12 @@ pub struct PolicyState {
     pub(super) failing: BTreeMap<String, String>,
     last_idle_sweep: Option<(Instant, IdleSweepRecord)>,
     last_status: Option<(Instant, SessionPolicyStatus)>,
+    /// Worker ids of pods another policy owns (see [`ownership`]).
+    ceded: Ceded,
+    /// Migrations that keep failing or leave sessions behind.
+    migration_health: MigrationHealth,
+    /// The policy's durable worker records (see [`super::records`]).
+    records: super::records::RecordsState,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,17 +158,18 @@ async fn pass(
     let mut conds: Vec<Cond> = Vec::new();
     let mut degraded: Vec<(&'static str, String)> = Vec::new();
 
-    // Pods of this policy, and the worker ids of every policy's pods (for orphan detection).
-    let pods: Vec<Arc<Pod>> = ctx
-        .all_pods()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && valid.selects(p))
-        .collect();
+    // Pods of this policy (those it selects and owns), and the worker ids of every policy's
+    // pods (for orphan detection).
+    let split = ownership::split(ctx, policy, valid, &namespace);
+    if let Some(message) = split.message.clone() {
+        degraded.push(("OverlappingSelector", message));
+    }
+    let pods: Vec<Arc<Pod>> = split.owned;
     let mut missing_id = 0;
     let workers: Vec<Worker> = pods
         .iter()
         .filter_map(|p| {
-            let w = workers::worker(valid, p);
+            let w = workers::worker(valid, p, ctx.observations.of(p));
             missing_id += usize::from(w.is_none());
             w
         })
@@ -184,6 +192,7 @@ async fn pass(
         .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && !valid.selects(p))
         .filter(|p| p.metadata.deletion_timestamp.is_none() && !workers::is_finished(p))
         .filter_map(|p| valid.worker_id(p))
+        .chain(split.ceded_live.iter().cloned())
         .filter(|id| !selected.contains(id.as_str()))
         .collect();
 
@@ -196,11 +205,19 @@ async fn pass(
         Ok(ids) => ids,
         Err(e) => return store_unavailable(ctx, policy, state, &workers, e.to_string()).await,
     };
+    // Ids of pods another policy owns hold no sessions as far as this policy is concerned: it
+    // never plans a departure, late session or orphan of them.
+    state.ceded.update(&split.ceded, &selected, &with_sessions);
+    let with_sessions: BTreeSet<String> = with_sessions
+        .into_iter()
+        .filter(|id| !state.ceded.contains(id))
+        .collect();
     let counts = match session_counts(ctx).await {
         Ok(counts) => counts,
         Err(e) => return store_unavailable(ctx, policy, state, &workers, e.to_string()).await,
     };
     ctx.health.store_ok.store(true, Ordering::Relaxed);
+    super::records::load(ctx, key, &mut state.records, &mut state.memory, leader).await;
 
     let families: Vec<Family> = workers
         .iter()
@@ -269,21 +286,33 @@ async fn pass(
         );
     }
     if leader && !valid.paused {
-        let actions = std::mem::take(&mut plan.actions);
+        let mut actions = std::mem::take(&mut plan.actions);
+        actions.retain(|a| !state.ceded.contains(a.worker()));
         migrations::dispatch(ctx, key, handle, &mut state.memory, policy, actions);
+    }
+    if leader {
+        super::records::save(ctx, key, &mut state.records, &state.memory).await;
     }
     // A failure is retried by a later pass; it is over once the worker holds no sessions.
     state
         .failing
         .retain(|worker, _| with_sessions.contains(worker));
-    if let Some((worker, message)) = state.failing.iter().next() {
-        degraded.push((
-            "MigrationFailed",
-            format!(
-                "{} migration(s) failing, retrying; {worker}: {message}",
-                state.failing.len()
-            ),
-        ));
+    // Migrated workers that hold sessions again or still: late sessions, or rows a migration
+    // could not move. Persistent ones (and failures) are reported.
+    let lingering: BTreeSet<String> = with_sessions
+        .iter()
+        .filter(|id| {
+            matches!(
+                state.memory.resolution(id),
+                Some(Resolution::Rerouted { .. } | Resolution::Deleted)
+            )
+        })
+        .cloned()
+        .collect();
+    state.migration_health.observe(&state.failing, &lingering);
+    let trouble = state.migration_health.verdict();
+    if let Some(trouble) = &trouble {
+        degraded.push((trouble.reason, trouble.message.clone()));
     }
     if plan.stuck_no_ready_worker > 0 {
         degraded.push((
@@ -307,6 +336,7 @@ async fn pass(
                 .iter()
                 .map(|w| w.id.clone())
                 .chain(state.memory.departures.keys().cloned())
+                .filter(|id| !state.ceded.contains(id))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
@@ -339,36 +369,46 @@ async fn pass(
     let mut status_held_back = None;
     if leader {
         let worker_counts = worker_counts(&workers);
-        let sessions: u64 = workers
-            .iter()
-            .map(|w| w.id.as_str())
-            .chain(state.memory.departures.keys().map(String::as_str))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .map(|id| counts.get(id).copied().unwrap_or(0))
-            .sum();
+        // Over every id the policy knows (workers, departures, recent migrations): the count
+        // snapshot may predate the last migrations (see `policy_sessions`).
+        let sessions = policy_sessions(&counts, |id| {
+            (selected.contains(id) || state.memory.knows(id))
+                && !state.ceded.contains(id)
+                && !unselected.contains(id)
+        });
         let ready_message = if valid.paused {
             "paused: no store mutation for this policy".to_string()
         } else {
             format!(
-                "{} ready worker(s), {} migration(s) running, {} departure(s) waiting",
+                "{} ready worker(s), {} migration(s) running, {} departure(s) waiting{}",
                 worker_counts.ready,
                 state.memory.in_flight(),
-                plan.waiting
+                plan.waiting,
+                trouble
+                    .as_ref()
+                    .map(|t| format!("; {}", t.message))
+                    .unwrap_or_default()
             )
         };
-        conds.push(Cond::new(
-            "Ready",
-            true,
-            if valid.paused { "Paused" } else { "Reconciled" },
-            ready_message,
-        ));
+        conds.push(match &trouble {
+            // Sessions keep routing to a departed worker: the policy is not doing its job.
+            Some(t) if t.persistent && !valid.paused => {
+                Cond::new("Ready", false, "MigrationFailing", ready_message)
+            }
+            _ => Cond::new(
+                "Ready",
+                true,
+                if valid.paused { "Paused" } else { "Reconciled" },
+                ready_message,
+            ),
+        });
         conds.push(Cond::new(
             "StoreAvailable",
             true,
             "StoreReachable",
             "the session store answers",
         ));
+        conds.extend(cache_condition(ctx));
         conds.push(match degraded.first() {
             Some((reason, message)) => Cond::new("Degraded", true, reason, message.clone()),
             None => Cond::new("Degraded", false, "AsExpected", ""),
@@ -569,6 +609,37 @@ pub(crate) fn needs_cost_update(current: Option<i64>, want: i64) -> bool {
             (current - want).abs() > tolerance
         }
     }
+}
+
+/// `CacheAvailable`, only with Redis over Postgres: whether the operator can update the Redis
+/// cache, and whether entries it could not update still await repair. `StoreAvailable` keeps
+/// meaning the primary (Postgres): migrations go on while the cache fails.
+fn cache_condition(ctx: &Context) -> Option<Cond> {
+    let layered = ctx.layered.as_ref()?;
+    let pending = layered.stats().pending_repairs;
+    Some(match layered.cache_error() {
+        Some(error) => Cond::new(
+            "CacheAvailable",
+            false,
+            "CacheUnreachable",
+            format!(
+                "the Redis cache fails ({error}); migrations go on in Postgres and {pending} \
+                 cache entr(ies) await repair once Redis answers"
+            ),
+        ),
+        None if pending > 0 => Cond::new(
+            "CacheAvailable",
+            false,
+            "CacheRepairPending",
+            format!("{pending} cache entr(ies) await repair"),
+        ),
+        None => Cond::new(
+            "CacheAvailable",
+            true,
+            "CacheReachable",
+            "the Redis cache answers",
+        ),
+    })
 }
 
 async fn store_unavailable(

@@ -3,6 +3,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
+pub use super::observe::Observed;
 use crate::policy::{ValidPolicy, WorkerIdSource};
 
 /// A pod selected by a policy, seen through the planner's eyes.
@@ -26,6 +27,12 @@ pub struct Worker {
     pub family: Option<Family>,
     /// Current `controller.kubernetes.io/pod-deletion-cost`, if set.
     pub deletion_cost: Option<i64>,
+    /// When and in which order the operator's watch first showed the pod: orders pods created
+    /// in the same second, which `created` cannot.
+    pub observed: Option<Observed>,
+    /// The pod's controller (`Kind/name`, e.g. its ReplicaSet): a pod of another ReplicaSet of
+    /// the same Deployment replaces one of the old ReplicaSet.
+    pub owner: Option<String>,
 }
 
 /// The workload that owns a pod, and what its pods' names look like, so that sessions of a pod
@@ -71,9 +78,9 @@ pub fn is_finished(pod: &Pod) -> bool {
 
 pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
-/// The worker view of a pod the policy selects; `None` when the pod has no worker id (a missing
-/// label or annotation).
-pub fn worker(policy: &ValidPolicy, pod: &Pod) -> Option<Worker> {
+/// The worker view of a pod the policy selects, with the watch's first observation of it;
+/// `None` when the pod has no worker id (a missing label or annotation).
+pub fn worker(policy: &ValidPolicy, pod: &Pod, observed: Option<Observed>) -> Option<Worker> {
     let id = policy.worker_id(pod)?;
     let meta = &pod.metadata;
     let status = pod.status.as_ref();
@@ -106,7 +113,19 @@ pub fn worker(policy: &ValidPolicy, pod: &Pod) -> Option<Worker> {
             .as_ref()
             .and_then(|a| a.get(DELETION_COST_ANNOTATION))
             .and_then(|v| v.parse().ok()),
+        observed,
+        owner: owner(pod),
     })
+}
+
+/// The pod's controller owner as `Kind/name`.
+pub fn owner(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| format!("{}/{}", o.kind, o.name))
 }
 
 /// The family of a pod, from its controller owner reference.
@@ -164,7 +183,7 @@ mod tests {
                     {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"}]}
             });
             json_patch_merge(&mut p, extra);
-            worker(&policy(), &pod(p)).expect("worker")
+            worker(&policy(), &pod(p), None).expect("worker")
         };
         let w = running(json!({}));
         assert!(w.ready && !w.departing);

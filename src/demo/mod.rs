@@ -240,6 +240,7 @@ async fn connect(args: &DemoArgs) -> anyhow::Result<(SessionStore, String)> {
     };
     let store = SessionStore {
         layered: connected.layered(),
+        records: connected.records.clone(),
         store: connected.store,
     };
     Ok((store, name.into()))

@@ -6,6 +6,11 @@
 //! learned by watching the Lease object itself. Past the deadline nothing is mutated, and a
 //! replica that loses the lease exits (like controller-runtime) so it restarts as a clean
 //! standby; another replica cannot acquire the lease before the deadline has passed.
+//!
+//! The deadline alone cannot stop a statement that is already on its way (waiting for a lock,
+//! or sent by a process frozen past its deadline), so each term also claims a new **epoch** in
+//! the store before the fence opens, and the store checks it in every mutation (see
+//! [`crate::store::Fencing`]): the fence is that check's [`Grant`] source.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +23,8 @@ use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::store::{Fencing, Grant, Store, StoreError};
+
 /// Guards store mutations: open only while this replica holds a confirmed lease.
 #[derive(Clone, Debug)]
 pub struct Fence {
@@ -27,9 +34,22 @@ pub struct Fence {
 #[derive(Debug)]
 struct FenceInner {
     identity: String,
+    /// The fenced scope: the Lease as `namespace/name`.
+    scope: String,
     /// `None`: not leader. Leader election off: [`Instant`] far in the future.
     deadline: Mutex<Option<Instant>>,
+    /// The epoch of this term, once claimed in the store.
+    claim: Mutex<Claim>,
     leading: watch::Sender<bool>,
+}
+
+/// Whether this term's epoch has been claimed in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Not yet: the fence stays closed.
+    Pending,
+    /// Claimed; `None` when the store keeps no epochs (nothing to prove).
+    Held(Option<i64>),
 }
 
 /// A store mutation was refused because this replica does not hold the lease.
@@ -40,28 +60,53 @@ pub struct NotLeader {
 }
 
 impl Fence {
-    fn new(identity: &str, deadline: Option<Instant>) -> Self {
-        let (leading, _) = watch::channel(deadline.is_some());
+    fn new(identity: &str, scope: &str, deadline: Option<Instant>, claim: Claim) -> Self {
+        let (leading, _) = watch::channel(deadline.is_some() && claim != Claim::Pending);
         Self {
             inner: Arc::new(FenceInner {
                 identity: identity.to_string(),
+                scope: scope.to_string(),
                 deadline: Mutex::new(deadline),
+                claim: Mutex::new(claim),
                 leading,
             }),
         }
     }
 
-    /// A closed fence that leader election opens once this replica holds the lease.
-    pub fn new_standby(identity: &str) -> Self {
-        Self::new(identity, None)
+    /// A closed fence that leader election opens once this replica holds the lease of `scope`
+    /// (`namespace/name`) and claimed the term's epoch.
+    pub fn new_standby(identity: &str, scope: &str) -> Self {
+        Self::new(identity, scope, None, Claim::Pending)
     }
 
-    /// A fence that is always open: leader election disabled (one replica).
+    /// A fence that is always open: leader election disabled (one replica), no epoch.
     pub fn always_open(identity: &str) -> Self {
         Self::new(
             identity,
+            "",
             Some(Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
+            Claim::Held(None),
         )
+    }
+
+    /// The epoch of the current term, when one was claimed.
+    pub fn epoch(&self) -> Option<i64> {
+        match *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) {
+            Claim::Held(epoch) => epoch,
+            Claim::Pending => None,
+        }
+    }
+
+    fn claimed(&self) -> bool {
+        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) != Claim::Pending
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        *self
+            .inner
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ok while this replica may mutate the store. Call before every mutation.
@@ -76,12 +121,7 @@ impl Fence {
     }
 
     pub fn is_open(&self) -> bool {
-        let deadline = *self
-            .inner
-            .deadline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        deadline.is_some_and(|d| Instant::now() < d)
+        self.claimed() && self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
     pub fn identity(&self) -> &str {
@@ -99,10 +139,44 @@ impl Fence {
             .deadline
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = deadline;
-        self.inner.leading.send_if_modified(|leading| {
-            let now = deadline.is_some();
-            std::mem::replace(leading, now) != now
-        });
+        if deadline.is_none() {
+            // A later term claims an epoch of its own.
+            *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = Claim::Pending;
+        }
+        self.notify();
+    }
+
+    fn set_claim(&self, claim: Claim) {
+        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = claim;
+        self.notify();
+    }
+
+    /// Leading = the lease is held and the term's epoch claimed.
+    fn notify(&self) {
+        let now = self.deadline().is_some() && self.claimed();
+        self.inner
+            .leading
+            .send_if_modified(|leading| std::mem::replace(leading, now) != now);
+    }
+}
+
+impl Fencing for Fence {
+    fn grant(&self) -> Result<Grant, StoreError> {
+        let now = Instant::now();
+        match (self.epoch(), self.deadline()) {
+            (Some(epoch), Some(deadline)) if now < deadline => Ok(Grant {
+                epoch,
+                left: deadline - now,
+            }),
+            _ => Err(StoreError::Fenced(format!(
+                "{} does not hold a confirmed lease with a claimed epoch",
+                self.inner.identity
+            ))),
+        }
+    }
+
+    fn scope(&self) -> &str {
+        &self.inner.scope
     }
 }
 
@@ -134,6 +208,7 @@ pub async fn run(
     client: Client,
     config: LeaseConfig,
     fence: Fence,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -150,7 +225,19 @@ pub async fn run(
         lost.clone(),
         released.clone(),
     ));
-    let result = campaign(&client, &mut manager, &config, &shutdown, &lost, &released).await;
+    let result = campaign(
+        &client,
+        &mut manager,
+        &config,
+        &Term {
+            fence: &fence,
+            store,
+        },
+        &shutdown,
+        &lost,
+        &released,
+    )
+    .await;
     observer.abort();
     fence.set_deadline(None);
     if let Err(e) = manager.release().await {
@@ -173,45 +260,123 @@ async fn build_manager(client: &Client, config: &LeaseConfig) -> anyhow::Result<
         .map_err(|e| anyhow::anyhow!("lease {}/{}: {e}", config.namespace, config.name))
 }
 
+/// What a new term needs to claim its epoch.
+struct Term<'a> {
+    fence: &'a Fence,
+    store: Arc<dyn Store>,
+}
+
+/// Claims the term's epoch, retrying until the store answers; the fence opens once it is held.
+async fn claim_epoch(fence: Fence, store: Arc<dyn Store>, identity: String) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match store.claim_epoch(&fence.inner.scope, &identity).await {
+            Ok(epoch) => {
+                fence.set_claim(Claim::Held(epoch));
+                tracing::info!(%identity, scope = %fence.inner.scope, epoch, "claimed the leadership epoch");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "claiming the leadership epoch failed; not mutating until it succeeds");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn campaign(
+    client: &Client,
+    manager: &mut LeaseManager,
+    config: &LeaseConfig,
+    term: &Term<'_>,
+    shutdown: &CancellationToken,
+    lost: &CancellationToken,
+    released: &Notify,
+) -> anyhow::Result<()> {
+    let mut was_leader = false;
+    // Aborted when the campaign ends, whatever the reason.
+    let mut claiming: Option<tokio::task::JoinHandle<()>> = None;
+    let result = loop {
+        let step = campaign_step(
+            client,
+            manager,
+            config,
+            shutdown,
+            lost,
+            released,
+            &mut was_leader,
+        )
+        .await;
+        match step {
+            Step::Continue => {}
+            Step::Elected => {
+                claiming = Some(tokio::spawn(claim_epoch(
+                    term.fence.clone(),
+                    term.store.clone(),
+                    config.identity.clone(),
+                )));
+            }
+            Step::End(result) => break result,
+        }
+    };
+    if let Some(task) = claiming {
+        task.abort();
+    }
+    result
+}
+
+enum Step {
+    Continue,
+    Elected,
+    End(anyhow::Result<()>),
+}
+
+async fn campaign_step(
     client: &Client,
     manager: &mut LeaseManager,
     config: &LeaseConfig,
     shutdown: &CancellationToken,
     lost: &CancellationToken,
     released: &Notify,
-) -> anyhow::Result<()> {
-    let mut was_leader = false;
-    loop {
+    was_leader: &mut bool,
+) -> Step {
+    {
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => Step::End(Ok(())),
             // The holder released the lease. The manager would sleep until the lease it last
             // read expires; a fresh one reads the released lease and takes it now.
-            _ = released.notified(), if !was_leader => match build_manager(client, config).await {
-                Ok(fresh) => *manager = fresh,
-                Err(e) => tracing::warn!(error = %e, "re-reading the released lease failed"),
-            },
+            _ = released.notified(), if !*was_leader => {
+                match build_manager(client, config).await {
+                    Ok(fresh) => *manager = fresh,
+                    Err(e) => tracing::warn!(error = %e, "re-reading the released lease failed"),
+                }
+                Step::Continue
+            }
             _ = lost.cancelled() => {
-                anyhow::bail!("leadership lost: the lease was not renewed in time")
+                Step::End(Err(anyhow::anyhow!("leadership lost: the lease was not renewed in time")))
             }
             changed = manager.changed() => match changed {
                 Ok(true) => {
-                    was_leader = true;
+                    *was_leader = true;
                     tracing::info!(identity = %config.identity, lease = %config.name, "became leader");
+                    Step::Elected
                 }
-                Ok(false) if was_leader => {
-                    anyhow::bail!("leadership lost: another replica holds the lease")
+                Ok(false) if *was_leader => {
+                    Step::End(Err(anyhow::anyhow!("leadership lost: another replica holds the lease")))
                 }
-                Ok(false) => {}
+                Ok(false) => Step::Continue,
                 // A failed renewal is retried: only the fence deadline ends a leadership, so an
                 // API-server blip does not restart the leader.
-                Err(e) if was_leader => {
+                Err(e) if *was_leader => {
                     tracing::warn!(error = %e, "lease renewal failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    Step::Continue
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "lease election error; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    Step::Continue
                 }
             },
         }
@@ -248,8 +413,8 @@ async fn observe_lease(
                 None => return,
             },
             _ = tick.tick() => {
-                let held = fence.inner.deadline.lock().map(|d| d.is_some()).unwrap_or(false);
-                if held && !fence.is_open() {
+                let held = fence.deadline().is_some();
+                if held && fence.deadline().is_some_and(|d| Instant::now() >= d) {
                     fence.set_deadline(None);
                     lost.cancel();
                     return;

@@ -67,6 +67,11 @@ pub trait Cache: Store {
     /// for foreign writes) and invalidates their shards: the fallback when the primary failed
     /// mid-operation and the affected ids are unknown.
     async fn invalidate_worker(&self, worker_id: &str) -> Result<()>;
+
+    /// Whether the cache answers (a cheap round trip); in-process caches always do.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The epoch shard of a session id: FNV-1a over its bytes, so every process agrees.

@@ -16,10 +16,10 @@ pub enum StoreError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// Postgres failed or could not be reached.
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", without_line_noise(&.0.to_string()))]
     Postgres(sqlx::Error),
     /// Postgres migrations failed.
-    #[error("postgres migration: {0}")]
+    #[error("postgres migration: {}", without_line_noise(&.0.to_string()))]
     Migrate(sqlx::migrate::MigrateError),
     /// An operation could not make progress within its time limits (e.g. rows kept locked by
     /// another transaction).
@@ -32,6 +32,10 @@ pub enum StoreError {
     /// [`super::LayeredStore::repair_cache`]).
     #[error("cache may hold stale sessions: {0}")]
     CacheStale(String),
+    /// A mutation was refused because the writer no longer holds the current leadership epoch
+    /// (see [`super::Fencing`]); nothing was changed.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A stored session could not be decoded (e.g. a hash written by hand without `worker_id`).
     #[error("corrupt session {id:?}: {detail}")]
     Corrupt { id: String, detail: String },
@@ -42,8 +46,9 @@ impl From<sqlx::Error> for StoreError {
         // undefined_table: the most likely first-run mistake deserves a direct hint.
         if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") {
             return Self::Config(format!(
-                "{e}: the sessions table is missing from the configured schema; \
-                 run `session-operator migrate` or check --schema"
+                "{}: the sessions table is missing from the configured schema; \
+                 run `session-operator migrate` or check --schema",
+                without_line_noise(&e.to_string())
             ));
         }
         Self::Postgres(e)
@@ -58,8 +63,38 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
+        // The fence check of a script (src/store/redis.rs, prelude) refused the write.
+        if e.code() == Some("FENCED") {
+            return Self::Fenced(e.detail().unwrap_or("superseded epoch").to_string());
+        }
         Self::Redis(e)
     }
+}
+
+/// Drops the " at line N" that sqlx appends to every Postgres error: N is a line of the
+/// server's C source (the protocol's `L` field), meaningless to a user and easily taken for a
+/// line of their input. Only a " at line <digits>" that ends the text or a clause is removed.
+pub(crate) fn without_line_noise(text: &str) -> String {
+    const NOISE: &str = " at line ";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(NOISE) {
+        let after = &rest[at + NOISE.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let ends_clause = after[digits..]
+            .chars()
+            .next()
+            .is_none_or(|c| matches!(c, ':' | ',' | ';' | ')' | '\n'));
+        if digits > 0 && ends_clause {
+            out.push_str(&rest[..at]);
+            rest = &after[digits..];
+        } else {
+            out.push_str(&rest[..at + NOISE.len()]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A URL with its password replaced by `***`, safe to print or log.
@@ -91,6 +126,33 @@ pub fn redact_url(raw: &str) -> String {
             url.to_string()
         }
         Err(_) => "<unparsable URL>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod line_noise_tests {
+    use super::without_line_noise;
+
+    #[test]
+    fn the_servers_source_line_is_dropped() {
+        assert_eq!(
+            without_line_noise(
+                "error returned from database: relation \"x.blockyard_sessions\" does not exist at line 1452"
+            ),
+            "error returned from database: relation \"x.blockyard_sessions\" does not exist"
+        );
+        assert_eq!(
+            without_line_noise("while executing migration 1: syntax error at line 12: more"),
+            "while executing migration 1: syntax error: more"
+        );
+        // Anything else stays.
+        for kept in [
+            "invalid YAML at line 3 column 5",
+            "at line",
+            "stop at line x",
+        ] {
+            assert_eq!(without_line_noise(kept), kept);
+        }
     }
 }
 

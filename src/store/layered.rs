@@ -18,9 +18,20 @@
 //!   scan of Redis). When the primary fails mid-operation, the ids of the failing batch are
 //!   unknown, so the cache drops every session of the worker it knows of.
 //! - **Repair before trust.** When a cache write fails, the affected session ids (or whole
-//!   workers) are remembered as *dirty*. While anything is dirty, this process's reads bypass
-//!   the cache; a repair (deleting the dirty keys from the cache) runs at most once a second and,
-//!   once it succeeds, the cache is trusted again.
+//!   workers) are remembered as *dirty*, in memory and **durably in the primary**
+//!   ([`Store::record_cache_repairs`], table `session_operator_cache_repairs`), so a restart or a
+//!   failover does not forget them. While anything is dirty, this process's reads bypass the
+//!   cache; a repair (deleting the dirty keys from the cache) runs at most once a second on
+//!   store calls, and the operator runs [`LayeredStore::repair_pending`] every
+//!   [`REPAIR_INTERVAL`] on its own, so that it happens as soon as the cache answers again, and
+//!   once more before it shuts down. A repair also takes the marks other processes recorded in
+//!   the primary. Once it succeeds, the cache is trusted again.
+//!
+//! What a *foreign* reader of the cache (blockyard's proxies read Redis first) sees meanwhile:
+//! while the operator cannot reach Redis, the hashes it could not fix still name the old
+//! worker; they are deleted within one repair interval after Redis answers the operator again
+//! (the next read then falls through to the primary). The store cannot promise more: a cache
+//! it cannot reach is a cache it cannot change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,13 +41,22 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 
-use super::{Cache, Entry, Lookup, Result, Store, StoreError, StoreOptions, Sweep, validate_id};
+use super::{
+    Cache, Entry, Lookup, RepairKind, Result, Store, StoreError, StoreOptions, Sweep, validate_id,
+};
 
 /// Dirty session ids remembered before the layered store gives up tracking them one by one and
 /// clears the whole cache instead.
 const MAX_DIRTY_IDS: usize = 100_000;
-/// Minimum pause between two cache repair attempts while the cache is failing.
+/// Minimum pause between two cache repair attempts on store calls while the cache is failing.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a failed cache write may have left stale.
+#[derive(Debug, Clone, Copy)]
+enum Mark<'a> {
+    Ids(&'a [String]),
+    Worker(&'a str),
+}
 
 /// Counters of a [`LayeredStore`], for metrics and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +71,11 @@ pub struct LayeredStats {
     pub coalesced_touches: u64,
     /// Whether reads currently bypass the cache until a repair succeeds.
     pub bypassing: bool,
+    /// Marks (session ids, workers, or "everything") awaiting a cache repair: those this
+    /// process holds in memory or those last read from the primary, whichever is more.
+    pub pending_repairs: u64,
+    /// Whether the last cache operation succeeded.
+    pub cache_available: bool,
 }
 
 /// Cache over primary; see the module docs for the consistency rules.
@@ -66,6 +91,10 @@ pub struct LayeredStore {
     cache_hits: AtomicU64,
     primary_touches: AtomicU64,
     coalesced_touches: AtomicU64,
+    /// The last cache error, until a cache operation succeeds again.
+    cache_down: Mutex<Option<String>>,
+    /// Durable marks seen at the last look at the primary.
+    durable_pending: AtomicU64,
 }
 
 impl std::fmt::Debug for LayeredStore {
@@ -117,29 +146,96 @@ impl LayeredStore {
             cache_hits: AtomicU64::new(0),
             primary_touches: AtomicU64::new(0),
             coalesced_touches: AtomicU64::new(0),
+            cache_down: Mutex::default(),
+            durable_pending: AtomicU64::new(0),
         })
+    }
+
+    /// Layers `cache` over `primary` when the cache did not answer at start: the store is
+    /// usable (the primary answers everything) and the cache counts as unavailable until an
+    /// operation on it succeeds.
+    pub fn new_degraded(
+        cache: Arc<dyn Cache>,
+        primary: Arc<dyn Store>,
+        options: StoreOptions,
+        error: String,
+    ) -> Result<Self> {
+        let store = Self::new(cache, primary, options)?;
+        *lock(&store.cache_down) = Some(error);
+        Ok(store)
+    }
+
+    /// Why the cache is failing, while it is (`None` once an operation on it succeeded).
+    pub fn cache_error(&self) -> Option<String> {
+        lock(&self.cache_down).clone()
     }
 
     /// Current counters.
     pub fn stats(&self) -> LayeredStats {
+        let (bypassing, in_memory) = {
+            let dirty = lock(&self.dirty);
+            (!dirty.is_clean(), dirty.len())
+        };
         LayeredStats {
             cache_errors: self.cache_errors.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             primary_touches: self.primary_touches.load(Ordering::Relaxed),
             coalesced_touches: self.coalesced_touches.load(Ordering::Relaxed),
-            bypassing: !lock(&self.dirty).is_clean(),
+            bypassing,
+            pending_repairs: in_memory.max(self.durable_pending.load(Ordering::Relaxed)),
+            cache_available: lock(&self.cache_down).is_none(),
         }
     }
 
     fn cache_failed(&self, op: &str, err: &StoreError) {
         self.cache_errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.cache_down) = Some(err.to_string());
         tracing::warn!(op, error = %err, "session cache operation failed; serving from primary");
     }
 
-    /// Records a failed cache write: `mark` adds what may now be stale in the cache.
-    fn cache_write_failed(&self, op: &str, err: &StoreError, mark: impl FnOnce(&mut Dirty)) {
+    /// A cache operation succeeded: the cache answers again.
+    fn cache_ok(&self) {
+        if lock(&self.cache_down).take().is_some() {
+            tracing::info!("session cache answers again");
+        }
+    }
+
+    /// Records a failed cache write: `mark` is what may now be stale in the cache.
+    async fn cache_write_failed(&self, op: &str, err: &StoreError, mark: Mark<'_>) {
         self.cache_failed(op, err);
-        mark(&mut lock(&self.dirty));
+        self.mark_dirty(mark).await;
+    }
+
+    /// Remembers what may be stale in the cache, in memory and durably in the primary (a
+    /// failure to record it there is logged: the memory mark still bypasses and repairs).
+    async fn mark_dirty(&self, mark: Mark<'_>) {
+        let (was_overflow, overflow) = {
+            let mut dirty = lock(&self.dirty);
+            let was = dirty.overflow.is_some();
+            match mark {
+                Mark::Ids(ids) => dirty.add_ids(ids),
+                Mark::Worker(worker) => dirty.add_worker(worker),
+            }
+            (was, dirty.overflow.is_some())
+        };
+        let recorded = match mark {
+            // Too many ids to track: the whole cache is repaired, recorded once.
+            _ if was_overflow => Ok(()),
+            _ if overflow => {
+                self.primary
+                    .record_cache_repairs(RepairKind::All, &[])
+                    .await
+            }
+            Mark::Ids(ids) => self.primary.record_cache_repairs(RepairKind::Id, ids).await,
+            Mark::Worker(worker) => {
+                self.primary
+                    .record_cache_repairs(RepairKind::Worker, &[worker.to_string()])
+                    .await
+            }
+        };
+        if let Err(err) = recorded {
+            tracing::warn!(error = %err, "recording cache repairs in the primary failed; kept in memory only");
+        }
     }
 
     /// Deletes `ids` from the cache after the primary changed (or may have changed) them;
@@ -149,9 +245,12 @@ impl LayeredStore {
             return true;
         }
         match self.cache.invalidate(ids).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.cache_ok();
+                true
+            }
             Err(err) => {
-                self.cache_write_failed(op, &err, |d| d.add_ids(ids));
+                self.cache_write_failed(op, &err, Mark::Ids(ids)).await;
                 false
             }
         }
@@ -161,7 +260,8 @@ impl LayeredStore {
     /// have changed in a batch whose ids never came back: drop all its cached sessions.
     async fn invalidate_worker(&self, op: &str, worker: &str) {
         if let Err(err) = self.cache.invalidate_worker(worker).await {
-            self.cache_write_failed(op, &err, |d| d.add_worker(worker));
+            self.cache_write_failed(op, &err, Mark::Worker(worker))
+                .await;
         }
     }
 
@@ -197,6 +297,9 @@ impl LayeredStore {
     /// still is: for one-shot callers (the CLI) that must not exit with a stale cache unnoticed.
     /// Long-running callers need not call it: reads and writes retry repairs by themselves.
     pub async fn repair_cache(&self) -> Result<()> {
+        if lock(&self.dirty).is_clean() {
+            return Ok(());
+        }
         let mut last_attempt = self.repairing.lock().await;
         *last_attempt = Some(Instant::now());
         if self.repair_dirty().await? {
@@ -208,20 +311,73 @@ impl LayeredStore {
         }
     }
 
-    /// One repair pass over what is dirty now; `Ok(true)` when nothing is left dirty.
+    /// One repair pass over what is dirty now, in memory and in the primary's durable marks;
+    /// `Ok(true)` when nothing is left dirty.
     async fn repair_dirty(&self) -> Result<bool> {
+        let durable = match self.primary.cache_repairs().await {
+            Ok(marks) => marks,
+            Err(err) => {
+                // The memory marks are still repaired; the durable ones wait for the next pass.
+                tracing::warn!(error = %err, "reading the cache repairs recorded in the primary failed");
+                Vec::new()
+            }
+        };
+        self.durable_pending
+            .store(durable.len() as u64, Ordering::Relaxed);
+        if !durable.is_empty() {
+            let mut dirty = lock(&self.dirty);
+            for mark in &durable {
+                match mark.kind {
+                    RepairKind::Id => dirty.add_id(&mark.key),
+                    RepairKind::Worker => dirty.add_worker(&mark.key),
+                    RepairKind::All => dirty.add_all(),
+                }
+            }
+        }
         let snapshot = lock(&self.dirty).clone();
         if snapshot.is_clean() {
             return Ok(true);
         }
         self.repair(&snapshot).await?;
+        self.cache_ok();
+        if !durable.is_empty() {
+            match self.primary.clear_cache_repairs(&durable).await {
+                Ok(()) => self.durable_pending.store(0, Ordering::Relaxed),
+                Err(err) => {
+                    tracing::warn!(error = %err, "clearing repaired cache marks in the primary failed; they are repaired again later");
+                }
+            }
+        }
         let mut dirty = lock(&self.dirty);
         dirty.forget_up_to(snapshot.generation);
         let clean = dirty.is_clean();
         if clean {
-            tracing::info!("session cache repaired; reading from it again");
+            tracing::info!(
+                ids = snapshot.ids.len(),
+                workers = snapshot.workers.len(),
+                all = snapshot.overflow.is_some(),
+                "session cache repaired; reading from it again"
+            );
         }
         Ok(clean)
+    }
+
+    /// Repairs whatever is marked, in memory or durably in the primary (by this process before
+    /// a restart, by a former leader, by a CLI run), and notices a cache that answers again.
+    /// The operator calls it every [`REPAIR_INTERVAL`] while leading and once before it stops,
+    /// so a repair runs as soon as the cache answers rather than at the next sweep. Returns how
+    /// many marks are left (0: the cache is clean).
+    pub async fn repair_pending(&self) -> Result<u64> {
+        let mut last_attempt = self.repairing.lock().await;
+        *last_attempt = Some(Instant::now());
+        if self.repair_dirty().await? {
+            if self.cache_error().is_some() {
+                self.cache.ping().await?;
+                self.cache_ok();
+            }
+            return Ok(0);
+        }
+        Ok(lock(&self.dirty).len())
     }
 
     /// Deletes from the cache everything that may be stale.
@@ -276,8 +432,14 @@ impl LayeredStore {
         to: &str,
         limit: usize,
         cache_up: &mut bool,
+        skip_locked: bool,
     ) -> Result<Vec<String>> {
-        match self.primary.reroute_batch(from, to, limit).await {
+        let batch = if skip_locked {
+            self.primary.reroute_unlocked_batch(from, to, limit).await
+        } else {
+            self.primary.reroute_batch(from, to, limit).await
+        };
+        match batch {
             Ok(ids) => {
                 let update = self.cache.reroute_ids(&ids, from, to);
                 self.cache_step("reroute_worker", &ids, cache_up, update)
@@ -299,8 +461,14 @@ impl LayeredStore {
         worker: &str,
         limit: usize,
         cache_up: &mut bool,
+        skip_locked: bool,
     ) -> Result<Vec<String>> {
-        match self.primary.delete_worker_batch(worker, limit).await {
+        let batch = if skip_locked {
+            self.primary.delete_unlocked_batch(worker, limit).await
+        } else {
+            self.primary.delete_worker_batch(worker, limit).await
+        };
+        match batch {
             Ok(ids) => {
                 let update = self.cache.invalidate(&ids);
                 self.cache_step("delete_by_worker", &ids, cache_up, update)
@@ -329,10 +497,15 @@ impl LayeredStore {
             return;
         }
         if !*cache_up {
-            lock(&self.dirty).add_ids(ids);
-        } else if let Err(err) = update.await {
-            *cache_up = false;
-            self.cache_write_failed(op, &err, |d| d.add_ids(ids));
+            self.mark_dirty(Mark::Ids(ids)).await;
+        } else {
+            match update.await {
+                Ok(()) => self.cache_ok(),
+                Err(err) => {
+                    *cache_up = false;
+                    self.cache_write_failed(op, &err, Mark::Ids(ids)).await;
+                }
+            }
         }
     }
 
@@ -343,7 +516,7 @@ impl LayeredStore {
         if cache_up {
             self.invalidate_worker(op, worker).await;
         } else {
-            lock(&self.dirty).add_worker(worker);
+            self.mark_dirty(Mark::Worker(worker)).await;
         }
     }
 
@@ -399,7 +572,8 @@ impl Store for LayeredStore {
             Err(err) => Err(err),
         };
         if let Err(err) = written {
-            self.cache_write_failed("set", &err, |d| d.add_id(id));
+            self.cache_write_failed("set", &err, Mark::Ids(&[id.to_string()]))
+                .await;
         }
         Ok(())
     }
@@ -463,7 +637,7 @@ impl Store for LayeredStore {
             if cache_up {
                 cache_up = self.invalidate("delete_many", chunk).await;
             } else {
-                lock(&self.dirty).add_ids(chunk);
+                self.mark_dirty(Mark::Ids(chunk)).await;
             }
             removed += done?;
         }
@@ -477,7 +651,7 @@ impl Store for LayeredStore {
         let mut cache_up = true;
         loop {
             let ids = self
-                .delete_step(worker_id, self.options.batch(), &mut cache_up)
+                .delete_step(worker_id, self.options.batch(), &mut cache_up, false)
                 .await?;
             if ids.is_empty() {
                 return Ok(removed);
@@ -487,7 +661,11 @@ impl Store for LayeredStore {
     }
 
     async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
-        self.delete_step(worker_id, limit, &mut true).await
+        self.delete_step(worker_id, limit, &mut true, false).await
+    }
+
+    async fn delete_unlocked_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        self.delete_step(worker_id, limit, &mut true, true).await
     }
 
     async fn count_for_worker(&self, worker_id: &str) -> Result<u64> {
@@ -517,7 +695,7 @@ impl Store for LayeredStore {
         let mut cache_up = true;
         loop {
             let ids = self
-                .reroute_step(from, to, self.options.batch(), &mut cache_up)
+                .reroute_step(from, to, self.options.batch(), &mut cache_up, false)
                 .await?;
             if ids.is_empty() {
                 return Ok(moved);
@@ -527,7 +705,16 @@ impl Store for LayeredStore {
     }
 
     async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
-        self.reroute_step(from, to, limit, &mut true).await
+        self.reroute_step(from, to, limit, &mut true, false).await
+    }
+
+    async fn reroute_unlocked_batch(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.reroute_step(from, to, limit, &mut true, true).await
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
@@ -571,6 +758,17 @@ impl Store for LayeredStore {
 
     fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// The primary keeps the epoch; the cache learns it from the first fenced script that
+    /// runs with it (see [`super::Fencing`]).
+    async fn claim_epoch(&self, scope: &str, holder: &str) -> Result<Option<i64>> {
+        self.primary.claim_epoch(scope, holder).await
+    }
+
+    fn set_fencing(&self, fencing: Arc<dyn super::Fencing>) {
+        self.primary.set_fencing(fencing.clone());
+        self.cache.set_fencing(fencing);
     }
 }
 
@@ -622,6 +820,18 @@ impl Dirty {
     fn add_worker(&mut self, worker: &str) {
         let generation = self.next_generation();
         self.workers.insert(worker.to_string(), generation);
+    }
+
+    /// The whole cache must be cleared.
+    fn add_all(&mut self) {
+        let generation = self.next_generation();
+        self.ids.clear();
+        self.overflow = Some(generation);
+    }
+
+    /// How many marks are held (the whole cache counts as one).
+    fn len(&self) -> u64 {
+        (self.ids.len() + self.workers.len() + usize::from(self.overflow.is_some())) as u64
     }
 
     /// Forgets what was marked up to `generation`: a repair that started then has cleaned it.

@@ -12,11 +12,14 @@
 mod cache;
 mod entry;
 mod error;
+mod fencing;
 mod layered;
 mod memory;
 mod options;
 mod postgres;
 mod redis;
+mod repair;
+mod worker_records;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -26,11 +29,16 @@ use async_trait::async_trait;
 pub use cache::{Cache, Lookup, Ticket};
 pub use entry::{Entry, MAX_ID_BYTES, validate_id};
 pub use error::{StoreError, redact_url};
+pub use fencing::{Fencing, Grant};
 pub use layered::{LayeredStats, LayeredStore};
 pub use memory::MemoryStore;
-pub use options::StoreOptions;
-pub use postgres::{DEFAULT_SCHEMA, PostgresOptions, PostgresStore};
+pub use options::{StoreOptions, check_postgres_url, redis_key_prefix};
+pub use postgres::{DEFAULT_SCHEMA, FencedTransaction, PostgresOptions, PostgresStore};
 pub use redis::{DEFAULT_PREFIX, RedisOptions, RedisStore};
+pub use repair::{CacheRepair, RepairKind};
+pub use worker_records::{
+    MemoryWorkerRecords, PgWorkerRecords, RedisWorkerRecords, WorkerRecord, WorkerRecords,
+};
 
 /// Result of a store operation.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -143,6 +151,26 @@ pub trait Store: Send + Sync {
         Ok(ids)
     }
 
+    /// [`Store::reroute_batch`] that skips sessions another transaction holds locked (Postgres
+    /// `SKIP LOCKED`) instead of waiting for them: an empty list then means nothing *unlocked*
+    /// is left, and the caller comes back for the rest. The operator's migrations use it, so a
+    /// proxy idle in a transaction cannot keep the other sessions of a worker from moving.
+    /// Stores without row locks move everything, like `reroute_batch`.
+    async fn reroute_unlocked_batch(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        self.reroute_batch(from, to, limit).await
+    }
+
+    /// [`Store::delete_worker_batch`] that skips locked sessions; see
+    /// [`Store::reroute_unlocked_batch`].
+    async fn delete_unlocked_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
+        self.delete_worker_batch(worker_id, limit).await
+    }
+
     /// Snapshot of a worker's live sessions.
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>>;
 
@@ -154,6 +182,35 @@ pub trait Store: Send + Sync {
 
     /// The options this store was built with.
     fn options(&self) -> &StoreOptions;
+
+    /// Starts a new leadership term of `scope` for `holder`: increments the scope's epoch in
+    /// the store and returns it (see [`Fencing`]). `Ok(None)`: this store keeps no epoch (an
+    /// in-process store), so there is nothing to fence against.
+    async fn claim_epoch(&self, _scope: &str, _holder: &str) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
+    /// Durably marks cache entries a layered store over this one could not update (see
+    /// [`LayeredStore`]); `keys` are session ids, worker ids, or ignored for
+    /// [`RepairKind::All`]. Stores that cannot keep them (Redis, memory) keep nothing.
+    async fn record_cache_repairs(&self, _kind: RepairKind, _keys: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The durable marks recorded by [`Store::record_cache_repairs`], oldest first.
+    async fn cache_repairs(&self) -> Result<Vec<CacheRepair>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the given marks, unless they were set again since they were read.
+    async fn clear_cache_repairs(&self, _done: &[CacheRepair]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes every later mutation of this store prove that `fencing`'s grant is the current
+    /// epoch (see [`Fencing`]). Set once, by the operator, before it mutates; stores without
+    /// epochs ignore it.
+    fn set_fencing(&self, _fencing: std::sync::Arc<dyn Fencing>) {}
 
     /// Runs `sweep` to completion in batches of [`StoreOptions::batch`]; returns how many
     /// sessions were removed.

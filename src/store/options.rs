@@ -80,9 +80,89 @@ impl StoreOptions {
     }
 }
 
+/// The Redis key prefix as blockyard uses it: a non-empty prefix that does not end in `:`
+/// gets one (`REDIS_PREFIX=myapp` → keys `myapp:session:ID`); an empty prefix stays empty.
+/// The library, the CLI and the operator all apply this, so they read the keys blockyard wrote.
+pub fn redis_key_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with(':') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}:")
+    }
+}
+
+/// A Postgres timeout setting (`lock_timeout`, `statement_timeout`) in milliseconds. Zero is
+/// Postgres' "disabled"; anything shorter than a millisecond would round to it, so it becomes
+/// 1 ms instead.
+pub fn postgres_timeout(timeout: std::time::Duration) -> String {
+    if timeout.is_zero() {
+        "0".to_string()
+    } else {
+        format!("{}ms", timeout.as_millis().max(1))
+    }
+}
+
+/// Rejects a database URL that is not a Postgres URL before anything connects to it: a
+/// `mysql://` URL would otherwise be read as Postgres connection settings and sent to
+/// whatever answers on that host.
+pub fn check_postgres_url(url: &str) -> Result<(), StoreError> {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    match scheme {
+        Some("postgres" | "postgresql") => Ok(()),
+        Some(other) => Err(StoreError::Config(format!(
+            "unsupported database URL scheme {:?}: expected postgres:// or postgresql://",
+            truncated(other)
+        ))),
+        None => Err(StoreError::Config(
+            "invalid database URL: expected postgres://user@host:port/database".into(),
+        )),
+    }
+}
+
+/// A scheme is echoed in errors; a malformed URL's "scheme" may hold anything (a password),
+/// so only a short, plain one is shown.
+fn truncated(scheme: &str) -> String {
+    if scheme.len() <= 20
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        scheme.to_string()
+    } else {
+        "(not a URL scheme)".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_prefixes_end_in_a_colon_as_blockyard_makes_them() {
+        assert_eq!(redis_key_prefix("myapp"), "myapp:");
+        assert_eq!(redis_key_prefix("myapp:"), "myapp:");
+        assert_eq!(redis_key_prefix("blockyard:"), "blockyard:");
+        assert_eq!(redis_key_prefix(""), "");
+    }
+
+    #[test]
+    fn zero_postgres_timeouts_mean_disabled() {
+        assert_eq!(postgres_timeout(Duration::ZERO), "0");
+        assert_eq!(postgres_timeout(Duration::from_micros(10)), "1ms");
+        assert_eq!(postgres_timeout(Duration::from_secs(5)), "5000ms");
+    }
+
+    #[test]
+    fn only_postgres_urls_are_postgres_urls() {
+        assert!(check_postgres_url("postgres://u@h/db").is_ok());
+        assert!(check_postgres_url("postgresql://u@h:5432/db").is_ok());
+        let err = check_postgres_url("mysql://u:pw@h:5432/db").expect_err("mysql");
+        assert!(err.to_string().contains("\"mysql\""), "{err}");
+        let err = check_postgres_url("not a url hunter2").expect_err("no scheme");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = check_postgres_url("x:hunter2@h://db").expect_err("odd");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
 
     #[test]
     fn touch_window_must_be_shorter_than_the_ttl() {

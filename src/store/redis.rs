@@ -30,7 +30,8 @@ use redis::{AsyncCommands, Script};
 
 use super::cache::epoch_shard;
 use super::{
-    Cache, Entry, Lookup, Result, Store, StoreError, StoreOptions, Sweep, Ticket, validate_id,
+    Cache, Entry, Fencing, Lookup, Result, Store, StoreError, StoreOptions, Sweep, Ticket,
+    validate_id,
 };
 
 /// blockyard's default key prefix.
@@ -39,7 +40,8 @@ pub const DEFAULT_PREFIX: &str = "blockyard:";
 /// Settings of the Redis store beyond [`StoreOptions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
-    /// Prefix of every key (blockyard's `{prefix}session:{id}`).
+    /// Prefix of every key (blockyard's `{prefix}session:{id}`); a non-empty prefix without a
+    /// trailing `:` gets one, as in blockyard.
     pub prefix: String,
     /// `true` when every writer maintains the per-worker index (all use this library): skips the
     /// full-keyspace `SCAN` that finds hashes written by blockyard or other foreign writers.
@@ -95,6 +97,17 @@ local function write_ttl(key, ttl)
   if ttl > 0 then redis.call('EXPIRE', key, ttl); return ttl * 1000 end
   redis.call('PERSIST', key)
   return -1
+end
+-- Fencing (src/store/fencing.rs): a fenced writer passes KEYS[1] = its scope's epoch key and
+-- KEYS[2] = the epoch it holds. A newer epoch refuses the script before it writes anything; an
+-- older one is raised to this writer's, which fences the older leader from then on.
+if KEYS[1] then
+  local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local mine = tonumber(KEYS[2])
+  if held > mine then
+    return redis.error_reply('FENCED leadership epoch ' .. KEYS[2] .. ' was superseded by epoch ' .. held)
+  end
+  if held < mine then redis.call('SET', KEYS[1], KEYS[2]) end
 end
 "#;
 
@@ -310,7 +323,8 @@ return {examined, start + examined - dropped, out}
 const ADOPT: &str = r#"
 local plen = #skey('')
 local n = 0
-for _, key in ipairs(KEYS) do
+for i = 2, #ARGV do
+  local key = ARGV[i]
   if redis.call('TYPE', key).ok == 'hash' then
     local w = redis.call('HGET', key, 'worker_id')
     local id = string.sub(key, plen + 1)
@@ -391,6 +405,8 @@ pub struct RedisStore {
     options: StoreOptions,
     redis: RedisOptions,
     scripts: std::sync::Arc<Scripts>,
+    /// Set once by the operator: its writes then carry and check its epoch.
+    fencing: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn Fencing>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -404,9 +420,22 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`). A malformed URL or an unreachable server is
-    /// an error naming the URL without its password.
+    /// an error naming the URL without its password. The prefix is normalised as blockyard
+    /// does ([`super::options::redis_key_prefix`]).
     pub async fn connect(url: &str, options: StoreOptions, redis: RedisOptions) -> Result<Self> {
+        let store = Self::connect_lazy(url, options, redis)?;
+        let mut conn = store.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(store)
+    }
+
+    /// Like [`Self::connect`], but without waiting for the server: the connection is made on
+    /// first use and re-made after failures. Only configuration errors (URL, CA file) fail here.
+    /// For a cache that may be down when its user starts (the operator starts on Postgres
+    /// alone and repairs the cache once Redis answers).
+    pub fn connect_lazy(url: &str, options: StoreOptions, mut redis: RedisOptions) -> Result<Self> {
         options.validate()?;
+        redis.prefix = super::options::redis_key_prefix(&redis.prefix);
         let client = match &redis.ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -427,13 +456,20 @@ impl RedisStore {
             .set_response_timeout(Some(redis.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self {
             conn,
             options,
             redis,
             scripts: std::sync::Arc::new(Scripts::new()),
+            fencing: std::sync::Arc::default(),
         })
+    }
+
+    /// A handle on the store's connection, for the operator's own keys beside the sessions
+    /// (its worker records): they share its server, TLS settings and timeouts.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// The key prefix.
@@ -444,6 +480,30 @@ impl RedisStore {
     /// The key of a session's hash.
     pub fn session_key(&self, id: &str) -> String {
         format!("{}session:{id}", self.redis.prefix)
+    }
+
+    /// A call of a script that only reads or repairs the index: never fenced.
+    fn call<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        call.arg(&self.redis.prefix);
+        call
+    }
+
+    /// A call of a script that writes sessions: in a fenced store it carries the epoch key and
+    /// the granted epoch (see the prelude), and fails at once when the fence refuses.
+    fn write_call<'a>(&self, script: &'a Script) -> Result<redis::ScriptInvocation<'a>> {
+        let mut call = script.prepare_invoke();
+        if let Some(fencing) = self.fencing.get() {
+            let grant = fencing.grant()?;
+            call.key(self.epoch_key(fencing.scope())).key(grant.epoch);
+        }
+        call.arg(&self.redis.prefix);
+        Ok(call)
+    }
+
+    /// Where a fenced scope's leadership epoch is kept.
+    fn epoch_key(&self, scope: &str) -> String {
+        format!("{}operator-epoch:{scope}", self.redis.prefix)
     }
 
     /// The hash of invalidation epochs (see [`Cache`]).
@@ -482,10 +542,9 @@ impl RedisStore {
                 .filter_map(|key| String::from_utf8(key).ok())
                 .collect();
             if !keys.is_empty() {
-                let mut call = self.scripts.adopt.prepare_invoke();
-                call.arg(&self.redis.prefix);
+                let mut call = self.call(&self.scripts.adopt);
                 for key in &keys {
-                    call.key(key);
+                    call.arg(key);
                 }
                 adopted += call.invoke_async::<u64>(&mut conn).await?;
             }
@@ -513,9 +572,8 @@ impl RedisStore {
         for chunk in sessions.chunks(1000) {
             let mut pipe = redis::pipe();
             for (id, entry) in chunk {
-                let mut call = self.scripts.set.prepare_invoke();
-                call.arg(&self.redis.prefix)
-                    .arg(id)
+                let mut call = self.write_call(&self.scripts.set)?;
+                call.arg(id)
                     .arg(&entry.worker_id)
                     .arg(&entry.user_sub)
                     .arg(entry.last_access.timestamp())
@@ -566,10 +624,8 @@ impl RedisStore {
             let members: Vec<&String> = flat.iter().step_by(2).collect();
             // A small sorted set answers ZSCAN whole, whatever COUNT says: check it in batches.
             for chunk in members.chunks(self.options.batch()) {
-                let mut call = self.scripts.live_check.prepare_invoke();
-                call.arg(&self.redis.prefix)
-                    .arg(worker)
-                    .arg(if with_entries { "1" } else { "0" });
+                let mut call = self.call(&self.scripts.live_check);
+                call.arg(worker).arg(if with_entries { "1" } else { "0" });
                 for id in chunk {
                     call.arg(id.as_str());
                 }
@@ -600,9 +656,7 @@ impl RedisStore {
                 }
                 let step = left.min(window);
                 let (examined, ids): (usize, Vec<String>) = self
-                    .scripts
-                    .prune_step
-                    .arg(&self.redis.prefix)
+                    .call(&self.scripts.prune_step)
                     .arg(&w)
                     .arg(step)
                     .invoke_async(&mut conn)
@@ -659,9 +713,7 @@ impl RedisStore {
             let mut start = 0;
             loop {
                 let (examined, next, ids): (usize, usize, Vec<String>) = self
-                    .scripts
-                    .idle_step
-                    .arg(&self.redis.prefix)
+                    .write_call(&self.scripts.idle_step)?
                     .arg(w)
                     .arg(age_secs)
                     .arg(start)
@@ -694,8 +746,7 @@ impl RedisStore {
         let limit = limit.max(1);
         let mut conn = self.conn.clone();
         loop {
-            let mut call = script.prepare_invoke();
-            call.arg(&self.redis.prefix);
+            let mut call = self.write_call(script)?;
             for a in args {
                 call.arg(*a);
             }
@@ -728,8 +779,7 @@ impl RedisStore {
         for chunk in ids.chunks(self.options.batch()) {
             let shards: std::collections::BTreeSet<u64> =
                 chunk.iter().map(|id| epoch_shard(id)).collect();
-            let mut call = script.prepare_invoke();
-            call.arg(&self.redis.prefix);
+            let mut call = self.write_call(script)?;
             for a in head {
                 call.arg(*a);
             }
@@ -753,8 +803,8 @@ impl RedisStore {
         validate_id("session id", id)?;
         validate_id("worker id", &entry.worker_id)?;
         let mut conn = self.conn.clone();
-        let wrote: i64 = script
-            .arg(&self.redis.prefix)
+        let wrote: i64 = self
+            .write_call(script)?
             .arg(id)
             .arg(epoch_shard(id))
             .arg(ticket.0)
@@ -816,9 +866,7 @@ impl Store for RedisStore {
         validate_id("worker id", &entry.worker_id)?;
         let mut conn = self.conn.clone();
         let _: i64 = self
-            .scripts
-            .set
-            .arg(&self.redis.prefix)
+            .write_call(&self.scripts.set)?
             .arg(id)
             .arg(&entry.worker_id)
             .arg(&entry.user_sub)
@@ -833,9 +881,7 @@ impl Store for RedisStore {
         validate_id("session id", id)?;
         let mut conn = self.conn.clone();
         let found: i64 = self
-            .scripts
-            .touch
-            .arg(&self.redis.prefix)
+            .write_call(&self.scripts.touch)?
             .arg(id)
             .arg(self.ttl_secs())
             .invoke_async(&mut conn)
@@ -855,8 +901,7 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let mut total = 0;
         for chunk in ids.chunks(self.options.batch()) {
-            let mut call = self.scripts.delete.prepare_invoke();
-            call.arg(&self.redis.prefix);
+            let mut call = self.write_call(&self.scripts.delete)?;
             for id in chunk {
                 call.arg(id);
             }
@@ -1017,17 +1062,35 @@ impl Store for RedisStore {
     fn options(&self) -> &StoreOptions {
         &self.options
     }
+
+    /// `INCR` of the scope's epoch key. In a layered store Postgres keeps the epoch instead,
+    /// and Redis learns it from the leader's first fenced script.
+    async fn claim_epoch(&self, scope: &str, _holder: &str) -> Result<Option<i64>> {
+        let mut conn = self.conn.clone();
+        let epoch: i64 = conn.incr(self.epoch_key(scope), 1).await?;
+        Ok(Some(epoch))
+    }
+
+    fn set_fencing(&self, fencing: std::sync::Arc<dyn Fencing>) {
+        if self.fencing.set(fencing).is_err() {
+            tracing::warn!("the store is fenced already; keeping the first fence");
+        }
+    }
 }
 
 #[async_trait]
 impl Cache for RedisStore {
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
     async fn lookup(&self, id: &str) -> Result<Lookup> {
         validate_id("session id", id)?;
         let mut conn = self.conn.clone();
         let found: Vec<String> = self
-            .scripts
-            .lookup
-            .arg(&self.redis.prefix)
+            .call(&self.scripts.lookup)
             .arg(id)
             .arg(epoch_shard(id))
             .invoke_async(&mut conn)

@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::policy_metrics::{PolicyCollector, PolicySource};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -52,6 +54,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// A migration waits up to its policy's `replacementWait` (2 m by default) for a replacement
+/// before its sessions move, so its buckets reach beyond the store's: 1 ms … ~17 min. With
+/// store buckets every slow migration would sit in `+Inf` and its p99 could never exceed 33 s.
+fn migration_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 21))
+}
+
 /// The operator's metrics; cheap to clone (each metric is an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -64,10 +73,47 @@ pub struct Metrics {
     pub migration_latency: Histogram,
     pub leader: Gauge,
     pub store_latency: Family<StoreOpLabels, Histogram, fn() -> Histogram>,
+    /// Where `session_operator_policy_*` are read from at scrape time (the controller's
+    /// policy reflectors).
+    pub policies: PolicySource,
+    pub cache: CacheMetrics,
+    /// The leadership epoch this replica holds; 0 when none.
+    pub epoch: Gauge,
 }
+
+/// The layered store's health, copied from its `LayeredStats` (see [`Metrics::observe_cache`]).
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    pub available: Gauge,
+    pub errors: Counter,
+    pub pending_repairs: Gauge,
+}
+
+/// Label values of the labelled counters that exist from the start: a family without children is
+/// not exported at all, so without them `session_operator_errors_total` would be missing from
+/// /metrics until the first error, and alerts and dashboards would show no data instead of 0.
+const ERROR_KINDS: [&str; 5] = ["store", "kube", "invalid_policy", "fenced", "event"];
+const RECONCILE_RESULTS: [&str; 2] = ["ok", "error"];
+const SWEEPS: [&str; 2] = ["idle", "expiry"];
 
 impl Default for Metrics {
     fn default() -> Self {
+        let metrics = Self::empty();
+        for kind in ERROR_KINDS {
+            drop(metrics.errors.get_or_create(&KindLabels { kind }));
+        }
+        for result in RECONCILE_RESULTS {
+            drop(metrics.reconciles.get_or_create(&ResultLabels { result }));
+        }
+        for sweep in SWEEPS {
+            drop(metrics.sessions_swept.get_or_create(&SweepLabels { sweep }));
+        }
+        metrics
+    }
+}
+
+impl Metrics {
+    fn empty() -> Self {
         Self {
             reconciles: Family::default(),
             errors: Family::default(),
@@ -75,9 +121,12 @@ impl Default for Metrics {
             sessions_rerouted: Counter::default(),
             sessions_deleted: Counter::default(),
             sessions_swept: Family::default(),
-            migration_latency: latency_histogram(),
+            migration_latency: migration_latency_histogram(),
             leader: Gauge::default(),
             store_latency: Family::new_with_constructor(latency_histogram),
+            policies: PolicySource::default(),
+            cache: CacheMetrics::default(),
+            epoch: Gauge::default(),
         }
     }
 }
@@ -131,6 +180,38 @@ impl Metrics {
             "Store operation latency",
             self.store_latency.clone(),
         );
+        r.register_collector(Box::new(PolicyCollector(self.policies.clone())));
+        r.register(
+            "cache_available",
+            "1 while the Redis cache answers (only with Redis over Postgres)",
+            self.cache.available.clone(),
+        );
+        r.register(
+            "cache_errors",
+            "Redis cache operations that failed (the operation was served by Postgres)",
+            self.cache.errors.clone(),
+        );
+        r.register(
+            "cache_pending_repairs",
+            "Cache entries (session ids, workers, or the whole cache) awaiting repair",
+            self.cache.pending_repairs.clone(),
+        );
+        r.register(
+            "leadership_epoch",
+            "Leadership epoch this replica holds and the store checks on every mutation (0: none)",
+            self.epoch.clone(),
+        );
+    }
+
+    /// Copies the layered store's counters into the cache metrics.
+    pub fn observe_cache(&self, stats: &crate::store::LayeredStats) {
+        self.cache.available.set(i64::from(stats.cache_available));
+        self.cache
+            .errors
+            .inc_by(stats.cache_errors.saturating_sub(self.cache.errors.get()));
+        self.cache
+            .pending_repairs
+            .set(stats.pending_repairs.min(i64::MAX as u64) as i64);
     }
 
     pub fn reconciled(&self, ok: bool) {
@@ -160,5 +241,26 @@ impl Metrics {
         self.store_latency
             .get_or_create(&StoreOpLabels { op })
             .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_counters_are_exported_before_their_first_increment() {
+        let mut registry = Registry::default();
+        Metrics::default().register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        for kind in ERROR_KINDS {
+            let line = format!("session_operator_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
+        }
+        assert!(out.contains("session_operator_reconciles_total{result=\"error\"} 0"));
+        assert!(out.contains("session_operator_sessions_swept_total{sweep=\"expiry\"} 0"));
+        // The migration histogram reaches past replacementWait's default of 2 minutes.
+        assert!(out.contains("session_operator_migration_latency_seconds_bucket{le=\"1048.576\"}"));
     }
 }

@@ -2,8 +2,10 @@
 
 mod logging;
 mod metrics;
+mod policy_metrics;
 mod server;
 
 pub use logging::{LogFormat, init_cli_logging, init_operator_logging};
 pub use metrics::{Metrics, StoreOp};
+pub use policy_metrics::PolicySnapshot;
 pub use server::{Health, serve};

@@ -60,3 +60,51 @@ def test_crd_keep_and_enabled_switches() -> None:
 def test_no_crds_folder_in_the_chart() -> None:
     """Helm installs but never upgrades crds/ of a chart; the template replaces it."""
     assert not (ROOT / "charts" / "session-operator" / "crds").exists()
+
+
+def schema_fields(node: dict, path: str = ""):
+    """(path, schema) of every field: object properties at any depth, through list items and
+    map values (whose elements are not fields of their own, as in `kubectl explain`)."""
+    for name, child in node.get("properties", {}).items():
+        yield f"{path}.{name}", child
+        yield from schema_fields(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from schema_fields(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from schema_fields(node["additionalProperties"], f"{path}{{}}")
+
+
+def crd_schema() -> dict:
+    crd = yaml.safe_load(REPO_CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def test_the_kind_and_every_field_have_a_description() -> None:
+    """What `kubectl explain sessionpolicy[.spec|.status…]` shows: the kind's description and
+    one for every field (the emulator serves no OpenAPI schemas for kubectl explain to read,
+    so the CRD's schema, which the API server publishes as it is, is checked directly)."""
+    schema = crd_schema()
+    top = schema.get("description", "")
+    assert top and "Auto-generated" not in top, f"the kind's description is {top!r}"
+    assert "SessionPolicy" in top
+    missing = [path for path, field in schema_fields(schema) if not field.get("description", "").strip()]
+    assert not missing, "fields without a description (add a doc comment in src/policy/types.rs): " + ", ".join(missing)
+    fields = dict(schema_fields(schema))
+    for path in (".spec", ".status", ".spec.workerId.from", ".status.workers.ready", ".status.conditions"):
+        assert path in fields, path
+
+
+def test_description_check_fails_on_a_field_without_one() -> None:
+    schema = crd_schema()
+    schema["properties"]["status"]["properties"]["workers"]["properties"]["ready"].pop("description")
+    assert [p for p, f in schema_fields(schema) if not f.get("description")] == [".status.workers.ready"]
+
+
+def test_conditions_are_a_map_list_keyed_by_type() -> None:
+    conditions = crd_schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["type"] == "array"
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    # A map list's keys must be required in its items (the API server rejects the CRD otherwise).
+    assert "type" in conditions["items"]["required"]

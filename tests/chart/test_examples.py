@@ -98,9 +98,9 @@ def test_invalid_example_is_rejected_by_the_cel_rules() -> None:
     doc = load(INVALID / "sessionpolicy-invalid-cel.yaml")
     assert not structural_errors(doc), "this example must pass the structural schema"
     errors = "\n".join(cel_errors(doc))
-    assert ".spec.selector: selector must not be empty" in errors
+    assert ".spec.selector: selector must name what it selects" in errors
     assert ".spec.workerId: workerId.key is required" in errors
-    assert ".spec.idleSweepInterval: must be greater than zero" in errors
+    assert ".spec.idleSweepInterval: must be at least 1s" in errors
 
 
 def test_every_invalid_example_is_rejected() -> None:

@@ -58,7 +58,11 @@ impl PgSchema {
     }
 
     pub async fn store(&self, options: StoreOptions) -> PostgresStore {
-        let store = PostgresStore::connect(&pg_url(), &self.name, options)
+        self.store_at(&pg_url(), options).await
+    }
+
+    pub async fn store_at(&self, url: &str, options: StoreOptions) -> PostgresStore {
+        let store = PostgresStore::connect(url, &self.name, options)
             .await
             .expect("connect to Postgres (is it running? see scripts/test.sh)");
         store.migrate(&self.name).await.expect("migrate");

@@ -1,6 +1,6 @@
-//! The end-to-end harness: an emulated cluster (kube-emulator, in this process), real Postgres
-//! and Redis (a schema and a key prefix of their own), and the real `session-operator run`
-//! binary as child processes.
+//! The end-to-end harness: a cluster (kube-emulator in this process, or the real control plane
+//! with `E2E_BACKEND=real`, see `backend.rs`), real Postgres and Redis (a schema and a key prefix
+//! of their own), and the real `session-operator run` binary as child processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use session_operator::store::{Entry, LayeredStore, Store, StoreOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::backend::{Backend, RealCluster};
 use crate::common::{PgSchema, RedisPrefix, pg_url, redis_url, unique};
 
 pub const NS: &str = "apps";
@@ -42,16 +43,59 @@ where
     }
 }
 
-/// An emulated cluster with the SessionPolicy CRD and namespace `apps`.
+/// A cluster with the SessionPolicy CRD and namespace `apps`: the emulator, or the shared real
+/// control plane (one test at a time, see `backend.rs`).
 pub struct Cluster {
-    pub emulator: Emulator,
+    backend: ClusterBackend,
     pub client: Client,
+    /// The kubeconfig the operator runs with (on the real cluster: the chart's RBAC).
     pub kubeconfig: PathBuf,
+}
+
+enum ClusterBackend {
+    Emulator(Emulator),
+    Real(RealCluster),
 }
 
 impl Cluster {
     pub async fn start() -> Self {
-        let emulator = Emulator::start().await.expect("start the emulator");
+        match Backend::selected() {
+            Backend::Emulator => Self::emulated().await,
+            Backend::Real => {
+                let real = RealCluster::start(NS, &session_operator::policy::crd_yaml()).await;
+                Self {
+                    client: real.admin.clone(),
+                    kubeconfig: real.operator_kubeconfig.clone(),
+                    backend: ClusterBackend::Real(real),
+                }
+            }
+        }
+    }
+
+    /// A cluster whose workload controllers run: on the emulator its simulated ones
+    /// (deployment, replicaset, statefulset, gc, scheduler, kubelet stages on 3 nodes), on the
+    /// real lane kube-controller-manager, kube-scheduler and kwok.
+    pub async fn start_with_workloads() -> Self {
+        match Backend::selected() {
+            Backend::Emulator => {
+                let emulator = Emulator::builder()
+                    .controllers(kube_emulator::Controllers::all())
+                    .nodes(3)
+                    .pod_ready_delay(Duration::from_millis(100))
+                    .start()
+                    .await
+                    .expect("start the emulator");
+                Self::emulated_with(emulator)
+            }
+            Backend::Real => Self::start().await,
+        }
+    }
+
+    async fn emulated() -> Self {
+        Self::emulated_with(Emulator::start().await.expect("start the emulator"))
+    }
+
+    fn emulated_with(emulator: Emulator) -> Self {
         let control = emulator.control();
         control
             .load_yaml(&session_operator::policy::crd_yaml())
@@ -63,9 +107,46 @@ impl Cluster {
         std::fs::write(&kubeconfig, emulator.kubeconfig()).expect("write kubeconfig");
         let client = emulator.client().expect("client");
         Self {
-            emulator,
+            backend: ClusterBackend::Emulator(emulator),
             client,
             kubeconfig,
+        }
+    }
+
+    /// Like [`Cluster::start`], with the emulator's workload controllers and kubelet running
+    /// (Deployments roll out by themselves, pods turn Ready on their own); emulator only.
+    pub async fn start_with_controllers() -> Self {
+        let emulator = Emulator::builder()
+            .controllers(kube_emulator::Controllers::all())
+            .start()
+            .await
+            .expect("start the emulator");
+        Self::emulated_with(emulator)
+    }
+
+    /// Whether this is the real control plane.
+    pub fn is_real(&self) -> bool {
+        matches!(self.backend, ClusterBackend::Real(_))
+    }
+
+    /// The emulator, for scenarios that use its hooks (crash, flapping readiness, pods with
+    /// made-up owners); they run on the emulator backend only.
+    pub fn emulator(&self) -> &Emulator {
+        match &self.backend {
+            ClusterBackend::Emulator(emulator) => emulator,
+            ClusterBackend::Real(_) => panic!(
+                "this scenario uses the emulator's hooks and runs with E2E_BACKEND=emulator only; \
+                 its real-cluster counterpart is in tests/e2e/workloads.rs"
+            ),
+        }
+    }
+
+    /// The operator's lease namespace and name: the emulator's defaults, or on the real
+    /// cluster the ones the chart's RBAC grants.
+    pub fn lease(&self) -> (String, String) {
+        match &self.backend {
+            ClusterBackend::Emulator(_) => ("default".into(), "session-operator".into()),
+            ClusterBackend::Real(real) => real.lease.clone(),
         }
     }
 
@@ -119,10 +200,36 @@ impl Cluster {
             "spec": {"containers": [{"name": "worker", "image": "worker:1"}],
                      "terminationGracePeriodSeconds": 1},
         });
-        let control = self.emulator.control();
-        control.create(pod).expect("create pod");
-        control.set_pod_phase(ns, name, "Running").expect("running");
-        control.set_pod_ready(ns, name, true).expect("ready");
+        match &self.backend {
+            ClusterBackend::Emulator(emulator) => {
+                let control = emulator.control();
+                control.create(pod).expect("create pod");
+                control.set_pod_phase(ns, name, "Running").expect("running");
+                control.set_pod_ready(ns, name, true).expect("ready");
+            }
+            ClusterBackend::Real(_) => {
+                assert!(
+                    owner.is_none(),
+                    "{name}: a pod with a made-up owner is an emulator shortcut (the real garbage \
+                     collector deletes it); real workloads are in tests/e2e/workloads.rs"
+                );
+                // The scheduler binds it to a kwok node, kwok makes it Running and Ready.
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+                let pod: Pod = serde_json::from_value(pod).expect("pod");
+                pods.create(&PostParams::default(), &pod)
+                    .await
+                    .expect("create pod");
+                eventually(
+                    Duration::from_secs(60),
+                    &format!("{name} Ready"),
+                    || async {
+                        let pod = pods.get(name).await.ok()?;
+                        is_ready(&pod).then_some(())
+                    },
+                )
+                .await;
+            }
+        }
     }
 
     /// Starts a graceful deletion (deletionTimestamp; removed after its 1 s grace period).
@@ -143,12 +250,7 @@ impl Cluster {
         pods.items
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
+            .filter(|p| is_ready(p))
             .map(|p| p.name_any())
             .collect()
     }
@@ -161,10 +263,35 @@ impl Cluster {
     }
 }
 
+/// Whether a pod's Ready condition is True.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.kubeconfig);
     }
+}
+
+/// `GET path` on `addr` (HTTP/1.0): the status code and body, `None` when nothing answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
 }
 
 /// Real Postgres + Redis under a schema and prefix of their own, and the test's own layered
@@ -177,11 +304,16 @@ pub struct Stores {
 
 impl Stores {
     pub async fn new() -> Self {
+        Self::at(&pg_url(), &redis_url()).await
+    }
+
+    /// The same over other servers (the fault suite's own instances).
+    pub async fn at(pg: &str, redis: &str) -> Self {
         let schema = PgSchema::new().await;
         let prefix = RedisPrefix::new();
         let options = StoreOptions::default();
-        let primary = Arc::new(schema.store(options.clone()).await);
-        let cache = Arc::new(prefix.store(options.clone(), false).await);
+        let primary = Arc::new(schema.store_at(pg, options.clone()).await);
+        let cache = Arc::new(prefix.store_at(redis, options.clone(), false).await);
         let store = Arc::new(LayeredStore::new(cache, primary, options).expect("layered store"));
         Self {
             schema,
@@ -228,6 +360,12 @@ pub struct OperatorConfig<'a> {
     pub identity: &'a str,
     pub lease_duration: &'a str,
     pub extra: Vec<String>,
+    /// Other servers than `DATABASE_URL` / `REDIS_URL` (the fault suite's own instances).
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    /// Store flags instead of `--database-url` + `--redis-url` of the shared servers (e.g. a
+    /// URL through a proxy, or Redis alone).
+    pub store_args: Option<Vec<String>>,
 }
 
 impl Default for OperatorConfig<'_> {
@@ -236,21 +374,33 @@ impl Default for OperatorConfig<'_> {
             identity: "op-a",
             lease_duration: "4s",
             extra: Vec::new(),
+            database_url: None,
+            redis_url: None,
+            store_args: None,
         }
     }
 }
 
 impl Operator {
     pub async fn start(cluster: &Cluster, stores: &Stores, config: OperatorConfig<'_>) -> Self {
+        let (lease_namespace, lease_name) = cluster.lease();
         let mut command = Command::new(env!("CARGO_BIN_EXE_session-operator"));
+        let store_args = config.store_args.clone().unwrap_or_else(|| {
+            vec![
+                "--database-url".into(),
+                config.database_url.clone().unwrap_or_else(pg_url),
+                "--redis-url".into(),
+                config.redis_url.clone().unwrap_or_else(redis_url),
+            ]
+        });
         command
             .arg("run")
-            .args(["--database-url", &pg_url()])
-            .args(["--redis-url", &redis_url()])
+            .args(&store_args)
             .args(["--schema", &stores.schema.name])
             .args(["--redis-prefix", &stores.prefix.prefix])
             .args(["--identity", config.identity])
-            .args(["--lease-namespace", "default"])
+            .args(["--lease-namespace", &lease_namespace])
+            .args(["--lease-name", &lease_name])
             .args(["--lease-duration", config.lease_duration])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--log-format", "json"])
@@ -318,6 +468,33 @@ impl Operator {
             .any(|l| l.get("message").and_then(Value::as_str) == Some(message))
     }
 
+    /// Log lines with this message.
+    pub fn logs_with_message(&self, message: &str) -> Vec<Value> {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|l| l.get("message").and_then(Value::as_str) == Some(message))
+            .cloned()
+            .collect()
+    }
+
+    /// The address of its `/healthz`, `/readyz` and `/metrics` server, once it serves.
+    pub async fn metrics_addr(&self, timeout: Duration) -> String {
+        eventually(timeout, "the metrics server to listen", || async {
+            self.logs
+                .lock()
+                .expect("logs")
+                .iter()
+                .find(|l| {
+                    l.get("message").and_then(Value::as_str)
+                        == Some("serving /healthz, /readyz and /metrics")
+                })
+                .and_then(|l| l.get("addr").and_then(Value::as_str).map(String::from))
+        })
+        .await
+    }
+
     /// Waits until this operator says it became leader.
     pub async fn wait_leader(&self, timeout: Duration) {
         eventually(
@@ -331,6 +508,23 @@ impl Operator {
     /// SIGKILL: no lease release, no cleanup.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => status.code(),
+            _ => None,
+        }
     }
 
     /// SIGTERM, then waits for the exit code.

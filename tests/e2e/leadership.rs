@@ -127,11 +127,19 @@ async fn standby_takes_over_a_killed_leader_and_finishes_the_rollout() {
         took >= Duration::from_secs(1),
         "took over before the lease could expire: {took:?}"
     );
-    let sources: Vec<String> = b
-        .mutations()
-        .iter()
-        .filter_map(|m| m["from"].as_str().map(String::from))
-        .collect();
+    // The log line follows the commit (and the cache update): wait for it too.
+    let sources = eventually(Duration::from_secs(10), "op-b logged the rest", || async {
+        let sources: Vec<String> = b
+            .mutations()
+            .iter()
+            .filter_map(|m| m["from"].as_str().map(String::from))
+            .collect();
+        old.iter()
+            .skip(3)
+            .all(|p| sources.contains(p))
+            .then_some(sources)
+    })
+    .await;
     assert!(
         old.iter().skip(3).all(|p| sources.contains(p)),
         "op-b migrated the rest: {sources:?}"

@@ -276,7 +276,7 @@ async fn crashed_pod_sessions_move_to_its_replacement() {
 
     // A container that keeps crashing: NotReady, Ready, NotReady — the pod stays, so do its
     // sessions. Then the pod fails for good and the ReplicaSet replaces it.
-    let control = cluster.emulator.control();
+    let control = cluster.emulator().control();
     for ready in [false, true, false] {
         control.set_pod_ready(NS, &pods[0], ready).expect("flap");
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -458,7 +458,7 @@ async fn several_watched_namespaces_are_each_handled() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
     cluster
-        .emulator
+        .emulator()
         .control()
         .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}))
         .expect("namespace");
@@ -503,9 +503,8 @@ async fn several_watched_namespaces_are_each_handled() {
         .await;
     }
     // A replacement in one namespace moves that pod's sessions; nothing else is touched.
+    // Created at once: a replacement in the same second as the pods it may replace.
     let new_beta = format!("{rs_b}-m9999");
-    // Creation times have one-second resolution: a replacement must be visibly newer.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     cluster
         .ready_pod_in("other", &new_beta, "worker", Some(("ReplicaSet", rs_b)))
         .await;

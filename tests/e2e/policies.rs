@@ -44,16 +44,34 @@ async fn invalid_policies_are_rejected_or_marked_not_ready() {
             "{name}: {err}"
         );
     }
-    // What only CEL catches (an empty selector) reaches the operator, which refuses it.
+    // What only CEL catches (an empty selector): the real API server refuses it; the emulator
+    // evaluates no CEL, so there it reaches the operator, which refuses it (InvalidSpec).
     let mut operator = Operator::start(&cluster, &stores, OperatorConfig::default()).await;
-    cluster
-        .apply_policy("empty-selector", json!({"selector": {}}))
+    if cluster.is_real() {
+        let object: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "sessions.blockyard.io/v1alpha1", "kind": "SessionPolicy",
+            "metadata": {"name": "empty-selector", "namespace": NS}, "spec": {"selector": {}},
+        }))
+        .expect("object");
+        let err = raw
+            .create(&Default::default(), &object)
+            .await
+            .expect_err("the CEL rule refuses an empty selector");
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 422
+                && s.message.contains("selector must name what it selects")),
+            "{err}"
+        );
+    } else {
+        cluster
+            .apply_policy("empty-selector", json!({"selector": {}}))
+            .await;
+        let (status, reason) = eventually(Duration::from_secs(20), "Ready=False", || async {
+            cluster.policy_condition("empty-selector", "Ready").await
+        })
         .await;
-    let (status, reason) = eventually(Duration::from_secs(20), "Ready=False", || async {
-        cluster.policy_condition("empty-selector", "Ready").await
-    })
-    .await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    }
     // A valid policy next to it is Ready: one bad object does not break the watch.
     cluster.ready_pod("w-0", "worker", None).await;
     cluster

@@ -104,9 +104,42 @@ pub(crate) fn scope_namespace(rt: &ResourceType, url_ns: &str, obj: &Value) -> A
     Ok(ns.to_string())
 }
 
-/// Server-side initialisation on create, per resource.
+/// Server-side initialisation on create, per resource: the defaults of
+/// [`apply_defaults`] plus the status a new object starts with.
 pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
     set_server_labels(rt, obj);
+    apply_defaults(rt, obj);
+    let Some(map) = obj.as_object_mut() else {
+        return;
+    };
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "pods") => {
+            map.insert(
+                "status".into(),
+                json!({"phase": "Pending", "qosClass": "BestEffort"}),
+            );
+        }
+        ("", "namespaces") => {
+            map.insert("status".into(), json!({"phase": "Active"}));
+        }
+        ("apps", "deployments" | "replicasets" | "statefulsets")
+        | ("", "services")
+        | ("batch", "jobs") => {
+            map.remove("status");
+        }
+        _ if rt.status_subresource => {
+            map.remove("status");
+        }
+        _ => {}
+    }
+}
+
+/// The defaulting functions (`SetDefaults_*`) the API server runs when it decodes any
+/// write — create, update, patch and apply alike. Applying them only on create would
+/// leave a container added by a patch undefaulted, so a Deployment's template would never
+/// equal the (defaulted) template of the ReplicaSet made from it: the Deployment
+/// controller would make a new ReplicaSet on every sync.
+pub(crate) fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
     let Some(map) = obj.as_object_mut() else {
         return;
     };
@@ -115,10 +148,6 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
             if let Some(spec) = map.get_mut("spec") {
                 default_pod_spec(spec);
             }
-            map.insert(
-                "status".into(),
-                json!({"phase": "Pending", "qosClass": "BestEffort"}),
-            );
         }
         ("apps", "deployments" | "replicasets" | "statefulsets") => {
             if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
@@ -146,10 +175,6 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
                     default_pod_spec(pod);
                 }
             }
-            map.remove("status");
-        }
-        ("", "namespaces") => {
-            map.insert("status".into(), json!({"phase": "Active"}));
         }
         ("", "secrets") => {
             // SetDefaults_Secret
@@ -159,13 +184,11 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
             }
         }
         ("", "services") => {
-            map.remove("status");
             if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
                 default_service_spec(spec);
             }
         }
         ("batch", "jobs") => {
-            map.remove("status");
             if let Some(spec) = map.get_mut("spec").and_then(Value::as_object_mut) {
                 // SetDefaults_Job
                 spec.entry("parallelism").or_insert(json!(1));
@@ -177,9 +200,6 @@ pub(crate) fn prepare_create(rt: &ResourceType, obj: &mut Value) {
                     default_pod_spec(pod);
                 }
             }
-        }
-        _ if rt.status_subresource => {
-            map.remove("status");
         }
         _ => {}
     }
@@ -280,6 +300,15 @@ fn default_pod_spec(spec: &mut Value) {
                 .or_insert(json!("/dev/termination-log"));
             c.entry("terminationMessagePolicy").or_insert(json!("File"));
             c.entry("resources").or_insert(json!({}));
+            // SetDefaults_ContainerPort
+            if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+                for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+                    let protocol = port.entry("protocol").or_insert(json!("TCP"));
+                    if protocol.as_str().is_none_or(str::is_empty) {
+                        *protocol = json!("TCP");
+                    }
+                }
+            }
         }
     }
 }

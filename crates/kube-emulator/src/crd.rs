@@ -129,6 +129,11 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
             status_subresource: v.pointer("/subresources/status").is_some(),
             schema,
             custom: true,
+            printer_columns: v
+                .get("additionalPrinterColumns")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
         });
     }
     if causes.is_empty() {

@@ -79,15 +79,21 @@ pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> 
     }
     let mut list = Vec::new();
     for r in served {
-        list.push(json!({
+        let mut resource = json!({
             "name": r.plural,
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
-            "shortNames": r.short_names,
-            "categories": r.categories,
-        }));
+        });
+        // `shortNames` and `categories` are `omitempty` in APIResource.
+        if !r.short_names.is_empty() {
+            resource["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            resource["categories"] = json!(r.categories);
+        }
+        list.push(resource);
         if crate::scale::has_scale(r) {
             list.push(json!({
                 "name": format!("{}/scale", r.plural),

@@ -36,7 +36,13 @@ impl ApiError {
         }
     }
 
-    fn with_details(mut self, details: Value) -> Self {
+    /// `StatusDetails.group` is `omitempty`: the core group leaves it out.
+    fn with_details(mut self, mut details: Value) -> Self {
+        if let Some(map) = details.as_object_mut()
+            && map.get("group").and_then(Value::as_str) == Some("")
+        {
+            map.remove("group");
+        }
         self.details = Some(details);
         self
     }

@@ -22,6 +22,9 @@ pub struct ResourceType {
     pub schema: Option<Arc<Schema>>,
     /// True for types defined by a CustomResourceDefinition.
     pub custom: bool,
+    /// A CRD version's `additionalPrinterColumns` (`name`, `type`, `jsonPath`, ...), the
+    /// columns of `kubectl get` after NAME.
+    pub printer_columns: Vec<serde_json::Value>,
 }
 
 impl ResourceType {
@@ -79,6 +82,7 @@ impl ResourceType {
             status_subresource: status,
             schema: None,
             custom: false,
+            printer_columns: Vec::new(),
         }
     }
 }
@@ -131,13 +135,20 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         &["sts"],
     );
     statefulsets.categories = vec!["all".into()];
+    let mut services = ResourceType::builtin("", "v1", "Service", "services", true, true, &["svc"]);
+    services.categories = vec!["all".into()];
+    let mut jobs = ResourceType::builtin("batch", "v1", "Job", "jobs", true, true, &[]);
+    jobs.categories = vec!["all".into()];
+    let mut cronjobs =
+        ResourceType::builtin("batch", "v1", "CronJob", "cronjobs", true, true, &["cj"]);
+    cronjobs.categories = vec!["all".into()];
     vec![
         ResourceType::builtin("", "v1", "Namespace", "namespaces", false, true, &["ns"]),
         pods,
         ResourceType::builtin("", "v1", "Event", "events", true, false, &["ev"]),
         ResourceType::builtin("", "v1", "ConfigMap", "configmaps", true, false, &["cm"]),
         ResourceType::builtin("", "v1", "Secret", "secrets", true, false, &[]),
-        ResourceType::builtin("", "v1", "Service", "services", true, true, &["svc"]),
+        services,
         ResourceType::builtin("", "v1", "Node", "nodes", false, true, &["no"]),
         ResourceType::builtin(
             "events.k8s.io",
@@ -178,8 +189,8 @@ pub fn builtin_resources() -> Vec<ResourceType> {
             false,
             &["sa"],
         ),
-        ResourceType::builtin("batch", "v1", "Job", "jobs", true, true, &[]),
-        ResourceType::builtin("batch", "v1", "CronJob", "cronjobs", true, true, &["cj"]),
+        jobs,
+        cronjobs,
         ResourceType::builtin(
             "rbac.authorization.k8s.io",
             "v1",

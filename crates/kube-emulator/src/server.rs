@@ -254,13 +254,23 @@ async fn route(
             match store.delete(rt, &ns, name, &opts)? {
                 Deleted::Pending(obj) => Ok(json_response(StatusCode::OK, &obj)),
                 Deleted::Removed(obj) => {
-                    if rt.group.is_empty() && rt.plural == "pods" {
+                    // Registries with `ReturnDeletedObject: true` answer with the object.
+                    if rt.group.is_empty()
+                        && matches!(
+                            rt.plural.as_str(),
+                            "pods" | "services" | "serviceaccounts" | "namespaces"
+                        )
+                    {
                         return Ok(json_response(StatusCode::OK, &obj));
+                    }
+                    let mut details = json!({"name": name, "kind": rt.plural,
+                        "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)});
+                    if !rt.group.is_empty() {
+                        details["group"] = json!(rt.group);
                     }
                     let status = json!({
                         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                        "details": {"name": name, "group": rt.group, "kind": rt.plural,
-                                    "uid": obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null)}
+                        "details": details
                     });
                     Ok(json_response(StatusCode::OK, &status))
                 }

@@ -1,8 +1,9 @@
 //! `meta.k8s.io/v1` `Table` responses, which kubectl asks for to print `get` output.
 //!
-//! Columns follow the built-in printers for the kinds we serve; everything else
-//! (including custom resources — `additionalPrinterColumns` are ignored) gets
-//! NAME and AGE.
+//! Columns follow the built-in printers for the kinds we serve; custom resources get
+//! NAME and their CRD version's `additionalPrinterColumns` (a JSONPath subset: fields,
+//! `[n]`, `[*]` and `[?(@.field=="value")]`), or NAME and AGE without any; everything
+//! else gets NAME and AGE.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,17 @@ fn column(name: &str, ty: &str, format: &str, priority: u8) -> Value {
 /// Column definitions for a resource type.
 pub fn columns(rt: &ResourceType) -> Vec<Value> {
     let mut cols = vec![column("Name", "string", "name", 0)];
+    if rt.custom && !rt.printer_columns.is_empty() {
+        for c in &rt.printer_columns {
+            let text = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("");
+            let priority = c.get("priority").and_then(Value::as_u64).unwrap_or(0);
+            let mut col = column(text("name"), text("type"), text("format"), 0);
+            col["priority"] = json!(priority);
+            col["description"] = json!(text("description"));
+            cols.push(col);
+        }
+        return cols;
+    }
     match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "pods") => {
             cols.push(column("Ready", "string", "", 0));
@@ -65,6 +77,15 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
         .unwrap_or(Value::Null);
     let age = json!(age(obj, now));
     let int = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    if rt.custom && !rt.printer_columns.is_empty() {
+        let mut row = vec![name];
+        for c in &rt.printer_columns {
+            let path = c.get("jsonPath").and_then(Value::as_str).unwrap_or("");
+            let ty = c.get("type").and_then(Value::as_str).unwrap_or("string");
+            row.push(printer_cell(obj, path, ty, now));
+        }
+        return row;
+    }
     match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "pods") => {
             let total = obj
@@ -183,6 +204,91 @@ fn event_cells(obj: &Value, now: SystemTime) -> Vec<Value> {
     ]
 }
 
+/// One `additionalPrinterColumns` cell: the JSONPath's results (several joined with `,`,
+/// as the API server's printer does), `date` columns as an age, nothing found as null.
+fn printer_cell(obj: &Value, path: &str, ty: &str, now: SystemTime) -> Value {
+    let found = json_path(obj, path);
+    let Some(&first) = found.first() else {
+        return Value::Null;
+    };
+    if found.len() == 1 {
+        return match (ty, first) {
+            ("date", Value::String(s)) => parse_rfc3339(s)
+                .map(|t| json!(human_duration(now.duration_since(t).unwrap_or_default())))
+                .unwrap_or_else(|| json!(s)),
+            ("integer" | "number" | "boolean", v @ (Value::Number(_) | Value::Bool(_))) => {
+                v.clone()
+            }
+            (_, Value::String(s)) => json!(s),
+            (_, v) => json!(v.to_string()),
+        };
+    }
+    let parts: Vec<String> = found
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        })
+        .collect();
+    json!(parts.join(","))
+}
+
+/// The values a simple JSONPath selects: `.a.b`, `.a[0]`, `.a[*].b`,
+/// `.a[?(@.k=="v")].b` (the forms CRD printer columns use).
+fn json_path<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
+    let mut current = vec![obj];
+    let mut rest = path.trim().trim_start_matches('{').trim_end_matches('}');
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            let (field, tail) = r.split_at(end);
+            if !field.is_empty() {
+                current = current.into_iter().filter_map(|v| v.get(field)).collect();
+            }
+            rest = tail;
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let Some(end) = r.find(']') else {
+                return Vec::new();
+            };
+            let (inside, tail) = (&r[..end], &r[end + 1..]);
+            let arrays: Vec<&Vec<Value>> =
+                current.into_iter().filter_map(Value::as_array).collect();
+            let items = arrays.iter().flat_map(|a| a.iter());
+            current = if inside == "*" {
+                items.collect()
+            } else if let Ok(i) = inside.parse::<usize>() {
+                arrays.iter().filter_map(|a| a.get(i)).collect()
+            } else if let Some(filter) = inside
+                .strip_prefix("?(@.")
+                .and_then(|f| f.strip_suffix(')'))
+            {
+                let Some((field, value)) = filter.split_once("==") else {
+                    return Vec::new();
+                };
+                let value = value.trim().trim_matches(['"', '\'']);
+                items
+                    .filter(|item| {
+                        item.pointer(&format!("/{}", field.trim().replace('.', "/")))
+                            .is_some_and(|v| match v {
+                                Value::String(s) => s == value,
+                                v => {
+                                    *v == serde_json::from_str::<Value>(value)
+                                        .unwrap_or(Value::Null)
+                                }
+                            })
+                    })
+                    .collect()
+            } else {
+                return Vec::new();
+            };
+            rest = tail;
+        } else {
+            return Vec::new();
+        }
+    }
+    current
+}
+
 fn age(obj: &Value, now: SystemTime) -> String {
     let Some(created) = obj
         .pointer("/metadata/creationTimestamp")
@@ -240,5 +346,31 @@ mod tests {
         let t = parse_rfc3339("2023-11-14T22:13:20Z").expect("parses");
         assert_eq!(t, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
         assert!(parse_rfc3339("garbage").is_none());
+    }
+
+    #[test]
+    fn printer_column_json_paths() {
+        let obj = json!({"spec": {"ttl": "30m", "list": [{"a": 1}, {"a": 2}]},
+            "status": {"conditions": [{"type": "Other", "status": "False"},
+                                      {"type": "Ready", "status": "True"}]}});
+        assert_eq!(json_path(&obj, ".spec.ttl"), vec![&json!("30m")]);
+        assert_eq!(
+            json_path(&obj, r#".status.conditions[?(@.type=="Ready")].status"#),
+            vec![&json!("True")]
+        );
+        assert_eq!(json_path(&obj, ".spec.list[1].a"), vec![&json!(2)]);
+        assert_eq!(json_path(&obj, ".spec.list[*].a").len(), 2);
+        assert!(json_path(&obj, ".status.missing").is_empty());
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        assert_eq!(
+            printer_cell(&obj, ".spec.list[*].a", "integer", now),
+            json!("1,2")
+        );
+        assert_eq!(printer_cell(&obj, ".nope", "string", now), Value::Null);
+        let created = json!({"metadata": {"creationTimestamp": "2023-11-14T22:13:20Z"}});
+        assert_eq!(
+            printer_cell(&created, ".metadata.creationTimestamp", "date", now),
+            json!("100s")
+        );
     }
 }

@@ -1209,3 +1209,115 @@ async fn ready_jitter_spreads_readiness() {
         "jitter spread readiness over {spread:?}, without it {together:?}"
     );
 }
+
+/// Defaults apply on every write, not only on create: a container added by a patch (or a
+/// replace, or an apply) gets the same defaults as one created with the Deployment, so the
+/// Deployment's template equals that of the ReplicaSet made from it and one rollout makes
+/// one ReplicaSet. (Defaulting on create only made the controller create ReplicaSets in a
+/// hot loop.)
+#[tokio::test]
+async fn defaults_apply_on_every_write_so_a_patched_template_rolls_out_once() {
+    let (_emulator, client) = start_cluster(1, Duration::from_millis(20)).await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deploys
+        .create(&PostParams::default(), &deployment("web", 2, json!({})))
+        .await
+        .expect("create");
+    wait_complete(&deploys, "web", 2).await;
+    let sidecar = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "main", "image": "example/worker:1"},
+        {"name": "sidecar", "image": "example/sidecar:2", "ports": [{"containerPort": 9090}]}
+    ]}}}});
+    let patched = deploys
+        .patch("web", &PatchParams::default(), &Patch::Strategic(&sidecar))
+        .await
+        .expect("patch");
+    let containers = &patched
+        .spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec")
+        .containers;
+    let added = containers
+        .iter()
+        .find(|c| c.name == "sidecar")
+        .expect("sidecar");
+    assert_eq!(added.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(
+        added.termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+    let port = &added.ports.as_ref().expect("ports")[0];
+    assert_eq!(
+        port.protocol.as_deref(),
+        Some("TCP"),
+        "protocol defaulted on patch"
+    );
+    wait_complete(&deploys, "web", 2).await;
+
+    // The same through a full replace (PUT) and a server-side apply.
+    let mut current = deploys.get("web").await.expect("get");
+    let spec = current.spec.as_mut().expect("spec");
+    let pod = spec.template.spec.as_mut().expect("pod spec");
+    pod.containers.push(
+        serde_json::from_value(json!({"name": "third", "image": "example/third:3"}))
+            .expect("container"),
+    );
+    let replaced = deploys
+        .replace("web", &PostParams::default(), &current)
+        .await
+        .expect("replace");
+    let third = replaced
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers
+        .into_iter()
+        .find(|c| c.name == "third")
+        .expect("third");
+    assert_eq!(third.termination_message_policy.as_deref(), Some("File"));
+    wait_complete(&deploys, "web", 2).await;
+    let applied = deploys
+        .patch(
+            "web",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "main", "image": "example/worker:2",
+                                             "ports": [{"containerPort": 8080}]}]}}}
+            })),
+        )
+        .await
+        .expect("apply");
+    let main = &applied
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers[0];
+    assert_eq!(
+        main.ports.as_ref().expect("ports")[0].protocol.as_deref(),
+        Some("TCP")
+    );
+    wait_complete(&deploys, "web", 2).await;
+
+    // Four templates, four ReplicaSets: no hot loop.
+    let sets: Api<ReplicaSet> = Api::namespaced(client, "default");
+    let names: Vec<String> = sets
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|rs| rs.name_any())
+        .collect();
+    assert_eq!(names.len(), 4, "one ReplicaSet per template: {names:?}");
+}

@@ -13,8 +13,8 @@ use tokio::sync::broadcast;
 mod deletion;
 
 use crate::admission::{
-    applied_for_subresource, check_kind, check_shape, fold_string_data, prepare_create,
-    scope_namespace, set_server_labels, spec_of, tracks_generation, validate,
+    applied_for_subresource, apply_defaults, check_kind, check_shape, fold_string_data,
+    prepare_create, scope_namespace, set_server_labels, spec_of, tracks_generation, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -522,7 +522,35 @@ impl Store {
             Some(Stored { obj, owners }),
             EventType::Added,
         );
+        if rt.group.is_empty() && rt.plural == "namespaces" {
+            Self::create_default_service_account(self, inner, &name);
+        }
         Ok(present(rt, &committed))
+    }
+
+    /// Every namespace gets a `default` ServiceAccount right after it is created (the
+    /// serviceaccount controller's job in Kubernetes), so clients that look for it — or
+    /// manifests that name it — find it.
+    fn create_default_service_account(&self, inner: &mut Inner, ns: &str) {
+        let Some(sa) = inner
+            .resources
+            .iter()
+            .find(|r| r.group.is_empty() && r.plural == "serviceaccounts")
+            .cloned()
+        else {
+            return;
+        };
+        let body =
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}});
+        // AlreadyExists (a namespace re-created while its old SA lingers) is fine.
+        let _ = self.create_locked(
+            inner,
+            &sa,
+            ns,
+            body,
+            FieldOwners::default(),
+            &WriteOptions::default(),
+        );
     }
 
     /// PUT: full replacement with optimistic concurrency.
@@ -775,6 +803,9 @@ impl Store {
             m.remove("managedFields");
         }
         set_type(rt, &mut new);
+        if sub == Subresource::Main {
+            apply_defaults(rt, &mut new);
+        }
         fold_string_data(rt, &mut new);
         set_server_labels(rt, &mut new);
         validate(rt, &mut new, name)?;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The real-cluster lane: starts a real control plane (scripts/control-plane.sh: etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler, kwok with 3 fake nodes) and runs
+# against it
+#   - the end-to-end scenarios that need no emulator hook (tests/e2e policies:: and
+#     workloads::), the operator running with a ServiceAccount token that has exactly the
+#     chart's rendered RBAC (E2E_BACKEND=real, see tests/e2e/backend.rs);
+#   - the chart's Helm SDK install/upgrade/uninstall and CEL tests (tests/chart/test_real_cluster.py);
+#   - the emulator's differential test (crates/kube-emulator/tests/differential.rs): the same
+#     requests against both, compared;
+# then stops the control plane. Needs Go (the binaries are built on first use, see
+# scripts/build-control-plane.sh), openssl, curl, python3, cargo, Postgres and Redis
+# (DATABASE_URL/REDIS_URL as scripts/test.sh sets them).
+#
+#   ./scripts/test-real.sh            # everything above
+#   ./scripts/test-real.sh e2e ARGS   # only the e2e lane; ARGS go to the test binary
+#   ./scripts/test-real.sh chart|diff # only the chart tests / the differential test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what=${1:-all}
+[[ $# -gt 0 ]] && shift
+
+./scripts/build-control-plane.sh
+dir=$(mktemp -d "${TMPDIR:-/tmp}/session-operator-cp.XXXXXX")
+trap './scripts/control-plane.sh down "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+./scripts/control-plane.sh up "$dir" --nodes 3
+./scripts/control-plane.sh check "$dir"
+export PATH="$PWD/tools/control-plane/bin:$PATH"
+
+# The chart's Python tools (Helm's Go SDK) render the operator's RBAC.
+if [ ! -x .venv-chart/bin/python ]; then
+  ./scripts/chart-test.sh --collect-only -q tests/chart/test_render.py >/dev/null
+fi
+.venv-chart/bin/python tests/chart/operator_rbac.py "$dir/operator-rbac.json" cluster-wide
+
+export E2E_KUBECONFIG="$dir/kubeconfig" E2E_OPERATOR_RBAC="$dir/operator-rbac.json"
+if [[ $what == all || $what == e2e ]]; then
+  args=("$@")
+  [[ ${#args[@]} -eq 0 ]] && args=(policies:: workloads::)
+  E2E_BACKEND=real cargo test -q --test e2e -- "${args[@]}"
+fi
+if [[ $what == all || $what == diff ]]; then
+  # --workspace: the features of `cargo test --workspace`, so nothing is rebuilt.
+  DIFF_KUBECONFIG="$dir/kubeconfig" cargo test -q --workspace --test differential
+fi
+if [[ $what == all || $what == chart ]]; then
+  REAL_KUBECONFIG="$dir/kubeconfig" CHART_TEST_REQUIRE_BINARIES=1 \
+    .venv-chart/bin/python -m pytest -q -p no:cacheprovider tests/chart/test_real_cluster.py
+fi
