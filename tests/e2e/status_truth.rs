@@ -218,6 +218,20 @@ async fn late_sessions_are_summarised_not_reported_one_by_one() {
         || async { (stores.counts().await.get(&new) == Some(&20)).then_some(()) },
     )
     .await;
+    // Late means after the departure's own migration ended: until its last look at the worker
+    // it takes newly written sessions itself (and reports them in its own Event).
+    eventually(
+        Duration::from_secs(20),
+        "the departure's migration ended",
+        || async {
+            operator
+                .logs_with_message("rerouted sessions")
+                .iter()
+                .any(|l| l["reason"] != "LateSessions")
+                .then_some(())
+        },
+    )
+    .await;
 
     // The lagging proxy: 4 s of writes for the departed worker.
     let mut late = 0u64;
