@@ -77,6 +77,15 @@ def test_ci_runs_the_test_command() -> None:
     assert "pull_request" in doc[True]  # YAML 1.1 reads the key `on` as True
 
 
+def test_ci_has_go_before_the_test_command() -> None:
+    # scripts/test.sh builds kubectl and the control plane from Go modules; the Rust image has no Go.
+    names = [s.get("uses", "").split("@")[0] or s.get("run") for s in steps(workflow("ci.yml"))]
+    assert "actions/setup-go" in names, names
+    assert names.index("actions/setup-go") < names.index("./scripts/test.sh"), names
+    setup = next(s for s in steps(workflow("ci.yml")) if s.get("uses", "").startswith("actions/setup-go@"))
+    assert setup["with"]["go-version-file"] == "tools/control-plane/go.mod"
+
+
 def test_release_builds_signs_and_attests() -> None:
     doc = workflow("release.yml")
     assert list(doc[True]["push"]) == ["tags"]
