@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::leader::Fence;
 use crate::policy::SessionPolicy;
-use crate::telemetry::Metrics;
+use crate::telemetry::{ErrorKind, Metrics};
 
 /// Events waiting to be published; beyond this, new ones are dropped (and counted as errors)
 /// rather than letting a slow API server grow the operator's memory.
@@ -103,7 +103,7 @@ impl Events {
 
     fn send(&self, queued: Queued) {
         if self.queue.try_send(queued).is_err() {
-            self.metrics.error("event");
+            self.metrics.error(ErrorKind::Event);
             tracing::debug!("event queue full; an event was dropped");
         }
     }
@@ -120,7 +120,7 @@ async fn publish(
         return;
     }
     if let Err(e) = recorder.publish(event, reference).await {
-        metrics.error("event");
+        metrics.error(ErrorKind::Event);
         tracing::debug!(error = %e, "publishing an event failed");
     }
 }

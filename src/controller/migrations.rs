@@ -4,8 +4,9 @@
 //! departure seen meanwhile would wait for the whole wave before its own migration could even
 //! start. Instead a pass hands each action to a task and returns: the next pass (triggered by
 //! the next pod event) plans the new departures while earlier ones are still moving. The
-//! planner's [`Memory`] knows what is in flight, so nothing is planned twice, and each task
-//! reports its end to the policy's state and asks for another pass (status, late sessions,
+//! planner's memory knows what is in flight, so nothing is planned twice, and each task
+//! reports its end to the policy's state ([`PolicyState::record_outcome`], the only way it
+//! touches that state) and asks for another pass (status, late sessions,
 //! retries).
 
 use std::sync::Arc;
@@ -20,13 +21,13 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::planner::{Action, Memory, Reason};
-use super::reconcile::PolicyState;
+use super::planner::{Action, Reason};
+use super::state::PolicyState;
 use super::{Context, GuardedPolicy};
-use crate::leader::Fence;
+use crate::leader::{Fence, NotLeader};
 use crate::policy::{SessionPolicy, WorkerIdSource};
 use crate::store::{LayeredStore, StoreError};
-use crate::telemetry::StoreOp;
+use crate::telemetry::{ErrorKind, StoreOp};
 
 /// The migrations of every policy.
 pub struct Migrations {
@@ -55,13 +56,12 @@ impl Migrations {
     }
 }
 
-/// Starts the plan's actions: marks them in flight in `memory` (the policy's state, locked by
-/// the caller as `handle`) and spawns one task per action.
-pub(super) fn dispatch(
+/// Starts one task per action. The caller marked them started in the policy's state (which
+/// it holds locked, as `handle`); each task reports its outcome there when it ends.
+pub(super) fn spawn(
     ctx: &Arc<Context>,
     key: &ObjectRef<GuardedPolicy>,
     handle: &Arc<Mutex<PolicyState>>,
-    memory: &mut Memory,
     policy: &SessionPolicy,
     actions: Vec<Action>,
 ) {
@@ -69,9 +69,7 @@ pub(super) fn dispatch(
         return;
     }
     let policy = Arc::new(policy.clone());
-    let now = Timestamp::now();
     for action in actions {
-        memory.started(&action, now);
         ctx.migrations.tasks.spawn(run(
             ctx.clone(),
             key.clone(),
@@ -79,6 +77,44 @@ pub(super) fn dispatch(
             policy.clone(),
             action,
         ));
+    }
+}
+
+/// Why a migration stopped before its worker held no sessions. Its text is the `failing`
+/// message status and the Warning Event show.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Leadership ended (or was never confirmed) between two batches.
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    #[error("{worker}: shutting down")]
+    ShuttingDown { worker: String },
+    #[error("{worker}: {source}")]
+    Store { worker: String, source: StoreError },
+    #[error(
+        "{worker}: moved {moved} session(s); {left} left that another transaction holds locked \
+         (look for 'idle in transaction' in pg_stat_activity); retrying"
+    )]
+    Locked {
+        worker: String,
+        moved: usize,
+        left: u64,
+    },
+}
+
+impl MigrationError {
+    /// How the error is counted in `session_operator_errors_total` (a shutdown is not an error).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            MigrationError::NotLeader(_) => Some(ErrorKind::Fenced),
+            MigrationError::ShuttingDown { .. } => None,
+            MigrationError::Store {
+                source: StoreError::Fenced(_),
+                ..
+            } => Some(ErrorKind::Fenced),
+            MigrationError::Store { .. } => Some(ErrorKind::Store),
+            MigrationError::Locked { .. } => Some(ErrorKind::Locked),
+        }
     }
 }
 
@@ -93,33 +129,29 @@ async fn run(
 ) {
     let result = match ctx.migrations.permits.clone().acquire_owned().await {
         Ok(_permit) => migrate(&ctx, &policy, &action).await,
-        Err(_) => Err(format!("{}: shutting down", action.worker())),
+        Err(_) => Err(MigrationError::ShuttingDown {
+            worker: action.worker().to_string(),
+        }),
     };
     let finished = Timestamp::now();
     let failed = result.is_err();
+    let result = result.map_err(|e| e.to_string());
     let event = {
         // The pass holds this lock while it reads the store and plans: an outcome is recorded
-        // between passes, never in the middle of one.
+        // (and counted in the metrics) between passes, never in the middle of one.
         let mut state = state.lock().await;
+        state.record_outcome(
+            &action,
+            result.as_ref().copied().map_err(String::as_str),
+            finished,
+        );
         match result {
             Ok(moved) => {
-                state.memory.completed(&action, finished);
-                state.failing.remove(action.worker());
-                if let Some(counters) = state.counters.as_mut() {
-                    match action {
-                        Action::Reroute { .. } => counters.rerouted += moved,
-                        Action::Delete { .. } => counters.deleted += moved,
-                    }
-                }
                 let latency = action.observed_at().duration_until(finished).unsigned_abs();
                 ctx.metrics.migration_latency.observe(latency.as_secs_f64());
                 success(&ctx, &policy, &action, moved)
             }
             Err(message) => {
-                state.memory.failed(&action);
-                state
-                    .failing
-                    .insert(action.worker().to_string(), message.clone());
                 tracing::warn!(worker = action.worker(), %message, "migration failed");
                 Some(Event {
                     type_: EventType::Warning,
@@ -172,17 +204,36 @@ fn related_pod(policy: &SessionPolicy, action: &Action) -> Option<ObjectReferenc
 /// rows are left, the migration ends with an error saying how many, and is retried. With a
 /// Redis cache, the moved ids are re-applied to the cache once more after [`REAPPLY_DELAY`]
 /// (see [`reapply_to_cache`]).
-async fn migrate(ctx: &Context, policy: &SessionPolicy, action: &Action) -> Result<u64, String> {
+async fn migrate(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    action: &Action,
+) -> Result<u64, MigrationError> {
+    let result = batches(ctx, policy, action).await;
+    if let Err(e) = &result
+        && let Some(kind) = e.kind()
+    {
+        ctx.metrics.error(kind);
+    }
+    result
+}
+
+/// The batch loop of [`migrate`].
+async fn batches(
+    ctx: &Context,
+    policy: &SessionPolicy,
+    action: &Action,
+) -> Result<u64, MigrationError> {
     let started = Instant::now();
+    let worker = || action.worker().to_string();
     let limit = ctx.store.options().batch();
     let mut ids: Vec<String> = Vec::new();
     let outcome = loop {
         if let Err(e) = ctx.fence.check() {
-            ctx.metrics.error("fenced");
-            break Err(e.to_string());
+            break Err(MigrationError::from(e));
         }
         if ctx.migrations.stop.is_cancelled() {
-            break Err(format!("{}: shutting down", action.worker()));
+            break Err(MigrationError::ShuttingDown { worker: worker() });
         }
         let batch = match action {
             Action::Reroute { from, to, .. } => {
@@ -192,13 +243,11 @@ async fn migrate(ctx: &Context, policy: &SessionPolicy, action: &Action) -> Resu
         };
         let batch = match batch {
             Ok(batch) => batch,
-            Err(e) => {
-                ctx.metrics.error(if matches!(e, StoreError::Fenced(_)) {
-                    "fenced"
-                } else {
-                    "store"
+            Err(source) => {
+                break Err(MigrationError::Store {
+                    worker: worker(),
+                    source,
                 });
-                break Err(format!("{}: {e}", action.worker()));
             }
         };
         let (n, full) = (batch.len(), batch.len() >= limit);
@@ -214,18 +263,18 @@ async fn migrate(ctx: &Context, policy: &SessionPolicy, action: &Action) -> Resu
         match ctx.store.count_for_worker(action.worker()).await {
             Ok(0) => break Ok(()),
             Ok(left) if n == 0 => {
-                ctx.metrics.error("locked");
-                break Err(format!(
-                    "{}: moved {} session(s); {left} left that another transaction holds locked \
-                     (look for 'idle in transaction' in pg_stat_activity); retrying",
-                    action.worker(),
-                    ids.len()
-                ));
+                break Err(MigrationError::Locked {
+                    worker: worker(),
+                    moved: ids.len(),
+                    left,
+                });
             }
             Ok(_) => {}
-            Err(e) => {
-                ctx.metrics.error("store");
-                break Err(format!("{}: {e}", action.worker()));
+            Err(source) => {
+                break Err(MigrationError::Store {
+                    worker: worker(),
+                    source,
+                });
             }
         }
     };

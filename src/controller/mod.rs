@@ -1,21 +1,31 @@
 //! The SessionPolicy controller: watches policies and worker pods, and per policy plans and
 //! executes session migrations, idle sweeps, pod deletion costs and status.
 //!
+//! - `pass` — one pass over a policy, as the pipeline `observe → plan → act → report`, with
+//!   one status writer;
+//! - `index` — every policy's spec, parsed once per generation;
+//! - `state` — what the operator remembers per policy, and the one way migrations change it;
 //! - [`workers`] — the planner's view of a pod;
 //! - [`planner`] — the pure decision logic;
-//! - `reconcile` — one pass over a policy (I/O at the edges of the planner);
 //! - `migrations` — the planned actions, each a task of its own;
 //! - `events` — Kubernetes Events, published by one background task;
-//! - [`status`] — conditions, the session count, migration health;
-//! - `ownership` — pods selected by several policies belong to one.
+//! - [`status`] — conditions and their reasons, the session count, migration health;
+//! - `ownership` — pods selected by several policies belong to one;
+//! - `records` — the durable memory of each policy's workers;
+//! - [`observe`] — what the watch streams say beyond the objects (readiness, pod order).
+//!
+//! Dependencies point one way: `pass` uses `state`, `migrations`, `records` and the pure
+//! modules; `migrations` uses `state` only to report outcomes.
 
 mod events;
+mod index;
 mod migrations;
 pub mod observe;
 mod ownership;
+mod pass;
 pub mod planner;
-mod reconcile;
 mod records;
+mod state;
 pub mod status;
 pub mod workers;
 
@@ -28,6 +38,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::store::Writer;
 use kube::runtime::reflector::{self, ObjectRef, Store as Reader};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -38,11 +49,11 @@ use events::Events;
 use migrations::Migrations;
 
 use crate::leader::Fence;
-use crate::policy::{SessionPolicy, ValidPolicy};
+use crate::policy::SessionPolicy;
 use crate::store::{LayeredStore, MemoryWorkerRecords, Store, WorkerRecords};
-use crate::telemetry::{Health, Metrics, PolicySnapshot};
+use crate::telemetry::{ErrorKind, Health, Metrics, PolicySnapshot};
 
-pub use reconcile::PolicyState;
+pub use state::PolicyState;
 
 /// A policy object that may have failed to deserialize (it then gets `Ready=False`).
 pub type GuardedPolicy = DeserializeGuard<SessionPolicy>;
@@ -108,6 +119,8 @@ pub struct Context {
     /// One reader per watched scope (a namespace, or all).
     pods: Vec<Reader<Pod>>,
     policies: Vec<Reader<GuardedPolicy>>,
+    /// Every policy's spec, parsed once per generation (shared with the pod-event mappers).
+    index: Arc<index::PolicyIndex>,
     /// In which order the pod watches first showed each pod (see [`observe`]).
     pub observations: Arc<observe::Observations>,
     pub fence: Fence,
@@ -184,20 +197,25 @@ pub async fn run(
     // One scope per watched namespace (or one for all): a reflector mixes up the initial lists
     // of several merged watches, so each scope gets its own readers and its own Controller,
     // all sharing one Context.
-    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+    let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
         settings.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut policy_stores = Vec::new();
-    let mut pod_stores = Vec::new();
-    for _ in &scopes {
-        policy_stores.push(reflector::store::<GuardedPolicy>());
-        pod_stores.push(reflector::store::<Pod>());
+    let mut scopes = Vec::new();
+    let mut triggers = Vec::new();
+    for namespace in namespaces {
+        let (tx, requests) = mpsc::unbounded_channel();
+        triggers.push((namespace.clone(), tx));
+        scopes.push(Scope {
+            namespace,
+            policies: reflector::store::<GuardedPolicy>(),
+            pods: reflector::store::<Pod>(),
+            requests,
+        });
     }
     let policies: Vec<Reader<GuardedPolicy>> =
-        policy_stores.iter().map(|(r, _)| r.clone()).collect();
-    let pods: Vec<Reader<Pod>> = pod_stores.iter().map(|(r, _)| r.clone()).collect();
+        scopes.iter().map(|s| s.policies.0.clone()).collect();
     // session_operator_policy_* are read from these readers at scrape time.
     metrics.policies.set({
         let policies = policies.clone();
@@ -209,22 +227,10 @@ pub async fn run(
                 .collect()
         }
     });
-
     let reporter = Reporter {
         controller: "session-operator".into(),
         instance: Some(fence.identity().to_string()),
     };
-    let mut triggers = Vec::new();
-    let mut trigger_streams = Vec::new();
-    for scope in &scopes {
-        let (tx, rx) = mpsc::unbounded_channel();
-        triggers.push((scope.clone(), tx));
-        trigger_streams.push(stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|key| (key, rx))
-        }));
-    }
-    let observations = Arc::new(observe::Observations::default());
-    let synced = Arc::new(observe::Synced::new(scopes.len() * 2));
     let ctx = Arc::new(Context {
         events: Events::spawn(
             Recorder::new(client.clone(), reporter),
@@ -233,16 +239,17 @@ pub async fn run(
         ),
         migrations: Migrations::new(settings.migration_concurrency, shutdown.clone()),
         triggers,
-        client: client.clone(),
+        client,
         store: store.store,
         layered: store.layered,
         records: store.records,
-        pods: pods.clone(),
-        policies: policies.clone(),
-        observations: observations.clone(),
-        fence: fence.clone(),
+        pods: scopes.iter().map(|s| s.pods.0.clone()).collect(),
+        policies,
+        index: Arc::default(),
+        observations: Arc::default(),
+        fence,
         metrics,
-        health: health.clone(),
+        health,
         settings,
         states: Mutex::default(),
         counts: std::sync::RwLock::default(),
@@ -252,53 +259,77 @@ pub async fn run(
     // Readiness: every watch stream delivered its initial list (its own InitDone event), and
     // the store answers (see `probe_store`).
     tokio::spawn(probe_store(ctx.clone(), shutdown.clone()));
+    let synced = Arc::new(observe::Synced::new(scopes.len() * 2));
     let controllers = scopes
-        .iter()
-        .zip(policy_stores)
-        .zip(pod_stores)
-        .zip(trigger_streams)
+        .into_iter()
         .enumerate()
-        .map(
-            |(index, (((scope, (policy_reader, policy_writer)), (_, pod_writer)), triggers))| {
-                let policy_stream = watcher(
-                    scoped_api::<GuardedPolicy>(&client, scope),
-                    Default::default(),
-                )
-                .default_backoff()
-                .reflect(policy_writer)
-                .inspect_ok(mark_synced(&synced, &health, 2 * index))
-                .applied_objects();
-                let observations = observations.clone();
-                let pod_stream = watcher(scoped_api::<Pod>(&client, scope), Default::default())
-                    .default_backoff()
-                    .modify(slim_pod)
-                    // Before the reflector: a pass that sees the pod sees its observation.
-                    .inspect_ok(move |event| observations.record(event))
-                    .reflect(pod_writer)
-                    .inspect_ok(mark_synced(&synced, &health, 2 * index + 1))
-                    .touched_objects();
-                let mapper_policies = policy_reader.clone();
-                let shutdown = shutdown.clone();
-                Controller::for_stream(policy_stream, policy_reader)
-                    .watches_stream(pod_stream, move |pod: Pod| {
-                        policies_selecting(&mapper_policies, &pod)
-                    })
-                    // A new leader reconciles everything at once.
-                    .reconcile_all_on(became_leader(fence.subscribe()))
-                    .reconcile_on(triggers)
-                    .with_config(controller::Config::default().concurrency(4))
-                    .graceful_shutdown_on(async move { shutdown.cancelled().await })
-                    .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-                    .for_each(|result| async move {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "controller event");
-                        }
-                    })
-            },
-        )
+        .map(|(index, scope)| scope_controller(&ctx, index, scope, &synced, &shutdown))
         .collect::<Vec<_>>();
     futures::future::join_all(controllers).await;
     ctx.migrations.wait().await;
+}
+
+/// One watched scope: its readers and writers, and the requests for another pass.
+struct Scope {
+    namespace: Option<String>,
+    policies: (Reader<GuardedPolicy>, Writer<GuardedPolicy>),
+    pods: (Reader<Pod>, Writer<Pod>),
+    requests: mpsc::UnboundedReceiver<ObjectRef<GuardedPolicy>>,
+}
+
+/// The Controller of scope number `index`: its watches (streams `2 * index` and
+/// `2 * index + 1` for readiness), run until `shutdown`.
+fn scope_controller(
+    ctx: &Arc<Context>,
+    index: usize,
+    scope: Scope,
+    synced: &Arc<observe::Synced>,
+    shutdown: &CancellationToken,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let Scope {
+        namespace,
+        policies: (policy_reader, policy_writer),
+        pods: (_, pod_writer),
+        requests,
+    } = scope;
+    let client = &ctx.client;
+    let policy_stream = watcher(
+        scoped_api::<GuardedPolicy>(client, &namespace),
+        Default::default(),
+    )
+    .default_backoff()
+    .reflect(policy_writer)
+    .inspect_ok(mark_synced(synced, &ctx.health, 2 * index))
+    .applied_objects();
+    let observations = ctx.observations.clone();
+    let pod_stream = watcher(scoped_api::<Pod>(client, &namespace), Default::default())
+        .default_backoff()
+        .modify(slim_pod)
+        // Before the reflector: a pass that sees the pod sees its observation.
+        .inspect_ok(move |event| observations.record(event))
+        .reflect(pod_writer)
+        .inspect_ok(mark_synced(synced, &ctx.health, 2 * index + 1))
+        .touched_objects();
+    let (mapper_policies, mapper_index) = (policy_reader.clone(), ctx.index.clone());
+    let requests = stream::unfold(requests, |mut rx| async move {
+        rx.recv().await.map(|key| (key, rx))
+    });
+    let shutdown = shutdown.clone();
+    Controller::for_stream(policy_stream, policy_reader)
+        .watches_stream(pod_stream, move |pod: Pod| {
+            policies_selecting(&mapper_policies, &mapper_index, &pod)
+        })
+        // A new leader reconciles everything at once.
+        .reconcile_all_on(became_leader(ctx.fence.subscribe()))
+        .reconcile_on(requests)
+        .with_config(controller::Config::default().concurrency(4))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(pass::reconcile, pass::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
 }
 
 /// Marks watch stream `index` synced at its `InitDone`; the operator is synced once all are.
@@ -348,7 +379,7 @@ async fn probe_store(ctx: Arc<Context>, shutdown: CancellationToken) {
             if ok {
                 tracing::info!("session store reachable again");
             } else {
-                ctx.metrics.error("store");
+                ctx.metrics.error(ErrorKind::Store);
                 tracing::warn!("session store unreachable: not ready");
             }
         }
@@ -382,9 +413,10 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
-/// The policies in the pod's namespace whose selector matches it.
+/// The policies in the pod's namespace whose selector matches it (specs parsed by `index`).
 fn policies_selecting(
     policies: &Reader<GuardedPolicy>,
+    index: &index::PolicyIndex,
     pod: &Pod,
 ) -> Vec<ObjectRef<GuardedPolicy>> {
     let namespace = pod.namespace();
@@ -395,7 +427,7 @@ fn policies_selecting(
         .filter(|p| {
             p.0.as_ref()
                 .ok()
-                .and_then(|policy| ValidPolicy::new(&policy.spec).ok())
+                .and_then(|policy| index.parse(policy).ok())
                 .is_some_and(|valid| valid.selects(pod))
         })
         .map(|p| ObjectRef::from_obj(p.as_ref()))

@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Resource, ResourceExt};
 
-use super::Context;
+use crate::policy::ValidPolicy;
 use crate::policy::overlap::{self, Claimant};
-use crate::policy::{SessionPolicy, ValidPolicy};
 
 /// How long a ceded worker id without sessions stays remembered: longer than the planner
 /// remembers a resolved departure (`max(replacementWait, 10 min)`), for the usual waits.
@@ -34,27 +32,14 @@ pub struct Split {
     pub message: Option<String>,
 }
 
-/// Splits the pods of `namespace` that `valid` selects by the ownership rule.
-pub fn split(ctx: &Context, policy: &SessionPolicy, valid: &ValidPolicy, namespace: &str) -> Split {
-    let me = Claimant {
-        name: policy.name_any(),
-        created: policy.meta().creation_timestamp.as_ref().map(|t| t.0),
-        policy: valid.clone(),
-    };
-    let others: Vec<Claimant> = ctx
-        .all_policies()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace) && p.name_any() != me.name)
-        .filter(|p| p.meta().deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let other = p.0.as_ref().ok()?;
-            Some(Claimant {
-                name: other.name_any(),
-                created: other.meta().creation_timestamp.as_ref().map(|t| t.0),
-                policy: ValidPolicy::new(&other.spec).ok()?,
-            })
-        })
-        .collect();
+/// Splits the pods a policy selects (`me`, parsed as `valid`) by the ownership rule; `others`
+/// are the other valid, non-deleted policies of its namespace.
+pub fn split(
+    me: &Claimant,
+    others: &[Claimant],
+    valid: &ValidPolicy,
+    selected: Vec<Arc<Pod>>,
+) -> Split {
     let mut split = Split {
         owned: Vec::new(),
         ceded: BTreeMap::new(),
@@ -63,12 +48,8 @@ pub fn split(ctx: &Context, policy: &SessionPolicy, valid: &ValidPolicy, namespa
     };
     let mut owners: BTreeSet<String> = BTreeSet::new();
     let mut count = 0;
-    for pod in ctx
-        .all_pods()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace) && valid.selects(p))
-    {
-        match overlap::owner_instead(&me, &others, &pod) {
+    for pod in selected {
+        match overlap::owner_instead(me, others, &pod) {
             None => split.owned.push(pod),
             Some(owner) => {
                 count += 1;

@@ -370,21 +370,54 @@ fn before(t: Timestamp, d: Duration) -> Timestamp {
 
 /// Runs one pass: updates `memory` with what it observes and returns the actions to take.
 pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
-    let now = input.now;
-    let rules = input.rules;
-    let retention = rules.replacement_wait.max(Duration::from_secs(600));
     let mut plan = Plan::default();
+    let pass = Pass::new(input);
+    note_departures(memory, &pass);
+    note_orphans(memory, &pass, &mut plan);
+    // Loads as this plan changes them.
+    let mut loads = input.loads.clone();
+    late_sessions(memory, &pass, &mut plan);
+    pair_departures(memory, &pass, &mut loads, &mut plan);
+    forget(memory, &pass);
+    plan
+}
 
-    // Ids held by a live (non-departing) pod: their sessions stay where they are.
-    let live: BTreeSet<&str> = input
-        .workers
-        .iter()
-        .filter(|w| !w.departing)
-        .map(|w| w.id.as_str())
-        .chain(input.unselected.iter().map(String::as_str))
-        .collect();
+/// What every step of a pass reads.
+struct Pass<'a> {
+    input: &'a Input<'a>,
+    now: Timestamp,
+    rules: &'a Rules,
+    /// How long resolved migrations and pairings are remembered.
+    retention: Duration,
+    /// Ids held by a live (non-departing) pod: their sessions stay where they are.
+    live: BTreeSet<&'a str>,
+    ready: Vec<&'a Worker>,
+}
 
-    // 1. Departures: terminating/finished pods, and pods gone since the last pass.
+impl<'a> Pass<'a> {
+    fn new(input: &'a Input<'a>) -> Self {
+        let live = input
+            .workers
+            .iter()
+            .filter(|w| !w.departing)
+            .map(|w| w.id.as_str())
+            .chain(input.unselected.iter().map(String::as_str))
+            .collect();
+        Self {
+            input,
+            now: input.now,
+            rules: input.rules,
+            retention: input.rules.replacement_wait.max(Duration::from_secs(600)),
+            live,
+            ready: input.workers.iter().filter(|w| w.ready).collect(),
+        }
+    }
+}
+
+/// Step 1. Departures: terminating/finished pods, pods gone since the last pass, and recorded
+/// workers no pod holds.
+fn note_departures(memory: &mut Memory, pass: &Pass<'_>) {
+    let (input, now, live) = (pass.input, pass.now, &pass.live);
     for w in input.workers.iter().filter(|w| w.departing) {
         if !live.contains(w.id.as_str()) && !memory.resolved.contains_key(&w.id) {
             memory.departures.entry(w.id.clone()).or_insert(Departure {
@@ -466,8 +499,11 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
         .departures
         .retain(|id, _| !live.contains(id.as_str()));
     memory.resolved.retain(|id, _| !live.contains(id.as_str()));
+}
 
-    // 2. Orphans: unknown ids with sessions, after a grace period.
+/// Step 2. Orphans: unknown ids with sessions, after a grace period.
+fn note_orphans(memory: &mut Memory, pass: &Pass<'_>, plan: &mut Plan) {
+    let (input, now, rules) = (pass.input, pass.now, pass.rules);
     memory
         .orphans_seen
         .retain(|id, _| input.orphans.contains_key(id));
@@ -495,12 +531,12 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
             plan.wake_at = earliest(plan.wake_at, due);
         }
     }
+}
 
-    // Loads as this plan changes them.
-    let mut loads = input.loads.clone();
-    let ready: Vec<&Worker> = input.workers.iter().filter(|w| w.ready).collect();
-
-    // 3. Late sessions on workers already migrated.
+/// Step 3. Late sessions on workers already migrated.
+fn late_sessions(memory: &mut Memory, pass: &Pass<'_>, plan: &mut Plan) {
+    let (input, now, rules, live, ready) =
+        (pass.input, pass.now, pass.rules, &pass.live, &pass.ready);
     let mut late = Vec::new();
     let mut late_waiting = std::mem::take(&mut memory.late_waiting);
     late_waiting.retain(|id, _| input.with_sessions.contains(id));
@@ -575,8 +611,19 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
             },
         );
     }
+}
 
-    // 4. Pair departures with replacements, oldest departure first.
+/// Step 4. Pair departures with replacements, oldest departure first; without one in time,
+/// `on_terminate` applies.
+fn pair_departures(
+    memory: &mut Memory,
+    pass: &Pass<'_>,
+    loads: &mut BTreeMap<String, u64>,
+    plan: &mut Plan,
+) {
+    let (input, now, rules, live, ready) =
+        (pass.input, pass.now, pass.rules, &pass.live, &pass.ready);
+    let retention = pass.retention;
     memory
         .paired
         .retain(|id, at| live.contains(id.as_str()) && now < after(*at, retention));
@@ -611,7 +658,7 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
                 .iter()
                 .filter(|(_, fit)| *fit == wanted)
                 .map(|(w, _)| *w)
-                .min_by_key(|w| candidate_key(w, &departure, &loads, input.with_sessions))
+                .min_by_key(|w| candidate_key(w, &departure, loads, input.with_sessions))
         };
         let deadline = after(departure.observed_at, rules.replacement_wait);
         // A replacement that is ambiguous (created in the departed pod's second, order unseen)
@@ -625,67 +672,94 @@ pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
         });
         if let Some(to) = replacement {
             paired_now.insert(to.id.clone());
-            plan.actions.push(match rules.on_replace {
-                OnReplace::Reroute => {
-                    let moved = input.loads.get(&id).copied().unwrap_or(0);
-                    *loads.entry(to.id.clone()).or_default() += moved;
-                    Action::Reroute {
-                        from: id,
-                        to: to.id.clone(),
-                        observed_at: departure.observed_at,
-                        reason: Reason::Replaced,
-                    }
-                }
-                OnReplace::Delete => {
-                    memory.delete_pairs.insert(id.clone(), to.id.clone());
-                    Action::Delete {
-                        worker: id,
-                        observed_at: departure.observed_at,
-                        reason: Reason::Replaced,
-                    }
-                }
-            });
+            plan.actions
+                .push(replace(memory, pass, loads, id, &departure, to));
         } else if now < deadline {
             plan.waiting += 1;
             plan.wake_at = earliest(plan.wake_at, deadline);
         } else {
-            match rules.on_terminate {
-                OnTerminate::Delete => plan.actions.push(Action::Delete {
-                    worker: id,
-                    observed_at: departure.observed_at,
-                    reason: Reason::Terminated,
-                }),
-                OnTerminate::Reroute => {
-                    let target = ready
-                        .iter()
-                        .filter(|w| w.id != id)
-                        .min_by_key(|w| candidate_key(w, &departure, &loads, input.with_sessions));
-                    match target {
-                        Some(to) => {
-                            let moved = input.loads.get(&id).copied().unwrap_or(0);
-                            *loads.entry(to.id.clone()).or_default() += moved;
-                            plan.actions.push(Action::Reroute {
-                                from: id,
-                                to: to.id.clone(),
-                                observed_at: departure.observed_at,
-                                reason: Reason::Terminated,
-                            });
-                        }
-                        None => {
-                            plan.waiting += 1;
-                            plan.stuck_no_ready_worker += 1;
-                        }
-                    }
+            terminate(pass, loads, plan, id, &departure);
+        }
+    }
+}
+
+/// The action that hands a departure's sessions to its replacement `to`.
+fn replace(
+    memory: &mut Memory,
+    pass: &Pass<'_>,
+    loads: &mut BTreeMap<String, u64>,
+    id: String,
+    departure: &Departure,
+    to: &Worker,
+) -> Action {
+    match pass.rules.on_replace {
+        OnReplace::Reroute => {
+            let moved = pass.input.loads.get(&id).copied().unwrap_or(0);
+            *loads.entry(to.id.clone()).or_default() += moved;
+            Action::Reroute {
+                from: id,
+                to: to.id.clone(),
+                observed_at: departure.observed_at,
+                reason: Reason::Replaced,
+            }
+        }
+        OnReplace::Delete => {
+            memory.delete_pairs.insert(id.clone(), to.id.clone());
+            Action::Delete {
+                worker: id,
+                observed_at: departure.observed_at,
+                reason: Reason::Replaced,
+            }
+        }
+    }
+}
+
+/// A departure without a replacement after `replacement_wait`: `on_terminate`.
+fn terminate(
+    pass: &Pass<'_>,
+    loads: &mut BTreeMap<String, u64>,
+    plan: &mut Plan,
+    id: String,
+    departure: &Departure,
+) {
+    let (input, ready) = (pass.input, &pass.ready);
+    match pass.rules.on_terminate {
+        OnTerminate::Delete => plan.actions.push(Action::Delete {
+            worker: id,
+            observed_at: departure.observed_at,
+            reason: Reason::Terminated,
+        }),
+        OnTerminate::Reroute => {
+            let target = ready
+                .iter()
+                .filter(|w| w.id != id)
+                .min_by_key(|w| candidate_key(w, departure, loads, input.with_sessions));
+            match target {
+                Some(to) => {
+                    let moved = input.loads.get(&id).copied().unwrap_or(0);
+                    *loads.entry(to.id.clone()).or_default() += moved;
+                    plan.actions.push(Action::Reroute {
+                        from: id,
+                        to: to.id.clone(),
+                        observed_at: departure.observed_at,
+                        reason: Reason::Terminated,
+                    });
+                }
+                None => {
+                    plan.waiting += 1;
+                    plan.stuck_no_ready_worker += 1;
                 }
             }
         }
     }
+}
 
-    // 5. Forget what no longer matters.
+/// Step 5. Forget what no longer matters.
+fn forget(memory: &mut Memory, pass: &Pass<'_>) {
+    let (input, now, retention) = (pass.input, pass.now, pass.retention);
     memory
         .resolved
         .retain(|id, (_, at, _)| input.with_sessions.contains(id) || now < after(*at, retention));
-    plan
 }
 
 /// How well a Ready worker fits as the replacement of a departure.

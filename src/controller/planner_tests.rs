@@ -1757,6 +1757,65 @@ impl Sim {
         }
     }
 
+    /// The per-pass invariants of a plan's actions.
+    fn check_actions(
+        &self,
+        plan: &Plan,
+        workers: &[Worker],
+        live: &BTreeSet<&str>,
+        landed: &[Action],
+        running: &[Action],
+    ) -> Result<(), TestCaseError> {
+        let mut replacements = BTreeSet::new();
+        let mut sources = BTreeSet::new();
+        for action in &plan.actions {
+            // (2) Sessions of a live worker stay where they are.
+            prop_assert!(
+                !live.contains(action.worker()),
+                "action on live worker: {action:?}\nworkers: {workers:?}"
+            );
+            prop_assert!(
+                sources.insert(action.worker().to_string()),
+                "two actions for one worker: {:?}",
+                plan.actions
+            );
+            prop_assert!(
+                !landed
+                    .iter()
+                    .chain(running)
+                    .any(|a| a.worker() == action.worker()),
+                "planned again while in flight: {action:?}\nin flight: {landed:?} {running:?}"
+            );
+            if let Action::Reroute {
+                from, to, reason, ..
+            } = action
+            {
+                // (1) Only ever onto a Ready pod, never onto a departing one.
+                prop_assert!(
+                    workers.iter().any(|w| &w.id == to && w.ready),
+                    "reroute to a worker that is not Ready: {action:?}\nworkers: {workers:?}"
+                );
+                prop_assert!(
+                    !workers.iter().any(|w| &w.id == to && w.departing),
+                    "reroute to a departing worker: {action:?}"
+                );
+                prop_assert_ne!(from, to);
+                if *reason == Reason::Replaced {
+                    prop_assert!(
+                        replacements.insert(to.clone()),
+                        "two departures onto one replacement: {:?}",
+                        plan.actions
+                    );
+                    prop_assert!(
+                        !self.replaced_onto.contains_key(to),
+                        "{to} replaced another departure already: {action:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One controller pass; checks the per-pass invariants.
     fn pass(&mut self) -> Result<(), TestCaseError> {
         let (landed, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
@@ -1810,53 +1869,7 @@ impl Sim {
         let now = self.now;
         self.replaced_onto
             .retain(|id, at| live.contains(id.as_str()) && now < *at + retention);
-        let mut replacements = BTreeSet::new();
-        let mut sources = BTreeSet::new();
-        for action in &plan.actions {
-            // (2) Sessions of a live worker stay where they are.
-            prop_assert!(
-                !live.contains(action.worker()),
-                "action on live worker: {action:?}\nworkers: {workers:?}"
-            );
-            prop_assert!(
-                sources.insert(action.worker().to_string()),
-                "two actions for one worker: {:?}",
-                plan.actions
-            );
-            prop_assert!(
-                !landed
-                    .iter()
-                    .chain(&running)
-                    .any(|a| a.worker() == action.worker()),
-                "planned again while in flight: {action:?}\nin flight: {landed:?} {running:?}"
-            );
-            if let Action::Reroute {
-                from, to, reason, ..
-            } = action
-            {
-                // (1) Only ever onto a Ready pod, never onto a departing one.
-                prop_assert!(
-                    workers.iter().any(|w| &w.id == to && w.ready),
-                    "reroute to a worker that is not Ready: {action:?}\nworkers: {workers:?}"
-                );
-                prop_assert!(
-                    !workers.iter().any(|w| &w.id == to && w.departing),
-                    "reroute to a departing worker: {action:?}"
-                );
-                prop_assert_ne!(from, to);
-                if *reason == Reason::Replaced {
-                    prop_assert!(
-                        replacements.insert(to.clone()),
-                        "two departures onto one replacement: {:?}",
-                        plan.actions
-                    );
-                    prop_assert!(
-                        !self.replaced_onto.contains_key(to),
-                        "{to} replaced another departure already: {action:?}"
-                    );
-                }
-            }
-        }
+        self.check_actions(&plan, &workers, &live, &landed, &running)?;
 
         let now = t(self.now);
         for action in &landed {

@@ -22,7 +22,9 @@ use kube::runtime::reflector::ObjectRef;
 use super::planner::{Memory, Recorded, Remembered};
 use super::workers::Family;
 use super::{Context, GuardedPolicy};
-use crate::store::WorkerRecord;
+use crate::leader::NotLeader;
+use crate::store::{StoreError, WorkerRecord};
+use crate::telemetry::ErrorKind;
 
 /// What a policy's state knows about its records in the store.
 #[derive(Debug, Default)]
@@ -77,7 +79,7 @@ pub(super) async fn load(
             records.loaded_as = Some(leader);
         }
         Err(e) => {
-            ctx.metrics.error("worker_records");
+            ctx.metrics.error(ErrorKind::WorkerRecords);
             tracing::warn!(%policy, error = %e, "loading the policy's worker records failed; retrying");
         }
     }
@@ -109,10 +111,19 @@ pub(super) async fn save(
             }
         }
         Err(e) => {
-            ctx.metrics.error("worker_records");
+            ctx.metrics.error(ErrorKind::WorkerRecords);
             tracing::warn!(%policy, error = %e, "writing the policy's worker records failed; retrying");
         }
     }
+}
+
+/// Why worker records could not be written (retried by the next pass).
+#[derive(Debug, thiserror::Error)]
+enum PersistError {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The one place that writes worker records: behind the leader fence, like every store mutation.
@@ -121,12 +132,9 @@ async fn persist(
     policy: &str,
     upsert: &[WorkerRecord],
     remove: &[String],
-) -> Result<(), String> {
-    ctx.fence.check().map_err(|e| e.to_string())?;
-    ctx.records
-        .apply(policy, upsert, remove)
-        .await
-        .map_err(|e| e.to_string())
+) -> Result<(), PersistError> {
+    ctx.fence.check()?;
+    Ok(ctx.records.apply(policy, upsert, remove).await?)
 }
 
 /// The records to write and to remove so that the store holds `remembered`. A record whose

@@ -7,6 +7,78 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+/// The reasons of the `Ready` condition. **Declaration order is priority**: when several
+/// apply, the first one is shown (docs/operator.md, "Conditions and their priority").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReadyReason {
+    /// The spec cannot be acted on; nothing else is looked at.
+    InvalidSpec,
+    /// The session store could not be read: the pass learned nothing.
+    StoreUnavailable,
+    /// `spec.paused`: nothing is mutated, so no migration can be failing on purpose.
+    Paused,
+    /// A departed worker's migration kept failing (or kept leaving sessions) for
+    /// [`PERSISTENT`] or more.
+    MigrationFailing,
+    /// The last pass succeeded.
+    Reconciled,
+}
+
+impl ReadyReason {
+    /// The condition's `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::StoreUnavailable => "StoreUnavailable",
+            ReadyReason::Paused => "Paused",
+            ReadyReason::MigrationFailing => "MigrationFailing",
+            ReadyReason::Reconciled => "Reconciled",
+        }
+    }
+
+    /// The condition's status with this reason.
+    pub fn is_ready(self) -> bool {
+        matches!(self, ReadyReason::Paused | ReadyReason::Reconciled)
+    }
+}
+
+/// The reasons of `Degraded=True`. **Declaration order is priority**: `Degraded` shows one
+/// reason at a time, the first that applies; fixing it may reveal the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DegradedReason {
+    InvalidSpec,
+    StoreUnavailable,
+    /// Some selected pods belong to another policy.
+    OverlappingSelector,
+    /// Selected pods lack the label or annotation that holds the worker id.
+    WorkerIdMissing,
+    /// A migration failed (shown at once).
+    MigrationFailed,
+    /// A migrated worker kept holding sessions for [`PERSISTENT`] or more.
+    MigrationIncomplete,
+    /// Departed workers wait for a Ready worker to take their sessions.
+    NoReadyWorker,
+    IdleSweepFailed,
+    DeletionCostFailed,
+}
+
+impl DegradedReason {
+    /// The condition's `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DegradedReason::InvalidSpec => "InvalidSpec",
+            DegradedReason::StoreUnavailable => "StoreUnavailable",
+            DegradedReason::OverlappingSelector => "OverlappingSelector",
+            DegradedReason::WorkerIdMissing => "WorkerIdMissing",
+            DegradedReason::MigrationFailed => "MigrationFailed",
+            DegradedReason::MigrationIncomplete => "MigrationIncomplete",
+            DegradedReason::NoReadyWorker => "NoReadyWorker",
+            DegradedReason::IdleSweepFailed => "IdleSweepFailed",
+            DegradedReason::DeletionCostFailed => "DeletionCostFailed",
+        }
+    }
+}
+
 /// One condition as the reconciler decides it; turned into a `metav1.Condition` that keeps its
 /// `lastTransitionTime` while its status does not change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,14 +159,14 @@ pub const PERSISTENT: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 pub struct MigrationHealth {
     /// worker → (since, reason, message)
-    troubled: BTreeMap<String, (Instant, &'static str, String)>,
+    troubled: BTreeMap<String, (Instant, DegradedReason, String)>,
 }
 
 /// What [`MigrationHealth`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trouble {
     /// `MigrationFailed` or `MigrationIncomplete`.
-    pub reason: &'static str,
+    pub reason: DegradedReason,
     pub message: String,
     /// Longer than [`PERSISTENT`]: `Ready` is False.
     pub persistent: bool,
@@ -117,20 +189,21 @@ impl MigrationHealth {
         self.troubled
             .retain(|id, _| failing.contains_key(id) || lingering.contains(id));
         for (id, error) in failing {
-            let entry =
-                self.troubled
-                    .entry(id.clone())
-                    .or_insert((now, "MigrationFailed", String::new()));
-            entry.1 = "MigrationFailed";
+            let entry = self.troubled.entry(id.clone()).or_insert((
+                now,
+                DegradedReason::MigrationFailed,
+                String::new(),
+            ));
+            entry.1 = DegradedReason::MigrationFailed;
             entry.2 = error.clone();
         }
         for id in lingering.iter().filter(|id| !failing.contains_key(*id)) {
             let entry = self.troubled.entry(id.clone()).or_insert((
                 now,
-                "MigrationIncomplete",
+                DegradedReason::MigrationIncomplete,
                 String::new(),
             ));
-            entry.1 = "MigrationIncomplete";
+            entry.1 = DegradedReason::MigrationIncomplete;
             entry.2 = "still holds sessions after its migration (rows locked by another \
                        transaction, or a proxy still writing for the departed worker); retrying"
                 .into();
@@ -145,8 +218,9 @@ impl MigrationHealth {
     fn verdict_at(&self, now: Instant) -> Option<Trouble> {
         // Late sessions come and go during any rollout with lagging proxies: sessions left
         // behind count only once they persist; a failed migration counts at once.
-        let shown = |(since, reason, _): &(Instant, &'static str, String)| {
-            *reason == "MigrationFailed" || now.saturating_duration_since(*since) >= PERSISTENT
+        let shown = |(since, reason, _): &(Instant, DegradedReason, String)| {
+            *reason == DegradedReason::MigrationFailed
+                || now.saturating_duration_since(*since) >= PERSISTENT
         };
         let count = self.troubled.values().filter(|t| shown(t)).count();
         let (worker, (since, reason, message)) = self
@@ -156,7 +230,7 @@ impl MigrationHealth {
             .min_by_key(|(id, (since, _, _))| (*since, *id))?;
         let age = now.saturating_duration_since(*since);
         Some(Trouble {
-            reason,
+            reason: *reason,
             message: format!(
                 "{count} worker(s) not fully migrated; worker {worker} for {}s: {message}",
                 age.as_secs()
@@ -196,7 +270,7 @@ mod tests {
         let early = health
             .verdict_at(t0 + Duration::from_secs(5))
             .expect("trouble");
-        assert_eq!(early.reason, "MigrationFailed");
+        assert_eq!(early.reason, DegradedReason::MigrationFailed);
         assert!(!early.persistent);
         assert!(early.message.contains("worker w-1") && early.message.contains("lock timeout"));
         // Still failing later: persistent. The start time is kept across passes.
@@ -211,7 +285,7 @@ mod tests {
         let lingering: BTreeSet<String> = ["w-1".to_string()].into();
         health.observe_at(t0 + PERSISTENT, &BTreeMap::new(), &lingering);
         let incomplete = health.verdict_at(t0 + PERSISTENT).expect("trouble");
-        assert_eq!(incomplete.reason, "MigrationIncomplete");
+        assert_eq!(incomplete.reason, DegradedReason::MigrationIncomplete);
         assert!(incomplete.persistent);
         // Done: healthy.
         health.observe_at(t0 + PERSISTENT, &BTreeMap::new(), &BTreeSet::new());

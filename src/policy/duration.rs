@@ -6,16 +6,21 @@ use std::time::Duration;
 /// The pattern the CRD schema enforces; [`parse`] accepts exactly these strings.
 pub const PATTERN: &str = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+)$";
 
+/// A duration string the schema pattern rejects; the text names the offending part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(String);
+
 /// Parses a duration such as `1h30m`, `90s`, `1.5h`, `250ms` or `0`.
 ///
 /// Negative durations do not exist in a policy; anything the schema pattern rejects is an error
 /// naming the offending text.
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, ParseError> {
     if text == "0" {
         return Ok(Duration::ZERO);
     }
     if text.is_empty() {
-        return Err("empty duration".into());
+        return Err(ParseError("empty duration".into()));
     }
     let mut total = 0f64;
     let mut rest = text;
@@ -23,14 +28,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         let number_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| {
-                format!("{text:?}: missing unit after {rest:?} (use ns, us, ms, s, m or h)")
+                ParseError(format!(
+                    "{text:?}: missing unit after {rest:?} (use ns, us, ms, s, m or h)"
+                ))
             })?;
         let (number, tail) = rest.split_at(number_len);
         let value: f64 = number
             .parse()
             .ok()
             .filter(|_| !number.is_empty() && !number.starts_with('.') && !number.ends_with('.'))
-            .ok_or_else(|| format!("{text:?}: expected a number before the unit"))?;
+            .ok_or_else(|| ParseError(format!("{text:?}: expected a number before the unit")))?;
         let unit_len = tail
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(tail.len());
@@ -43,15 +50,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "m" => 60.0,
             "h" => 3600.0,
             _ => {
-                return Err(format!(
+                return Err(ParseError(format!(
                     "{text:?}: unknown unit {unit:?} (use ns, us, ms, s, m or h)"
-                ));
+                )));
             }
         };
         total += value * seconds_per_unit;
         rest = next;
     }
-    Duration::try_from_secs_f64(total).map_err(|_| format!("{text:?}: duration out of range"))
+    Duration::try_from_secs_f64(total)
+        .map_err(|_| ParseError(format!("{text:?}: duration out of range")))
 }
 
 /// Formats a duration the way Go and kubectl print it (`1h30m0s`, `250ms`, `0s`).

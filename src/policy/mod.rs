@@ -31,6 +31,24 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// coalescing), so a shorter TTL would sweep sessions in use.
 pub const MIN_IDLE_TTL: Duration = Duration::from_secs(60);
 
+/// Why a spec cannot be acted on. Its text names the field and what is wrong with it: it is the
+/// message of the policy's `Ready=False, InvalidSpec` condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+impl From<String> for InvalidSpec {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for InvalidSpec {
+    fn from(message: &str) -> Self {
+        Self(message.to_string())
+    }
+}
+
 /// A policy whose spec was checked and parsed: durations as [`Duration`]s, the selector as a
 /// matcher.
 #[derive(Debug, Clone)]
@@ -50,10 +68,10 @@ pub struct ValidPolicy {
 impl ValidPolicy {
     /// Checks a spec; the error names the field and what is wrong with it (it becomes the
     /// message of a `Ready=False` condition with reason `InvalidSpec`).
-    pub fn new(spec: &SessionPolicySpec) -> Result<Self, String> {
+    pub fn new(spec: &SessionPolicySpec) -> Result<Self, InvalidSpec> {
         selector::validate(&spec.selector)?;
-        let selector =
-            Selector::try_from(spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
+        let selector = Selector::try_from(spec.selector.clone())
+            .map_err(|e| InvalidSpec(format!("spec.selector: {e}")))?;
         let needs_key = matches!(
             spec.worker_id.from,
             WorkerIdSource::Label | WorkerIdSource::Annotation
@@ -64,34 +82,35 @@ impl ValidPolicy {
             );
         }
         let field = |name: &str, text: &str| {
-            duration::parse(text).map_err(|e| format!("spec.{name}: invalid duration {e}"))
+            duration::parse(text)
+                .map_err(|e| InvalidSpec(format!("spec.{name}: invalid duration {e}")))
         };
         let idle_ttl = field("idleTTL", &spec.idle_ttl)?;
         if !idle_ttl.is_zero() && idle_ttl < MIN_IDLE_TTL {
-            return Err(format!(
+            return Err(InvalidSpec(format!(
                 "spec.idleTTL: {:?} must be 0s (no idle sweep) or at least {}",
                 spec.idle_ttl,
                 duration::format(MIN_IDLE_TTL)
-            ));
+            )));
         }
         let idle_sweep_interval = field("idleSweepInterval", &spec.idle_sweep_interval)?;
         if idle_sweep_interval < MIN_INTERVAL {
-            return Err(format!(
+            return Err(InvalidSpec(format!(
                 "spec.idleSweepInterval: {:?} must be at least {}",
                 spec.idle_sweep_interval,
                 duration::format(MIN_INTERVAL)
-            ));
+            )));
         }
         let replacement_wait = field(
             "migration.replacementWait",
             &spec.migration.replacement_wait,
         )?;
         if !replacement_wait.is_zero() && replacement_wait < MIN_INTERVAL {
-            return Err(format!(
+            return Err(InvalidSpec(format!(
                 "spec.migration.replacementWait: {:?} must be 0s (no wait) or at least {}",
                 spec.migration.replacement_wait,
                 duration::format(MIN_INTERVAL)
-            ));
+            )));
         }
         Ok(Self {
             selector,
@@ -203,7 +222,7 @@ mod tests {
         ];
         for (value, field) in cases {
             let err = ValidPolicy::new(&spec(value.clone())).expect_err(&value.to_string());
-            assert!(err.starts_with(field), "{err} should name {field}");
+            assert!(err.0.starts_with(field), "{err} should name {field}");
         }
     }
 

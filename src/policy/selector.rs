@@ -10,6 +10,13 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use schemars::{Schema, SchemaGenerator, json_schema};
 
+use super::InvalidSpec;
+
+/// A label key or value Kubernetes rejects; the text says what a valid one looks like.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidLabel(String);
+
 /// Longest label name (the part after an optional `prefix/`).
 pub const NAME_MAX: usize = 63;
 /// Longest label key prefix (a DNS subdomain).
@@ -34,7 +41,7 @@ const VALUE_HELP: &str = "a label value is empty or at most 63 characters: alpha
 
 /// Checks a selector; the error names the offending field (`spec.selector…`) the way
 /// Kubernetes' field errors do.
-pub fn validate(selector: &LabelSelector) -> Result<(), String> {
+pub fn validate(selector: &LabelSelector) -> Result<(), InvalidSpec> {
     let field = "spec.selector";
     let labels = selector.match_labels.as_ref();
     let exprs = selector.match_expressions.as_deref().unwrap_or_default();
@@ -49,25 +56,25 @@ pub fn validate(selector: &LabelSelector) -> Result<(), String> {
         match req.operator.as_str() {
             "In" | "NotIn" => {
                 if values.is_empty() {
-                    return Err(format!(
+                    return Err(InvalidSpec(format!(
                         "{at}.values: Required value: must be specified when `operator` is \
                          'In' or 'NotIn'"
-                    ));
+                    )));
                 }
             }
             "Exists" | "DoesNotExist" => {
                 if !values.is_empty() {
-                    return Err(format!(
+                    return Err(InvalidSpec(format!(
                         "{at}.values: Forbidden: may not be specified when `operator` is \
                          'Exists' or 'DoesNotExist'"
-                    ));
+                    )));
                 }
             }
             other => {
-                return Err(format!(
+                return Err(InvalidSpec(format!(
                     "{at}.operator: Unsupported value: {other:?}: supported values: \"In\", \
                      \"NotIn\", \"Exists\", \"DoesNotExist\""
-                ));
+                )));
             }
         }
         check_key(&req.key)
@@ -78,69 +85,73 @@ pub fn validate(selector: &LabelSelector) -> Result<(), String> {
         }
     }
     if exprs.len() > MAX_REQUIREMENTS {
-        return Err(format!(
+        return Err(InvalidSpec(format!(
             "{field}.matchExpressions: Too many: {}: must have at most {MAX_REQUIREMENTS} items",
             exprs.len()
-        ));
+        )));
     }
     let positive = labels.is_some_and(|l| !l.is_empty())
         || exprs
             .iter()
             .any(|r| matches!(r.operator.as_str(), "In" | "Exists"));
     if !positive {
-        return Err(format!(
+        return Err(InvalidSpec(format!(
             "{field} must name what it selects: at least one matchLabels entry or a \
              matchExpressions requirement with operator In or Exists (NotIn and DoesNotExist \
              alone select every other pod of the namespace)"
-        ));
+        )));
     }
     Ok(())
 }
 
 /// A label key: `[prefix/]name` (Kubernetes' `IsQualifiedName`).
-pub fn check_key(key: &str) -> Result<(), String> {
+pub fn check_key(key: &str) -> Result<(), InvalidLabel> {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
     if let Some(prefix) = prefix {
         if prefix.is_empty() {
-            return Err(format!("prefix part must be non-empty; {KEY_HELP}"));
+            return Err(InvalidLabel(format!(
+                "prefix part must be non-empty; {KEY_HELP}"
+            )));
         }
         if prefix.len() > PREFIX_MAX {
-            return Err(format!(
+            return Err(InvalidLabel(format!(
                 "prefix part must be no more than {PREFIX_MAX} characters; {KEY_HELP}"
-            ));
+            )));
         }
         if !full_match(SUBDOMAIN_RE, prefix) {
-            return Err(format!(
+            return Err(InvalidLabel(format!(
                 "prefix part must be a lowercase DNS subdomain; {KEY_HELP}"
-            ));
+            )));
         }
     }
     if name.is_empty() {
-        return Err(format!("name part must be non-empty; {KEY_HELP}"));
+        return Err(InvalidLabel(format!(
+            "name part must be non-empty; {KEY_HELP}"
+        )));
     }
     if name.len() > NAME_MAX {
-        return Err(format!(
+        return Err(InvalidLabel(format!(
             "name part must be no more than {NAME_MAX} characters; {KEY_HELP}"
-        ));
+        )));
     }
     if !full_match(NAME_RE, name) {
-        return Err(format!("name part is malformed; {KEY_HELP}"));
+        return Err(InvalidLabel(format!("name part is malformed; {KEY_HELP}")));
     }
     Ok(())
 }
 
 /// A label value (Kubernetes' `IsValidLabelValue`).
-pub fn check_value(value: &str) -> Result<(), String> {
+pub fn check_value(value: &str) -> Result<(), InvalidLabel> {
     if value.len() > VALUE_MAX {
-        return Err(format!(
+        return Err(InvalidLabel(format!(
             "must be no more than {VALUE_MAX} characters; {VALUE_HELP}"
-        ));
+        )));
     }
     if !value.is_empty() && !full_match(NAME_RE, value) {
-        return Err(VALUE_HELP.to_string());
+        return Err(InvalidLabel(VALUE_HELP.to_string()));
     }
     Ok(())
 }
@@ -265,7 +276,9 @@ mod tests {
     }
 
     fn err(value: serde_json::Value) -> String {
-        validate(&selector(value.clone())).expect_err(&value.to_string())
+        validate(&selector(value.clone()))
+            .expect_err(&value.to_string())
+            .to_string()
     }
 
     #[test]

@@ -6,9 +6,18 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::Fence;
-use crate::store::Store;
-use crate::telemetry::{Metrics, StoreOp};
+use crate::leader::{Fence, NotLeader};
+use crate::store::{Store, StoreError};
+use crate::telemetry::{ErrorKind, Metrics, StoreOp};
+
+/// Why an idle sweep did not run or did not finish; reported as `Degraded=True, IdleSweepFailed`.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    #[error("idle sweep: {0}")]
+    Store(#[from] StoreError),
+}
 
 /// Removes expired sessions (`expires_at` passed) every `interval` while leading.
 pub async fn expiry_loop(
@@ -40,7 +49,7 @@ pub async fn expiry_loop(
                 );
             }
             Err(e) => {
-                metrics.error("store");
+                metrics.error(ErrorKind::Store);
                 tracing::warn!(error = %e, "expiry sweep failed");
             }
         }
@@ -55,15 +64,12 @@ pub async fn idle(
     metrics: &Metrics,
     ttl: Duration,
     worker_ids: &[String],
-) -> Result<u64, String> {
-    fence.check().map_err(|e| e.to_string())?;
+) -> Result<u64, SweepError> {
+    fence.check()?;
     let started = Instant::now();
     let result = store.sweep_idle_for_workers(ttl, worker_ids).await;
     metrics.observe_store(StoreOp::SweepIdle, started.elapsed());
-    let removed = result.map_err(|e| {
-        metrics.error("store");
-        format!("idle sweep: {e}")
-    })?;
+    let removed = result.inspect_err(|_| metrics.error(ErrorKind::Store))?;
     metrics.swept("idle", removed);
     Ok(removed)
 }

@@ -92,14 +92,60 @@ pub struct CacheMetrics {
 /// Label values of the labelled counters that exist from the start: a family without children is
 /// not exported at all, so without them `session_operator_errors_total` would be missing from
 /// /metrics until the first error, and alerts and dashboards would show no data instead of 0.
-const ERROR_KINDS: [&str; 5] = ["store", "kube", "invalid_policy", "fenced", "event"];
+/// What went wrong, as counted in `session_operator_errors_total{kind}`. The label strings are
+/// part of the interface: the chart's PrometheusRule and dashboards match them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A store call failed (pass, migration, sweep, the readiness probe).
+    Store,
+    /// A reconcile failed on a Kubernetes API call (e.g. the status write).
+    Kube,
+    /// A pass over a policy whose spec is invalid.
+    InvalidPolicy,
+    /// A mutation refused by the leader fence (deadline or epoch).
+    Fenced,
+    /// A migration left sessions another transaction holds locked (retried).
+    Locked,
+    /// An Event could not be queued or published.
+    Event,
+    /// Loading or writing a policy's durable worker records failed.
+    WorkerRecords,
+}
+
+impl ErrorKind {
+    /// Every kind, each exported at 0 from the start so that rates and alerts see the series.
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Store,
+        ErrorKind::Kube,
+        ErrorKind::InvalidPolicy,
+        ErrorKind::Fenced,
+        ErrorKind::Locked,
+        ErrorKind::Event,
+        ErrorKind::WorkerRecords,
+    ];
+
+    /// The `kind` label value.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            ErrorKind::Store => "store",
+            ErrorKind::Kube => "kube",
+            ErrorKind::InvalidPolicy => "invalid_policy",
+            ErrorKind::Fenced => "fenced",
+            ErrorKind::Locked => "locked",
+            ErrorKind::Event => "event",
+            ErrorKind::WorkerRecords => "worker_records",
+        }
+    }
+}
+
 const RECONCILE_RESULTS: [&str; 2] = ["ok", "error"];
 const SWEEPS: [&str; 2] = ["idle", "expiry"];
 
 impl Default for Metrics {
     fn default() -> Self {
         let metrics = Self::empty();
-        for kind in ERROR_KINDS {
+        for kind in ErrorKind::ALL {
+            let kind = kind.metric_label();
             drop(metrics.errors.get_or_create(&KindLabels { kind }));
         }
         for result in RECONCILE_RESULTS {
@@ -233,7 +279,8 @@ impl Metrics {
             .inc_by(sessions);
     }
 
-    pub fn error(&self, kind: &'static str) {
+    pub fn error(&self, kind: ErrorKind) {
+        let kind = kind.metric_label();
         self.errors.get_or_create(&KindLabels { kind }).inc();
     }
 
@@ -254,7 +301,7 @@ mod tests {
         Metrics::default().register(&mut registry);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        for kind in ERROR_KINDS {
+        for kind in ErrorKind::ALL.map(ErrorKind::metric_label) {
             let line = format!("session_operator_errors_total{{kind=\"{kind}\"}} 0");
             assert!(out.lines().any(|l| l == line), "{line} missing in\n{out}");
         }

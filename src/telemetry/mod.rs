@@ -6,6 +6,6 @@ mod policy_metrics;
 mod server;
 
 pub use logging::{LogFormat, init_cli_logging, init_operator_logging};
-pub use metrics::{Metrics, StoreOp};
+pub use metrics::{ErrorKind, Metrics, StoreOp};
 pub use policy_metrics::PolicySnapshot;
 pub use server::{Health, serve};
