@@ -271,13 +271,49 @@ pub async fn run(
     )
     .await;
     observer.abort();
+    let left = release_window(
+        result.is_ok(),
+        fence.in_term(),
+        fence.deadline(),
+        Instant::now(),
+    );
     fence.end_term();
-    if let Err(e) = manager.release().await {
-        tracing::warn!(error = %e, "releasing the lease failed; it expires by itself");
-    } else {
-        tracing::info!(identity = %config.identity, "lease released");
+    match left {
+        // The release patch carries no resourceVersion, and the election library also sends it
+        // when the Lease it last read has expired: sent after a lost term (or answered after
+        // the deadline), it could clear the holder another replica has meanwhile — that
+        // replica would then lead with no Lease behind it. So only a shutdown of a replica that
+        // still holds a confirmed lease releases it, and only while its deadline lasts.
+        Some(left) => match tokio::time::timeout(left, manager.release()).await {
+            Ok(Ok(())) => tracing::info!(identity = %config.identity, "lease released"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "releasing the lease failed; it expires by itself");
+            }
+            Err(_) => tracing::warn!("releasing the lease timed out; it expires by itself"),
+        },
+        None if result.is_err() => tracing::info!(
+            identity = %config.identity,
+            "not releasing the lease: the term was lost; it expires by itself"
+        ),
+        None => {}
     }
     result
+}
+
+/// How long a release may take: the time left to the fence deadline, when the campaign ended
+/// cleanly (a shutdown) while this replica held a confirmed lease; else `None`, no release.
+fn release_window(
+    clean: bool,
+    in_term: bool,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    if !(clean && in_term) {
+        return None;
+    }
+    deadline
+        .and_then(|d| d.checked_duration_since(now))
+        .filter(|left| !left.is_zero())
 }
 
 async fn build_manager(client: &Client, config: &LeaseConfig) -> anyhow::Result<LeaseManager> {
@@ -627,6 +663,23 @@ mod tests {
         );
         assert_eq!(view.observe(None), None, "another holder seen: not ours");
         assert_eq!(view.observe(Some(now)), Some(later));
+    }
+
+    #[test]
+    fn only_a_shutdown_within_a_confirmed_term_releases_the_lease() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(3);
+        assert_eq!(
+            release_window(true, true, Some(later), now),
+            Some(Duration::from_secs(3))
+        );
+        // A lost term: another replica may hold the Lease by the time the patch arrives.
+        assert_eq!(release_window(false, true, Some(later), now), None);
+        // Shut down past the deadline, or with a view of another holder: not ours to release.
+        assert_eq!(release_window(true, true, Some(now), now), None);
+        assert_eq!(release_window(true, true, None, now), None);
+        // A standby holds nothing.
+        assert_eq!(release_window(true, false, Some(later), now), None);
     }
 
     #[test]
