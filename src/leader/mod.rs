@@ -40,6 +40,10 @@ struct FenceInner {
     deadline: Mutex<Option<Instant>>,
     /// The epoch of this term, once claimed in the store.
     claim: Mutex<Claim>,
+    /// Between `became leader` and the term's end. Only a term can be lost: a standby that sees
+    /// its own identity on an expired Lease (left by an earlier process with the same name) is
+    /// not a deposed leader.
+    in_term: std::sync::atomic::AtomicBool,
     leading: watch::Sender<bool>,
 }
 
@@ -68,6 +72,7 @@ impl Fence {
                 scope: scope.to_string(),
                 deadline: Mutex::new(deadline),
                 claim: Mutex::new(claim),
+                in_term: std::sync::atomic::AtomicBool::new(false),
                 leading,
             }),
         }
@@ -133,16 +138,43 @@ impl Fence {
         self.inner.leading.subscribe()
     }
 
+    /// The deadline the newest observation of the Lease grants (`None`: not ours). It never
+    /// touches the term's epoch claim: an observation can be older than the term (a read sent
+    /// before this replica took the lease and answered after it claimed its epoch), and such a
+    /// stale view must only close the fence until the next observation, not for the whole term.
     fn set_deadline(&self, deadline: Option<Instant>) {
         *self
             .inner
             .deadline
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = deadline;
-        if deadline.is_none() {
-            // A later term claims an epoch of its own.
-            *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = Claim::Pending;
-        }
+        self.notify();
+    }
+
+    /// A new term starts: its epoch has yet to be claimed.
+    fn begin_term(&self) {
+        self.inner
+            .in_term
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_claim(Claim::Pending);
+    }
+
+    fn in_term(&self) -> bool {
+        self.inner.in_term.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The term is over (lost, or the lease released): the fence closes and a later term claims
+    /// an epoch of its own.
+    fn end_term(&self) {
+        self.inner
+            .in_term
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        *self
+            .inner
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = Claim::Pending;
         self.notify();
     }
 
@@ -239,7 +271,7 @@ pub async fn run(
     )
     .await;
     observer.abort();
-    fence.set_deadline(None);
+    fence.end_term();
     if let Err(e) = manager.release().await {
         tracing::warn!(error = %e, "releasing the lease failed; it expires by itself");
     } else {
@@ -311,6 +343,7 @@ async fn campaign(
         match step {
             Step::Continue => {}
             Step::Elected => {
+                term.fence.begin_term();
                 claiming = Some(tokio::spawn(claim_epoch(
                     term.fence.clone(),
                     term.store.clone(),
@@ -383,9 +416,13 @@ async fn campaign_step(
     }
 }
 
-/// Watches the Lease and keeps the fence's deadline at last confirmed renewal + duration −
-/// safety margin. Cancels `lost` when a held lease's deadline passes without renewal, and
-/// notifies `released` when the lease has no holder.
+/// Follows the Lease and keeps the fence's deadline at last confirmed renewal + duration −
+/// safety margin. Cancels `lost` when a term's deadline passes without renewal, and notifies
+/// `released` when the lease has no holder.
+///
+/// Besides the watch, the Lease is read every third of its duration: a watch whose connection
+/// hangs (a blackholed network) delivers nothing and reports no error for minutes, and a stale
+/// view (see [`Fence::set_deadline`]) would otherwise keep the fence shut until the next renewal.
 async fn observe_lease(
     api: Api<Lease>,
     config: LeaseConfig,
@@ -394,28 +431,31 @@ async fn observe_lease(
     released: Arc<Notify>,
 ) {
     let selector = format!("metadata.name={}", config.name);
-    let mut events = watcher(api, watcher::Config::default().fields(&selector))
+    let mut events = watcher(api.clone(), watcher::Config::default().fields(&selector))
         .default_backoff()
         .applied_objects()
         .boxed();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let poll_every = (config.duration / 3).max(Duration::from_millis(500));
+    let mut poll = tokio::time::interval(poll_every);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut view = LeaseView::default();
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(Ok(lease)) => {
-                    let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
-                    if holder.is_none_or(str::is_empty) {
-                        released.notify_one();
-                    }
-                    fence.set_deadline(deadline(&lease, &config));
-                }
+                Some(Ok(lease)) => view.apply(&lease, &config, &fence, &released),
                 Some(Err(e)) => tracing::debug!(error = %e, "lease watch error"),
                 None => return,
             },
+            _ = poll.tick() => match tokio::time::timeout(poll_every, api.get_opt(&config.name)).await {
+                Ok(Ok(Some(lease))) => view.apply(&lease, &config, &fence, &released),
+                Ok(Ok(None)) => fence.set_deadline(None),
+                Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease failed"),
+                Err(_) => tracing::debug!("reading the lease timed out"),
+            },
             _ = tick.tick() => {
-                let held = fence.deadline().is_some();
-                if held && fence.deadline().is_some_and(|d| Instant::now() >= d) {
-                    fence.set_deadline(None);
+                if term_expired(fence.in_term(), fence.deadline(), Instant::now()) {
+                    fence.end_term();
                     lost.cancel();
                     return;
                 }
@@ -424,8 +464,58 @@ async fn observe_lease(
     }
 }
 
-/// The fence deadline a Lease grants this replica, if it holds it.
-fn deadline(lease: &Lease, config: &LeaseConfig) -> Option<Instant> {
+/// What the observer has learnt of the Lease so far.
+#[derive(Debug, Default)]
+struct LeaseView {
+    /// The latest deadline any observation of our own lease granted. Renewals only move it
+    /// forward, so an older observation of our own lease (a read answered late) cannot pull the
+    /// deadline back.
+    own: Option<Instant>,
+}
+
+impl LeaseView {
+    fn apply(&mut self, lease: &Lease, config: &LeaseConfig, fence: &Fence, released: &Notify) {
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref());
+        if holder.is_none_or(str::is_empty) {
+            released.notify_one();
+        }
+        fence.set_deadline(self.observe(deadline(
+            lease,
+            config,
+            SystemTime::now(),
+            Instant::now(),
+        )));
+    }
+
+    /// The fence deadline after one observation: `None` while another replica (or nobody)
+    /// holds the lease, else the latest of our own deadlines.
+    fn observe(&mut self, granted: Option<Instant>) -> Option<Instant> {
+        let granted = granted?;
+        let latest = self.own.map_or(granted, |own| own.max(granted));
+        self.own = Some(latest);
+        Some(latest)
+    }
+}
+
+/// A term ends when the deadline of the lease it holds has passed — also when the first
+/// observation after an outage shows our own lease already expired (its deadline lies in the
+/// past). A fence that is shut because another holder was seen is not a lost term by itself:
+/// the lease manager reports that loss.
+fn term_expired(in_term: bool, deadline: Option<Instant>, now: Instant) -> bool {
+    in_term && deadline.is_some_and(|d| now >= d)
+}
+
+/// The fence deadline a Lease grants this replica, if it holds it: its last renewal + duration
+/// − the safety margin, as an [`Instant`] (`now` when that moment has passed already).
+fn deadline(
+    lease: &Lease,
+    config: &LeaseConfig,
+    wall: SystemTime,
+    now: Instant,
+) -> Option<Instant> {
     let spec = lease.spec.as_ref()?;
     if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
         return None;
@@ -436,6 +526,120 @@ fn deadline(lease: &Lease, config: &LeaseConfig) -> Option<Instant> {
         .map(|s| Duration::from_secs(s.max(0) as u64))
         .unwrap_or(config.duration);
     let until = renewed + duration.saturating_sub(config.safety_margin());
-    let left = until.duration_since(SystemTime::now()).ok()?;
-    Some(Instant::now() + left)
+    Some(match until.duration_since(wall) {
+        Ok(left) => now + left,
+        Err(_) => now,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LeaseConfig {
+        LeaseConfig {
+            name: "session-operator".into(),
+            namespace: "ops".into(),
+            identity: "replica-a".into(),
+            duration: Duration::from_secs(6),
+        }
+    }
+
+    fn lease(holder: &str, renewed: SystemTime) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "session-operator", "namespace": "ops" },
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": 6,
+                "renewTime": humantime::format_rfc3339_micros(renewed).to_string(),
+            }
+        }))
+        .expect("a valid Lease")
+    }
+
+    /// A leader that claimed epoch 3, as `campaign` leaves it.
+    fn leading_fence(view: &mut LeaseView, now: Instant) -> Fence {
+        let fence = Fence::new_standby("replica-a", "ops/session-operator");
+        fence.begin_term();
+        fence.set_claim(Claim::Held(Some(3)));
+        fence.set_deadline(view.observe(Some(now + Duration::from_secs(5))));
+        assert!(fence.is_open());
+        fence
+    }
+
+    #[test]
+    fn an_observation_older_than_the_term_does_not_close_the_fence_for_good() {
+        let now = Instant::now();
+        let mut view = LeaseView::default();
+        let fence = leading_fence(&mut view, now);
+        // A read answered late: the Lease still held by the previous leader.
+        let stale = lease("replica-b", SystemTime::now());
+        fence.set_deadline(view.observe(deadline(&stale, &config(), SystemTime::now(), now)));
+        assert!(
+            !fence.is_open(),
+            "a view of another holder closes the fence"
+        );
+        assert_eq!(
+            fence.epoch(),
+            Some(3),
+            "but the term keeps its claimed epoch"
+        );
+        // The next observation shows our own renewal: the fence opens again, same epoch.
+        let fresh = lease("replica-a", SystemTime::now());
+        fence.set_deadline(view.observe(deadline(&fresh, &config(), SystemTime::now(), now)));
+        assert!(fence.is_open());
+        assert_eq!(fence.grant().map(|g| g.epoch).ok(), Some(3));
+    }
+
+    #[test]
+    fn our_own_lease_seen_expired_ends_the_term() {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let expired = lease("replica-a", wall - Duration::from_secs(30));
+        let seen = deadline(&expired, &config(), wall, now);
+        assert_eq!(
+            seen,
+            Some(now),
+            "an expired own lease is a deadline that has passed"
+        );
+        assert!(term_expired(true, seen, now));
+        // A standby that finds its own name on an expired Lease (an earlier process) lost nothing.
+        assert!(!term_expired(false, seen, now));
+        // Another holder seen: the fence is shut, but the lease manager reports that loss.
+        assert!(!term_expired(true, None, now));
+        // The term ends for good: the claim is gone, a later term claims its own epoch.
+        let mut view = LeaseView::default();
+        let fence = leading_fence(&mut view, now);
+        fence.end_term();
+        assert!(!fence.is_open());
+        assert_eq!(fence.epoch(), None);
+    }
+
+    #[test]
+    fn a_late_read_of_our_own_lease_does_not_pull_the_deadline_back() {
+        let now = Instant::now();
+        let mut view = LeaseView::default();
+        let later = now + Duration::from_secs(10);
+        assert_eq!(view.observe(Some(later)), Some(later));
+        assert_eq!(
+            view.observe(Some(now + Duration::from_secs(2))),
+            Some(later)
+        );
+        assert_eq!(view.observe(None), None, "another holder seen: not ours");
+        assert_eq!(view.observe(Some(now)), Some(later));
+    }
+
+    #[test]
+    fn a_renewal_in_time_grants_its_duration_less_the_margin() {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let renewed = lease("replica-a", wall);
+        let granted = deadline(&renewed, &config(), wall, now).expect("our lease");
+        // 6 s lease − 1 s margin, give or take the microseconds the RFC 3339 text rounds off.
+        let left = granted - now;
+        assert!(
+            left <= Duration::from_secs(5) && left > Duration::from_millis(4_990),
+            "{left:?}"
+        );
+    }
 }
