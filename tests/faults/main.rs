@@ -24,6 +24,8 @@ mod scene;
 use std::time::{Duration, Instant};
 
 use api_proxy::{ApiProxy, Mode};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use scene::{PER_WORKER, Scene, converge};
 
 use crate::harness::{Operator, OperatorConfig, eventually};
@@ -244,7 +246,7 @@ async fn api_cut_with_leader_election(name: &'static str, mode: Mode) {
     )
     .await;
     a.wait_leader(Duration::from_secs(20)).await;
-    let b = Operator::start(
+    let mut b = Operator::start(
         &scene.cluster,
         &scene.stores,
         behind(&proxy_b, scene.operator("op-b")),
@@ -278,6 +280,24 @@ async fn api_cut_with_leader_election(name: &'static str, mode: Mode) {
     assert!(
         exit.is_some_and(|code| code != 0),
         "{name}: op-a, deposed, exits with an error (got {exit:?})"
+    );
+    // What op-a sent while cut off (a renewal, a release) arrived after the handover.
+    let (namespace, lease) = scene.cluster.lease();
+    let holder = Api::<Lease>::namespaced(scene.cluster.client.clone(), &namespace)
+        .get(&lease)
+        .await
+        .expect("read the Lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder.as_deref(),
+        Some("op-b"),
+        "{name}: op-b keeps the Lease"
+    );
+    assert_eq!(
+        b.wait_exit(Duration::ZERO).await,
+        None,
+        "{name}: op-b keeps leading"
     );
     scene.report(during, took).await;
 }
