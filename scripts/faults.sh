@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The fault suite (tests/faults): every scenario starts its own Postgres (initdb/pg_ctl from
 # Debian's postgresql package) and Redis (redis-server) on free ports in temporary directories,
-# a TCP proxy between the operators and Redis, and the API-server emulator; it never touches the
-# shared servers on 5432/6379. Prints one row per scenario (docs/reliability.md explains them).
+# a TCP proxy between the operators and Redis, the API-server emulator, and (in the api_connections
+# scenarios) a TCP proxy of each operator's own in front of it; it never touches the shared servers
+# on 5432/6379. Prints one row per scenario (docs/reliability.md explains them).
 #
 #   ./scripts/faults.sh            # every scenario, one at a time (test profile, like cargo test)
 #   ./scripts/faults.sh quick_     # only the quick subset (also run by scripts/test.sh)
 #   ./scripts/faults.sh postgres   # scenarios whose name contains "postgres"
+#   ./scripts/faults.sh api_connections   # the API server's connections cut (reset, blackhole)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

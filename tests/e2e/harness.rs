@@ -366,6 +366,9 @@ pub struct OperatorConfig<'a> {
     /// Store flags instead of `--database-url` + `--redis-url` of the shared servers (e.g. a
     /// URL through a proxy, or Redis alone).
     pub store_args: Option<Vec<String>>,
+    /// Another kubeconfig than the cluster's (the fault suite's: one naming a proxy in front of
+    /// the API server).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for OperatorConfig<'_> {
@@ -377,6 +380,7 @@ impl Default for OperatorConfig<'_> {
             database_url: None,
             redis_url: None,
             store_args: None,
+            kubeconfig: None,
         }
     }
 }
@@ -407,7 +411,10 @@ impl Operator {
             .args(["--orphan-grace", "1s"])
             .args(["--counts-interval", "1s"])
             .args(&config.extra)
-            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env(
+                "KUBECONFIG",
+                config.kubeconfig.as_ref().unwrap_or(&cluster.kubeconfig),
+            )
             .env("RUST_LOG", "info,session_operator=debug")
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")

@@ -18,7 +18,7 @@ use crate::instances::{OwnPostgres, OwnRedis};
 const RS_OLD: &str = "workers-6b7c8d9f5";
 const RS_NEW: &str = "workers-5f4d3c2b1";
 const WORKERS: usize = 4;
-const PER_WORKER: usize = 250;
+pub const PER_WORKER: usize = 250;
 /// Longest a scenario may take to converge once its fault ended.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
 
@@ -105,7 +105,12 @@ impl Scene {
 
     /// Each old pod gets its replacement and is deleted (all at once, as a fast rollout).
     pub async fn rollout(&self) {
-        for (old, new) in self.old.iter().zip(&self.new) {
+        self.replace(0..self.old.len()).await;
+    }
+
+    /// Old pods `workers` get their replacements and are deleted: a part of the rollout.
+    pub async fn replace(&self, workers: std::ops::Range<usize>) {
+        for (old, new) in self.old[workers.clone()].iter().zip(&self.new[workers]) {
             self.cluster
                 .ready_pod(new, "worker", Some(("ReplicaSet", RS_NEW)))
                 .await;
