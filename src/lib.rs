@@ -3,21 +3,24 @@
 //! Modules:
 //!
 //! - [`store`] — the session-store library (memory, Postgres, Redis, layered);
-//! - [`bench`] — benchmarks behind `session-operator bench`;
 //! - [`policy`] — the `SessionPolicy` custom resource;
-//! - [`controller`] — pod watch, migration planner, reconciliation;
-//! - [`leader`] — lease-based leadership with fencing;
-//! - [`sweep`] — expiry and idle sweeps;
-//! - [`operator`] — the runtime wiring them together;
-//! - [`demo`] — `session-operator demo`: emulated cluster, operator, proxies, report;
+//! - `controller` — pod watch, migration planner, reconciliation;
+//! - `leader` — lease-based leadership with fencing;
+//! - `sweep` — expiry and idle sweeps;
+//! - `cache_repair` — re-applying cache writes that failed, once Redis answers;
+//! - `operator` — the runtime wiring them together;
+//! - [`connect`] — the store flags and the store they connect;
 //! - [`cli`] — the `session-operator` command line;
-//! - [`telemetry`] — logging, metrics, health endpoints.
+//! - `telemetry` — logging, metrics, health endpoints;
+//! - `lab` (feature `lab`, on by default) — `session-operator demo` and `bench`: an emulated
+//!   cluster, simulated proxies, benchmarks. The image is built without it.
 
-pub mod bench;
 pub mod cache_repair;
 pub mod cli;
+pub mod connect;
 pub mod controller;
-pub mod demo;
+#[cfg(feature = "lab")]
+mod lab;
 pub mod leader;
 pub mod operator;
 pub mod policy;

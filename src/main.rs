@@ -6,7 +6,7 @@ use session_operator::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, cli::Command::Run(_)) {
+    if !cli.runs_the_operator() {
         session_operator::telemetry::init_cli_logging();
     }
     match cli::run(cli).await {

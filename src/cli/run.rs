@@ -9,7 +9,7 @@ use clap::{ArgAction, Args};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::StoreArgs;
+use crate::connect::StoreArgs;
 use crate::controller::{SessionStore, Settings};
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};

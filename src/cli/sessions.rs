@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::StoreArgs;
+use crate::connect::StoreArgs;
 use crate::store::{Entry, Store};
 
 #[derive(Debug, Args)]

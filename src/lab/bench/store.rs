@@ -28,7 +28,7 @@ use crate::store::{
 };
 
 #[derive(Debug, Args)]
-pub struct StoreBench {
+pub(crate) struct StoreBench {
     #[command(flatten)]
     stores: super::BenchStores,
     /// Total session counts N to measure at.
@@ -89,7 +89,7 @@ until cursor == '0'
 return n
 "#;
 
-pub async fn run(mut args: StoreBench) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: StoreBench) -> anyhow::Result<()> {
     if args.smoke {
         args.sizes = vec![2_000, 8_000];
         args.k = 200;

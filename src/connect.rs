@@ -1,4 +1,7 @@
-//! Store selection from command-line flags and environment variables.
+//! Store selection from command-line flags and environment variables: the flags every command
+//! that opens the session store shares (`run`, `migrate`, `sessions`, and the lab's `demo`).
+//! They live outside `cli` so that the lab code uses them without importing the command line
+//! that in turn dispatches to it.
 
 use std::sync::Arc;
 use std::time::Duration;
