@@ -6,7 +6,7 @@ mod sessions;
 use clap::{Parser, Subcommand};
 
 use crate::connect::StoreArgs;
-pub use run::RunArgs;
+use run::RunArgs;
 
 /// Keeps session-sticky routing tables consistent with worker pods.
 #[derive(Debug, Parser)]
@@ -15,14 +15,6 @@ pub use run::RunArgs;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-impl Cli {
-    /// Whether this is `run`, the operator process, which sets up its own logging (format and
-    /// level from its flags); every other command logs as a command-line tool.
-    pub fn runs_the_operator(&self) -> bool {
-        matches!(self.command, Command::Run(_))
-    }
 }
 
 /// The commands; `demo` and `bench` exist only in a build with the feature `lab` (the default;
@@ -89,8 +81,12 @@ fn one_line(text: &str) -> String {
         .join(" ")
 }
 
-/// Runs the parsed command.
+/// Runs the parsed command. `run`, the operator process, sets up its own logging (format and
+/// level from its flags); every other command logs as a command-line tool.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Run(_)) {
+        crate::telemetry::init_cli_logging();
+    }
     match cli.command {
         Command::Run(args) => run::run(*args).await,
         #[cfg(feature = "lab")]

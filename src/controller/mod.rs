@@ -39,7 +39,7 @@ use migrations::Migrations;
 
 use crate::leader::Fence;
 use crate::policy::{SessionPolicy, ValidPolicy};
-use crate::store::{LayeredStore, MemoryWorkerRecords, Store, WorkerRecords};
+use crate::store::{LayeredStore, Store, WorkerRecords};
 use crate::telemetry::{Health, Metrics, PolicySnapshot};
 
 pub use reconcile::PolicyState;
@@ -59,12 +59,13 @@ pub struct SessionStore {
 
 impl SessionStore {
     /// A store without a cache layer, whose worker records live in process memory (the
-    /// embedded memory store, whose sessions do too).
+    /// embedded memory store, whose sessions do too). Only the demo runs on it.
+    #[cfg(feature = "lab")]
     pub fn plain(store: Arc<dyn Store>) -> Self {
         Self {
             store,
             layered: None,
-            records: Arc::new(MemoryWorkerRecords::default()),
+            records: Arc::new(crate::store::MemoryWorkerRecords::default()),
         }
     }
 }

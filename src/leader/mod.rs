@@ -27,7 +27,7 @@ use crate::store::{Fencing, Grant, Store, StoreError};
 
 /// Guards store mutations: open only while this replica holds a confirmed lease.
 #[derive(Clone, Debug)]
-pub struct Fence {
+pub(crate) struct Fence {
     inner: Arc<FenceInner>,
 }
 
@@ -55,7 +55,7 @@ enum Claim {
 /// A store mutation was refused because this replica does not hold the lease.
 #[derive(Debug, thiserror::Error)]
 #[error("not the leader: {identity} does not hold a confirmed lease")]
-pub struct NotLeader {
+pub(crate) struct NotLeader {
     pub identity: String,
 }
 
@@ -75,12 +75,12 @@ impl Fence {
 
     /// A closed fence that leader election opens once this replica holds the lease of `scope`
     /// (`namespace/name`) and claimed the term's epoch.
-    pub fn new_standby(identity: &str, scope: &str) -> Self {
+    pub(crate) fn new_standby(identity: &str, scope: &str) -> Self {
         Self::new(identity, scope, None, Claim::Pending)
     }
 
     /// A fence that is always open: leader election disabled (one replica), no epoch.
-    pub fn always_open(identity: &str) -> Self {
+    pub(crate) fn always_open(identity: &str) -> Self {
         Self::new(
             identity,
             "",
@@ -90,15 +90,25 @@ impl Fence {
     }
 
     /// The epoch of the current term, when one was claimed.
-    pub fn epoch(&self) -> Option<i64> {
-        match *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) {
+    pub(crate) fn epoch(&self) -> Option<i64> {
+        match *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             Claim::Held(epoch) => epoch,
             Claim::Pending => None,
         }
     }
 
     fn claimed(&self) -> bool {
-        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) != Claim::Pending
+        *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            != Claim::Pending
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -106,11 +116,11 @@ impl Fence {
             .inner
             .deadline
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Ok while this replica may mutate the store. Call before every mutation.
-    pub fn check(&self) -> Result<(), NotLeader> {
+    pub(crate) fn check(&self) -> Result<(), NotLeader> {
         if self.is_open() {
             Ok(())
         } else {
@@ -120,16 +130,16 @@ impl Fence {
         }
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.claimed() && self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
-    pub fn identity(&self) -> &str {
+    pub(crate) fn identity(&self) -> &str {
         &self.inner.identity
     }
 
     /// Changes of leadership (true once leading), for starting and stopping leader-only loops.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.inner.leading.subscribe()
     }
 
@@ -138,16 +148,24 @@ impl Fence {
             .inner
             .deadline
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = deadline;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = deadline;
         if deadline.is_none() {
             // A later term claims an epoch of its own.
-            *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = Claim::Pending;
+            *self
+                .inner
+                .claim
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Claim::Pending;
         }
         self.notify();
     }
 
     fn set_claim(&self, claim: Claim) {
-        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = claim;
+        *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = claim;
         self.notify();
     }
 
@@ -182,7 +200,7 @@ impl Fencing for Fence {
 
 /// Lease settings.
 #[derive(Debug, Clone)]
-pub struct LeaseConfig {
+pub(crate) struct LeaseConfig {
     pub name: String,
     pub namespace: String,
     pub identity: String,
@@ -204,7 +222,7 @@ impl LeaseConfig {
 
 /// Runs leader election until `shutdown` is cancelled (then releases the lease) or leadership is
 /// lost after it was held (then returns an error: the process should exit and restart).
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     config: LeaseConfig,
     fence: Fence,
@@ -343,17 +361,17 @@ async fn campaign_step(
 ) -> Step {
     {
         tokio::select! {
-            _ = shutdown.cancelled() => Step::End(Ok(())),
+            () = shutdown.cancelled() => Step::End(Ok(())),
             // The holder released the lease. The manager would sleep until the lease it last
             // read expires; a fresh one reads the released lease and takes it now.
-            _ = released.notified(), if !*was_leader => {
+            () = released.notified(), if !*was_leader => {
                 match build_manager(client, config).await {
                     Ok(fresh) => *manager = fresh,
                     Err(e) => tracing::warn!(error = %e, "re-reading the released lease failed"),
                 }
                 Step::Continue
             }
-            _ = lost.cancelled() => {
+            () = lost.cancelled() => {
                 Step::End(Err(anyhow::anyhow!("leadership lost: the lease was not renewed in time")))
             }
             changed = manager.changed() => match changed {
@@ -433,8 +451,7 @@ fn deadline(lease: &Lease, config: &LeaseConfig) -> Option<Instant> {
     let renewed: SystemTime = spec.renew_time.as_ref()?.0.into();
     let duration = spec
         .lease_duration_seconds
-        .map(|s| Duration::from_secs(s.max(0) as u64))
-        .unwrap_or(config.duration);
+        .map_or(config.duration, |s| Duration::from_secs(s.max(0) as u64));
     let until = renewed + duration.saturating_sub(config.safety_margin());
     let left = until.duration_since(SystemTime::now()).ok()?;
     Some(Instant::now() + left)

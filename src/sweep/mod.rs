@@ -11,7 +11,7 @@ use crate::store::Store;
 use crate::telemetry::{Metrics, StoreOp};
 
 /// Removes expired sessions (`expires_at` passed) every `interval` while leading.
-pub async fn expiry_loop(
+pub(crate) async fn expiry_loop(
     store: Arc<dyn Store>,
     fence: Fence,
     metrics: Metrics,
@@ -22,7 +22,7 @@ pub async fn expiry_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         if fence.check().is_err() {
@@ -49,7 +49,7 @@ pub async fn expiry_loop(
 
 /// Removes sessions of `worker_ids` idle longer than `ttl`; never touches other workers'
 /// sessions, so one policy's TTL cannot delete another policy's sessions.
-pub async fn idle(
+pub(crate) async fn idle(
     store: &dyn Store,
     fence: &Fence,
     metrics: &Metrics,

@@ -345,7 +345,10 @@ impl Output {
     }
 
     fn progress(&self, line: &str) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.tty {
             print!("\r\x1b[2K{line}");
             let _ = std::io::stdout().flush();
@@ -358,7 +361,10 @@ impl Output {
 
     /// Ends a progress line, keeping its final state on screen.
     fn done(&self) {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.tty {
             println!();
         } else {

@@ -49,7 +49,9 @@ impl Proxies {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let ready = ready_workers(&pods);
                     if !ready.is_empty() {
-                        *routable.write().unwrap_or_else(|e| e.into_inner()) = ready;
+                        *routable
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = ready;
                     }
                 }
             }
@@ -60,13 +62,18 @@ impl Proxies {
             tasks.push(tokio::spawn(async move {
                 let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (u64::from(t) + 1));
                 while !stop.is_cancelled() {
-                    let workers = routable.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let workers = routable
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
                     let n = created.fetch_add(1, Ordering::Relaxed);
                     if n < target {
                         let id = format!("session-{n:07}");
                         let worker = workers[rng.next(workers.len())].clone();
                         if store.set(&id, &Entry::new(worker, "")).await.is_ok() {
-                            ids.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+                            ids.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(id);
                         } else {
                             created.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -74,7 +81,9 @@ impl Proxies {
                     }
                     created.fetch_sub(1, Ordering::Relaxed);
                     let id = {
-                        let ids = ids.lock().unwrap_or_else(|e| e.into_inner());
+                        let ids = ids
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         ids[rng.next(ids.len())].clone()
                     };
                     if let Ok(Some(entry)) = store.get(&id).await {
@@ -96,7 +105,10 @@ impl Proxies {
     }
 
     pub(super) fn created(&self) -> u64 {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+        self.ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len() as u64
     }
 
     pub(super) fn stale_reads(&self) -> u64 {
@@ -105,7 +117,11 @@ impl Proxies {
 
     /// Sessions the proxies created that the store no longer holds.
     pub(super) async fn missing_sessions(&self, store: &dyn Store) -> anyhow::Result<u64> {
-        let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ids = self
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let missing = futures::stream::iter(ids)
             .map(|id| async move { store.get(&id).await.map(|e| u64::from(e.is_none())) })
             .buffer_unordered(32)

@@ -139,7 +139,9 @@ impl Tracker {
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The `q` quantile (0 to 1) of a sorted sample, by nearest rank; zero for an empty sample.
