@@ -13,9 +13,11 @@ WORKDIR /src
 # Whole workspace: Cargo needs every member's manifest and declared targets, and
 # sqlx::migrate! embeds migrations/ at compile time.
 COPY . .
+# Without the default feature `lab`: the image's operator links no API server emulator, demo or
+# benchmarks (scripts/test.sh checks that `cargo tree` of this build lists no kube-emulator).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin session-operator \
+    cargo build --release --locked --no-default-features --bin session-operator \
     && install -D -m 0755 target/release/session-operator /out/session-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -80,6 +80,14 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The image's build (the Dockerfile's `--no-default-features`): it must link no emulator, and
+# stay lint-clean without the lab code that uses much of the library.
+if cargo tree -p session-operator -e normal --no-default-features --prefix none | grep -q '^kube-emulator '; then
+  echo "error: session-operator built with --no-default-features (the image's build) depends on kube-emulator;" \
+    "only the feature \`lab\` and the dev-dependencies may bring it in" >&2
+  exit 1
+fi
+cargo clippy -p session-operator --no-default-features --all-targets -- -D warnings
 # The fault suite is `test = false` (not part of `cargo test --workspace`), so --all-targets skips it.
 cargo clippy --test faults -- -D warnings
 cargo test --workspace

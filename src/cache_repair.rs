@@ -12,18 +12,18 @@ use crate::store::LayeredStore;
 use crate::telemetry::Metrics;
 
 /// How often a pending repair is attempted (and the cache's health copied into the metrics).
-pub const REPAIR_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const REPAIR_EVERY: Duration = Duration::from_millis(500);
 
 /// How often the leader looks for marks recorded by other processes (a former leader, a CLI
 /// run) when it knows of none itself.
-pub const LOOK_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest time a shutdown spends repairing the cache before it releases the lease.
-pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
+pub(crate) const SHUTDOWN_BUDGET: Duration = Duration::from_secs(5);
 
 /// Repairs pending cache entries while this replica leads (the repair is a cache mutation, so
 /// it is fenced like the others); keeps the cache metrics current on every replica.
-pub async fn repair_loop(
+pub(crate) async fn repair_loop(
     layered: Arc<LayeredStore>,
     fence: Fence,
     metrics: Metrics,
@@ -34,7 +34,7 @@ pub async fn repair_loop(
     let mut looked: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let stats = layered.stats();
@@ -59,7 +59,7 @@ pub async fn repair_loop(
 
 /// One last repair before the lease is released, within [`SHUTDOWN_BUDGET`]; what it cannot
 /// repair stays recorded in Postgres for the next leader.
-pub async fn before_shutdown(layered: &LayeredStore, fence: &Fence) {
+pub(crate) async fn before_shutdown(layered: &LayeredStore, fence: &Fence) {
     if !fence.is_open() {
         return;
     }
@@ -69,10 +69,10 @@ pub async fn before_shutdown(layered: &LayeredStore, fence: &Fence) {
             tracing::warn!(
                 left,
                 "shutting down with cache entries still to repair; they stay recorded in Postgres for the next leader"
-            )
+            );
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cache repair before shutdown failed; the entries stay recorded in Postgres for the next leader")
+            tracing::warn!(error = %e, "cache repair before shutdown failed; the entries stay recorded in Postgres for the next leader");
         }
         Err(_) => tracing::warn!(
             "cache repair before shutdown timed out; the entries stay recorded in Postgres for the next leader"

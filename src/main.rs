@@ -5,11 +5,7 @@ use session_operator::cli::{self, Cli};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if !matches!(cli.command, cli::Command::Run(_)) {
-        session_operator::telemetry::init_cli_logging();
-    }
-    match cli::run(cli).await {
+    match cli::run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line, the whole cause chain; URLs in it were redacted where they were added.

@@ -13,7 +13,7 @@ use crate::telemetry::{Health, Metrics};
 
 /// How one operator replica runs.
 #[derive(Debug, Clone)]
-pub struct OperatorConfig {
+pub(crate) struct OperatorConfig {
     pub identity: String,
     /// `None`: leader election off (one replica only).
     pub lease: Option<LeaseConfig>,
@@ -23,7 +23,7 @@ pub struct OperatorConfig {
 
 /// Runs until `shutdown` is cancelled (`Ok`) or leadership is lost after it was held (`Err`: the
 /// process should exit so that it restarts as a clean standby).
-pub async fn run(
+pub(crate) async fn run(
     client: kube::Client,
     store: SessionStore,
     config: OperatorConfig,
@@ -82,8 +82,8 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let outcome = match leader_task.as_mut() {
-        Some(task) => tokio::select! {
+    let outcome = if let Some(task) = leader_task.as_mut() {
+        tokio::select! {
             result = task => {
                 leader_task = None;
                 match result {
@@ -91,12 +91,11 @@ pub async fn run(
                     Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
                 }
             }
-            _ = shutdown.cancelled() => Ok(()),
-        },
-        None => {
-            shutdown.cancelled().await;
-            Ok(())
+            () = shutdown.cancelled() => Ok(()),
         }
+    } else {
+        shutdown.cancelled().await;
+        Ok(())
     };
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;

@@ -61,7 +61,7 @@ async fn migrate_then_operate_on_sessions_with_both_stores() {
     let with = |args: &[&str]| -> Vec<String> {
         args.iter()
             .chain(store.iter())
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect()
     };
     let call = |args: &[&str]| {
@@ -102,7 +102,7 @@ async fn migrate_then_operate_on_sessions_with_both_stores() {
     let list = json(&call(&[
         "sessions", "list", "--worker", "pod-d", "-o", "json",
     ]));
-    assert_eq!(list.as_object().map(|m| m.len()), Some(2));
+    assert_eq!(list.as_object().map(serde_json::Map::len), Some(2));
     let deleted = json(&call(&["sessions", "delete-worker", "pod-d", "-o", "json"]));
     assert_eq!(deleted["deleted"], 2);
     let swept = json(&call(&[
@@ -258,7 +258,9 @@ async fn zero_postgres_timeouts_mean_no_timeout() {
     let with = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend_from_slice(&store);
-        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        all.iter()
+            .map(std::string::ToString::to_string)
+            .collect::<Vec<_>>()
     };
     ok(&run(
         &with(&["migrate"])

@@ -331,8 +331,8 @@ async fn a_touch_the_primary_refuses_drops_the_cache_copy() {
 /// deletes then find no hash, and the index members pointing at them must still go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_sessions_leave_nothing_behind_in_the_cache_index() {
-    let s = setup(StoreOptions::with_idle_ttl(Duration::from_secs(3))).await;
     const N: usize = 20_000;
+    let s = setup(StoreOptions::with_idle_ttl(Duration::from_secs(3))).await;
     sqlx::query(
         "INSERT INTO blockyard_sessions
          SELECT 's' || i, 'w' || (i % 7), '', now(), now() + interval '3 seconds'

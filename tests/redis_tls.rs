@@ -158,11 +158,11 @@ async fn rediss_with_a_private_ca_file() {
         "a certificate from an unknown CA must be refused"
     );
     // A missing CA file is a clear configuration error.
-    let missing =
-        match RedisStore::connect(&url, StoreOptions::default(), options(Some("nope.crt"))).await {
-            Ok(_) => panic!("a missing CA file must be an error"),
-            Err(e) => e,
-        };
+    let Err(missing) =
+        RedisStore::connect(&url, StoreOptions::default(), options(Some("nope.crt"))).await
+    else {
+        panic!("a missing CA file must be an error")
+    };
     assert!(
         missing.to_string().contains("reading the Redis CA file"),
         "{missing}"

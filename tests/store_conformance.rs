@@ -101,7 +101,7 @@ async fn seed(store: &dyn Store, worker: &str, n: usize) -> Vec<String> {
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+    v.iter().map(std::string::ToString::to_string).collect()
 }
 
 async fn get_set_replace(store: Arc<dyn Store>) {
@@ -454,7 +454,11 @@ async fn workers_with_sessions(store: Arc<dyn Store>) {
     seed(store.as_ref(), "a", 3).await;
     seed(store.as_ref(), "b", 20).await;
     seed(store.as_ref(), "c", 1).await;
-    let workers = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let workers = |v: &[&str]| {
+        v.iter()
+            .map(std::string::ToString::to_string)
+            .collect::<BTreeSet<_>>()
+    };
     assert_eq!(
         store.workers_with_sessions().await.unwrap(),
         workers(&["a", "b", "c"])

@@ -1,13 +1,12 @@
 //! Command-line interface: `session-operator <command>`.
 
-mod connect;
 mod run;
 mod sessions;
 
 use clap::{Parser, Subcommand};
 
-pub use connect::{Connected, StoreArgs};
-pub use run::RunArgs;
+use crate::connect::StoreArgs;
+use run::RunArgs;
 
 /// Keeps session-sticky routing tables consistent with worker pods.
 #[derive(Debug, Parser)]
@@ -15,17 +14,20 @@ pub use run::RunArgs;
 #[command(name = "session-operator", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
+/// The commands; `demo` and `bench` exist only in a build with the feature `lab` (the default;
+/// the image is built without it).
 #[derive(Debug, Subcommand)]
-pub enum Command {
+enum Command {
     /// Run the operator: watch SessionPolicies and worker pods, migrate sessions, sweep.
     Run(Box<RunArgs>),
     /// Print the SessionPolicy CustomResourceDefinition as YAML.
     Crd,
     /// Watch a rolling update, a scale-down and a crash move sessions in an emulated cluster.
-    Demo(Box<crate::demo::DemoArgs>),
+    #[cfg(feature = "lab")]
+    Demo(Box<crate::lab::demo::DemoArgs>),
     /// Create the schema, table and indexes in Postgres (idempotent).
     Migrate {
         #[command(flatten)]
@@ -34,9 +36,10 @@ pub enum Command {
     /// Inspect and operate on sessions.
     Sessions(sessions::SessionsArgs),
     /// Run benchmarks and print their figures.
+    #[cfg(feature = "lab")]
     Bench {
         #[command(subcommand)]
-        bench: crate::bench::BenchCommand,
+        bench: crate::lab::bench::BenchCommand,
     },
 }
 
@@ -78,11 +81,16 @@ fn one_line(text: &str) -> String {
         .join(" ")
 }
 
-/// Runs the parsed command.
+/// Runs the parsed command. `run`, the operator process, sets up its own logging (format and
+/// level from its flags); every other command logs as a command-line tool.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Run(_)) {
+        crate::telemetry::init_cli_logging();
+    }
     match cli.command {
         Command::Run(args) => run::run(*args).await,
-        Command::Demo(args) => crate::demo::run(*args).await,
+        #[cfg(feature = "lab")]
+        Command::Demo(args) => crate::lab::demo::run(*args).await,
         Command::Crd => {
             print!("{}", crate::policy::crd_yaml());
             Ok(())
@@ -95,7 +103,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sessions(args) => sessions::run(args).await,
-        Command::Bench { bench } => crate::bench::run(bench).await,
+        #[cfg(feature = "lab")]
+        Command::Bench { bench } => crate::lab::bench::run(bench).await,
     }
 }
 

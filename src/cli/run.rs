@@ -9,7 +9,7 @@ use clap::{ArgAction, Args};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::StoreArgs;
+use crate::connect::StoreArgs;
 use crate::controller::{SessionStore, Settings};
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
@@ -17,7 +17,7 @@ use crate::store::redact_url;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub(super) struct RunArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Namespace to watch for SessionPolicies and pods (repeatable); all namespaces when absent.
@@ -123,7 +123,7 @@ impl RunArgs {
     }
 
     fn summary(&self) -> String {
-        let url = |u: &Option<String>| u.as_deref().map(redact_url).unwrap_or_else(|| "-".into());
+        let url = |u: &Option<String>| u.as_deref().map_or_else(|| "-".into(), redact_url);
         let namespaces = if self.watch_namespaces.is_empty() {
             "all".to_string()
         } else {
@@ -176,7 +176,7 @@ fn is_dns_label(s: &str) -> bool {
 
 /// Runs the operator until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so
 /// Kubernetes restarts the replica as a clean standby).
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
     if args.check_config {
         println!("{}", args.summary());
@@ -210,9 +210,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration: run in a pod or set KUBECONFIG")?;
-    let store = match connect_store(&args, &shutdown).await {
-        Some(store) => store,
-        None => return Ok(()),
+    let Some(store) = connect_store(&args, &shutdown).await else {
+        return Ok(());
     };
     health
         .store_ok
@@ -263,8 +262,8 @@ async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<S
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
@@ -284,7 +283,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+        () = terminate => {}
     }
     tracing::info!("shutdown signal received");
     shutdown.cancel();

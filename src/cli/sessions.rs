@@ -7,11 +7,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::StoreArgs;
+use crate::connect::StoreArgs;
 use crate::store::{Entry, Store};
 
 #[derive(Debug, Args)]
-pub struct SessionsArgs {
+pub(super) struct SessionsArgs {
     #[command(subcommand)]
     command: SessionsCommand,
     #[command(flatten)]
@@ -71,7 +71,7 @@ enum SessionsCommand {
     Expire,
 }
 
-pub async fn run(args: SessionsArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: SessionsArgs) -> anyhow::Result<()> {
     let connected = args.store.connect().await?;
     let store = connected.store.clone();
     let out = args.output;

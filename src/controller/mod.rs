@@ -50,7 +50,7 @@ use migrations::Migrations;
 
 use crate::leader::Fence;
 use crate::policy::SessionPolicy;
-use crate::store::{LayeredStore, MemoryWorkerRecords, Store, WorkerRecords};
+use crate::store::{LayeredStore, Store, WorkerRecords};
 use crate::telemetry::{ErrorKind, Health, Metrics, PolicySnapshot};
 
 pub use state::PolicyState;
@@ -70,12 +70,13 @@ pub struct SessionStore {
 
 impl SessionStore {
     /// A store without a cache layer, whose worker records live in process memory (the
-    /// embedded memory store, whose sessions do too).
+    /// embedded memory store, whose sessions do too). Only the demo runs on it.
+    #[cfg(feature = "lab")]
     pub fn plain(store: Arc<dyn Store>) -> Self {
         Self {
             store,
             layered: None,
-            records: Arc::new(MemoryWorkerRecords::default()),
+            records: Arc::new(crate::store::MemoryWorkerRecords::default()),
         }
     }
 }

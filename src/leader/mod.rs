@@ -27,7 +27,7 @@ use crate::store::{Fencing, Grant, Store, StoreError};
 
 /// Guards store mutations: open only while this replica holds a confirmed lease.
 #[derive(Clone, Debug)]
-pub struct Fence {
+pub(crate) struct Fence {
     inner: Arc<FenceInner>,
 }
 
@@ -59,8 +59,8 @@ enum Claim {
 /// A store mutation was refused because this replica does not hold the lease.
 #[derive(Debug, thiserror::Error)]
 #[error("not the leader: {identity} does not hold a confirmed lease")]
-pub struct NotLeader {
-    pub identity: String,
+pub(crate) struct NotLeader {
+    pub(crate) identity: String,
 }
 
 impl Fence {
@@ -80,12 +80,12 @@ impl Fence {
 
     /// A closed fence that leader election opens once this replica holds the lease of `scope`
     /// (`namespace/name`) and claimed the term's epoch.
-    pub fn new_standby(identity: &str, scope: &str) -> Self {
+    pub(crate) fn new_standby(identity: &str, scope: &str) -> Self {
         Self::new(identity, scope, None, Claim::Pending)
     }
 
     /// A fence that is always open: leader election disabled (one replica), no epoch.
-    pub fn always_open(identity: &str) -> Self {
+    pub(crate) fn always_open(identity: &str) -> Self {
         Self::new(
             identity,
             "",
@@ -95,15 +95,25 @@ impl Fence {
     }
 
     /// The epoch of the current term, when one was claimed.
-    pub fn epoch(&self) -> Option<i64> {
-        match *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) {
+    pub(crate) fn epoch(&self) -> Option<i64> {
+        match *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             Claim::Held(epoch) => epoch,
             Claim::Pending => None,
         }
     }
 
     fn claimed(&self) -> bool {
-        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) != Claim::Pending
+        *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            != Claim::Pending
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -111,11 +121,11 @@ impl Fence {
             .inner
             .deadline
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Ok while this replica may mutate the store. Call before every mutation.
-    pub fn check(&self) -> Result<(), NotLeader> {
+    pub(crate) fn check(&self) -> Result<(), NotLeader> {
         if self.is_open() {
             Ok(())
         } else {
@@ -125,16 +135,16 @@ impl Fence {
         }
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.claimed() && self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
-    pub fn identity(&self) -> &str {
+    pub(crate) fn identity(&self) -> &str {
         &self.inner.identity
     }
 
     /// Changes of leadership (true once leading), for starting and stopping leader-only loops.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.inner.leading.subscribe()
     }
 
@@ -147,7 +157,7 @@ impl Fence {
             .inner
             .deadline
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = deadline;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = deadline;
         self.notify();
     }
 
@@ -173,13 +183,21 @@ impl Fence {
             .inner
             .deadline
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = Claim::Pending;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Claim::Pending;
         self.notify();
     }
 
     fn set_claim(&self, claim: Claim) {
-        *self.inner.claim.lock().unwrap_or_else(|e| e.into_inner()) = claim;
+        *self
+            .inner
+            .claim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = claim;
         self.notify();
     }
 
@@ -214,11 +232,11 @@ impl Fencing for Fence {
 
 /// Lease settings.
 #[derive(Debug, Clone)]
-pub struct LeaseConfig {
-    pub name: String,
-    pub namespace: String,
-    pub identity: String,
-    pub duration: Duration,
+pub(crate) struct LeaseConfig {
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    pub(crate) identity: String,
+    pub(crate) duration: Duration,
 }
 
 impl LeaseConfig {
@@ -236,7 +254,7 @@ impl LeaseConfig {
 
 /// Runs leader election until `shutdown` is cancelled (then releases the lease) or leadership is
 /// lost after it was held (then returns an error: the process should exit and restart).
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     config: LeaseConfig,
     fence: Fence,
@@ -412,17 +430,17 @@ async fn campaign_step(
 ) -> Step {
     {
         tokio::select! {
-            _ = shutdown.cancelled() => Step::End(Ok(())),
+            () = shutdown.cancelled() => Step::End(Ok(())),
             // The holder released the lease. The manager would sleep until the lease it last
             // read expires; a fresh one reads the released lease and takes it now.
-            _ = released.notified(), if !*was_leader => {
+            () = released.notified(), if !*was_leader => {
                 match build_manager(client, config).await {
                     Ok(fresh) => *manager = fresh,
                     Err(e) => tracing::warn!(error = %e, "re-reading the released lease failed"),
                 }
                 Step::Continue
             }
-            _ = lost.cancelled() => {
+            () = lost.cancelled() => {
                 Step::End(Err(anyhow::anyhow!("leadership lost: the lease was not renewed in time")))
             }
             changed = manager.changed() => match changed {
@@ -559,8 +577,7 @@ fn deadline(
     let renewed: SystemTime = spec.renew_time.as_ref()?.0.into();
     let duration = spec
         .lease_duration_seconds
-        .map(|s| Duration::from_secs(s.max(0) as u64))
-        .unwrap_or(config.duration);
+        .map_or(config.duration, |s| Duration::from_secs(s.max(0) as u64));
     let until = renewed + duration.saturating_sub(config.safety_margin());
     Some(match until.duration_since(wall) {
         Ok(left) => now + left,

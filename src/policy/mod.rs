@@ -4,6 +4,10 @@
 pub mod duration;
 pub mod overlap;
 pub mod selector;
+// Public API, re-exported below. kube's `KubeSchema` derive copies each struct, `pub` included,
+// into a function body for its schema, and `unreachable_pub` flags the copy at the original's
+// line (an `allow` on the struct is not copied along).
+#[allow(unreachable_pub)]
 mod types;
 
 use std::time::Duration;

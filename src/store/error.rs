@@ -44,7 +44,11 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         // undefined_table: the most likely first-run mistake deserves a direct hint.
-        if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") {
+        if e.as_database_error()
+            .and_then(sqlx::error::DatabaseError::code)
+            .as_deref()
+            == Some("42P01")
+        {
             return Self::Config(format!(
                 "{}: the sessions table is missing from the configured schema; \
                  run `session-operator migrate` or check --schema",

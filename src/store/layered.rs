@@ -774,7 +774,7 @@ impl Store for LayeredStore {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded data stays consistent across a panic (plain inserts and removals).
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the cache may hold stale after failed cache writes.
@@ -814,7 +814,9 @@ impl Dirty {
     }
 
     fn add_ids(&mut self, ids: &[String]) {
-        ids.iter().for_each(|id| self.add_id(id));
+        for id in ids {
+            self.add_id(id);
+        }
     }
 
     fn add_worker(&mut self, worker: &str) {

@@ -122,7 +122,7 @@ impl MemoryStore {
         // matters more than losing the whole store, so recover the data.
         self.inner
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn expires_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {

@@ -4,7 +4,7 @@ use super::StoreError;
 
 /// Longest idle TTL, touch window or sweep age accepted: far beyond any real setting, and well
 /// inside what Postgres intervals, chrono and Redis TTLs can represent.
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 /// Settings shared by every store implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +94,7 @@ pub fn redis_key_prefix(prefix: &str) -> String {
 /// A Postgres timeout setting (`lock_timeout`, `statement_timeout`) in milliseconds. Zero is
 /// Postgres' "disabled"; anything shorter than a millisecond would round to it, so it becomes
 /// 1 ms instead.
-pub fn postgres_timeout(timeout: std::time::Duration) -> String {
+pub(super) fn postgres_timeout(timeout: std::time::Duration) -> String {
     if timeout.is_zero() {
         "0".to_string()
     } else {

@@ -514,8 +514,8 @@ fn quote_ident(schema: &str) -> String {
 
 fn sqlstate(err: &sqlx::Error) -> Option<String> {
     err.as_database_error()
-        .and_then(|d| d.code())
-        .map(|c| c.into_owned())
+        .and_then(sqlx::error::DatabaseError::code)
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// `lock_not_available`: `lock_timeout` expired.

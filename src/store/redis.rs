@@ -694,7 +694,7 @@ impl RedisStore {
         for w in workers.unwrap_or_default() {
             validate_id("worker id", w)?;
         }
-        if workers.is_some_and(|w| w.is_empty()) {
+        if workers.is_some_and(<[std::string::String]>::is_empty) {
             return Ok(());
         }
         self.adopt_if_needed().await?;
@@ -1021,7 +1021,7 @@ impl Store for RedisStore {
             Sweep::Expired => self.prune_walk(collect, limit).await?,
             Sweep::Idle { max_age, workers } => {
                 self.sweep_idle_walk(max_age, workers, collect, limit)
-                    .await?
+                    .await?;
             }
         }
         Ok(removed)

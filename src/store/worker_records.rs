@@ -251,7 +251,10 @@ pub struct MemoryWorkerRecords {
 #[async_trait]
 impl WorkerRecords for MemoryWorkerRecords {
     async fn load(&self, policy: &str) -> Result<Vec<WorkerRecord>> {
-        let policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let policies = self
+            .policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(policies
             .get(policy)
             .map(|r| r.values().cloned().collect())
@@ -259,7 +262,10 @@ impl WorkerRecords for MemoryWorkerRecords {
     }
 
     async fn apply(&self, policy: &str, upsert: &[WorkerRecord], remove: &[String]) -> Result<()> {
-        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let mut policies = self
+            .policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let records = policies.entry(policy.to_string()).or_default();
         for id in remove {
             records.remove(id);

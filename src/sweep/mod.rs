@@ -12,7 +12,7 @@ use crate::telemetry::{ErrorKind, Metrics, StoreOp};
 
 /// Why an idle sweep did not run or did not finish; reported as `Degraded=True, IdleSweepFailed`.
 #[derive(Debug, thiserror::Error)]
-pub enum SweepError {
+pub(crate) enum SweepError {
     #[error(transparent)]
     NotLeader(#[from] NotLeader),
     #[error("idle sweep: {0}")]
@@ -20,7 +20,7 @@ pub enum SweepError {
 }
 
 /// Removes expired sessions (`expires_at` passed) every `interval` while leading.
-pub async fn expiry_loop(
+pub(crate) async fn expiry_loop(
     store: Arc<dyn Store>,
     fence: Fence,
     metrics: Metrics,
@@ -31,7 +31,7 @@ pub async fn expiry_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         if fence.check().is_err() {
@@ -58,7 +58,7 @@ pub async fn expiry_loop(
 
 /// Removes sessions of `worker_ids` idle longer than `ttl`; never touches other workers'
 /// sessions, so one policy's TTL cannot delete another policy's sessions.
-pub async fn idle(
+pub(crate) async fn idle(
     store: &dyn Store,
     fence: &Fence,
     metrics: &Metrics,

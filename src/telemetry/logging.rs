@@ -4,7 +4,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise; stdout stays for output.
 /// sqlx's slow-statement warnings are left out by default: bulk commands are slow by design.
-pub fn init_cli_logging() {
+pub(crate) fn init_cli_logging() {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error"));
     // Ignore the error of a second initialisation (tests may call this more than once).
@@ -16,7 +16,7 @@ pub fn init_cli_logging() {
 
 /// Log line format of `session-operator run`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// One JSON object per line, for log collectors.
     Json,
     /// Human-readable lines.
@@ -24,7 +24,7 @@ pub enum LogFormat {
 }
 
 /// The operator logs `info` and above to stdout unless `RUST_LOG` says otherwise.
-pub fn init_operator_logging(format: LogFormat) {
+pub(crate) fn init_operator_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,sqlx::query=warn,kube_lease_manager=warn,kube_runtime=warn")
     });

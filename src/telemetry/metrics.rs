@@ -12,32 +12,31 @@ use prometheus_client::registry::Registry;
 use super::policy_metrics::{PolicyCollector, PolicySource};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
+pub(crate) struct ResultLabels {
     pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
+pub(crate) struct KindLabels {
     pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MigrationLabels {
+pub(crate) struct MigrationLabels {
     pub action: &'static str,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SweepLabels {
+pub(crate) struct SweepLabels {
     pub sweep: &'static str,
 }
 
 /// Store operations whose latency is measured.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum StoreOp {
+pub(crate) enum StoreOp {
     WorkersWithSessions,
     CountsByWorker,
-    CountForWorkers,
     RerouteWorker,
     DeleteByWorker,
     SweepIdle,
@@ -45,7 +44,7 @@ pub enum StoreOp {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StoreOpLabels {
+pub(crate) struct StoreOpLabels {
     pub op: StoreOp,
 }
 
@@ -63,7 +62,7 @@ fn migration_latency_histogram() -> Histogram {
 
 /// The operator's metrics; cheap to clone (each metric is an `Arc` inside).
 #[derive(Clone, Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub errors: Family<KindLabels, Counter>,
     pub migrations: Family<MigrationLabels, Counter>,
@@ -83,7 +82,7 @@ pub struct Metrics {
 
 /// The layered store's health, copied from its `LayeredStats` (see [`Metrics::observe_cache`]).
 #[derive(Clone, Debug, Default)]
-pub struct CacheMetrics {
+pub(crate) struct CacheMetrics {
     pub available: Gauge,
     pub errors: Counter,
     pub pending_repairs: Gauge,
@@ -95,7 +94,7 @@ pub struct CacheMetrics {
 /// What went wrong, as counted in `session_operator_errors_total{kind}`. The label strings are
 /// part of the interface: the chart's PrometheusRule and dashboards match them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// A store call failed (pass, migration, sweep, the readiness probe).
     Store,
     /// A reconcile failed on a Kubernetes API call (e.g. the status write).
@@ -114,7 +113,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, each exported at 0 from the start so that rates and alerts see the series.
-    pub const ALL: [ErrorKind; 7] = [
+    pub(crate) const ALL: [ErrorKind; 7] = [
         ErrorKind::Store,
         ErrorKind::Kube,
         ErrorKind::InvalidPolicy,
@@ -125,7 +124,7 @@ impl ErrorKind {
     ];
 
     /// The `kind` label value.
-    pub fn metric_label(self) -> &'static str {
+    pub(crate) fn metric_label(self) -> &'static str {
         match self {
             ErrorKind::Store => "store",
             ErrorKind::Kube => "kube",
@@ -179,7 +178,7 @@ impl Metrics {
 
 impl Metrics {
     /// Registers every metric under the `session_operator` prefix.
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("session_operator");
         r.register(
             "reconciles",
@@ -250,7 +249,7 @@ impl Metrics {
     }
 
     /// Copies the layered store's counters into the cache metrics.
-    pub fn observe_cache(&self, stats: &crate::store::LayeredStats) {
+    pub(crate) fn observe_cache(&self, stats: &crate::store::LayeredStats) {
         self.cache.available.set(i64::from(stats.cache_available));
         self.cache
             .errors
@@ -260,31 +259,31 @@ impl Metrics {
             .set(stats.pending_repairs.min(i64::MAX as u64) as i64);
     }
 
-    pub fn reconciled(&self, ok: bool) {
+    pub(crate) fn reconciled(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles
             .get_or_create(&ResultLabels { result })
             .inc();
     }
 
-    pub fn migration(&self, action: &'static str, reason: &'static str) {
+    pub(crate) fn migration(&self, action: &'static str, reason: &'static str) {
         self.migrations
             .get_or_create(&MigrationLabels { action, reason })
             .inc();
     }
 
-    pub fn swept(&self, sweep: &'static str, sessions: u64) {
+    pub(crate) fn swept(&self, sweep: &'static str, sessions: u64) {
         self.sessions_swept
             .get_or_create(&SweepLabels { sweep })
             .inc_by(sessions);
     }
 
-    pub fn error(&self, kind: ErrorKind) {
+    pub(crate) fn error(&self, kind: ErrorKind) {
         let kind = kind.metric_label();
         self.errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    pub fn observe_store(&self, op: StoreOp, took: Duration) {
+    pub(crate) fn observe_store(&self, op: StoreOp, took: Duration) {
         self.store_latency
             .get_or_create(&StoreOpLabels { op })
             .observe(took.as_secs_f64());

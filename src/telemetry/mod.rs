@@ -5,7 +5,7 @@ mod metrics;
 mod policy_metrics;
 mod server;
 
-pub use logging::{LogFormat, init_cli_logging, init_operator_logging};
-pub use metrics::{ErrorKind, Metrics, StoreOp};
-pub use policy_metrics::PolicySnapshot;
-pub use server::{Health, serve};
+pub(crate) use logging::{LogFormat, init_cli_logging, init_operator_logging};
+pub(crate) use metrics::{ErrorKind, Metrics, StoreOp};
+pub(crate) use policy_metrics::PolicySnapshot;
+pub(crate) use server::{Health, serve};

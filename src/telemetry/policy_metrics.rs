@@ -21,7 +21,7 @@ use crate::policy::SessionPolicy;
 
 /// What one policy's status says, in the shape of the exported series.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicySnapshot {
+pub(crate) struct PolicySnapshot {
     pub namespace: String,
     pub name: String,
     /// (type, reason, status is `True`) of every condition whose status is `True` or `False`.
@@ -33,7 +33,7 @@ pub struct PolicySnapshot {
 
 impl PolicySnapshot {
     /// The snapshot of a policy as its status stands; `None` for a policy without a namespace.
-    pub fn of(policy: &SessionPolicy) -> Option<Self> {
+    pub(crate) fn of(policy: &SessionPolicy) -> Option<Self> {
         let namespace = policy.metadata.namespace.clone()?;
         let name = policy.metadata.name.clone()?;
         let status = policy.status.as_ref();
@@ -65,15 +65,22 @@ type Source = Arc<dyn Fn() -> Vec<PolicySnapshot> + Send + Sync>;
 /// Where the collector reads the policies from; set once the controller's reflectors exist.
 /// Until then (and in processes without a controller) the families are exported empty.
 #[derive(Clone, Default)]
-pub struct PolicySource(Arc<RwLock<Option<Source>>>);
+pub(crate) struct PolicySource(Arc<RwLock<Option<Source>>>);
 
 impl PolicySource {
-    pub fn set(&self, source: impl Fn() -> Vec<PolicySnapshot> + Send + Sync + 'static) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(source));
+    pub(crate) fn set(&self, source: impl Fn() -> Vec<PolicySnapshot> + Send + Sync + 'static) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(source));
     }
 
     fn snapshots(&self) -> Vec<PolicySnapshot> {
-        let source = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let source = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         source.map(|f| f()).unwrap_or_default()
     }
 }
@@ -107,10 +114,10 @@ struct WorkerLabels {
 
 /// Encodes `session_operator_policy_*` on every scrape.
 #[derive(Debug)]
-pub struct PolicyCollector(pub PolicySource);
+pub(super) struct PolicyCollector(pub PolicySource);
 
 impl Collector for PolicyCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         let mut policies = self.0.snapshots();
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let labels = |p: &PolicySnapshot| PolicyLabels {

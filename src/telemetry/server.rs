@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Readiness inputs, flipped by the components that know.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// The pod and policy watches delivered their initial lists.
     pub synced: AtomicBool,
     /// The last store call succeeded.
@@ -25,7 +25,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.synced.load(Ordering::Relaxed) && self.store_ok.load(Ordering::Relaxed)
     }
 }
@@ -36,7 +36,7 @@ impl Health {
 struct ReadyCollector(Arc<Health>);
 
 impl Collector for ReadyCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let gauge = ConstGauge::new(i64::from(self.0.ready()));
         let metric = encoder.encode_descriptor(
             "session_operator_ready",
@@ -54,7 +54,7 @@ struct AppState {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     mut registry: Registry,
     health: Arc<Health>,

@@ -55,6 +55,15 @@ def test_entrypoint_is_what_the_chart_runs() -> None:
     assert "--locked" in ins["RUN"]
 
 
+def test_image_builds_the_operator_without_the_lab() -> None:
+    # The feature `lab` (default) adds `demo`, `bench` and the API server emulator they run:
+    # never in the image.
+    run = dict(instructions())["RUN"]
+    assert "cargo build" in run and "--no-default-features" in run.split()
+    assert "--features" not in run and "--all-features" not in run
+    assert "--bin session-operator" in run
+
+
 def test_dockerignore_keeps_build_outputs_and_secrets_out() -> None:
     ignore = (ROOT / ".dockerignore").read_text().split()
     for pattern in ("target", ".git", ".venv*", "**/*.pem", "**/*.key"):

@@ -11,22 +11,21 @@ use session_operator::store::{PostgresStore, RedisOptions, RedisStore, StoreOpti
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-pub fn pg_url() -> String {
+pub(crate) fn pg_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-pub fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// A name unique to this process and call, usable as schema name and key prefix.
-pub fn unique(tag: &str) -> String {
+pub(crate) fn unique(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     format!(
         "{tag}_{}_{}_{nanos}",
         std::process::id(),
@@ -48,20 +47,20 @@ fn block_on_cleanup<F: std::future::Future<Output = ()> + Send + 'static>(fut: F
 }
 
 /// A migrated Postgres schema of its own, dropped when the value is dropped.
-pub struct PgSchema {
+pub(crate) struct PgSchema {
     pub name: String,
 }
 
 impl PgSchema {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self { name: unique("t") }
     }
 
-    pub async fn store(&self, options: StoreOptions) -> PostgresStore {
+    pub(crate) async fn store(&self, options: StoreOptions) -> PostgresStore {
         self.store_at(&pg_url(), options).await
     }
 
-    pub async fn store_at(&self, url: &str, options: StoreOptions) -> PostgresStore {
+    pub(crate) async fn store_at(&self, url: &str, options: StoreOptions) -> PostgresStore {
         let store = PostgresStore::connect(url, &self.name, options)
             .await
             .expect("connect to Postgres (is it running? see scripts/test.sh)");
@@ -83,19 +82,19 @@ impl Drop for PgSchema {
 }
 
 /// A Redis key prefix of its own; its keys are deleted when the value is dropped.
-pub struct RedisPrefix {
+pub(crate) struct RedisPrefix {
     pub prefix: String,
 }
 
 impl RedisPrefix {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // Glob characters in the prefix prove the SCAN fallback escapes it.
         Self {
             prefix: format!("{}[*]:", unique("so-test")),
         }
     }
 
-    pub fn options(&self, index_only: bool) -> RedisOptions {
+    pub(crate) fn options(&self, index_only: bool) -> RedisOptions {
         RedisOptions {
             prefix: self.prefix.clone(),
             index_only,
@@ -104,17 +103,22 @@ impl RedisPrefix {
         }
     }
 
-    pub async fn store(&self, options: StoreOptions, index_only: bool) -> RedisStore {
+    pub(crate) async fn store(&self, options: StoreOptions, index_only: bool) -> RedisStore {
         self.store_at(&redis_url(), options, index_only).await
     }
 
-    pub async fn store_at(&self, url: &str, options: StoreOptions, index_only: bool) -> RedisStore {
+    pub(crate) async fn store_at(
+        &self,
+        url: &str,
+        options: StoreOptions,
+        index_only: bool,
+    ) -> RedisStore {
         RedisStore::connect(url, options, self.options(index_only))
             .await
             .expect("connect to Redis (is it running? see scripts/test.sh)")
     }
 
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+    pub(crate) async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(redis_url())
             .expect("redis url")
             .get_multiplexed_async_connection()
@@ -168,7 +172,7 @@ impl Drop for RedisPrefix {
 
 /// A TCP proxy in front of a server that a test can cut (every connection dropped, new ones
 /// closed at once) and restore, to make a store unreachable mid-operation.
-pub struct ChaosProxy {
+pub(crate) struct ChaosProxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
@@ -176,7 +180,7 @@ pub struct ChaosProxy {
 }
 
 impl ChaosProxy {
-    pub async fn start(target: &str) -> Self {
+    pub(crate) async fn start(target: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));
@@ -209,19 +213,19 @@ impl ChaosProxy {
         }
     }
 
-    pub fn redis_url(&self) -> String {
+    pub(crate) fn redis_url(&self) -> String {
         format!("redis://{}", self.addr)
     }
 
     /// Drops every open connection and refuses new ones until [`ChaosProxy::restore`].
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for conn in self.conns.lock().expect("conns").drain(..) {
             conn.abort();
         }
     }
 
-    pub fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
 }
@@ -235,13 +239,13 @@ impl Drop for ChaosProxy {
 
 /// A database of its own, for tests that need `public` or `blockyard` schemas no other test
 /// shares; dropped when the value is dropped.
-pub struct TestDatabase {
+pub(crate) struct TestDatabase {
     pub name: String,
     pub url: String,
 }
 
 impl TestDatabase {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let name = unique("db");
         let admin = sqlx::PgPool::connect(&pg_url()).await.expect("connect");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))

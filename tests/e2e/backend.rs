@@ -30,16 +30,16 @@ use crate::harness::eventually;
 
 /// The API server the tests talk to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Emulator,
     Real,
 }
 
 impl Backend {
     /// From `E2E_BACKEND`; anything but `emulator`/`real` is a configuration error.
-    pub fn selected() -> Self {
+    pub(crate) fn selected() -> Self {
         match std::env::var("E2E_BACKEND").as_deref() {
-            Err(_) | Ok("") | Ok("emulator") => Self::Emulator,
+            Err(_) | Ok("" | "emulator") => Self::Emulator,
             Ok("real") => Self::Real,
             Ok(other) => panic!("E2E_BACKEND must be `emulator` or `real`, not {other:?}"),
         }
@@ -52,7 +52,7 @@ const TEST_NAMESPACES: &[&str] = &["apps", "other"];
 static TURN: Mutex<()> = Mutex::const_new(());
 
 /// A turn on the shared real cluster: admin client, and the operator's own kubeconfig.
-pub struct RealCluster {
+pub(crate) struct RealCluster {
     pub admin: Client,
     /// Kubeconfig with the operator's ServiceAccount token (the chart's RBAC).
     pub operator_kubeconfig: PathBuf,
@@ -171,7 +171,7 @@ async fn reset_namespaces(client: &Client) {
 impl RealCluster {
     /// Waits for the turn, cleans up after the previous test, installs the CRD and the
     /// operator's RBAC, and creates `ns` (its `default` ServiceAccount included).
-    pub async fn start(ns: &str, crd_yaml: &str) -> Self {
+    pub(crate) async fn start(ns: &str, crd_yaml: &str) -> Self {
         let turn = TURN.lock().await;
         let admin_kubeconfig = env_path("E2E_KUBECONFIG");
         let rbac = read_rbac(&env_path("E2E_OPERATOR_RBAC"));

@@ -22,10 +22,10 @@ use tokio::process::{Child, Command};
 use crate::backend::{Backend, RealCluster};
 use crate::common::{PgSchema, RedisPrefix, pg_url, redis_url, unique};
 
-pub const NS: &str = "apps";
+pub(crate) const NS: &str = "apps";
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -45,7 +45,7 @@ where
 
 /// A cluster with the SessionPolicy CRD and namespace `apps`: the emulator, or the shared real
 /// control plane (one test at a time, see `backend.rs`).
-pub struct Cluster {
+pub(crate) struct Cluster {
     backend: ClusterBackend,
     pub client: Client,
     /// The kubeconfig the operator runs with (on the real cluster: the chart's RBAC).
@@ -58,7 +58,7 @@ enum ClusterBackend {
 }
 
 impl Cluster {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         match Backend::selected() {
             Backend::Emulator => Self::emulated().await,
             Backend::Real => {
@@ -75,7 +75,7 @@ impl Cluster {
     /// A cluster whose workload controllers run: on the emulator its simulated ones
     /// (deployment, replicaset, statefulset, gc, scheduler, kubelet stages on 3 nodes), on the
     /// real lane kube-controller-manager, kube-scheduler and kwok.
-    pub async fn start_with_workloads() -> Self {
+    pub(crate) async fn start_with_workloads() -> Self {
         match Backend::selected() {
             Backend::Emulator => {
                 let emulator = Emulator::builder()
@@ -115,7 +115,7 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with the emulator's workload controllers and kubelet running
     /// (Deployments roll out by themselves, pods turn Ready on their own); emulator only.
-    pub async fn start_with_controllers() -> Self {
+    pub(crate) async fn start_with_controllers() -> Self {
         let emulator = Emulator::builder()
             .controllers(kube_emulator::Controllers::all())
             .start()
@@ -125,13 +125,13 @@ impl Cluster {
     }
 
     /// Whether this is the real control plane.
-    pub fn is_real(&self) -> bool {
+    pub(crate) fn is_real(&self) -> bool {
         matches!(self.backend, ClusterBackend::Real(_))
     }
 
     /// The emulator, for scenarios that use its hooks (crash, flapping readiness, pods with
     /// made-up owners); they run on the emulator backend only.
-    pub fn emulator(&self) -> &Emulator {
+    pub(crate) fn emulator(&self) -> &Emulator {
         match &self.backend {
             ClusterBackend::Emulator(emulator) => emulator,
             ClusterBackend::Real(_) => panic!(
@@ -143,27 +143,27 @@ impl Cluster {
 
     /// The operator's lease namespace and name: the emulator's defaults, or on the real
     /// cluster the ones the chart's RBAC grants.
-    pub fn lease(&self) -> (String, String) {
+    pub(crate) fn lease(&self) -> (String, String) {
         match &self.backend {
             ClusterBackend::Emulator(_) => ("default".into(), "session-operator".into()),
             ClusterBackend::Real(real) => real.lease.clone(),
         }
     }
 
-    pub fn pods(&self) -> Api<Pod> {
+    pub(crate) fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), NS)
     }
 
-    pub fn policies(&self) -> Api<SessionPolicy> {
+    pub(crate) fn policies(&self) -> Api<SessionPolicy> {
         Api::namespaced(self.client.clone(), NS)
     }
 
     /// Creates a policy from a JSON spec.
-    pub async fn apply_policy(&self, name: &str, spec: Value) -> SessionPolicy {
+    pub(crate) async fn apply_policy(&self, name: &str, spec: Value) -> SessionPolicy {
         self.apply_policy_in(NS, name, spec).await
     }
 
-    pub async fn apply_policy_in(&self, ns: &str, name: &str, spec: Value) -> SessionPolicy {
+    pub(crate) async fn apply_policy_in(&self, ns: &str, name: &str, spec: Value) -> SessionPolicy {
         let policy: SessionPolicy = serde_json::from_value(json!({
             "apiVersion": "sessions.blockyard.io/v1alpha1",
             "kind": "SessionPolicy",
@@ -179,11 +179,17 @@ impl Cluster {
 
     /// Creates a Running, Ready worker pod. `owner` is `(kind, name)` of its controller, with the
     /// `pod-template-hash` label for ReplicaSets named `<deployment>-<hash>`.
-    pub async fn ready_pod(&self, name: &str, app: &str, owner: Option<(&str, &str)>) {
-        self.ready_pod_in(NS, name, app, owner).await
+    pub(crate) async fn ready_pod(&self, name: &str, app: &str, owner: Option<(&str, &str)>) {
+        self.ready_pod_in(NS, name, app, owner).await;
     }
 
-    pub async fn ready_pod_in(&self, ns: &str, name: &str, app: &str, owner: Option<(&str, &str)>) {
+    pub(crate) async fn ready_pod_in(
+        &self,
+        ns: &str,
+        name: &str,
+        app: &str,
+        owner: Option<(&str, &str)>,
+    ) {
         let mut metadata = json!({"name": name, "namespace": ns, "labels": {"app": app}});
         if let Some((kind, owner_name)) = owner {
             metadata["ownerReferences"] = json!([{
@@ -233,7 +239,7 @@ impl Cluster {
     }
 
     /// Starts a graceful deletion (deletionTimestamp; removed after its 1 s grace period).
-    pub async fn delete_pod(&self, name: &str) {
+    pub(crate) async fn delete_pod(&self, name: &str) {
         self.pods()
             .delete(name, &DeleteParams::default())
             .await
@@ -241,7 +247,7 @@ impl Cluster {
     }
 
     /// Names of pods that are Ready and not terminating.
-    pub async fn ready_workers(&self) -> BTreeSet<String> {
+    pub(crate) async fn ready_workers(&self) -> BTreeSet<String> {
         let pods = self
             .pods()
             .list(&Default::default())
@@ -251,11 +257,15 @@ impl Cluster {
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| is_ready(p))
-            .map(|p| p.name_any())
+            .map(ResourceExt::name_any)
             .collect()
     }
 
-    pub async fn policy_condition(&self, policy: &str, type_: &str) -> Option<(String, String)> {
+    pub(crate) async fn policy_condition(
+        &self,
+        policy: &str,
+        type_: &str,
+    ) -> Option<(String, String)> {
         let policy = self.policies().get(policy).await.ok()?;
         let status = policy.status?;
         let c = status.conditions.into_iter().find(|c| c.type_ == type_)?;
@@ -264,7 +274,7 @@ impl Cluster {
 }
 
 /// Whether a pod's Ready condition is True.
-pub fn is_ready(pod: &Pod) -> bool {
+pub(crate) fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -278,7 +288,7 @@ impl Drop for Cluster {
 }
 
 /// `GET path` on `addr` (HTTP/1.0): the status code and body, `None` when nothing answers.
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
     conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
@@ -296,19 +306,19 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 /// Real Postgres + Redis under a schema and prefix of their own, and the test's own layered
 /// store over them (a proxy's view).
-pub struct Stores {
+pub(crate) struct Stores {
     pub schema: PgSchema,
     pub prefix: RedisPrefix,
     pub store: Arc<LayeredStore>,
 }
 
 impl Stores {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self::at(&pg_url(), &redis_url()).await
     }
 
     /// The same over other servers (the fault suite's own instances).
-    pub async fn at(pg: &str, redis: &str) -> Self {
+    pub(crate) async fn at(pg: &str, redis: &str) -> Self {
         let schema = PgSchema::new().await;
         let prefix = RedisPrefix::new();
         let options = StoreOptions::default();
@@ -323,7 +333,7 @@ impl Stores {
     }
 
     /// Creates `per_worker` sessions on each worker (32 writes at a time); returns how many.
-    pub async fn seed(&self, workers: &[String], per_worker: usize) -> u64 {
+    pub(crate) async fn seed(&self, workers: &[String], per_worker: usize) -> u64 {
         let ids: Vec<(String, String)> = workers
             .iter()
             .flat_map(|w| (0..per_worker).map(move |i| (format!("s-{w}-{i}"), w.clone())))
@@ -344,19 +354,19 @@ impl Stores {
     }
 
     /// Sessions per worker, from the primary (the source of truth).
-    pub async fn counts(&self) -> BTreeMap<String, u64> {
+    pub(crate) async fn counts(&self) -> BTreeMap<String, u64> {
         self.store.counts_by_worker().await.expect("counts")
     }
 }
 
 /// A `session-operator run` child process; its JSON log lines are collected.
-pub struct Operator {
+pub(crate) struct Operator {
     pub identity: String,
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
 }
 
-pub struct OperatorConfig<'a> {
+pub(crate) struct OperatorConfig<'a> {
     pub identity: &'a str,
     pub lease_duration: &'a str,
     pub extra: Vec<String>,
@@ -386,7 +396,11 @@ impl Default for OperatorConfig<'_> {
 }
 
 impl Operator {
-    pub async fn start(cluster: &Cluster, stores: &Stores, config: OperatorConfig<'_>) -> Self {
+    pub(crate) async fn start(
+        cluster: &Cluster,
+        stores: &Stores,
+        config: OperatorConfig<'_>,
+    ) -> Self {
         let (lease_namespace, lease_name) = cluster.lease();
         let mut command = Command::new(env!("CARGO_BIN_EXE_session-operator"));
         let store_args = config.store_args.clone().unwrap_or_else(|| {
@@ -457,7 +471,7 @@ impl Operator {
     }
 
     /// Store mutations this operator logged (`mutation` field), in order.
-    pub fn mutations(&self) -> Vec<Value> {
+    pub(crate) fn mutations(&self) -> Vec<Value> {
         self.logs
             .lock()
             .expect("logs")
@@ -467,7 +481,7 @@ impl Operator {
             .collect()
     }
 
-    pub fn logged(&self, message: &str) -> bool {
+    pub(crate) fn logged(&self, message: &str) -> bool {
         self.logs
             .lock()
             .expect("logs")
@@ -476,7 +490,7 @@ impl Operator {
     }
 
     /// Log lines with this message.
-    pub fn logs_with_message(&self, message: &str) -> Vec<Value> {
+    pub(crate) fn logs_with_message(&self, message: &str) -> Vec<Value> {
         self.logs
             .lock()
             .expect("logs")
@@ -487,7 +501,7 @@ impl Operator {
     }
 
     /// The address of its `/healthz`, `/readyz` and `/metrics` server, once it serves.
-    pub async fn metrics_addr(&self, timeout: Duration) -> String {
+    pub(crate) async fn metrics_addr(&self, timeout: Duration) -> String {
         eventually(timeout, "the metrics server to listen", || async {
             self.logs
                 .lock()
@@ -503,7 +517,7 @@ impl Operator {
     }
 
     /// Waits until this operator says it became leader.
-    pub async fn wait_leader(&self, timeout: Duration) {
+    pub(crate) async fn wait_leader(&self, timeout: Duration) {
         eventually(
             timeout,
             &format!("{} to become leader", self.identity),
@@ -513,12 +527,12 @@ impl Operator {
     }
 
     /// SIGKILL: no lease release, no cleanup.
-    pub async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
 
     /// Sends a signal (`STOP`, `CONT`, …) to the process.
-    pub fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args([&format!("-{signal}"), &pid.to_string()])
@@ -527,7 +541,7 @@ impl Operator {
     }
 
     /// Waits up to `timeout` for the process to exit by itself; its exit code.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) => status.code(),
             _ => None,
@@ -535,7 +549,7 @@ impl Operator {
     }
 
     /// SIGTERM, then waits for the exit code.
-    pub async fn terminate(&mut self) -> Option<i32> {
+    pub(crate) async fn terminate(&mut self) -> Option<i32> {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])

@@ -246,12 +246,11 @@ async fn scale_down_applies_on_terminate() {
         )
         .await;
         let total: u64 = counts.values().sum();
-        match on_terminate {
-            "Delete" => assert_eq!(total, seeded - 100, "{on_terminate}: {counts:?}"),
-            _ => {
-                assert_eq!(total, seeded, "{on_terminate}: nothing lost: {counts:?}");
-                assert!(counts.keys().all(|w| w == &pods[0] || w == &pods[1]));
-            }
+        if on_terminate == "Delete" {
+            assert_eq!(total, seeded - 100, "{on_terminate}: {counts:?}");
+        } else {
+            assert_eq!(total, seeded, "{on_terminate}: nothing lost: {counts:?}");
+            assert!(counts.keys().all(|w| w == &pods[0] || w == &pods[1]));
         }
         assert_eq!(operator.terminate().await, Some(0));
     }

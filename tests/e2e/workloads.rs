@@ -282,7 +282,7 @@ async fn statefulset_update_keeps_the_sessions_of_pods_recreated_under_their_nam
     .await;
     let after = live_pods(&cluster).await;
     for pod in &pods {
-        let uid = after.get(pod).and_then(|p| p.uid());
+        let uid = after.get(pod).and_then(kube::ResourceExt::uid);
         assert!(
             uid.is_some() && uid != uids.get(pod).cloned(),
             "{pod} was recreated"

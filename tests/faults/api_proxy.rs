@@ -22,7 +22,7 @@ use crate::common::unique;
 
 /// What the proxy lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Open,
     /// Open connections reset, the port closed.
     Reset,
@@ -30,7 +30,7 @@ pub enum Mode {
     Blackhole,
 }
 
-pub struct ApiProxy {
+pub(crate) struct ApiProxy {
     mode: watch::Sender<Mode>,
     /// Whether the port listens; follows `mode` once the supervisor has acted on it.
     listening: watch::Receiver<bool>,
@@ -41,7 +41,7 @@ pub struct ApiProxy {
 impl ApiProxy {
     /// A proxy in front of `target` (the API server's `host:port`) and a kubeconfig (plain
     /// HTTP, as the emulator serves) that names the proxy.
-    pub async fn start(target: SocketAddr) -> Self {
+    pub(crate) async fn start(target: SocketAddr) -> Self {
         let listener = listen(None).await;
         let addr = listener.local_addr().expect("proxy address");
         let (mode, mode_rx) = watch::channel(Mode::Open);
@@ -63,27 +63,27 @@ impl ApiProxy {
     }
 
     /// The kubeconfig an operator behind this proxy runs with.
-    pub fn kubeconfig(&self) -> PathBuf {
+    pub(crate) fn kubeconfig(&self) -> PathBuf {
         self.kubeconfig.clone()
     }
 
     /// Resets every open connection and closes the port; returns once it is closed.
-    pub async fn reset(&self) {
+    pub(crate) async fn reset(&self) {
         self.set(Mode::Reset, false).await;
     }
 
     /// Stops relaying bytes on every connection, open or new; returns at once.
-    pub async fn blackhole(&self) {
+    pub(crate) async fn blackhole(&self) {
         self.set(Mode::Blackhole, true).await;
     }
 
     /// Relays again (a blackholed connection delivers what it held); returns once the port
     /// listens.
-    pub async fn restore(&self) {
+    pub(crate) async fn restore(&self) {
         self.set(Mode::Open, true).await;
     }
 
-    pub async fn cut(&self, mode: Mode) {
+    pub(crate) async fn cut(&self, mode: Mode) {
         match mode {
             Mode::Open => self.restore().await,
             Mode::Reset => self.reset().await,
@@ -133,31 +133,28 @@ async fn supervise(
     let mut relays = JoinSet::new();
     let mut listener = Some(listener);
     loop {
-        match listener.take() {
-            Some(l) => {
-                tokio::select! {
-                    accepted = l.accept() => {
-                        if let Ok((client, _)) = accepted {
-                            relays.spawn(relay(client, target, relay_mode.clone()));
-                        }
-                        listener = Some(l);
+        if let Some(l) = listener.take() {
+            tokio::select! {
+                accepted = l.accept() => {
+                    if let Ok((client, _)) = accepted {
+                        relays.spawn(relay(client, target, relay_mode.clone()));
                     }
-                    open = async { mode.wait_for(|m| *m == Mode::Reset).await.is_ok() } => {
-                        if !open {
-                            return;
-                        }
-                        drop(l);
-                        listening.send_replace(false);
+                    listener = Some(l);
+                }
+                open = async { mode.wait_for(|m| *m == Mode::Reset).await.is_ok() } => {
+                    if !open {
+                        return;
                     }
+                    drop(l);
+                    listening.send_replace(false);
                 }
             }
-            None => {
-                if mode.wait_for(|m| *m != Mode::Reset).await.is_err() {
-                    return;
-                }
-                listener = Some(listen(Some(addr)).await);
-                listening.send_replace(true);
+        } else {
+            if mode.wait_for(|m| *m != Mode::Reset).await.is_err() {
+                return;
             }
+            listener = Some(listen(Some(addr)).await);
+            listening.send_replace(true);
         }
         // Finished relays are collected so the set does not grow for the whole scenario.
         while relays.try_join_next().is_some() {}

@@ -54,8 +54,7 @@ fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// `initdb` and `pg_ctl` refuse to run as root: then they run as the `postgres` user.
@@ -83,14 +82,14 @@ fn run(mut command: Command, what: &str) {
 }
 
 /// A Postgres cluster of its own (trust authentication, no fsync: a test instance).
-pub struct OwnPostgres {
+pub(crate) struct OwnPostgres {
     dir: PathBuf,
     pub port: u16,
     bin: PathBuf,
 }
 
 impl OwnPostgres {
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let bin = pg_bin();
         let dir = std::env::temp_dir().join(unique("faults-pg"));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -118,7 +117,7 @@ impl OwnPostgres {
         pg
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
@@ -129,7 +128,7 @@ impl OwnPostgres {
     }
 
     /// `pg_ctl start` (again, on the same port).
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
@@ -145,7 +144,7 @@ impl OwnPostgres {
     }
 
     /// `pg_ctl stop -m fast`: sessions are disconnected, new connections refused.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         run(self.pg_ctl(&["-w", "-m", "fast", "stop"]), "pg_ctl stop");
     }
 }
@@ -162,7 +161,7 @@ impl Drop for OwnPostgres {
 }
 
 /// A redis-server of its own, with or without persistence (append-only file).
-pub struct OwnRedis {
+pub(crate) struct OwnRedis {
     dir: PathBuf,
     pub port: u16,
     persistent: bool,
@@ -171,7 +170,7 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     /// Not started yet: see [`OwnRedis::resume`].
-    pub fn new(persistent: bool) -> Self {
+    pub(crate) fn new(persistent: bool) -> Self {
         let dir = std::env::temp_dir().join(unique("faults-redis"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         Self {
@@ -182,17 +181,17 @@ impl OwnRedis {
         }
     }
 
-    pub fn start(persistent: bool) -> Self {
+    pub(crate) fn start(persistent: bool) -> Self {
         let mut redis = Self::new(persistent);
         redis.resume();
         redis
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn resume(&mut self) {
+    pub(crate) fn resume(&mut self) {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -212,7 +211,7 @@ impl OwnRedis {
     }
 
     /// SIGKILL: what the append-only file holds survives, nothing else.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

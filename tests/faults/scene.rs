@@ -18,11 +18,11 @@ use crate::instances::{OwnPostgres, OwnRedis};
 const RS_OLD: &str = "workers-6b7c8d9f5";
 const RS_NEW: &str = "workers-5f4d3c2b1";
 const WORKERS: usize = 4;
-pub const PER_WORKER: usize = 250;
+pub(crate) const PER_WORKER: usize = 250;
 /// Longest a scenario may take to converge once its fault ended.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(90);
 
-pub struct Scene {
+pub(crate) struct Scene {
     pub name: &'static str,
     pub cluster: Cluster,
     pub pg: OwnPostgres,
@@ -38,14 +38,14 @@ pub struct Scene {
 
 /// What a proxy would see: where sessions are, in Postgres and in Redis.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Measure {
+pub(crate) struct Measure {
     pub present: Option<u64>,
     pub departed: Option<u64>,
     pub stale: Option<u64>,
 }
 
 impl Scene {
-    pub async fn new(name: &'static str, persistent_redis: bool) -> Self {
+    pub(crate) async fn new(name: &'static str, persistent_redis: bool) -> Self {
         let pg = OwnPostgres::start();
         let redis = OwnRedis::start(persistent_redis);
         let proxy = ChaosProxy::start(&format!("127.0.0.1:{}", redis.port)).await;
@@ -94,7 +94,7 @@ impl Scene {
     }
 
     /// An operator against this scene's Postgres and (through the proxy) Redis.
-    pub fn operator<'a>(&self, identity: &'a str) -> OperatorConfig<'a> {
+    pub(crate) fn operator<'a>(&self, identity: &'a str) -> OperatorConfig<'a> {
         OperatorConfig {
             identity,
             database_url: Some(self.pg.url()),
@@ -104,12 +104,12 @@ impl Scene {
     }
 
     /// Each old pod gets its replacement and is deleted (all at once, as a fast rollout).
-    pub async fn rollout(&self) {
+    pub(crate) async fn rollout(&self) {
         self.replace(0..self.old.len()).await;
     }
 
     /// Old pods `workers` get their replacements and are deleted: a part of the rollout.
-    pub async fn replace(&self, workers: std::ops::Range<usize>) {
+    pub(crate) async fn replace(&self, workers: std::ops::Range<usize>) {
         for (old, new) in self.old[workers.clone()].iter().zip(&self.new[workers]) {
             self.cluster
                 .ready_pod(new, "worker", Some(("ReplicaSet", RS_NEW)))
@@ -118,7 +118,7 @@ impl Scene {
         }
     }
 
-    pub async fn old_pods_gone(&self) {
+    pub(crate) async fn old_pods_gone(&self) {
         eventually(Duration::from_secs(30), "old pods removed", || async {
             let pods = self.cluster.pods().list(&Default::default()).await.ok()?;
             let names: BTreeSet<String> = pods
@@ -132,11 +132,11 @@ impl Scene {
     }
 
     /// Waits until Postgres holds no session on a departed worker.
-    pub async fn migrated_in_postgres(&self) {
+    pub(crate) async fn migrated_in_postgres(&self) {
         self.departed_at_most(0).await;
     }
 
-    pub async fn departed_at_most(&self, n: u64) {
+    pub(crate) async fn departed_at_most(&self, n: u64) {
         eventually(
             Duration::from_secs(60),
             &format!("at most {n} session(s) on departed workers in Postgres"),
@@ -152,12 +152,12 @@ impl Scene {
     }
 
     /// Waits until the policy's condition `type_` has `status`; its reason and message.
-    pub async fn condition(&self, type_: &str, status: &str) -> String {
+    pub(crate) async fn condition(&self, type_: &str, status: &str) -> String {
         self.condition_saying(type_, status, "").await
     }
 
     /// Waits until the policy's condition `type_` has `status` and its message contains `text`.
-    pub async fn condition_saying(&self, type_: &str, status: &str, text: &str) -> String {
+    pub(crate) async fn condition_saying(&self, type_: &str, status: &str, text: &str) -> String {
         eventually(
             Duration::from_secs(60),
             &format!("{type_}={status} saying {text:?}"),
@@ -176,7 +176,7 @@ impl Scene {
     }
 
     /// A proxy transaction holding one row of each old worker (idle in transaction).
-    pub async fn hold_one_row_of_each_old_worker(
+    pub(crate) async fn hold_one_row_of_each_old_worker(
         &self,
     ) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut tx = self.pool.begin().await.expect("begin");
@@ -194,7 +194,7 @@ impl Scene {
 
     /// Sessions present and on departed workers (Postgres), and sessions whose Redis hash names
     /// another worker than Postgres (stale). `None` where a server does not answer.
-    pub async fn measure(&self) -> Measure {
+    pub(crate) async fn measure(&self) -> Measure {
         let ready = self.cluster.ready_workers().await;
         let rows: Option<Vec<(String, String)>> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT id, worker_id FROM {}.blockyard_sessions",
@@ -257,7 +257,7 @@ impl Scene {
 
     /// Prints the scenario's row and asserts that nothing was lost or changed by a deposed
     /// leader.
-    pub async fn report(&self, during: Measure, took: Duration) {
+    pub(crate) async fn report(&self, during: Measure, took: Duration) {
         let end = self.measure().await;
         let superseded = self.superseded_changes().await;
         let show = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
@@ -285,7 +285,7 @@ impl Scene {
 
 /// Waits until every session is on a ready worker in Postgres and Redis holds no stale hash;
 /// the time since `since`.
-pub async fn converge(scene: &Scene, since: Instant) -> Duration {
+pub(crate) async fn converge(scene: &Scene, since: Instant) -> Duration {
     eventually(CONVERGE_WITHIN, scene.name, || async {
         let m = scene.measure().await;
         (m.present == Some(scene.seeded) && m.departed == Some(0) && m.stale == Some(0))
@@ -330,7 +330,7 @@ async fn install_audit(pool: &PgPool, schema: &str) {
 }
 
 /// Proxies creating sessions on the workers they route to, which the test changes.
-pub struct Writers {
+pub(crate) struct Writers {
     routable: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
@@ -338,7 +338,7 @@ pub struct Writers {
 }
 
 impl Writers {
-    pub fn start(scene: &Scene, n: usize) -> Self {
+    pub(crate) fn start(scene: &Scene, n: usize) -> Self {
         let routable = Arc::new(Mutex::new(scene.old.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
@@ -372,11 +372,11 @@ impl Writers {
         }
     }
 
-    pub fn route(&self, workers: Vec<String>) {
+    pub(crate) fn route(&self, workers: Vec<String>) {
         *self.routable.lock().expect("routable") = workers;
     }
 
-    pub async fn stop(self) -> u64 {
+    pub(crate) async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.expect("writer");

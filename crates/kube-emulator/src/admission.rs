@@ -399,9 +399,7 @@ pub(crate) fn tracks_generation(rt: &ResourceType) -> bool {
         || matches!(
             (rt.group.as_str(), rt.plural.as_str()),
             ("", "pods")
-                | ("apps", "deployments")
-                | ("apps", "replicasets")
-                | ("apps", "statefulsets")
+                | ("apps", "deployments" | "replicasets" | "statefulsets")
                 | ("batch", "jobs" | "cronjobs")
                 | ("policy", "poddisruptionbudgets")
                 | ("apiextensions.k8s.io", "customresourcedefinitions")

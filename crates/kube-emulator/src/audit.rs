@@ -60,7 +60,7 @@ struct Sink {
 }
 
 impl AuditLog {
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
             ring: Mutex::new(VecDeque::new()),
@@ -70,7 +70,7 @@ impl AuditLog {
 
     /// Also appends every record to `path` as a JSON line (the file is created or
     /// truncated). Lines are written by a background task and flushed per batch.
-    pub fn with_file(mut self, path: &Path) -> std::io::Result<Self> {
+    pub(crate) fn with_file(mut self, path: &Path) -> std::io::Result<Self> {
         let file = std::fs::File::create(path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let thread = std::thread::Builder::new()
@@ -92,8 +92,12 @@ impl AuditLog {
         Ok(self)
     }
 
-    pub fn record(&self, record: RequestRecord) {
-        if let Some(sink) = self.sink.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+    pub(crate) fn record(&self, record: RequestRecord) {
+        if let Some(sink) = self
+            .sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
             && let Ok(line) = serde_json::to_string(&record)
         {
             let _ = sink.lines.send(line);
@@ -101,7 +105,10 @@ impl AuditLog {
         if self.limit == 0 {
             return;
         }
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while ring.len() >= self.limit {
             ring.pop_front();
         }
@@ -109,8 +116,12 @@ impl AuditLog {
     }
 
     /// Stops writing the file after everything recorded so far is written and flushed.
-    pub fn close(&self) {
-        let sink = self.sink.lock().unwrap_or_else(|e| e.into_inner()).take();
+    pub(crate) fn close(&self) {
+        let sink = self
+            .sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(Sink { lines, thread }) = sink {
             drop(lines);
             if thread.join().is_err() {
@@ -119,13 +130,19 @@ impl AuditLog {
         }
     }
 
-    pub fn snapshot(&self) -> Vec<RequestRecord> {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn snapshot(&self) -> Vec<RequestRecord> {
+        let ring = self
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         ring.iter().cloned().collect()
     }
 
-    pub fn clear(&self) {
-        self.ring.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    pub(crate) fn clear(&self) {
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 

@@ -9,7 +9,7 @@ use crate::resources::ResourceType;
 use crate::schema::Schema;
 
 /// Validates a CRD and derives one [`ResourceType`] per served version.
-pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
+pub(crate) fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
     let mut causes = Vec::new();
     let spec = crd.get("spec").cloned().unwrap_or(Value::Null);
     let s = |path: &str| {
@@ -144,7 +144,7 @@ pub fn resource_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<Cause>> {
 }
 
 /// The status a real API server reports once a CRD's names are accepted.
-pub fn established_status(crd: &Value, now: &str) -> Value {
+pub(crate) fn established_status(crd: &Value, now: &str) -> Value {
     let names = crd
         .pointer("/spec/names")
         .cloned()

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::resources::ResourceType;
 
-pub fn version() -> Value {
+pub(crate) fn version() -> Value {
     json!({
         "major": "1",
         "minor": "34",
@@ -23,7 +23,7 @@ pub fn version() -> Value {
     })
 }
 
-pub fn core_versions(server_address: &str) -> Value {
+pub(crate) fn core_versions(server_address: &str) -> Value {
     json!({
         "kind": "APIVersions",
         "versions": ["v1"],
@@ -32,7 +32,7 @@ pub fn core_versions(server_address: &str) -> Value {
 }
 
 /// `/apis`: every non-core group with its served versions (first listed is preferred).
-pub fn group_list(resources: &[ResourceType]) -> Value {
+pub(crate) fn group_list(resources: &[ResourceType]) -> Value {
     let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for r in resources.iter().filter(|r| !r.group.is_empty()) {
         let versions = groups.entry(&r.group).or_default();
@@ -54,7 +54,7 @@ pub fn group_list(resources: &[ResourceType]) -> Value {
 }
 
 /// `/apis/{group}`: a single group.
-pub fn group(resources: &[ResourceType], group: &str) -> Option<Value> {
+pub(crate) fn group(resources: &[ResourceType], group: &str) -> Option<Value> {
     let list = group_list(resources);
     list["groups"]
         .as_array()?
@@ -69,7 +69,11 @@ pub fn group(resources: &[ResourceType], group: &str) -> Option<Value> {
 }
 
 /// `/api/v1` or `/apis/{group}/{version}`; `None` if nothing is served there.
-pub fn resource_list(resources: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+pub(crate) fn resource_list(
+    resources: &[ResourceType],
+    group: &str,
+    version: &str,
+) -> Option<Value> {
     let served: Vec<&ResourceType> = resources
         .iter()
         .filter(|r| r.group == group && r.version == version)
@@ -137,7 +141,7 @@ fn gv_path(group: &str, version: &str) -> String {
 ///
 /// kubectl reads these documents only to learn that the server accepts the
 /// `fieldValidation` parameter, after which it leaves validation to the server.
-pub fn openapi_v3_root(resources: &[ResourceType]) -> Value {
+pub(crate) fn openapi_v3_root(resources: &[ResourceType]) -> Value {
     let mut paths = serde_json::Map::new();
     for r in resources {
         let p = gv_path(&r.group, &r.version);
@@ -150,7 +154,7 @@ pub fn openapi_v3_root(resources: &[ResourceType]) -> Value {
 }
 
 /// `/openapi/v3/{api/v1|apis/g/v}`: object paths with their PATCH operations, no schemas.
-pub fn openapi_v3_group_version(
+pub(crate) fn openapi_v3_group_version(
     resources: &[ResourceType],
     group: &str,
     version: &str,
@@ -194,7 +198,7 @@ pub fn openapi_v3_group_version(
 }
 
 /// `/openapi/v2` as JSON: an empty document (no paths, no definitions).
-pub fn openapi_v2_json() -> Value {
+pub(crate) fn openapi_v2_json() -> Value {
     json!({
         "swagger": "2.0",
         "info": {"title": "Kubernetes (kube-emulator)", "version": "v1.34.0"},
@@ -206,7 +210,7 @@ pub fn openapi_v2_json() -> Value {
 /// The same empty document in the gnostic protobuf encoding older kubectl versions
 /// (before OpenAPI v3 support) insist on. With no definitions, kubectl skips client-side
 /// validation and computes patches from its compiled-in types.
-pub fn openapi_v2_protobuf() -> Vec<u8> {
+pub(crate) fn openapi_v2_protobuf() -> Vec<u8> {
     fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
         // Length-delimited field; every length here is below 128 so it fits one byte.
         out.push((number << 3) | 2);

@@ -24,7 +24,7 @@ const FIELDS: &[(&str, &str)] = &[
 ];
 
 /// Whether `rt` is the events.k8s.io/v1 view.
-pub fn is_view(rt: &ResourceType) -> bool {
+pub(crate) fn is_view(rt: &ResourceType) -> bool {
     rt.is_event_view()
 }
 
@@ -45,13 +45,13 @@ fn convert(obj: &Value, api_version: &str, to_core: bool) -> Value {
 }
 
 /// A stored core/v1 Event as events.k8s.io/v1.
-pub fn core_to_view(obj: &Value) -> Value {
+pub(crate) fn core_to_view(obj: &Value) -> Value {
     convert(obj, "events.k8s.io/v1", false)
 }
 
 /// An events.k8s.io/v1 Event in core/v1 storage form. Non-object input is passed
 /// through so the usual shape checks report it.
-pub fn view_to_core(obj: &Value) -> Value {
+pub(crate) fn view_to_core(obj: &Value) -> Value {
     if !obj.is_object() {
         return obj.clone();
     }
@@ -59,7 +59,7 @@ pub fn view_to_core(obj: &Value) -> Value {
 }
 
 /// Translates a field selector written against the view into core field names.
-pub fn view_field_selector(s: &str) -> String {
+pub(crate) fn view_field_selector(s: &str) -> String {
     s.split(',')
         .map(|part| {
             let part = part.trim();
@@ -77,7 +77,7 @@ pub fn view_field_selector(s: &str) -> String {
 }
 
 /// Field selectors core/v1 events support besides `metadata.*`.
-pub const CORE_EVENT_FIELDS: &[&str] = &[
+pub(crate) const CORE_EVENT_FIELDS: &[&str] = &[
     "involvedObject.kind",
     "involvedObject.namespace",
     "involvedObject.name",

@@ -30,12 +30,12 @@ impl PatchKind {
 }
 
 /// RFC 7386 merge patch.
-pub fn merge_patch(target: &mut Value, patch: &Value) {
+pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
     json_patch::merge(target, patch);
 }
 
 /// RFC 6902 JSON patch; failures (e.g. a failed `test`) are 422 like the API server.
-pub fn json_patch(target: &mut Value, patch: &Value) -> ApiResult<()> {
+pub(crate) fn json_patch(target: &mut Value, patch: &Value) -> ApiResult<()> {
     let ops: json_patch::Patch = serde_json::from_value(patch.clone())
         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
     // Applied one at a time so a `test` for `null` passes on a missing path, as in
@@ -85,7 +85,7 @@ fn is_set_list(field: &str) -> bool {
 
 /// Strategic merge patch with the directives clients actually send
 /// (`$patch: replace|delete`, `$deleteFromPrimitiveList/…`, `$setElementOrder/…` is ignored).
-pub fn strategic_merge(target: &mut Value, patch: &Value) {
+pub(crate) fn strategic_merge(target: &mut Value, patch: &Value) {
     let Some(patch_map) = patch.as_object() else {
         *target = patch.clone();
         return;
@@ -197,16 +197,16 @@ fn merge_keyed_list(list: &mut Vec<Value>, items: &[Value], mk: &str) {
 /// from every applier (as an `Update` manager would take ownership), so later applies
 /// conflict only with fields another applier still owns.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct FieldOwners {
+pub(crate) struct FieldOwners {
     appliers: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// Suffix of the owner key for applies to the `status` subresource.
-pub const STATUS_OWNER_SUFFIX: &str = " (status)";
+pub(crate) const STATUS_OWNER_SUFFIX: &str = " (status)";
 
 impl FieldOwners {
     /// `metadata.managedFields` entries (operation `Apply`, `FieldsV1`) for the appliers.
-    pub fn managed_fields(&self, api_version: &str) -> Vec<Value> {
+    pub(crate) fn managed_fields(&self, api_version: &str) -> Vec<Value> {
         self.appliers
             .iter()
             .map(|(key, paths)| {
@@ -234,7 +234,7 @@ impl FieldOwners {
     }
 
     /// Drops ownership of every field whose value differs between `old` and `new`.
-    pub fn forget_changed(&mut self, old: &Value, new: &Value) {
+    pub(crate) fn forget_changed(&mut self, old: &Value, new: &Value) {
         for fields in self.appliers.values_mut() {
             fields.retain(|p| resolve(old, p) == resolve(new, p));
         }
@@ -270,7 +270,7 @@ fn insert_fields_v1(root: &mut Map<String, Value>, pointer: &str) {
 
 /// How server-side apply treats lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListSemantics {
+pub(crate) enum ListSemantics {
     /// Every list is one atomic value (custom resources without list-type markers).
     Atomic,
     /// The built-in lists strategic merge merges by key (`containers` by `name`,
@@ -449,7 +449,7 @@ fn item_prefixes(path: &str) -> Vec<String> {
 
 /// A field another applier owns with a different value.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Conflict {
+pub(crate) struct Conflict {
     /// Owner key of the other applier (`name`, or `name (status)` for the status
     /// subresource).
     pub manager: String,
@@ -461,7 +461,7 @@ pub struct Conflict {
 impl Conflict {
     /// The manager as the API server prints it: `"name"`, or
     /// `"name" with subresource "status"`.
-    pub fn manager_display(&self) -> String {
+    pub(crate) fn manager_display(&self) -> String {
         match self.manager.strip_suffix(STATUS_OWNER_SUFFIX) {
             Some(m) => format!("{m:?} with subresource \"status\""),
             None => format!("{:?}", self.manager),
@@ -470,7 +470,7 @@ impl Conflict {
 }
 
 /// The `Status` message of an apply conflict, as `managedfields` words it.
-pub fn conflict_message(conflicts: &[Conflict]) -> String {
+pub(crate) fn conflict_message(conflicts: &[Conflict]) -> String {
     if let [one] = conflicts {
         return format!(
             "Apply failed with 1 conflict: conflict with {}: {}",
@@ -498,7 +498,7 @@ pub fn conflict_message(conflicts: &[Conflict]) -> String {
 }
 
 /// The 409 `Status` of an apply conflict.
-pub fn conflict_error(conflicts: &[Conflict]) -> ApiError {
+pub(crate) fn conflict_error(conflicts: &[Conflict]) -> ApiError {
     let causes = conflicts
         .iter()
         .map(|c| Cause {
@@ -531,7 +531,7 @@ fn field_path(pointer: &str) -> String {
 /// different value and `force` is false. Fields the manager applied before but
 /// omits now are removed unless someone else owns them; so are keyed list items
 /// nobody owns any part of any more.
-pub fn server_side_apply(
+pub(crate) fn server_side_apply(
     live: &Value,
     applied: &Value,
     manager: &str,

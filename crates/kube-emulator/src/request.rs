@@ -41,12 +41,8 @@ pub(crate) fn selectors(
     rt: &ResourceType,
     query: &HashMap<String, String>,
 ) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let labels =
-        LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let fields = store.field_selector(
-        rt,
-        query.get("fieldSelector").map(String::as_str).unwrap_or(""),
-    )?;
+    let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+    let fields = store.field_selector(rt, query.get("fieldSelector").map_or("", String::as_str))?;
     Ok((labels, fields))
 }
 

@@ -77,7 +77,10 @@ impl ResourceType {
             plural: plural.into(),
             singular: kind.to_lowercase(),
             namespaced,
-            short_names: short_names.iter().map(|s| s.to_string()).collect(),
+            short_names: short_names
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             categories: Vec::new(),
             status_subresource: status,
             schema: None,

@@ -76,7 +76,7 @@ pub(crate) fn serve_scale(
             match PatchKind::from_content_type(content_type)? {
                 PatchKind::Json => crate::patch::json_patch(&mut patched, &parse_json(body)?)?,
                 PatchKind::Merge | PatchKind::Strategic => {
-                    crate::patch::merge_patch(&mut patched, &parse_json(body)?)
+                    crate::patch::merge_patch(&mut patched, &parse_json(body)?);
                 }
                 PatchKind::Apply => crate::patch::merge_patch(&mut patched, &parse_yaml(body)?),
             }

@@ -5,14 +5,15 @@
 //! `[n]`, `[*]` and `[?(@.field=="value")]`), or NAME and AGE without any; everything
 //! else gets NAME and AGE.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
 use crate::resources::ResourceType;
+use crate::util::parse_time;
 
 /// Whether the `Accept` header asks for a Table.
-pub fn wants_table(accept: &str) -> bool {
+pub(crate) fn wants_table(accept: &str) -> bool {
     accept.contains("as=Table")
 }
 
@@ -21,7 +22,7 @@ fn column(name: &str, ty: &str, format: &str, priority: u8) -> Value {
 }
 
 /// Column definitions for a resource type.
-pub fn columns(rt: &ResourceType) -> Vec<Value> {
+pub(crate) fn columns(rt: &ResourceType) -> Vec<Value> {
     let mut cols = vec![column("Name", "string", "name", 0)];
     if rt.custom && !rt.printer_columns.is_empty() {
         for c in &rt.printer_columns {
@@ -54,7 +55,7 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
             cols.push(column("Holder", "string", "", 0));
             cols.push(column("Age", "string", "", 0));
         }
-        ("", "events") | ("events.k8s.io", "events") => {
+        ("" | "events.k8s.io", "events") => {
             // kubectl's event printer: NAME is hidden behind LAST SEEN etc.
             cols = vec![
                 column("Last Seen", "string", "", 0),
@@ -70,7 +71,7 @@ pub fn columns(rt: &ResourceType) -> Vec<Value> {
 }
 
 /// Cells of one row, in the order of [`columns`].
-pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
+pub(crate) fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
     let name = obj
         .pointer("/metadata/name")
         .cloned()
@@ -137,7 +138,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
             let ready = format!("{}/{}", int("/status/readyReplicas"), int("/spec/replicas"));
             vec![name, json!(ready), age]
         }
-        ("", "events") | ("events.k8s.io", "events") => event_cells(obj, now),
+        ("" | "events.k8s.io", "events") => event_cells(obj, now),
         ("coordination.k8s.io", "leases") => {
             let holder = obj
                 .pointer("/spec/holderIdentity")
@@ -151,7 +152,12 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: SystemTime) -> Vec<Value> {
 
 /// A Table with one row per object; rows carry the object's metadata, as with
 /// the API server's default `includeObject=Metadata`.
-pub fn table(rt: &ResourceType, objects: &[Value], metadata: Value, with_columns: bool) -> Value {
+pub(crate) fn table(
+    rt: &ResourceType,
+    objects: &[Value],
+    metadata: Value,
+    with_columns: bool,
+) -> Value {
     let now = SystemTime::now();
     let rows: Vec<Value> = objects
         .iter()
@@ -190,9 +196,11 @@ fn event_cells(obj: &Value, now: SystemTime) -> Vec<Value> {
     ]
     .iter()
     .find_map(|p| obj.pointer(p).and_then(Value::as_str))
-    .and_then(parse_rfc3339)
-    .map(|t| human_duration(now.duration_since(t).unwrap_or_default()))
-    .unwrap_or_else(|| age(obj, now));
+    .and_then(parse_time)
+    .map_or_else(
+        || age(obj, now),
+        |t| human_duration(now.duration_since(t).unwrap_or_default()),
+    );
     let kind = text(&["/involvedObject/kind", "/regarding/kind"]).to_lowercase();
     let name = text(&["/involvedObject/name", "/regarding/name"]);
     vec![
@@ -213,9 +221,10 @@ fn printer_cell(obj: &Value, path: &str, ty: &str, now: SystemTime) -> Value {
     };
     if found.len() == 1 {
         return match (ty, first) {
-            ("date", Value::String(s)) => parse_rfc3339(s)
-                .map(|t| json!(human_duration(now.duration_since(t).unwrap_or_default())))
-                .unwrap_or_else(|| json!(s)),
+            ("date", Value::String(s)) => parse_time(s).map_or_else(
+                || json!(s),
+                |t| json!(human_duration(now.duration_since(t).unwrap_or_default())),
+            ),
             ("integer" | "number" | "boolean", v @ (Value::Number(_) | Value::Bool(_))) => {
                 v.clone()
             }
@@ -293,28 +302,11 @@ fn age(obj: &Value, now: SystemTime) -> String {
     let Some(created) = obj
         .pointer("/metadata/creationTimestamp")
         .and_then(Value::as_str)
-        .and_then(parse_rfc3339)
+        .and_then(parse_time)
     else {
         return "<unknown>".into();
     };
     human_duration(now.duration_since(created).unwrap_or_default())
-}
-
-/// Parses `YYYY-MM-DDTHH:MM:SS(.frac)?Z`.
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 /// kubectl-style short durations: `45s`, `3m12s`, `25m`, `5h3m`, `20h`, `3d4h`, `12d`.
@@ -334,6 +326,7 @@ fn human_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn durations_and_timestamps() {
@@ -343,9 +336,6 @@ mod tests {
             human_duration(Duration::from_secs(3 * 86_400 + 4 * 3600)),
             "3d4h"
         );
-        let t = parse_rfc3339("2023-11-14T22:13:20Z").expect("parses");
-        assert_eq!(t, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
-        assert!(parse_rfc3339("garbage").is_none());
     }
 
     #[test]

@@ -100,7 +100,10 @@ impl ControlState {
 
     /// Latency to add and an injected error for this request, if any.
     pub(crate) fn check(&self, resource: &str, verb: &str) -> (Duration, Option<ApiError>) {
-        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let latency = faults.latency;
         let hit = faults.rules.iter_mut().find(|f| {
             f.count > 0
@@ -299,19 +302,31 @@ impl Control {
 
     /// Adds a fault rule; rules are consumed in insertion order.
     pub fn inject(&self, fault: Fault) {
-        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self
+            .state
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         faults.rules.push(fault);
     }
 
     /// Adds a fixed delay to every request.
     pub fn set_latency(&self, latency: Duration) {
-        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self
+            .state
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         faults.latency = latency;
     }
 
     /// Removes all fault rules and latency.
     pub fn clear_faults(&self) {
-        let mut faults = self.state.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self
+            .state
+            .faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *faults = Faults::default();
     }
 

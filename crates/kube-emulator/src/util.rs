@@ -3,53 +3,43 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value};
 
 /// RFC 3339 timestamp with second precision (`metav1.Time`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     format_time(SystemTime::now(), false)
 }
 
-/// Formats a time as RFC 3339, optionally with microseconds (`metav1.MicroTime`).
-pub fn format_time(t: SystemTime, micros: bool) -> String {
+/// Formats a time as RFC 3339 in UTC, truncated to seconds or, for `metav1.MicroTime`, to
+/// microseconds (as the API server writes them).
+pub(crate) fn format_time(t: SystemTime, micros: bool) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, day) = civil_from_days(days);
-    let (hh, mm, ss) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    let seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    // Out of jiff's range (years beyond 9999) only for a clock gone wrong: the latest time.
+    let ts = Timestamp::from_second(seconds).unwrap_or(Timestamp::MAX);
+    let whole = ts.strftime("%Y-%m-%dT%H:%M:%S");
     if micros {
-        format!(
-            "{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}.{:06}Z",
-            d.subsec_micros()
-        )
+        format!("{whole}.{:06}Z", d.subsec_micros())
     } else {
-        format!("{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}Z")
+        format!("{whole}Z")
     }
 }
 
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// Parses an RFC 3339 timestamp as the API writes them (`2024-01-02T03:04:05Z`, optional
+/// fraction, `Z` or a numeric offset). The one parser of the crate.
+pub(crate) fn parse_time(s: &str) -> Option<SystemTime> {
+    let ts: Timestamp = s.parse().ok()?;
+    Some(SystemTime::from(ts))
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A fast, non-cryptographic random number (splitmix64 over time and a counter).
-pub fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut z = nanos.wrapping_add(
         COUNTER
             .fetch_add(1, Ordering::Relaxed)
@@ -61,7 +51,7 @@ pub fn random_u64() -> u64 {
 }
 
 /// A random version-4-shaped UUID string.
-pub fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     let a = random_u64();
     let b = random_u64();
     format!(
@@ -75,7 +65,7 @@ pub fn new_uid() -> String {
 }
 
 /// Five-character suffix for `generateName`, from the same alphabet Kubernetes uses.
-pub fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut n = random_u64();
     (0..5)
@@ -88,7 +78,7 @@ pub fn random_suffix() -> String {
 }
 
 /// `obj.metadata` as a mutable map, creating it if needed.
-pub fn meta_mut(obj: &mut Value) -> Option<&mut Map<String, Value>> {
+pub(crate) fn meta_mut(obj: &mut Value) -> Option<&mut Map<String, Value>> {
     let map = obj.as_object_mut()?;
     let meta = map
         .entry("metadata")
@@ -100,17 +90,17 @@ pub fn meta_mut(obj: &mut Value) -> Option<&mut Map<String, Value>> {
 }
 
 /// `obj.metadata.<field>` as a string.
-pub fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+pub(crate) fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
 }
 
 /// Reads a dotted path such as `status.phase`.
-pub fn get_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+pub(crate) fn get_path<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(obj, |v, seg| v.get(seg))
 }
 
 /// Whether the object lists any finalizers.
-pub fn has_finalizers(obj: &Value) -> bool {
+pub(crate) fn has_finalizers(obj: &Value) -> bool {
     obj.get("metadata")
         .and_then(|m| m.get("finalizers"))
         .and_then(Value::as_array)
@@ -118,7 +108,7 @@ pub fn has_finalizers(obj: &Value) -> bool {
 }
 
 /// DNS-1123 subdomain check used for object names.
-pub fn is_dns_subdomain(name: &str) -> bool {
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
@@ -132,7 +122,7 @@ pub fn is_dns_subdomain(name: &str) -> bool {
 }
 
 /// Standard base64 with padding (for Secret `stringData`).
-pub fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -164,6 +154,29 @@ mod tests {
         assert_eq!(format_time(t, false), "2023-11-14T22:13:20Z");
         let t = UNIX_EPOCH + Duration::from_micros(951_782_400_000_001);
         assert_eq!(format_time(t, true), "2000-02-29T00:00:00.000001Z");
+    }
+
+    #[test]
+    fn times_round_trip() {
+        let t = parse_time("2024-02-29T12:34:56Z").expect("parses");
+        assert_eq!(format_time(t, false), "2024-02-29T12:34:56Z");
+        let f = parse_time("2024-02-29T12:34:56.250000Z").expect("fraction");
+        assert_eq!(f.duration_since(t).ok(), Some(Duration::from_millis(250)));
+        assert_eq!(format_time(f, true), "2024-02-29T12:34:56.250000Z");
+        let o = parse_time("2024-02-29T14:34:56+02:00").expect("offset");
+        assert_eq!(o, t);
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        for bad in [
+            "yesterday",
+            "garbage",
+            "2024-02-30T00:00:00Z",
+            "2024-02-29T12:34:56",
+        ] {
+            assert!(parse_time(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

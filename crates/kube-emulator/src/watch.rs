@@ -93,7 +93,7 @@ pub(crate) fn serve_watch(
     }
     let send_initial = flag(query, "sendInitialEvents");
     let start = match query.get("resourceVersion").map(String::as_str) {
-        None | Some("") | Some("0") => WatchStart::Current,
+        None | Some("" | "0") => WatchStart::Current,
         Some(_) if send_initial => WatchStart::Current,
         Some(rv) => WatchStart::After(
             rv.parse::<u64>()
@@ -140,16 +140,15 @@ pub(crate) fn serve_watch(
                 e.to_status()
             )),
         };
-    let body = match first {
-        Some(line) => Body::from(line),
-        None => {
-            let stream = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv()
-                    .await
-                    .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
-            });
-            Body::from_stream(stream)
-        }
+    let body = if let Some(line) = first {
+        Body::from(line)
+    } else {
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+        });
+        Body::from_stream(stream)
     };
     Ok(Response::builder()
         .status(StatusCode::OK)
@@ -221,8 +220,8 @@ impl WatchTask {
                     }
                 }
                 _ = self.epoch.changed() => return,
-                _ = sleep_until_deadline => return,
-                _ = self.tx.closed() => return,
+                () = sleep_until_deadline => return,
+                () = self.tx.closed() => return,
             }
         }
     }

@@ -235,8 +235,7 @@ async fn transcript(t: &Target) -> Vec<(String, Value)> {
             let found = list["resources"]
                 .as_array()
                 .and_then(|rs| rs.iter().find(|r| r["name"] == *name))
-                .map(|r| r["categories"].clone())
-                .unwrap_or(Value::Null);
+                .map_or(Value::Null, |r| r["categories"].clone());
             categories.insert((*name).to_string(), found);
         }
     }

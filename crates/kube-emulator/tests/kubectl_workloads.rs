@@ -544,7 +544,7 @@ fn kubectl_create_commands_send_protobuf() {
     assert!(
         ns["metadata"]
             .get("creationTimestamp")
-            .is_some_and(|t| t.is_string())
+            .is_some_and(serde_json::Value::is_string)
     );
 
     let n = ["-n", "apps"];

@@ -314,7 +314,7 @@ async fn rolling_update_respects_surge_and_unavailability() {
         let old: Vec<String> = ready_pods(&pods, &selector)
             .await
             .iter()
-            .map(|p| p.name_any())
+            .map(kube::ResourceExt::name_any)
             .collect();
         assert_eq!(old.len(), replicas);
         let trigger = async {
@@ -435,7 +435,7 @@ async fn recreate_stops_old_pods_before_starting_new_ones() {
     let old: Vec<String> = ready_pods(&pods, "app=re")
         .await
         .iter()
-        .map(|p| p.name_any())
+        .map(kube::ResourceExt::name_any)
         .collect();
     let list = pods
         .list(&ListParams::default().labels("app=re"))
@@ -494,7 +494,7 @@ async fn scale_down_removes_pods_with_the_lowest_deletion_cost() {
     let mut names: Vec<String> = ready_pods(&pods, "app=cost")
         .await
         .iter()
-        .map(|p| p.name_any())
+        .map(kube::ResourceExt::name_any)
         .collect();
     names.sort();
     // Costs 0, 100, -5, 50, 7: keeping two leaves the pods with cost 100 and 50.
@@ -676,7 +676,7 @@ async fn statefulset_creates_in_order_and_rolls_in_reverse() {
             .expect("list")
             .items
             .iter()
-            .map(|p| p.name_any())
+            .map(kube::ResourceExt::name_any)
             .collect();
         names == ["web-0"]
     })
@@ -869,7 +869,7 @@ async fn kubelet_hooks_crash_flap_and_stall() {
     let names: Vec<String> = ready_pods(&pods, "app=hk")
         .await
         .iter()
-        .map(|p| p.name_any())
+        .map(kube::ResourceExt::name_any)
         .collect();
 
     // A container restart: restartCount 1, NotReady, then Ready again.
@@ -883,8 +883,7 @@ async fn kubelet_hooks_crash_flap_and_stall() {
             .status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
-            .map(|cs| cs[0].restart_count)
-            .unwrap_or(0);
+            .map_or(0, |cs| cs[0].restart_count);
         restarts == 1 && is_ready(&p)
     })
     .await;
@@ -1317,7 +1316,7 @@ async fn defaults_apply_on_every_write_so_a_patched_template_rolls_out_once() {
         .expect("list")
         .items
         .iter()
-        .map(|rs| rs.name_any())
+        .map(kube::ResourceExt::name_any)
         .collect();
     assert_eq!(names.len(), 4, "one ReplicaSet per template: {names:?}");
 }

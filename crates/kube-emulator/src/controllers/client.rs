@@ -24,7 +24,7 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub fn new(store: Arc<Store>) -> Option<Self> {
+    pub(crate) fn new(store: Arc<Store>) -> Option<Self> {
         Some(Self {
             pods: store.resource("", "v1", "pods")?,
             nodes: store.resource("", "v1", "nodes")?,
@@ -44,12 +44,17 @@ impl Client {
         }
     }
 
-    pub fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> Option<Value> {
+    pub(crate) fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> Option<Value> {
         self.store.get(rt, ns, name).ok()
     }
 
     /// Every object of a type (all namespaces), optionally filtered by labels.
-    pub fn list(&self, rt: &ResourceType, ns: Option<&str>, labels: &LabelSelector) -> Vec<Value> {
+    pub(crate) fn list(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+    ) -> Vec<Value> {
         self.store
             .list(rt, ns, labels, &FieldSelector::default(), None, None)
             .map(|page| page.items)
@@ -57,11 +62,11 @@ impl Client {
     }
 
     /// Objects in `ns` owned by `owner_uid` (the owner index).
-    pub fn owned(&self, rt: &ResourceType, ns: &str, owner_uid: &str) -> Vec<Value> {
+    pub(crate) fn owned(&self, rt: &ResourceType, ns: &str, owner_uid: &str) -> Vec<Value> {
         self.store.list_owned(rt, ns, owner_uid)
     }
 
-    pub fn create(
+    pub(crate) fn create(
         &self,
         manager: &str,
         rt: &ResourceType,
@@ -72,7 +77,7 @@ impl Client {
     }
 
     /// JSON merge patch of the main resource or its status.
-    pub fn merge(
+    pub(crate) fn merge(
         &self,
         manager: &str,
         rt: &ResourceType,
@@ -93,7 +98,7 @@ impl Client {
     }
 
     /// Replaces `.status` (PUT on `/status`) unless it is unchanged.
-    pub fn replace_status(
+    pub(crate) fn replace_status(
         &self,
         manager: &str,
         rt: &ResourceType,
@@ -121,7 +126,7 @@ impl Client {
 
     /// Deletes with the default (background) propagation and the object's grace period,
     /// guarded by a uid precondition so a replacement with the same name is never hit.
-    pub fn delete(
+    pub(crate) fn delete(
         &self,
         rt: &ResourceType,
         ns: &str,

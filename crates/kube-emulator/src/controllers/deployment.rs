@@ -34,7 +34,7 @@ pub(crate) struct DeploymentController {
 }
 
 impl DeploymentController {
-    pub fn new(client: Client) -> Self {
+    pub(super) fn new(client: Client) -> Self {
         Self { client }
     }
 }
@@ -379,7 +379,7 @@ impl Sync<'_> {
         if self.recreate() {
             return self.replicas;
         }
-        let new_spec = new.map(spec_replicas).unwrap_or(0);
+        let new_spec = new.map_or(0, spec_replicas);
         let current: i64 = sum(old, "/spec/replicas") + new_spec;
         let max_total = self.replicas + self.max_surge();
         if current >= max_total {
@@ -448,13 +448,10 @@ impl Sync<'_> {
         if !old.iter().chain(new).all(settled) {
             return Ok(false);
         }
-        let new_spec = new.map(spec_replicas).unwrap_or(0);
+        let new_spec = new.map_or(0, spec_replicas);
         let all_count = old_count + new_spec;
         let min_available = self.replicas - self.max_unavailable();
-        let new_unavailable = new_spec
-            - new
-                .map(|n| int_at(n, "/status/availableReplicas"))
-                .unwrap_or(0);
+        let new_unavailable = new_spec - new.map_or(0, |n| int_at(n, "/status/availableReplicas"));
         let max_scaled_down = all_count - min_available - new_unavailable;
         if max_scaled_down <= 0 {
             return Ok(false);
@@ -466,7 +463,7 @@ impl Sync<'_> {
             .iter()
             .map(|rs| (rs.clone(), spec_replicas(rs)))
             .collect();
-        for (rs, spec) in remaining.iter_mut() {
+        for (rs, spec) in &mut remaining {
             if budget <= 0 {
                 break;
             }
@@ -482,12 +479,10 @@ impl Sync<'_> {
         }
         // scaleDownOldReplicaSetsForRollingUpdate: available pods above the minimum.
         let available: i64 = sum(old, "/status/availableReplicas")
-            + new
-                .map(|n| int_at(n, "/status/availableReplicas"))
-                .unwrap_or(0);
+            + new.map_or(0, |n| int_at(n, "/status/availableReplicas"));
         if available > min_available {
             let mut total = available - min_available;
-            for (rs, spec) in remaining.iter_mut() {
+            for (rs, spec) in &mut remaining {
                 if total <= 0 {
                     break;
                 }
@@ -557,7 +552,7 @@ impl Sync<'_> {
     }
 
     fn is_complete(&self, all: &[Value], new: Option<&Value>) -> bool {
-        let updated = new.map(|n| int_at(n, "/status/replicas")).unwrap_or(0);
+        let updated = new.map_or(0, |n| int_at(n, "/status/replicas"));
         updated == self.replicas
             && sum(all, "/status/replicas") == self.replicas
             && sum(all, "/status/availableReplicas") == self.replicas
@@ -607,10 +602,7 @@ impl Sync<'_> {
         let all: Vec<Value> = old.iter().chain(new.as_ref()).cloned().collect();
         let available = sum(&all, "/status/availableReplicas");
         let total = sum(&all, "/status/replicas");
-        let updated = new
-            .as_ref()
-            .map(|n| int_at(n, "/status/replicas"))
-            .unwrap_or(0);
+        let updated = new.as_ref().map_or(0, |n| int_at(n, "/status/replicas"));
         let mut status = Map::new();
         let mut put = |k: &str, v: i64| {
             if v != 0 {
@@ -777,7 +769,7 @@ impl Sync<'_> {
         let since = existing
             .get("lastUpdateTime")
             .and_then(Value::as_str)
-            .and_then(pods::parse_time)?;
+            .and_then(crate::util::parse_time)?;
         let due = since + Duration::from_secs(deadline.unsigned_abs());
         match due.duration_since(std::time::SystemTime::now()) {
             Ok(wait) if !wait.is_zero() => Some(wait + Duration::from_secs(1)),

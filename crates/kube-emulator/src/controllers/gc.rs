@@ -19,7 +19,7 @@ pub(crate) struct GarbageCollector {
 }
 
 impl GarbageCollector {
-    pub fn new(client: Client) -> Self {
+    pub(super) fn new(client: Client) -> Self {
         Self { client }
     }
 

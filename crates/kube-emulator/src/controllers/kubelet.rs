@@ -42,7 +42,10 @@ struct HookState {
 
 impl KubeletHooks {
     fn with<T>(&self, f: impl FnOnce(&mut HookState) -> T) -> T {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut state)
     }
 
@@ -51,7 +54,7 @@ impl KubeletHooks {
         self.wake.notify_one();
     }
 
-    pub fn set_stalled(&self, ns: &str, name: &str, stalled: bool) {
+    pub(crate) fn set_stalled(&self, ns: &str, name: &str, stalled: bool) {
         let key = (ns.to_string(), name.to_string());
         self.with(|s| {
             if stalled {
@@ -97,7 +100,7 @@ pub(crate) struct Kubelet {
 }
 
 impl Kubelet {
-    pub fn new(
+    pub(crate) fn new(
         client: Client,
         delay: Duration,
         jitter: Duration,
@@ -316,7 +319,8 @@ fn put_condition(conditions: &mut Vec<Value>, ty: &str, st: &str, now: &str) {
     {
         Some(c) if c.get("status").and_then(Value::as_str) == Some(st) => {}
         Some(c) => {
-            *c = json!({"type": ty, "status": st, "lastProbeTime": null, "lastTransitionTime": now})
+            *c =
+                json!({"type": ty, "status": st, "lastProbeTime": null, "lastTransitionTime": now});
         }
         None => conditions.push(
             json!({"type": ty, "status": st, "lastProbeTime": null, "lastTransitionTime": now}),

@@ -368,8 +368,8 @@ async fn run<R: Reconciler>(client: Client, mut reconciler: R, wake: Option<Arc<
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            _ = wake.notified() => {}
-            _ = sleep => {}
+            () = wake.notified() => {}
+            () = sleep => {}
         }
     }
 }

@@ -2,40 +2,40 @@
 //! label selectors, template hashing, int-or-percent values and timestamps.
 
 use std::cmp::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value, json};
 
 use crate::selector::LabelSelector;
-use crate::util::meta_str;
+use crate::util::{meta_str, parse_time};
 
 /// Label the deployment controller puts on replica sets and their pods.
-pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+pub(super) const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// Label the statefulset controller puts on its pods.
-pub const REVISION_HASH: &str = "controller-revision-hash";
+pub(super) const REVISION_HASH: &str = "controller-revision-hash";
 /// Scale-down preference of a pod (lower goes first).
-pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+pub(super) const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
-pub fn is_terminating(obj: &Value) -> bool {
+pub(super) fn is_terminating(obj: &Value) -> bool {
     obj.pointer("/metadata/deletionTimestamp").is_some()
 }
 
-pub fn phase(pod: &Value) -> &str {
+pub(super) fn phase(pod: &Value) -> &str {
     pod.pointer("/status/phase")
         .and_then(Value::as_str)
         .unwrap_or("Pending")
 }
 
-pub fn is_finished(pod: &Value) -> bool {
+pub(super) fn is_finished(pod: &Value) -> bool {
     matches!(phase(pod), "Succeeded" | "Failed")
 }
 
 /// Counted by replica sets: neither finished nor being deleted.
-pub fn is_active(pod: &Value) -> bool {
+pub(super) fn is_active(pod: &Value) -> bool {
     !is_finished(pod) && !is_terminating(pod)
 }
 
-pub fn node_name(pod: &Value) -> &str {
+pub(super) fn node_name(pod: &Value) -> &str {
     pod.pointer("/spec/nodeName")
         .and_then(Value::as_str)
         .unwrap_or("")
@@ -48,12 +48,12 @@ fn condition<'a>(obj: &'a Value, ty: &str) -> Option<&'a Value> {
         .find(|c| c.get("type").and_then(Value::as_str) == Some(ty))
 }
 
-pub fn is_ready(pod: &Value) -> bool {
+pub(super) fn is_ready(pod: &Value) -> bool {
     condition(pod, "Ready").and_then(|c| c.get("status")) == Some(&json!("True"))
 }
 
 /// When the pod last became Ready, if it is.
-pub fn ready_since(pod: &Value) -> Option<SystemTime> {
+pub(super) fn ready_since(pod: &Value) -> Option<SystemTime> {
     if !is_ready(pod) {
         return None;
     }
@@ -65,7 +65,11 @@ pub fn ready_since(pod: &Value) -> Option<SystemTime> {
 
 /// Whether a pod has been ready for `min_ready` (the API's "available"); if it is ready
 /// but not yet available, how long until it is.
-pub fn availability(pod: &Value, min_ready: Duration, now: SystemTime) -> (bool, Option<Duration>) {
+pub(super) fn availability(
+    pod: &Value,
+    min_ready: Duration,
+    now: SystemTime,
+) -> (bool, Option<Duration>) {
     if !is_ready(pod) {
         return (false, None);
     }
@@ -82,19 +86,18 @@ pub fn availability(pod: &Value, min_ready: Duration, now: SystemTime) -> (bool,
     }
 }
 
-pub fn restart_count(pod: &Value) -> i64 {
+pub(super) fn restart_count(pod: &Value) -> i64 {
     pod.pointer("/status/containerStatuses")
         .and_then(Value::as_array)
-        .map(|cs| {
+        .map_or(0, |cs| {
             cs.iter()
                 .filter_map(|c| c.get("restartCount").and_then(Value::as_i64))
                 .max()
                 .unwrap_or(0)
         })
-        .unwrap_or(0)
 }
 
-pub fn deletion_cost(pod: &Value) -> i64 {
+pub(super) fn deletion_cost(pod: &Value) -> i64 {
     pod.pointer("/metadata/annotations")
         .and_then(|a| a.get(DELETION_COST))
         .and_then(Value::as_str)
@@ -102,7 +105,7 @@ pub fn deletion_cost(pod: &Value) -> i64 {
         .unwrap_or(0)
 }
 
-pub fn creation(obj: &Value) -> Option<SystemTime> {
+pub(super) fn creation(obj: &Value) -> Option<SystemTime> {
     meta_str(obj, "creationTimestamp").and_then(parse_time)
 }
 
@@ -110,7 +113,7 @@ pub fn creation(obj: &Value) -> Option<SystemTime> {
 /// sorts first is deleted first — unscheduled before scheduled, Pending before Running,
 /// not ready before ready, lower deletion cost first, ready for less time first, more
 /// restarts first, newer before older.
-pub fn victim_order(a: &Value, b: &Value) -> Ordering {
+pub(super) fn victim_order(a: &Value, b: &Value) -> Ordering {
     let unassigned = |p: &Value| node_name(p).is_empty();
     let phase_rank = |p: &Value| match phase(p) {
         "Pending" => 0,
@@ -130,7 +133,7 @@ pub fn victim_order(a: &Value, b: &Value) -> Ordering {
 }
 
 /// The controller owner reference of an object, as (kind, name, uid).
-pub fn controller_of(obj: &Value) -> Option<(&str, &str, &str)> {
+pub(super) fn controller_of(obj: &Value) -> Option<(&str, &str, &str)> {
     obj.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)?
         .iter()
@@ -145,7 +148,7 @@ pub fn controller_of(obj: &Value) -> Option<(&str, &str, &str)> {
 }
 
 /// A controller owner reference pointing at `owner`.
-pub fn owner_reference(owner: &Value) -> Value {
+pub(super) fn owner_reference(owner: &Value) -> Value {
     json!({
         "apiVersion": owner.get("apiVersion").cloned().unwrap_or(json!("apps/v1")),
         "kind": owner.get("kind").cloned().unwrap_or(Value::Null),
@@ -158,7 +161,7 @@ pub fn owner_reference(owner: &Value) -> Value {
 
 /// Converts a `metav1.LabelSelector` into a parsed selector. An empty or missing
 /// selector yields `None`: workload controllers ignore objects that select nothing.
-pub fn label_selector(selector: Option<&Value>) -> Option<LabelSelector> {
+pub(super) fn label_selector(selector: Option<&Value>) -> Option<LabelSelector> {
     let selector = selector?;
     let mut parts = Vec::new();
     if let Some(labels) = selector.get("matchLabels").and_then(Value::as_object) {
@@ -191,7 +194,7 @@ pub fn label_selector(selector: Option<&Value>) -> Option<LabelSelector> {
 
 /// A template with nulls and empty maps/lists removed, the way the API machinery's
 /// semantic equality treats nil and empty as equal.
-pub fn normalized(v: &Value) -> Value {
+pub(super) fn normalized(v: &Value) -> Value {
     match v {
         Value::Object(m) => {
             let mut out = Map::new();
@@ -215,7 +218,7 @@ pub fn normalized(v: &Value) -> Value {
 }
 
 /// A pod template without the label `label` (the controller's own hash label).
-pub fn without_label(template: &Value, label: &str) -> Value {
+pub(super) fn without_label(template: &Value, label: &str) -> Value {
     let mut t = normalized(template);
     if let Some(labels) = t
         .pointer_mut("/metadata/labels")
@@ -233,7 +236,7 @@ pub fn without_label(template: &Value, label: &str) -> Value {
 
 /// `ComputeHash`: FNV-1a (32 bit) of the template (plus a collision count), rendered with
 /// the alphabet Kubernetes uses for generated names.
-pub fn template_hash(template: &Value, collision_count: i64) -> String {
+pub(super) fn template_hash(template: &Value, collision_count: i64) -> String {
     let text = serde_json::to_string(&normalized(template)).unwrap_or_default();
     let mut hash: u32 = 0x811c_9dc5;
     let mut feed = |bytes: &[u8]| {
@@ -258,7 +261,7 @@ fn safe_encode(s: &str) -> String {
 }
 
 /// Resolves an int-or-percent field against `total` (percentages round up or down).
-pub fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
+pub(super) fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
     let fallback = json!(default);
     let v = v.unwrap_or(&fallback);
     if let Some(i) = v.as_i64() {
@@ -281,57 +284,13 @@ pub fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, default: &s
     }
 }
 
-pub fn int_at(obj: &Value, pointer: &str) -> i64 {
+pub(super) fn int_at(obj: &Value, pointer: &str) -> i64 {
     obj.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
-}
-
-/// Parses RFC 3339 timestamps as the API writes them (`2024-01-02T03:04:05Z`, optional
-/// fraction, `Z` or numeric offset).
-pub fn parse_time(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    let mut nanos = 0u32;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
-        rest = &frac[digits.len()..];
-        let padded = format!("{digits:0<9}");
-        nanos = padded.get(..9)?.parse().ok()?;
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6 => {
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            sign * (o.get(1..3)?.parse::<i64>().ok()? * 3600
-                + o.get(4..6)?.parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
-}
-
-/// Howard Hinnant's civil-to-days algorithm.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A condition in the `metav1.Condition`-like shape workloads use, keeping
 /// `lastTransitionTime` while the status does not change.
-pub fn set_condition(
+pub(super) fn set_condition(
     conditions: &mut Vec<Value>,
     ty: &str,
     status: &str,
@@ -384,17 +343,6 @@ mod tests {
         assert_eq!(int_or_percent(Some(&json!("25%")), 200, true, "25%"), 50);
         assert_eq!(int_or_percent(Some(&json!(2)), 3, true, "25%"), 2);
         assert_eq!(int_or_percent(None, 10, false, "25%"), 2);
-    }
-
-    #[test]
-    fn times_round_trip() {
-        let t = parse_time("2024-02-29T12:34:56Z").expect("parses");
-        assert_eq!(crate::util::format_time(t, false), "2024-02-29T12:34:56Z");
-        let f = parse_time("2024-02-29T12:34:56.250000Z").expect("fraction");
-        assert_eq!(f.duration_since(t).ok(), Some(Duration::from_millis(250)));
-        let o = parse_time("2024-02-29T14:34:56+02:00").expect("offset");
-        assert_eq!(o, t);
-        assert!(parse_time("yesterday").is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub(crate) struct ReplicaSetController {
 }
 
 impl ReplicaSetController {
-    pub fn new(client: Client) -> Self {
+    pub(super) fn new(client: Client) -> Self {
         Self { client }
     }
 }

@@ -97,7 +97,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(client: Client, nodes: usize) -> Self {
+    pub(super) fn new(client: Client, nodes: usize) -> Self {
         Self {
             client,
             nodes: (0..nodes).map(node_name_of).collect(),

@@ -24,7 +24,7 @@ pub(crate) struct StatefulSetController {
 }
 
 impl StatefulSetController {
-    pub fn new(client: Client) -> Self {
+    pub(super) fn new(client: Client) -> Self {
         Self {
             client,
             templates: HashMap::new(),
@@ -128,7 +128,7 @@ impl StatefulSetController {
                     .insert(rname.to_string(), revision_template(r));
             }
         }
-        let newest = revisions.last().map(revision_number).unwrap_or(0);
+        let newest = revisions.last().map_or(0, revision_number);
         let want = pods::normalized(template);
         if let Some(existing) = revisions
             .iter()

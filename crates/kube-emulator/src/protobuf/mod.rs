@@ -270,7 +270,7 @@ fn decode_message(name: &str, buf: &[u8], depth: usize) -> ApiResult<Value> {
                             key = scalar(&Kind::Str, w, depth)?
                                 .as_str()
                                 .unwrap_or("")
-                                .to_string()
+                                .to_string();
                         }
                         2 => value = Some(scalar(value_kind, w, depth)?),
                         _ => {}

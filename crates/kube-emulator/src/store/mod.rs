@@ -190,7 +190,9 @@ impl Store {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave partial writes behind (every
         // commit is a single map insert), so a poisoned lock is safe to reuse.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Current global resourceVersion.
@@ -646,7 +648,7 @@ impl Store {
                         "application/strategic-merge-patch+json is not supported for custom resources",
                     ));
                 }
-                patch::strategic_merge(&mut patched, body)
+                patch::strategic_merge(&mut patched, body);
             }
             PatchKind::Apply => {
                 if manager.is_empty() {
@@ -866,26 +868,23 @@ impl Store {
         let skey = rt.storage_key();
         let bucket = inner.buckets.entry(skey.clone()).or_default();
         let previous = bucket.remove(&key).map(|s| s.obj);
-        let object = match new {
-            Some(mut stored) => {
-                set_managed_fields(&mut stored.obj, &stored.owners);
-                if let Some(m) = meta_mut(&mut stored.obj) {
-                    m.insert("resourceVersion".into(), json!(rv.to_string()));
-                }
-                let obj = stored.obj.clone();
-                // A DELETED event may carry a final state that is not stored.
-                if kind != EventType::Deleted {
-                    bucket.insert(key.clone(), stored);
-                }
-                obj
+        let object = if let Some(mut stored) = new {
+            set_managed_fields(&mut stored.obj, &stored.owners);
+            if let Some(m) = meta_mut(&mut stored.obj) {
+                m.insert("resourceVersion".into(), json!(rv.to_string()));
             }
-            None => {
-                let mut obj = previous.clone().unwrap_or(Value::Null);
-                if let Some(m) = meta_mut(&mut obj) {
-                    m.insert("resourceVersion".into(), json!(rv.to_string()));
-                }
-                obj
+            let obj = stored.obj.clone();
+            // A DELETED event may carry a final state that is not stored.
+            if kind != EventType::Deleted {
+                bucket.insert(key.clone(), stored);
             }
+            obj
+        } else {
+            let mut obj = previous.clone().unwrap_or(Value::Null);
+            if let Some(m) = meta_mut(&mut obj) {
+                m.insert("resourceVersion".into(), json!(rv.to_string()));
+            }
+            obj
         };
         let object_for_index = if kind == EventType::Deleted {
             None

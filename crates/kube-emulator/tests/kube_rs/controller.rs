@@ -23,12 +23,12 @@ use crate::{eventually, start};
     namespaced,
     status = "GadgetStatus"
 )]
-pub struct GadgetSpec {
+pub(crate) struct GadgetSpec {
     pub size: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
-pub struct GadgetStatus {
+pub(crate) struct GadgetStatus {
     pub doubled: u32,
 }
 

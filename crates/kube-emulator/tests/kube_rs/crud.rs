@@ -32,14 +32,14 @@ fn api_error(err: kube::Error) -> kube::core::Status {
     }
 }
 
-pub fn widgets_resource() -> ApiResource {
+pub(crate) fn widgets_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("example.com", "v1", "Widget"),
         "widgets",
     )
 }
 
-pub async fn install_widgets(client: &kube::Client) {
+pub(crate) async fn install_widgets(client: &kube::Client) {
     let crds: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &ApiResource::from_gvk_with_plural(

@@ -425,7 +425,7 @@ async fn multi_version_crds_share_objects() {
             assert_eq!(
                 o.types.map(|t| t.api_version).as_deref(),
                 Some("example.com/v1")
-            )
+            );
         }
         other => panic!("expected ADDED, got {other:?}"),
     }
@@ -518,7 +518,7 @@ async fn await_condition_and_replace_status_work() {
         "spec untouched"
     );
     let uid = pod_uid(&pods).await;
-    let (gone, _) = tokio::join!(
+    let (gone, ()) = tokio::join!(
         tokio::time::timeout(
             Duration::from_secs(60),
             await_condition(pods.clone(), "waiter", conditions::is_deleted(&uid)),

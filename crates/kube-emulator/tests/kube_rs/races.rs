@@ -33,7 +33,7 @@ async fn exactly_one_of_each_conflicting_pair_wins() {
             match writer.await.expect("join") {
                 Ok(_) => wins += 1,
                 Err(kube::Error::Api(s)) => {
-                    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"))
+                    assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
                 }
                 Err(other) => panic!("unexpected error {other:?}"),
             }

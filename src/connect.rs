@@ -1,4 +1,7 @@
-//! Store selection from command-line flags and environment variables.
+//! Store selection from command-line flags and environment variables: the flags every command
+//! that opens the session store shares (`run`, `migrate`, `sessions`, and the lab's `demo`).
+//! They live outside `cli` so that the lab code uses them without importing the command line
+//! that in turn dispatches to it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use crate::store::{
 /// Where the sessions live. With both URLs the layered store (Redis over Postgres) is used;
 /// with one, that store alone.
 #[derive(Debug, Clone, Args)]
-pub struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// Postgres URL, e.g. postgres://user@host:5432/db.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
@@ -51,7 +54,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn options(&self) -> StoreOptions {
+    pub(crate) fn options(&self) -> StoreOptions {
         StoreOptions {
             idle_ttl: self.idle_ttl,
             touch_window: self.touch_window,
@@ -59,7 +62,7 @@ impl StoreArgs {
         }
     }
 
-    pub fn database_url(&self) -> anyhow::Result<&str> {
+    pub(crate) fn database_url(&self) -> anyhow::Result<&str> {
         let url = self
             .database_url
             .as_deref()
@@ -70,7 +73,7 @@ impl StoreArgs {
 
     /// Checks the URLs' schemes before anything connects: a `mysql://` URL must not be read as
     /// Postgres settings and sent to whatever answers on that port.
-    pub fn check_urls(&self) -> anyhow::Result<()> {
+    pub(crate) fn check_urls(&self) -> anyhow::Result<()> {
         for (name, url, schemes) in [
             (
                 "--database-url",
@@ -98,11 +101,11 @@ impl StoreArgs {
     }
 
     /// The Redis key prefix as it is used (see [`redis_key_prefix`]).
-    pub fn effective_redis_prefix(&self) -> String {
+    pub(crate) fn effective_redis_prefix(&self) -> String {
         redis_key_prefix(&self.redis_prefix)
     }
 
-    pub async fn postgres(&self, url: &str) -> anyhow::Result<PostgresStore> {
+    pub(crate) async fn postgres(&self, url: &str) -> anyhow::Result<PostgresStore> {
         let pg = PostgresOptions {
             schema: self.schema.clone(),
             lock_timeout: self.pg_lock_timeout,
@@ -123,7 +126,7 @@ impl StoreArgs {
         }
     }
 
-    pub async fn redis(&self, url: &str) -> anyhow::Result<RedisStore> {
+    pub(crate) async fn redis(&self, url: &str) -> anyhow::Result<RedisStore> {
         RedisStore::connect(url, self.options(), self.redis_options())
             .await
             .with_context(|| format!("connecting to Redis at {}", redact_url(url)))
@@ -133,7 +136,7 @@ impl StoreArgs {
     /// answer at start does not stop it. Postgres is the source of truth, so the operator
     /// starts on it alone, with the cache counted as unavailable, and repairs the cache once
     /// Redis answers (see `LayeredStore::repair_pending`).
-    pub async fn connect_operator(&self) -> anyhow::Result<Connected> {
+    pub(crate) async fn connect_operator(&self) -> anyhow::Result<Connected> {
         let (Some(pg), Some(redis)) = (&self.database_url, &self.redis_url) else {
             return self.connect().await;
         };
@@ -165,7 +168,7 @@ impl StoreArgs {
     }
 
     /// The configured store: layered with both URLs, otherwise the one given.
-    pub async fn connect(&self) -> anyhow::Result<Connected> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Connected> {
         self.check_urls()?;
         // The operator's worker records live with the source of truth: Postgres when there is
         // one, otherwise Redis.
@@ -210,7 +213,7 @@ impl StoreArgs {
 }
 
 /// A connected store, and the layered store behind it if there is one.
-pub struct Connected {
+pub(crate) struct Connected {
     pub store: Arc<dyn Store>,
     layered: Option<Arc<LayeredStore>>,
     /// Where the operator keeps its durable memory of each policy's workers.
@@ -219,13 +222,13 @@ pub struct Connected {
 
 impl Connected {
     /// The layered store, when both URLs were given.
-    pub fn layered(&self) -> Option<Arc<LayeredStore>> {
+    pub(crate) fn layered(&self) -> Option<Arc<LayeredStore>> {
         self.layered.clone()
     }
 
     /// Call before exiting: a one-shot command must not leave stale routes in the cache
     /// unnoticed when a cache write failed.
-    pub async fn finish(&self) -> anyhow::Result<()> {
+    pub(crate) async fn finish(&self) -> anyhow::Result<()> {
         if let Some(layered) = &self.layered {
             layered.repair_cache().await.context(
                 "Postgres holds the result, but the Redis cache could not be updated; \

@@ -6,31 +6,31 @@ mod store;
 
 use clap::{Args, Subcommand};
 
-pub use operator::OperatorBench;
-pub use store::StoreBench;
+use operator::OperatorBench;
+use store::StoreBench;
 
 /// Where the benchmarks find Postgres and Redis (each run uses a schema and key prefix of its
 /// own and removes them afterwards).
 #[derive(Debug, Args)]
-pub struct BenchStores {
+pub(crate) struct BenchStores {
     #[arg(
         long,
         env = "DATABASE_URL",
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    pub database_url: String,
+    pub(crate) database_url: String,
     #[arg(
         long,
         env = "REDIS_URL",
         hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// Store operations: indexed vs full-scan worker operations, touch coalescing, batched expiry.
     Store(StoreBench),
     /// Migration latency of a rolling update (real operator binary, emulator, Redis over
@@ -38,18 +38,14 @@ pub enum BenchCommand {
     Operator(OperatorBench),
 }
 
-pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store::run(args).await,
         BenchCommand::Operator(args) => operator::run(args).await,
     }
 }
 
-/// Latency percentiles of a sample, in milliseconds.
+/// A latency percentile of a sorted sample, in milliseconds.
 fn percentile_ms(sorted: &[std::time::Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx].as_secs_f64() * 1e3
+    super::shared::percentile(sorted, p).as_secs_f64() * 1e3
 }

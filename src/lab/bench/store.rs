@@ -28,7 +28,7 @@ use crate::store::{
 };
 
 #[derive(Debug, Args)]
-pub struct StoreBench {
+pub(crate) struct StoreBench {
     #[command(flatten)]
     stores: super::BenchStores,
     /// Total session counts N to measure at.
@@ -73,6 +73,9 @@ enum Part {
     Expiry,
 }
 
+/// An expiry far in the future: the rows the worker benchmarks fill never expire meanwhile.
+const FAR: &str = "'9999-12-31 23:59:59+00'::timestamptz";
+
 /// blockyard's reroute: a Lua script that SCANs the whole keyspace (the baseline).
 const SCAN_REROUTE: &str = r#"
 local cursor, n = '0', 0
@@ -89,7 +92,7 @@ until cursor == '0'
 return n
 "#;
 
-pub async fn run(mut args: StoreBench) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: StoreBench) -> anyhow::Result<()> {
     if args.smoke {
         args.sizes = vec![2_000, 8_000];
         args.k = 200;
@@ -404,7 +407,6 @@ async fn postgres_worker_ops(args: &StoreBench, pg: &PostgresStore) -> anyhow::R
         "{:>9} {:>13} {:>13} {:>13} {:>13} {:>9} {:>9}",
         "N", "reroute ms", "delete ms", "seq rr ms", "seq del ms", "rr ratio", "del ratio"
     );
-    const FAR: &str = "'9999-12-31 23:59:59+00'::timestamptz";
     let k = args.k;
     let hot =
         |pg: &'static str| format!("CASE WHEN i < {k} THEN '{pg}' ELSE 'w' || (i / 1000) END");
@@ -578,7 +580,6 @@ async fn layered_worker_ops(
         "{:>9} {:>13} {:>13} {:>13} {:>18} {:>14}",
         "N", "1st rr ms", "reroute ms", "delete ms", "redis SCAN rr ms", "rr t(N)/t(N0)"
     );
-    const FAR: &str = "'9999-12-31 23:59:59+00'::timestamptz";
     let k = args.k;
     let layered = LayeredStore::new(
         Arc::new(cache.clone()),
@@ -657,7 +658,6 @@ async fn worker_listing(
         "{:>9} {:>8} {:>17} {:>17} {:>17} {:>17}",
         "N", "workers", "pg workers ms", "pg counts ms", "redis workers ms", "redis counts ms"
     );
-    const FAR: &str = "'9999-12-31 23:59:59+00'::timestamptz";
     let mut filled = 0;
     for &n in &args.sizes {
         pg_fill(pg, filled, n, "'w' || (i / 500)", FAR).await?;
@@ -693,11 +693,11 @@ async fn layered_touches(
     pg: &PostgresStore,
     cache: &RedisStore,
 ) -> anyhow::Result<()> {
+    const SESSIONS: usize = 10_000;
     println!(
         "\n== Layered touch throughput, {} concurrent callers, {:?} per run ==",
         args.callers, args.touch_time
     );
-    const SESSIONS: usize = 10_000;
     let ids: Arc<Vec<String>> = Arc::new((0..SESSIONS).map(|i| format!("t{i}")).collect());
     let mut results = Vec::new();
     for (label, window) in [

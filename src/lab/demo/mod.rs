@@ -3,7 +3,7 @@
 //! update, a scale-down and a crash — with a live progress line and a closing report.
 
 mod proxies;
-mod tracker;
+mod report;
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -13,55 +13,57 @@ use anyhow::Context as _;
 use clap::Args;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store as Reader};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::runtime::reflector::Store as Reader;
 use kube_emulator::{Controllers, Crash, Emulator};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::StoreArgs;
+use super::shared::{
+    Tracker, WORKERS, pod_reader, prepare, ready_workers, restart, rollout_complete,
+    session_policy, workers_deployment,
+};
+use crate::connect::StoreArgs;
 use crate::controller::{SessionStore, Settings};
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
 use crate::policy::SessionPolicy;
-use crate::store::{MemoryStore, Store};
+use crate::store::MemoryStore;
 use crate::telemetry::{Health, Metrics};
 use proxies::Proxies;
-pub(crate) use tracker::{LOOK_EVERY, Tracker};
+use report::Report;
 
 const NS: &str = "demo";
-const DEPLOYMENT: &str = "workers";
 
 #[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Sessions live in Postgres and/or Redis when URLs are given; in memory otherwise.
     #[command(flatten)]
-    pub store: StoreArgs,
+    pub(crate) store: StoreArgs,
     /// Worker pods in the Deployment.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=500))]
-    pub workers: u32,
+    pub(crate) workers: u32,
     /// Sessions the simulated proxies create before the rollout.
     #[arg(long, default_value_t = 2000)]
-    pub sessions: u64,
+    pub(crate) sessions: u64,
     /// Simulated proxy tasks.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub proxies: u32,
+    pub(crate) proxies: u32,
     /// The policy's `migration.replacementWait`.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub replacement_wait: Duration,
+    pub(crate) replacement_wait: Duration,
     /// How long an emulated pod takes from start to Ready.
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
-    pub pod_ready_delay: Duration,
+    pub(crate) pod_ready_delay: Duration,
     /// After the scenario, keep the cluster, operator and proxies running and print a
     /// kubeconfig path for kubectl; stop with Ctrl-C.
     #[arg(long)]
-    pub keep_running: bool,
+    pub(crate) keep_running: bool,
 }
 
 /// Runs the demo; fails when a session was lost or left on a departed worker.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let out = Output::new();
     out.say("Starting an emulated cluster (kube-emulator: 3 nodes, workload controllers, kubelet)");
     let emulator = Emulator::builder()
@@ -109,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let pods = pod_reader(&client, NS, shutdown.clone());
     create_workload(&client, &args).await?;
     out.say(&format!(
-        "Deployment {DEPLOYMENT}: {} workers; SessionPolicy {DEPLOYMENT}: reroute on replace and on terminate, replacementWait {}",
+        "Deployment {WORKERS}: {} workers; SessionPolicy {WORKERS}: reroute on replace and on terminate, replacementWait {}",
         args.workers,
         humantime::format_duration(args.replacement_wait)
     ));
@@ -140,14 +142,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     out.say("Rolling update (as `kubectl rollout restart deployment/workers`)");
     tracker.phase("rolling update");
-    let restarted = json!({"spec": {"template": {"metadata": {"annotations": {
-        "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
-    deployments
-        .patch(
-            DEPLOYMENT,
-            &PatchParams::default(),
-            &Patch::Strategic(&restarted),
-        )
+    restart(&deployments, WORKERS)
         .await
         .context("restarting the Deployment")?;
     settle(
@@ -165,7 +160,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tracker.phase("scale-down");
     deployments
         .patch(
-            DEPLOYMENT,
+            WORKERS,
             &PatchParams::default(),
             &Patch::Merge(&json!({"spec": {"replicas": scaled}})),
         )
@@ -202,7 +197,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(&path, emulator.kubeconfig())
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
-            "\nThe cluster keeps running. Try:\n  export KUBECONFIG={}\n  kubectl -n {NS} get sp,pods\n  kubectl -n {NS} rollout restart deployment/{DEPLOYMENT}\nStop with Ctrl-C.",
+            "\nThe cluster keeps running. Try:\n  export KUBECONFIG={}\n  kubectl -n {NS} get sp,pods\n  kubectl -n {NS} rollout restart deployment/{WORKERS}\nStop with Ctrl-C.",
             path.display()
         );
         tokio::signal::ctrl_c()
@@ -247,94 +242,23 @@ async fn connect(args: &DemoArgs) -> anyhow::Result<(SessionStore, String)> {
 }
 
 async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()> {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": DEPLOYMENT, "namespace": NS},
-        "spec": {
-            "replicas": args.workers,
-            "selector": {"matchLabels": {"app": "worker"}},
-            "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": {"app": "worker"}},
-                "spec": {"terminationGracePeriodSeconds": 2,
-                         "containers": [{"name": "app", "image": "shiny-worker:1"}]},
-            },
-        },
-    }))?;
     Api::<Deployment>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &deployment)
+        .create(
+            &PostParams::default(),
+            &workers_deployment(NS, args.workers, 2)?,
+        )
         .await
         .context("creating the Deployment")?;
-    let policy: SessionPolicy = serde_json::from_value(json!({
-        "apiVersion": "sessions.blockyard.io/v1alpha1", "kind": "SessionPolicy",
-        "metadata": {"name": DEPLOYMENT, "namespace": NS},
-        "spec": {
-            "selector": {"matchLabels": {"app": "worker"}},
-            "migration": {"onReplace": "Reroute", "onTerminate": "Reroute",
-                          "replacementWait": crate::policy::duration::format(args.replacement_wait)},
-            "podDeletionCost": true,
-        },
-    }))?;
+    let migration = json!({"onReplace": "Reroute", "onTerminate": "Reroute",
+        "replacementWait": crate::policy::duration::format(args.replacement_wait)});
     Api::<SessionPolicy>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &policy)
+        .create(
+            &PostParams::default(),
+            &session_policy(NS, migration, true)?,
+        )
         .await
         .context("creating the SessionPolicy")?;
     Ok(())
-}
-
-/// A cache of the pods of `namespace`, kept until `shutdown`.
-/// Installs the SessionPolicy CRD in an emulated cluster and creates `namespace`.
-pub(crate) fn prepare(emulator: &Emulator, namespace: &str) -> anyhow::Result<()> {
-    let control = emulator.control();
-    control
-        .load_yaml(&crate::policy::crd_yaml())
-        .map_err(|e| anyhow::anyhow!("installing the CRD: {e}"))?;
-    control
-        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
-        .map_err(|e| anyhow::anyhow!("creating namespace {namespace}: {e}"))?;
-    Ok(())
-}
-
-pub(crate) fn pod_reader(
-    client: &Client,
-    namespace: &str,
-    shutdown: CancellationToken,
-) -> Reader<Pod> {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(
-        Api::<Pod>::namespaced(client.clone(), namespace),
-        Default::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects();
-    tokio::spawn(async move {
-        use futures::StreamExt;
-        let mut stream = std::pin::pin!(stream.take_until(shutdown.cancelled_owned()));
-        while stream.next().await.is_some() {}
-    });
-    reader
-}
-
-/// Names of the Ready, non-terminating worker pods.
-pub(crate) fn ready_workers(pods: &Reader<Pod>) -> Vec<String> {
-    let mut names: Vec<String> = pods
-        .state()
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status.as_ref().is_some_and(|s| {
-                s.phase.as_deref() == Some("Running")
-                    && s.conditions
-                        .as_ref()
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
-        })
-        .map(|p| p.name_any())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Waits until the Deployment finished its rollout and no session sits on a departed worker.
@@ -351,7 +275,7 @@ async fn settle(
     let mut rolled_out = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(d) = deployments.get(DEPLOYMENT).await {
+        if let Ok(d) = deployments.get(WORKERS).await {
             rolled_out = rollout_complete(&d);
         }
         let on_departed = tracker.sessions_on_departed().await?;
@@ -377,17 +301,6 @@ async fn settle(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn rollout_complete(d: &Deployment) -> bool {
-    let (Some(spec), Some(status)) = (&d.spec, &d.status) else {
-        return false;
-    };
-    let want = spec.replicas.unwrap_or(1);
-    status.observed_generation >= d.metadata.generation
-        && status.updated_replicas == Some(want)
-        && status.available_replicas == Some(want)
-        && status.replicas == Some(want)
 }
 
 /// Waits for `check` to say done, showing its progress text.
@@ -432,7 +345,10 @@ impl Output {
     }
 
     fn progress(&self, line: &str) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.tty {
             print!("\r\x1b[2K{line}");
             let _ = std::io::stdout().flush();
@@ -445,122 +361,14 @@ impl Output {
 
     /// Ends a progress line, keeping its final state on screen.
     fn done(&self) {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.tty {
             println!();
         } else {
             println!("{}", last.1);
         }
-    }
-}
-
-/// What the demo proved.
-struct Report {
-    created: u64,
-    missing: u64,
-    rerouted: u64,
-    deleted: u64,
-    stale_reads: u64,
-    stuck: usize,
-    /// Per phase: departures, p50, p99.
-    latency: Vec<(&'static str, usize, Duration, Duration)>,
-    replacement_wait: Duration,
-    elapsed: Duration,
-}
-
-impl Report {
-    async fn gather(
-        store: &Arc<dyn Store>,
-        proxies: &Proxies,
-        tracker: &Tracker,
-        metrics: &Metrics,
-        replacement_wait: Duration,
-        elapsed: Duration,
-    ) -> anyhow::Result<Self> {
-        let missing = proxies.missing_sessions(store.as_ref()).await?;
-        let latency = tracker
-            .latencies()
-            .into_iter()
-            .filter(|(_, l)| !l.is_empty())
-            .map(|(phase, mut l)| {
-                l.sort();
-                let pick = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
-                (phase, l.len(), pick(0.5), pick(0.99))
-            })
-            .collect();
-        Ok(Self {
-            created: proxies.created(),
-            missing,
-            rerouted: metrics.sessions_rerouted.get(),
-            deleted: metrics.sessions_deleted.get(),
-            stale_reads: proxies.stale_reads(),
-            stuck: tracker.stuck(),
-            latency,
-            replacement_wait,
-            elapsed,
-        })
-    }
-
-    fn verdict(&self) -> anyhow::Result<()> {
-        // The policy reroutes on replace and on terminate: every missing session is lost.
-        anyhow::ensure!(self.missing == 0, "{} session(s) lost", self.missing);
-        anyhow::ensure!(
-            self.stuck == 0,
-            "{} departed worker(s) still held sessions after replacementWait",
-            self.stuck
-        );
-        Ok(())
-    }
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-        writeln!(f, "Report ({:.1} s)", self.elapsed.as_secs_f64())?;
-        writeln!(
-            f,
-            "  sessions created by the proxies        {}",
-            self.created
-        )?;
-        writeln!(
-            f,
-            "  sessions rerouted by the operator      {}",
-            self.rerouted
-        )?;
-        writeln!(
-            f,
-            "  sessions deleted by the operator       {}",
-            self.deleted
-        )?;
-        writeln!(
-            f,
-            "  sessions lost                          {}",
-            self.missing
-        )?;
-        writeln!(f, "  departed workers still holding sessions")?;
-        writeln!(f, "    after replacementWait                {}", self.stuck)?;
-        writeln!(
-            f,
-            "  migration latency, departure seen → sessions moved (looked at every {} ms):",
-            LOOK_EVERY.as_millis()
-        )?;
-        for (phase, n, p50, p99) in &self.latency {
-            writeln!(
-                f,
-                "    {phase:<16} p50 {:>7} · p99 {:>7}  ({n} departures)",
-                ms(*p50),
-                ms(*p99)
-            )?;
-        }
-        writeln!(
-            f,
-            "    (a scale-down has no replacement: its sessions move after replacementWait = {})",
-            humantime::format_duration(self.replacement_wait)
-        )?;
-        writeln!(
-            f,
-            "  reads that found a departed worker     {} (proxies act before the operator; the next read finds the new worker)",
-            self.stale_reads
-        )
     }
 }

@@ -11,9 +11,10 @@ use kube::runtime::reflector::Store as Reader;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::lab::shared::ready_workers;
 use crate::store::{Entry, Store};
 
-pub struct Proxies {
+pub(super) struct Proxies {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     stale_reads: Arc<AtomicU64>,
@@ -34,21 +35,23 @@ impl XorShift {
 
 impl Proxies {
     /// Starts `n` proxies that create `target` sessions in all, then keep using them.
-    pub fn start(store: Arc<dyn Store>, pods: Reader<Pod>, n: u32, target: u64) -> Self {
+    pub(super) fn start(store: Arc<dyn Store>, pods: Reader<Pod>, n: u32, target: u64) -> Self {
         let stop = CancellationToken::new();
         let created = Arc::new(AtomicU64::new(0));
         let stale_reads = Arc::new(AtomicU64::new(0));
         let ids = Arc::new(Mutex::new(Vec::new()));
         // Proxies learn about pods from a watch too, and lag behind it a little.
-        let routable = Arc::new(RwLock::new(super::ready_workers(&pods)));
+        let routable = Arc::new(RwLock::new(ready_workers(&pods)));
         let mut tasks = vec![tokio::spawn({
             let (routable, stop) = (routable.clone(), stop.clone());
             async move {
                 while !stop.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    let ready = super::ready_workers(&pods);
+                    let ready = ready_workers(&pods);
                     if !ready.is_empty() {
-                        *routable.write().unwrap_or_else(|e| e.into_inner()) = ready;
+                        *routable
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = ready;
                     }
                 }
             }
@@ -59,13 +62,18 @@ impl Proxies {
             tasks.push(tokio::spawn(async move {
                 let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (u64::from(t) + 1));
                 while !stop.is_cancelled() {
-                    let workers = routable.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let workers = routable
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
                     let n = created.fetch_add(1, Ordering::Relaxed);
                     if n < target {
                         let id = format!("session-{n:07}");
                         let worker = workers[rng.next(workers.len())].clone();
                         if store.set(&id, &Entry::new(worker, "")).await.is_ok() {
-                            ids.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+                            ids.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(id);
                         } else {
                             created.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -73,7 +81,9 @@ impl Proxies {
                     }
                     created.fetch_sub(1, Ordering::Relaxed);
                     let id = {
-                        let ids = ids.lock().unwrap_or_else(|e| e.into_inner());
+                        let ids = ids
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         ids[rng.next(ids.len())].clone()
                     };
                     if let Ok(Some(entry)) = store.get(&id).await {
@@ -94,17 +104,24 @@ impl Proxies {
         }
     }
 
-    pub fn created(&self) -> u64 {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+    pub(super) fn created(&self) -> u64 {
+        self.ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len() as u64
     }
 
-    pub fn stale_reads(&self) -> u64 {
+    pub(super) fn stale_reads(&self) -> u64 {
         self.stale_reads.load(Ordering::Relaxed)
     }
 
     /// Sessions the proxies created that the store no longer holds.
-    pub async fn missing_sessions(&self, store: &dyn Store) -> anyhow::Result<u64> {
-        let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    pub(super) async fn missing_sessions(&self, store: &dyn Store) -> anyhow::Result<u64> {
+        let ids = self
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let missing = futures::stream::iter(ids)
             .map(|id| async move { store.get(&id).await.map(|e| u64::from(e.is_none())) })
             .buffer_unordered(32)
@@ -117,7 +134,7 @@ impl Proxies {
         Ok(total)
     }
 
-    pub async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop.cancel();
         for task in self.tasks {
             let _ = task.await;

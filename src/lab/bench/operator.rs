@@ -9,19 +9,23 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube_emulator::{Controllers, Emulator};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::percentile_ms;
-use crate::demo::{Tracker, pod_reader, ready_workers};
+use crate::lab::shared::{
+    LOOK_EVERY, Tracker, WORKERS, pod_reader, prepare, ready_workers, restart, rollout_complete,
+    session_policy, workers_deployment,
+};
+use crate::policy::SessionPolicy;
 use crate::store::{
     Entry, LayeredStore, PostgresStore, RedisOptions, RedisStore, Store, StoreOptions,
 };
 
 #[derive(Debug, Args)]
-pub struct OperatorBench {
+pub(crate) struct OperatorBench {
     #[command(flatten)]
     stores: super::BenchStores,
     /// Worker pods in the Deployment.
@@ -42,7 +46,7 @@ pub struct OperatorBench {
 
 const NS: &str = "bench";
 
-pub async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
     if args.smoke {
         args.workers = 10;
         args.sessions = 2_000;
@@ -87,24 +91,18 @@ async fn measure(
         .pod_ready_jitter(args.ready_jitter)
         .start()
         .await?;
-    let control = emulator.control();
-    crate::demo::prepare(&emulator, NS)?;
+    prepare(&emulator, NS)?;
     let client = emulator.client()?;
     let stop = CancellationToken::new();
     let pods = pod_reader(&client, NS, stop.clone());
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "workers", "namespace": NS},
-        "spec": {"replicas": args.workers, "selector": {"matchLabels": {"app": "worker"}},
-                 "strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
-                 "template": {"metadata": {"labels": {"app": "worker"}},
-                              "spec": {"terminationGracePeriodSeconds": 5,
-                                       "containers": [{"name": "app", "image": "w:1"}]}}},
-    }))?;
+    let replicas = u32::try_from(args.workers).context("--workers is too large")?;
     deployments
-        .create(&PostParams::default(), &deployment)
+        .create(
+            &PostParams::default(),
+            &workers_deployment(NS, replicas, 5)?,
+        )
         .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while ready_workers(&pods).len() < args.workers {
@@ -132,13 +130,11 @@ async fn measure(
         }
     );
 
-    let policy = json!({
-        "apiVersion": "sessions.blockyard.io/v1alpha1", "kind": "SessionPolicy",
-        "metadata": {"name": "workers", "namespace": NS},
-        "spec": {"selector": {"matchLabels": {"app": "worker"}},
-                 "migration": {"replacementWait": "2m"}},
-    });
-    control.create(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = session_policy(NS, json!({"replacementWait": "2m"}), false)?;
+    Api::<SessionPolicy>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &policy)
+        .await
+        .context("creating the SessionPolicy")?;
     let kubeconfig = std::env::temp_dir().join(format!("{schema}.kubeconfig"));
     std::fs::write(&kubeconfig, emulator.kubeconfig())?;
     let mut operator = tokio::process::Command::new(std::env::current_exe()?)
@@ -164,29 +160,16 @@ async fn measure(
     let tracker = Tracker::start(store.clone(), pods.clone(), Duration::from_secs(120));
     tracker.phase("rolling update");
     let started = Instant::now();
-    let restart = json!({"spec": {"template": {"metadata": {"annotations": {
-        "kubectl.kubernetes.io/restartedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}}}});
-    deployments
-        .patch(
-            "workers",
-            &PatchParams::default(),
-            &Patch::Strategic(&restart),
-        )
-        .await?;
+    restart(&deployments, WORKERS).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let d = deployments.get("workers").await?;
-        let done = d.status.as_ref().is_some_and(|s| {
-            s.updated_replicas == Some(args.workers as i32)
-                && s.available_replicas == Some(args.workers as i32)
-                && s.replicas == Some(args.workers as i32)
-        });
+        let done = rollout_complete(&deployments.get(WORKERS).await?);
         // Counting what departed workers hold loads the store being measured: only at the end.
         if done && tracker.pending() == 0 && tracker.sessions_on_departed().await? == 0 {
             // The last pods may have departed and been migrated since the tracker's last look:
             // let it look again so that their departures are timed too.
-            tokio::time::sleep(crate::demo::LOOK_EVERY * 3).await;
+            tokio::time::sleep(LOOK_EVERY * 3).await;
             if tracker.pending() == 0 {
                 break;
             }
@@ -219,7 +202,7 @@ async fn measure(
     let p99 = percentile_ms(&latencies, 0.99);
     println!(
         "migration latency (departure seen → sessions moved, looked at every {} ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 ≤ 500 ms)",
-        crate::demo::LOOK_EVERY.as_millis(),
+        LOOK_EVERY.as_millis(),
         percentile_ms(&latencies, 0.5),
         p99,
         percentile_ms(&latencies, 1.0)

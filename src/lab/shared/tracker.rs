@@ -24,7 +24,7 @@ struct State {
 /// How often the tracker looks at the pods and the store.
 pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(20);
 
-pub struct Tracker {
+pub(crate) struct Tracker {
     store: Arc<dyn Store>,
     pods: Reader<Pod>,
     state: Arc<Mutex<State>>,
@@ -36,7 +36,11 @@ impl Tracker {
     /// departure of a worker that held sessions is timed from the look before the one that
     /// first sees it departing to the first look that finds it holding none: an upper bound of
     /// the operator's latency, by at most two looks.
-    pub fn start(store: Arc<dyn Store>, pods: Reader<Pod>, replacement_wait: Duration) -> Self {
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        pods: Reader<Pod>,
+        replacement_wait: Duration,
+    ) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let give_up = replacement_wait + Duration::from_secs(5);
         tokio::spawn({
@@ -100,13 +104,15 @@ impl Tracker {
     }
 
     /// Departures whose sessions have not been seen moved yet.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         lock(&self.state).pending.len()
     }
 
     /// Sessions held by workers that are not Ready, live pods.
-    pub async fn sessions_on_departed(&self) -> anyhow::Result<u64> {
-        let ready: BTreeSet<String> = super::ready_workers(&self.pods).into_iter().collect();
+    pub(crate) async fn sessions_on_departed(&self) -> anyhow::Result<u64> {
+        let ready: BTreeSet<String> = super::cluster::ready_workers(&self.pods)
+            .into_iter()
+            .collect();
         let mut total = 0;
         for worker in self.store.workers_with_sessions().await? {
             if !ready.contains(&worker) {
@@ -117,21 +123,49 @@ impl Tracker {
     }
 
     /// Attributes the departures seen from now on to `phase`.
-    pub fn phase(&self, phase: &'static str) {
+    pub(crate) fn phase(&self, phase: &'static str) {
         lock(&self.state).phase = phase;
     }
 
     /// Departure-to-moved latencies per phase.
-    pub fn latencies(&self) -> BTreeMap<&'static str, Vec<Duration>> {
+    pub(crate) fn latencies(&self) -> BTreeMap<&'static str, Vec<Duration>> {
         lock(&self.state).latencies.clone()
     }
 
     /// Departed workers that still held sessions after `replacementWait` (+5 s).
-    pub fn stuck(&self) -> usize {
+    pub(crate) fn stuck(&self) -> usize {
         lock(&self.state).stuck.len()
     }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The `q` quantile (0 to 1) of a sorted sample, by nearest rank; zero for an empty sample.
+pub(crate) fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::percentile;
+
+    #[test]
+    fn percentile_picks_the_nearest_rank() {
+        let ms = |n| Duration::from_millis(n);
+        let sample: Vec<Duration> = (1..=101).map(ms).collect();
+        assert_eq!(percentile(&sample, 0.5), ms(51));
+        assert_eq!(percentile(&sample, 0.99), ms(100));
+        assert_eq!(percentile(&sample, 1.0), ms(101));
+        assert_eq!(percentile(&[], 0.99), Duration::ZERO);
+    }
 }
