@@ -40,8 +40,10 @@ if [[ $what == all || $what == e2e ]]; then
   # The test binary is built before the clock starts; one cluster serves every test in turn.
   E2E_BACKEND=real cargo test -q --test e2e --no-run
   started=$SECONDS
-  E2E_BACKEND=real cargo test -q --test e2e -- "$@"
+  rc=0
+  E2E_BACKEND=real cargo test -q --test e2e -- "$@" || rc=$?
   echo "test-real: e2e took $((SECONDS - started)) s"
+  [[ $rc == 0 ]] || exit "$rc"
 fi
 if [[ $what == all || $what == diff ]]; then
   # --workspace: the features of `cargo test --workspace`, so nothing is rebuilt.
