@@ -2,9 +2,10 @@
 # The real-cluster lane: starts a real control plane (scripts/control-plane.sh: etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler, kwok with 3 fake nodes) and runs
 # against it
-#   - the end-to-end scenarios that need no emulator hook (tests/e2e policies:: and
-#     workloads::), the operator running with a ServiceAccount token that has exactly the
-#     chart's rendered RBAC (E2E_BACKEND=real, see tests/e2e/backend.rs);
+#   - the end-to-end suite (tests/e2e, E2E_BACKEND=real, see tests/e2e/backend.rs; everything
+#     but status_truth::, which is not yet green there — `e2e` runs it too): the
+#     operator running with a ServiceAccount token that has exactly the chart's rendered RBAC,
+#     rollouts done by kube-controller-manager, pods run by kube-scheduler and kwok;
 #   - the chart's Helm SDK install/upgrade/uninstall and CEL tests (tests/chart/test_real_cluster.py);
 #   - the emulator's differential test (crates/kube-emulator/tests/differential.rs): the same
 #     requests against both, compared;
@@ -13,7 +14,8 @@
 # (DATABASE_URL/REDIS_URL as scripts/test.sh sets them).
 #
 #   ./scripts/test-real.sh            # everything above
-#   ./scripts/test-real.sh e2e ARGS   # only the e2e lane; ARGS go to the test binary
+#   ./scripts/test-real.sh e2e ARGS   # only the e2e lane; ARGS (filters, --nocapture, ...)
+#                                     # go to the test binary
 #   ./scripts/test-real.sh chart|diff # only the chart tests / the differential test
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +38,22 @@ fi
 
 export E2E_KUBECONFIG="$dir/kubeconfig" E2E_OPERATOR_RBAC="$dir/operator-rbac.json"
 if [[ $what == all || $what == e2e ]]; then
+  # The test binary is built before the clock starts; one cluster serves every test in turn.
+  E2E_BACKEND=real cargo test -q --test e2e --no-run
+  started=$SECONDS
+  rc=0
   args=("$@")
-  [[ ${#args[@]} -eq 0 ]] && args=(policies:: workloads::)
-  E2E_BACKEND=real cargo test -q --test e2e -- "${args[@]}"
+  # Not yet green on the real lane (open in the project's issue on the real control plane):
+  # status_truth:: sees its target pod turn NotReady under kwok with nothing in the test writing
+  # to it. The test command skips it there (it runs on the emulator lane); `e2e` with no
+  # arguments runs everything.
+  if [[ $what == all && ${#args[@]} -eq 0 ]]; then
+    args=(--skip status_truth::)
+    echo "test-real: skipping status_truth:: on the real lane (not yet green there)" >&2
+  fi
+  E2E_BACKEND=real cargo test -q --test e2e -- "${args[@]}" || rc=$?
+  echo "test-real: e2e took $((SECONDS - started)) s"
+  [[ $rc == 0 ]] || exit "$rc"
 fi
 if [[ $what == all || $what == diff ]]; then
   # --workspace: the features of `cargo test --workspace`, so nothing is rebuilt.

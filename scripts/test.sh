@@ -97,8 +97,8 @@ cargo test --test faults quick_
 # checkov, hadolint), including the chart/binary drift and RBAC-from-reality tests.
 # (test_real_cluster.py needs the real control plane: scripts/test-real.sh runs it.)
 CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh --ignore=tests/chart/test_real_cluster.py
-# The same end-to-end scenarios (those without emulator hooks) and the chart's Helm install on a
-# real control plane: kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok.
+# The whole end-to-end suite again and the chart's Helm install on a real control plane:
+# kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok.
 ./scripts/test-real.sh
 cargo run -q -- bench store --smoke
 cargo run -q -- bench operator --smoke

@@ -5,7 +5,7 @@
 //!   (kube-apiserver, kube-controller-manager, kube-scheduler, kwok), named by
 //!   `E2E_KUBECONFIG` (its admin kubeconfig, `DIR/kubeconfig`). The operator then runs with a
 //!   ServiceAccount token whose permissions are exactly the chart's rendered RBAC, read from
-//!   `E2E_OPERATOR_RBAC` (written by `tests/chart/operator_rbac.py`). `scripts/e2e-real.sh`
+//!   `E2E_OPERATOR_RBAC` (written by `tests/chart/operator_rbac.py`). `scripts/test-real.sh`
 //!   sets all of this up.
 //!
 //! One real cluster serves every test of the process, so tests on it take turns (a lock
@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -49,6 +50,10 @@ impl Backend {
 /// Namespaces the scenarios use; reset before each test on the real cluster.
 const TEST_NAMESPACES: &[&str] = &["apps", "other"];
 
+/// The finalizer that holds the owners of hand-made pods in deletion (see
+/// [`RealCluster::held_owner`]); removed when the namespaces are reset.
+const HOLD: &str = "e2e.blockyard.io/hold";
+
 static TURN: Mutex<()> = Mutex::const_new(());
 
 /// A turn on the shared real cluster: admin client, and the operator's own kubeconfig.
@@ -63,7 +68,7 @@ pub(crate) struct RealCluster {
 
 fn env_path(var: &str) -> PathBuf {
     let value = std::env::var(var).unwrap_or_else(|_| {
-        panic!("E2E_BACKEND=real needs {var} (scripts/e2e-real.sh sets it up)")
+        panic!("E2E_BACKEND=real needs {var} (scripts/test-real.sh sets it up)")
     });
     PathBuf::from(value)
 }
@@ -131,7 +136,8 @@ async fn apply(client: &Client, object: &Value) {
     .unwrap_or_else(|e| panic!("apply {kind} {name}: {e}"));
 }
 
-async fn ensure_namespace(client: &Client, name: &str) {
+/// Creates namespace `name` if needed and waits for its `default` ServiceAccount.
+pub(crate) async fn ensure_namespace(client: &Client, name: &str) {
     apply(
         client,
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
@@ -148,9 +154,14 @@ async fn ensure_namespace(client: &Client, name: &str) {
     .await;
 }
 
-/// Deletes the test namespaces and waits until the namespace controller removed them.
+/// Deletes the test namespaces and waits until the namespace controller removed them; first
+/// lets go of the owners held in deletion, whose finalizer would keep a namespace forever.
 async fn reset_namespaces(client: &Client) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in TEST_NAMESPACES {
+        release_held::<ReplicaSet>(client, ns).await;
+        release_held::<StatefulSet>(client, ns).await;
+    }
     for ns in TEST_NAMESPACES {
         match namespaces.delete(ns, &DeleteParams::default()).await {
             Ok(_) => {}
@@ -168,7 +179,117 @@ async fn reset_namespaces(client: &Client) {
     }
 }
 
+/// Removes [`HOLD`] from every object of kind `K` in `ns` that carries it.
+async fn release_held<K>(client: &Client, ns: &str)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list = match api.list(&Default::default()).await {
+        Ok(list) => list,
+        Err(kube::Error::Api(s)) if s.code == 404 => return,
+        Err(e) => panic!("list held owners in {ns}: {e}"),
+    };
+    for object in list.items {
+        let meta = object.meta();
+        let finalizers = meta.finalizers.clone().unwrap_or_default();
+        if !finalizers.iter().any(|f| f == HOLD) {
+            continue;
+        }
+        let name = meta.name.clone().unwrap_or_default();
+        let rest: Vec<String> = finalizers.into_iter().filter(|f| f != HOLD).collect();
+        let patch = json!({"metadata": {"finalizers": rest}});
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => panic!("release {name} in {ns}: {e}"),
+        }
+    }
+}
+
 impl RealCluster {
+    /// The uid of a ReplicaSet or StatefulSet `name` in `ns` that the test's hand-made pods
+    /// (labelled `labels`) name as their controller, creating it on first use.
+    ///
+    /// The owner must exist, or the garbage collector deletes the pods that name it. It must
+    /// not act on them either: created with no replicas and held in deletion by a finalizer,
+    /// it is left alone by its controller (a ReplicaSet or StatefulSet being deleted neither
+    /// creates, deletes, adopts nor releases pods) and by the garbage collector (the owner
+    /// still exists, deleted in the background). The pods may only be created once the
+    /// controller has seen the deletion (`status.observedGeneration` reaches the generation
+    /// the deletion bumped): before that it would delete them to honour `replicas: 0`.
+    pub(crate) async fn held_owner(
+        &self,
+        ns: &str,
+        kind: &str,
+        name: &str,
+        labels: &Value,
+    ) -> String {
+        match kind {
+            "ReplicaSet" => self.held::<ReplicaSet>(ns, kind, name, labels).await,
+            "StatefulSet" => self.held::<StatefulSet>(ns, kind, name, labels).await,
+            other => panic!("no held owner of kind {other} (ReplicaSet or StatefulSet)"),
+        }
+    }
+
+    async fn held<K>(&self, ns: &str, kind: &str, name: &str, labels: &Value) -> String
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.admin.clone(), ns);
+        if let Some(existing) = api.get_opt(name).await.expect("get owner") {
+            return existing.meta().uid.clone().expect("owner uid");
+        }
+        let mut spec = json!({
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"containers": [{"name": "worker", "image": "worker:1"}]}},
+        });
+        if kind == "StatefulSet" {
+            spec["serviceName"] = json!(name);
+        }
+        let object: K = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": kind,
+            "metadata": {"name": name, "namespace": ns, "finalizers": [HOLD]},
+            "spec": spec,
+        }))
+        .expect("owner object");
+        let created = api
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("create {kind} {name}: {e}"));
+        let uid = created.meta().uid.clone().expect("owner uid");
+        api.delete(name, &DeleteParams::background())
+            .await
+            .unwrap_or_else(|e| panic!("delete {kind} {name}: {e}"));
+        eventually(
+            Duration::from_secs(30),
+            &format!("the {kind} controller saw {name} being deleted"),
+            || async {
+                let object = api.get(name).await.ok()?;
+                let value = serde_json::to_value(&object).ok()?;
+                let generation = value["metadata"]["generation"].as_i64()?;
+                let observed = value["status"]["observedGeneration"].as_i64()?;
+                (object.meta().deletion_timestamp.is_some() && observed >= generation).then_some(())
+            },
+        )
+        .await;
+        uid
+    }
+
     /// Waits for the turn, cleans up after the previous test, installs the CRD and the
     /// operator's RBAC, and creates `ns` (its `default` ServiceAccount included).
     pub(crate) async fn start(ns: &str, crd_yaml: &str) -> Self {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::common::pg_url;
 use crate::harness::{Cluster, Operator, OperatorConfig, Stores, eventually};
 
 const RS_OLD: &str = "workers-6b7c8d9f5";
@@ -53,7 +52,8 @@ async fn a_frozen_leader_changes_nothing_after_a_standby_took_over() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
     let schema = stores.schema.name.clone();
-    let pool = PgPool::connect(&pg_url()).await.expect("connect");
+    // The table lock's transaction, and one connection for the test's queries.
+    let pool = crate::harness::pg_pool(2).await;
     let old = format!("{RS_OLD}-f0000");
     let new = format!("{RS_NEW}-f0000");
     cluster

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube_emulator::Emulator;
 use serde_json::{Value, json};
 use session_operator::policy::SessionPolicy;
@@ -41,6 +41,21 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether to skip (part of) a scenario on the real lane: there it prints `e2e: SKIPPED on
+/// E2E_BACKEND=real: <what>: <why>` past the test harness's output capture, so that every run
+/// shows what it did not test.
+pub(crate) fn skipped_on_real(what: &str, why: &str) -> bool {
+    use std::io::Write;
+    if Backend::selected() != Backend::Real {
+        return false;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "e2e: SKIPPED on E2E_BACKEND=real: {what}: {why}"
+    );
+    true
 }
 
 /// A cluster with the SessionPolicy CRD and namespace `apps`: the emulator, or the shared real
@@ -113,15 +128,21 @@ impl Cluster {
         }
     }
 
-    /// Like [`Cluster::start`], with the emulator's workload controllers and kubelet running
-    /// (Deployments roll out by themselves, pods turn Ready on their own); emulator only.
+    /// Like [`Cluster::start`], with the workload controllers running: the emulator's
+    /// (Deployments roll out by themselves, pods turn Ready at once), or on the real lane
+    /// kube-controller-manager, kube-scheduler and kwok.
     pub(crate) async fn start_with_controllers() -> Self {
-        let emulator = Emulator::builder()
-            .controllers(kube_emulator::Controllers::all())
-            .start()
-            .await
-            .expect("start the emulator");
-        Self::emulated_with(emulator)
+        match Backend::selected() {
+            Backend::Emulator => {
+                let emulator = Emulator::builder()
+                    .controllers(kube_emulator::Controllers::all())
+                    .start()
+                    .await
+                    .expect("start the emulator");
+                Self::emulated_with(emulator)
+            }
+            Backend::Real => Self::start().await,
+        }
     }
 
     /// Whether this is the real control plane.
@@ -129,15 +150,14 @@ impl Cluster {
         matches!(self.backend, ClusterBackend::Real(_))
     }
 
-    /// The emulator, for scenarios that use its hooks (crash, flapping readiness, pods with
-    /// made-up owners); they run on the emulator backend only.
+    /// The emulator, for what only its hooks do (e.g. holding a pod NotReady against its own
+    /// kubelet); callers check [`Cluster::is_real`] first.
     pub(crate) fn emulator(&self) -> &Emulator {
         match &self.backend {
             ClusterBackend::Emulator(emulator) => emulator,
-            ClusterBackend::Real(_) => panic!(
-                "this scenario uses the emulator's hooks and runs with E2E_BACKEND=emulator only; \
-                 its real-cluster counterpart is in tests/e2e/workloads.rs"
-            ),
+            ClusterBackend::Real(_) => {
+                panic!("an emulator hook used on E2E_BACKEND=real: use the real counterpart")
+            }
         }
     }
 
@@ -190,51 +210,144 @@ impl Cluster {
         app: &str,
         owner: Option<(&str, &str)>,
     ) {
-        let mut metadata = json!({"name": name, "namespace": ns, "labels": {"app": app}});
-        if let Some((kind, owner_name)) = owner {
-            metadata["ownerReferences"] = json!([{
-                "apiVersion": "apps/v1", "kind": kind, "name": owner_name,
-                "uid": format!("uid-{owner_name}"), "controller": true,
-            }]);
-            if kind == "ReplicaSet" {
-                let hash = owner_name.rsplit('-').next().unwrap_or_default();
-                metadata["labels"]["pod-template-hash"] = json!(hash);
+        let mut pod = WorkerPod::new(name, app).in_namespace(ns);
+        pod.owner = owner;
+        self.ready_pods(&[pod]).await;
+    }
+
+    /// Creates the pods, then waits until each is Running and Ready; returns them as they are
+    /// then. On the emulator the test plays the kubelet (its hooks set phase and readiness);
+    /// on the real lane kube-scheduler binds them to kwok's nodes and kwok runs them, and a
+    /// pod's owner is a real object (see [`RealCluster::held_owner`]). Creating all before
+    /// waiting keeps their creation close together.
+    pub(crate) async fn ready_pods(&self, pods: &[WorkerPod<'_>]) -> Vec<Pod> {
+        let mut objects = Vec::new();
+        for pod in pods {
+            let mut labels = pod.labels.clone();
+            let mut metadata = json!({"name": pod.name, "namespace": pod.ns,
+                                      "annotations": pod.annotations});
+            if let Some((kind, owner_name)) = pod.owner {
+                let mut owner_labels = json!({"app": labels["app"]});
+                if kind == "ReplicaSet" {
+                    let hash = owner_name.rsplit('-').next().unwrap_or_default();
+                    labels["pod-template-hash"] = json!(hash);
+                    owner_labels["pod-template-hash"] = json!(hash);
+                }
+                let uid = match &self.backend {
+                    ClusterBackend::Emulator(_) => format!("uid-{owner_name}"),
+                    ClusterBackend::Real(real) => {
+                        real.held_owner(pod.ns, kind, owner_name, &owner_labels)
+                            .await
+                    }
+                };
+                metadata["ownerReferences"] = json!([{
+                    "apiVersion": "apps/v1", "kind": kind, "name": owner_name,
+                    "uid": uid, "controller": true,
+                }]);
             }
+            metadata["labels"] = labels;
+            objects.push(json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                "spec": {"containers": [{"name": "worker", "image": "worker:1"}],
+                         "terminationGracePeriodSeconds": 1},
+            }));
         }
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
-            "spec": {"containers": [{"name": "worker", "image": "worker:1"}],
-                     "terminationGracePeriodSeconds": 1},
-        });
+        let mut ready = Vec::new();
         match &self.backend {
             ClusterBackend::Emulator(emulator) => {
                 let control = emulator.control();
-                control.create(pod).expect("create pod");
-                control.set_pod_phase(ns, name, "Running").expect("running");
-                control.set_pod_ready(ns, name, true).expect("ready");
+                for (object, pod) in objects.into_iter().zip(pods) {
+                    control.create(object).expect("create pod");
+                    control
+                        .set_pod_phase(pod.ns, pod.name, "Running")
+                        .expect("running");
+                    let object = control
+                        .set_pod_ready(pod.ns, pod.name, true)
+                        .expect("ready");
+                    ready.push(serde_json::from_value(object).expect("pod"));
+                }
             }
             ClusterBackend::Real(_) => {
-                assert!(
-                    owner.is_none(),
-                    "{name}: a pod with a made-up owner is an emulator shortcut (the real garbage \
-                     collector deletes it); real workloads are in tests/e2e/workloads.rs"
-                );
-                // The scheduler binds it to a kwok node, kwok makes it Running and Ready.
-                let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-                let pod: Pod = serde_json::from_value(pod).expect("pod");
-                pods.create(&PostParams::default(), &pod)
-                    .await
-                    .expect("create pod");
-                eventually(
-                    Duration::from_secs(60),
-                    &format!("{name} Ready"),
-                    || async {
-                        let pod = pods.get(name).await.ok()?;
-                        is_ready(&pod).then_some(())
-                    },
-                )
-                .await;
+                for (object, pod) in objects.into_iter().zip(pods) {
+                    let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.ns);
+                    let object: Pod = serde_json::from_value(object).expect("pod");
+                    api.create(&PostParams::default(), &object)
+                        .await
+                        .unwrap_or_else(|e| panic!("create pod {}: {e}", pod.name));
+                }
+                for pod in pods {
+                    let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.ns);
+                    let object = eventually(
+                        Duration::from_secs(60),
+                        &format!("{} scheduled, Running and Ready", pod.name),
+                        || async {
+                            let object = api.get(pod.name).await.ok()?;
+                            is_ready(&object).then_some(object)
+                        },
+                    )
+                    .await;
+                    ready.push(object);
+                }
             }
+        }
+        ready
+    }
+
+    /// Sets a pod's `Ready` (and `ContainersReady`) condition as its kubelet does when the
+    /// readiness probe fails or passes again: through the status subresource on the real lane
+    /// (kwok leaves a running pod's conditions to whoever writes them), the emulator's hook
+    /// otherwise. Not for clusters whose emulated kubelet runs (it would undo it).
+    pub(crate) async fn set_pod_ready(&self, name: &str, ready: bool) {
+        match &self.backend {
+            ClusterBackend::Emulator(emulator) => {
+                emulator
+                    .control()
+                    .set_pod_ready(NS, name, ready)
+                    .expect("set readiness");
+            }
+            ClusterBackend::Real(_) => {
+                let status = if ready { "True" } else { "False" };
+                let patch = json!({"status": {"conditions": conditions(status)}});
+                self.pods()
+                    .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                    .unwrap_or_else(|e| panic!("set {name} Ready={status}: {e}"));
+            }
+        }
+    }
+
+    /// The pod fails for good (`status.phase: Failed`, not Ready), as its kubelet reports a
+    /// container that exited and will not restart.
+    pub(crate) async fn fail_pod(&self, name: &str) {
+        match &self.backend {
+            ClusterBackend::Emulator(emulator) => {
+                emulator
+                    .control()
+                    .set_pod_phase(NS, name, "Failed")
+                    .expect("fail");
+            }
+            ClusterBackend::Real(_) => {
+                let patch = json!({"status": {"phase": "Failed",
+                                              "conditions": conditions("False")}});
+                self.pods()
+                    .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                    .unwrap_or_else(|e| panic!("fail {name}: {e}"));
+            }
+        }
+    }
+
+    /// Creates namespace `name` (on the real lane: one of the namespaces reset between tests).
+    pub(crate) async fn ensure_namespace(&self, name: &str) {
+        match &self.backend {
+            ClusterBackend::Emulator(emulator) => {
+                emulator
+                    .control()
+                    .create(json!({"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": name}}))
+                    .expect("create namespace");
+            }
+            ClusterBackend::Real(_) => crate::backend::ensure_namespace(&self.client, name).await,
         }
     }
 
@@ -257,7 +370,7 @@ impl Cluster {
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| is_ready(p))
-            .map(ResourceExt::name_any)
+            .map(kube::ResourceExt::name_any)
             .collect()
     }
 
@@ -270,6 +383,60 @@ impl Cluster {
         let status = policy.status?;
         let c = status.conditions.into_iter().find(|c| c.type_ == type_)?;
         Some((c.status, c.reason))
+    }
+}
+
+/// A pod's `Ready` and `ContainersReady` conditions with this status, as a kubelet writes them.
+fn conditions(status: &str) -> Value {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let reason = if status == "True" {
+        ""
+    } else {
+        "ContainersNotReady"
+    };
+    json!([
+        {"type": "Ready", "status": status, "reason": reason, "lastTransitionTime": now},
+        {"type": "ContainersReady", "status": status, "reason": reason, "lastTransitionTime": now},
+    ])
+}
+
+/// A worker pod the test makes by hand, as a workload controller would
+/// ([`Cluster::ready_pods`]).
+pub(crate) struct WorkerPod<'a> {
+    pub ns: &'a str,
+    pub name: &'a str,
+    /// `app` names the workload; ReplicaSet owners add `pod-template-hash`.
+    pub labels: Value,
+    pub annotations: Value,
+    /// `(kind, name)` of its controller: `ReplicaSet` or `StatefulSet`.
+    pub owner: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> WorkerPod<'a> {
+    /// A bare pod `name` labelled `app=<app>` in namespace `apps`.
+    pub(crate) fn new(name: &'a str, app: &str) -> Self {
+        Self {
+            ns: NS,
+            name,
+            labels: json!({"app": app}),
+            annotations: json!({}),
+            owner: None,
+        }
+    }
+
+    pub(crate) fn in_namespace(self, ns: &'a str) -> Self {
+        Self { ns, ..self }
+    }
+
+    pub(crate) fn labels(self, labels: Value) -> Self {
+        Self { labels, ..self }
+    }
+
+    pub(crate) fn annotations(self, annotations: Value) -> Self {
+        Self {
+            annotations,
+            ..self
+        }
     }
 }
 
@@ -304,6 +471,22 @@ pub(crate) async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// How many sessions [`Stores::seed`] writes at a time. Each write holds one of the test
+/// store's pooled Postgres connections, and the pool opens one per concurrent write: the tests,
+/// their operators and whatever else shares the server must stay below its `max_connections`
+/// (100 by default). Past it sqlx retries "too many clients" until its acquire timeout, and the
+/// operator then reports a pool whose connections all "stayed busy".
+const SEED_CONCURRENCY: usize = 8;
+
+/// A pool of at most `max` connections to `DATABASE_URL`, for a test's own SQL.
+pub(crate) async fn pg_pool(max: u32) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .connect(&pg_url())
+        .await
+        .expect("connect to Postgres")
+}
+
 /// Real Postgres + Redis under a schema and prefix of their own, and the test's own layered
 /// store over them (a proxy's view).
 pub(crate) struct Stores {
@@ -332,7 +515,8 @@ impl Stores {
         }
     }
 
-    /// Creates `per_worker` sessions on each worker (32 writes at a time); returns how many.
+    /// Creates `per_worker` sessions on each worker ([`SEED_CONCURRENCY`] writes at a time);
+    /// returns how many.
     pub(crate) async fn seed(&self, workers: &[String], per_worker: usize) -> u64 {
         let ids: Vec<(String, String)> = workers
             .iter()
@@ -340,7 +524,7 @@ impl Stores {
             .collect();
         let n = ids.len() as u64;
         futures::stream::iter(ids)
-            .for_each_concurrent(32, |(id, w)| {
+            .for_each_concurrent(SEED_CONCURRENCY, |(id, w)| {
                 let store = self.store.clone();
                 async move {
                     store

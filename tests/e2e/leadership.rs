@@ -13,13 +13,9 @@ const RS_OLD: &str = "workers-6b7c8d9f5";
 const RS_NEW: &str = "workers-5f4d3c2b1";
 
 async fn holder(cluster: &Cluster) -> Option<String> {
-    let leases: kube::Api<Lease> = kube::Api::namespaced(cluster.client.clone(), "default");
-    leases
-        .get_opt("session-operator")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
+    let (namespace, name) = cluster.lease();
+    let leases: kube::Api<Lease> = kube::Api::namespaced(cluster.client.clone(), &namespace);
+    leases.get_opt(&name).await.ok()??.spec?.holder_identity
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

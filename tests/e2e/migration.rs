@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use session_operator::store::{Entry, Store};
 
-use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, eventually};
+use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, eventually, skipped_on_real};
 
 const RS_OLD: &str = "workers-6b7c8d9f5";
 const RS_NEW: &str = "workers-5f4d3c2b1";
@@ -99,15 +99,6 @@ async fn assert_all_on_ready(cluster: &Cluster, stores: &Stores, expected_total:
     )
     .await;
     let total: u64 = counts.values().sum();
-    if total != expected_total {
-        let pool = sqlx::PgPool::connect(&crate::common::pg_url())
-            .await
-            .expect("pool");
-        let rows: Vec<(String, i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT worker_id, count(*), min(expires_at) FROM {}.blockyard_sessions GROUP BY worker_id", stores.schema.name)))
-            .fetch_all(&pool).await.expect("debug query");
-        eprintln!("DEBUG raw rows: {rows:?}");
-    }
     assert_eq!(
         total, expected_total,
         "sessions lost or duplicated: {counts:?}"
@@ -214,6 +205,18 @@ async fn rolling_update_moves_every_session_to_a_ready_replacement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scale_down_applies_on_terminate() {
     for on_terminate in ["Delete", "Reroute"] {
+        if on_terminate == "Delete"
+            && skipped_on_real(
+                "migration::scale_down_applies_on_terminate (onTerminate: Delete)",
+                "kwok's pod-delete stage removes a deleted pod at once, so the operator may \
+                 never see it terminating; on this lane the departures were then paired with \
+                 their same-second siblings and rerouted instead of deleted (reported). The real \
+                 scale-down with onTerminate: Delete is \
+                 workloads::scale_down_removes_the_pods_with_the_fewest_sessions",
+            )
+        {
+            continue;
+        }
         let cluster = Cluster::start().await;
         let stores = Stores::new().await;
         let pods: Vec<String> = (0..4).map(|i| format!("{RS_OLD}-p{i:04}")).collect();
@@ -275,9 +278,9 @@ async fn crashed_pod_sessions_move_to_its_replacement() {
 
     // A container that keeps crashing: NotReady, Ready, NotReady — the pod stays, so do its
     // sessions. Then the pod fails for good and the ReplicaSet replaces it.
-    let control = cluster.emulator().control();
+    // (Ready changes through the status subresource, as a kubelet writes them.)
     for ready in [false, true, false] {
-        control.set_pod_ready(NS, &pods[0], ready).expect("flap");
+        cluster.set_pod_ready(&pods[0], ready).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(
@@ -285,7 +288,7 @@ async fn crashed_pod_sessions_move_to_its_replacement() {
         Some(&40),
         "a flapping pod keeps its sessions"
     );
-    control.set_pod_phase(NS, &pods[0], "Failed").expect("fail");
+    cluster.fail_pod(&pods[0]).await;
     let replacement = format!("{RS_OLD}-c9999");
     cluster
         .ready_pod(&replacement, "worker", Some(("ReplicaSet", RS_OLD)))
@@ -456,11 +459,7 @@ async fn pod_deletion_cost_follows_session_counts() {
 async fn several_watched_namespaces_are_each_handled() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
-    cluster
-        .emulator()
-        .control()
-        .create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}))
-        .expect("namespace");
+    cluster.ensure_namespace("other").await;
     let (rs_a, rs_b) = ("alpha-6b7c8d9f5", "beta-6b7c8d9f5");
     let alpha: Vec<String> = (0..3).map(|i| format!("{rs_a}-m{i:04}")).collect();
     let beta: Vec<String> = (0..3).map(|i| format!("{rs_b}-m{i:04}")).collect();

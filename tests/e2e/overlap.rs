@@ -6,23 +6,16 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use serde_json::{Value, json};
+use session_operator::policy::SessionPolicy;
 use session_operator::store::{Entry, Store};
 
-use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, eventually};
+use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, WorkerPod, eventually};
 
 /// A Running, Ready bare pod with these labels.
-fn labelled_pod(cluster: &Cluster, name: &str, labels: Value) {
-    let control = cluster.emulator().control();
-    control
-        .create(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "spec": {"containers": [{"name": "worker", "image": "worker:1"}],
-                     "terminationGracePeriodSeconds": 1},
-        }))
-        .expect("create pod");
-    control.set_pod_phase(NS, name, "Running").expect("running");
-    control.set_pod_ready(NS, name, true).expect("ready");
+async fn labelled_pod(cluster: &Cluster, name: &str, labels: Value) {
+    cluster
+        .ready_pods(&[WorkerPod::new(name, "").labels(labels)])
+        .await;
 }
 
 async fn condition(
@@ -47,9 +40,9 @@ async fn a_pod_selected_by_two_policies_is_managed_by_the_older_one_only() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
     for name in ["shared-0", "shared-1"] {
-        labelled_pod(&cluster, name, json!({"app": "worker", "pool": "x"}));
+        labelled_pod(&cluster, name, json!({"app": "worker", "pool": "x"})).await;
     }
-    labelled_pod(&cluster, "own-0", json!({"pool": "y"}));
+    labelled_pod(&cluster, "own-0", json!({"pool": "y"})).await;
     let stale = Utc::now() - chrono::Duration::seconds(120);
     for worker in ["shared-0", "shared-1", "own-0"] {
         for i in 0..10 {
@@ -181,76 +174,100 @@ async fn a_pod_selected_by_two_policies_is_managed_by_the_older_one_only() {
     operator.terminate().await;
 }
 
-/// What only CEL catches reaches the operator on an API server without CEL: it refuses each
-/// with `InvalidSpec` and a precise message, and mutates nothing for it.
+/// What only CEL catches reaches the operator on an API server without CEL (the emulator): it
+/// refuses each with `InvalidSpec` and a precise message, and mutates nothing for it. The real
+/// API server refuses each at create, with the CRD's CEL message; the operator then never sees
+/// them, and touches nothing either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn selectors_and_durations_kubernetes_rejects_are_invalid_specs() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
-    labelled_pod(&cluster, "operator-pod", json!({"app": "session-operator"}));
-    labelled_pod(&cluster, "w-0", json!({"app": "worker"}));
+    labelled_pod(&cluster, "operator-pod", json!({"app": "session-operator"})).await;
+    labelled_pod(&cluster, "w-0", json!({"app": "worker"})).await;
     stores.seed(&["operator-pod".to_string()], 5).await;
+    let selector = |selector: Value| json!({"selector": selector, "podDeletionCost": true});
+    // (name, spec, the operator's message, the CRD's CEL message)
     let cases = [
         (
             "exists-with-values",
-            json!({"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}),
+            selector(
+                json!({"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}),
+            ),
             "matchExpressions[0].values: Forbidden",
+            "values may not be specified when operator is 'Exists' or 'DoesNotExist'",
         ),
         (
             "in-without-values",
-            json!({"matchExpressions": [{"key": "app", "operator": "In", "values": []}]}),
+            selector(json!({"matchExpressions": [{"key": "app", "operator": "In", "values": []}]})),
             "matchExpressions[0].values: Required",
+            "values must be specified when operator is 'In' or 'NotIn'",
         ),
         (
             "bad-key",
-            json!({"matchExpressions": [{"key": "-app", "operator": "Exists"}]}),
+            selector(json!({"matchExpressions": [{"key": "-app", "operator": "Exists"}]})),
             "matchExpressions[0].key: invalid label key",
+            "invalid label key",
         ),
         (
             "lone-does-not-exist",
-            json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}),
+            selector(json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]})),
             "must name what it selects",
+            "selector must name what it selects",
+        ),
+        (
+            "spinning",
+            json!({"selector": {"matchLabels": {"app": "worker"}}, "idleTTL": "1h",
+                   "idleSweepInterval": "1ns"}),
+            "spec.idleSweepInterval: \"1ns\" must be at least 1s",
+            "must be at least 1s",
         ),
     ];
     let mut operator = Operator::start(&cluster, &stores, OperatorConfig::default()).await;
     operator.wait_leader(Duration::from_secs(20)).await;
-    for (name, selector, _) in &cases {
-        cluster
-            .apply_policy(name, json!({"selector": selector, "podDeletionCost": true}))
+    if cluster.is_real() {
+        for (name, spec, _, cel) in &cases {
+            let policy: SessionPolicy = serde_json::from_value(json!({
+                "apiVersion": "sessions.blockyard.io/v1alpha1", "kind": "SessionPolicy",
+                "metadata": {"name": name, "namespace": NS}, "spec": spec,
+            }))
+            .expect("policy");
+            let err = cluster
+                .policies()
+                .create(&Default::default(), &policy)
+                .await
+                .expect_err(&format!("the CEL rules refuse {name}"));
+            assert!(
+                matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains(cel)),
+                "{name}: {err}"
+            );
+        }
+    } else {
+        for (name, spec, _, _) in &cases {
+            cluster.apply_policy(name, spec.clone()).await;
+        }
+        for (name, _, wanted, _) in &cases {
+            let (status, reason, message) = eventually(
+                Duration::from_secs(20),
+                &format!("{name} refused"),
+                || async { condition(&cluster, name, "Ready").await },
+            )
             .await;
-    }
-    cluster
-        .apply_policy(
-            "spinning",
-            json!({"selector": {"matchLabels": {"app": "worker"}}, "idleTTL": "1h",
-                   "idleSweepInterval": "1ns"}),
-        )
-        .await;
-    let expected = cases
-        .iter()
-        .map(|(name, _, message)| (*name, *message))
-        .chain([(
-            "spinning",
-            "spec.idleSweepInterval: \"1ns\" must be at least 1s",
-        )]);
-    for (name, wanted) in expected {
-        let (status, reason, message) = eventually(
-            Duration::from_secs(20),
-            &format!("{name} refused"),
-            || async { condition(&cluster, name, "Ready").await },
-        )
-        .await;
-        assert_eq!(
-            (status.as_str(), reason.as_str()),
-            ("False", "InvalidSpec"),
-            "{name}"
-        );
-        assert!(message.contains(wanted), "{name}: {message}");
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "InvalidSpec"),
+                "{name}"
+            );
+            assert!(message.contains(wanted), "{name}: {message}");
+        }
     }
     // None of them touched the pod or its sessions.
     let pod = cluster.pods().get("operator-pod").await.expect("pod");
     assert!(
-        pod.metadata.annotations.unwrap_or_default().is_empty(),
+        pod.metadata
+            .annotations
+            .unwrap_or_default()
+            .keys()
+            .all(|k| k != "controller.kubernetes.io/pod-deletion-cost"),
         "the operator's own pod was annotated"
     );
     assert_eq!(stores.counts().await.get("operator-pod"), Some(&5));

@@ -11,27 +11,18 @@ use serde_json::{Value, json};
 use session_operator::store::{Entry, Store, StoreOptions};
 
 use crate::common::redis_url;
-use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, eventually};
+use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, WorkerPod, eventually};
 
 const ID_KEY: &str = "example.com/worker-id";
 
 /// A bare (ownerless) Running, Ready pod labelled `app=worker`, with its worker id in a label
 /// and an annotation too. Returns its uid.
-fn bare_pod(cluster: &Cluster, name: &str, id: &str) -> String {
-    let control = cluster.emulator().control();
-    let pod = control
-        .create(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS,
-                         "labels": {"app": "worker", ID_KEY: id},
-                         "annotations": {ID_KEY: id}},
-            "spec": {"containers": [{"name": "worker", "image": "worker:1"}],
-                     "terminationGracePeriodSeconds": 1},
-        }))
-        .expect("create pod");
-    control.set_pod_phase(NS, name, "Running").expect("running");
-    control.set_pod_ready(NS, name, true).expect("ready");
-    pod["metadata"]["uid"].as_str().expect("uid").to_string()
+async fn bare_pod(cluster: &Cluster, name: &str, id: &str) -> String {
+    let pod = WorkerPod::new(name, "worker")
+        .labels(json!({"app": "worker", ID_KEY: id}))
+        .annotations(json!({ID_KEY: id}));
+    let pods = cluster.ready_pods(&[pod]).await;
+    pods[0].metadata.uid.clone().expect("uid")
 }
 
 async fn gone(cluster: &Cluster, name: &str) {
@@ -49,9 +40,7 @@ async fn gone(cluster: &Cluster, name: &str) {
 
 /// Rows of the policy in the operator's table: worker id → departed?
 async fn pg_records(stores: &Stores, policy: &str) -> BTreeMap<String, bool> {
-    let pool = sqlx::PgPool::connect(&crate::common::pg_url())
-        .await
-        .expect("pool");
+    let pool = crate::harness::pg_pool(1).await;
     let rows: Vec<(String, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT worker_id, departed_at IS NOT NULL FROM {}.session_operator_workers
          WHERE policy = $1",
@@ -80,8 +69,8 @@ async fn a_worker_deleted_while_no_operator_runs_is_migrated_for_every_worker_id
         let cluster = Cluster::start().await;
         let stores = Stores::new().await;
         let uids = [
-            bare_pod(&cluster, "pod-a", "wid-a"),
-            bare_pod(&cluster, "pod-b", "wid-b"),
+            bare_pod(&cluster, "pod-a", "wid-a").await,
+            bare_pod(&cluster, "pod-b", "wid-b").await,
         ];
         let ids: Vec<String> = match from {
             "PodName" => vec!["pod-a".into(), "pod-b".into()],
@@ -147,8 +136,8 @@ async fn redis_only_keeps_the_records_in_redis() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
     let redis = stores.prefix.store(StoreOptions::default(), false).await;
-    bare_pod(&cluster, "pod-a", "wid-a");
-    bare_pod(&cluster, "pod-b", "wid-b");
+    bare_pod(&cluster, "pod-a", "wid-a").await;
+    bare_pod(&cluster, "pod-b", "wid-b").await;
     for (worker, n) in [("wid-a", 20), ("wid-b", 20), ("never-selected", 3)] {
         for i in 0..n {
             redis
@@ -206,8 +195,8 @@ async fn redis_only_keeps_the_records_in_redis() {
 async fn the_next_leader_completes_a_departure_the_killed_leader_observed() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
-    bare_pod(&cluster, "pod-a", "wid-a");
-    bare_pod(&cluster, "pod-b", "wid-b");
+    bare_pod(&cluster, "pod-a", "wid-a").await;
+    bare_pod(&cluster, "pod-b", "wid-b").await;
     stores
         .seed(&["wid-a".to_string(), "wid-b".to_string()], 30)
         .await;
@@ -248,7 +237,7 @@ async fn the_next_leader_completes_a_departure_the_killed_leader_observed() {
     );
     gone(&cluster, "pod-a").await;
     // The platform starts a new worker; then the next leader starts, never having seen pod-a.
-    bare_pod(&cluster, "pod-new", "wid-new");
+    bare_pod(&cluster, "pod-new", "wid-new").await;
     let mut b = Operator::start(
         &cluster,
         &stores,

@@ -141,9 +141,7 @@ async fn a_migration_that_keeps_failing_is_degraded_and_not_ready() {
     operator.wait_leader(Duration::from_secs(20)).await;
 
     // A proxy's transaction holds one of w-0's rows and stays idle.
-    let pool = sqlx::PgPool::connect(&crate::common::pg_url())
-        .await
-        .expect("pool");
+    let pool = crate::harness::pg_pool(1).await;
     let mut tx = pool.begin().await.expect("begin");
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT id FROM {}.blockyard_sessions WHERE id = 's-w-0-0' FOR UPDATE",

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, eventually};
+use crate::harness::{Cluster, NS, Operator, OperatorConfig, Stores, WorkerPod, eventually};
 
 /// Sleeps until just after the next whole second, so that what follows happens within one
 /// second of creation timestamps (the tie the test is about, not a way around it).
@@ -20,6 +21,14 @@ async fn start_of_a_second() {
         .unwrap_or_default();
     let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
     tokio::time::sleep(Duration::from_secs(1) - into + Duration::from_millis(5)).await;
+}
+
+/// The second of a pod's creationTimestamp.
+fn created(pod: &Pod) -> Option<i64> {
+    pod.metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
 }
 
 fn deletes(operator: &Operator) -> Vec<serde_json::Value> {
@@ -44,17 +53,22 @@ async fn a_replacement_created_in_the_same_second_receives_the_sessions() {
     let mut operator = Operator::start(&cluster, &stores, OperatorConfig::default()).await;
     operator.wait_leader(Duration::from_secs(20)).await;
 
-    // Three times, each within one second: create old-N, give it 50 sessions, create new-N,
+    // Three times, each within one second: create old-N and new-N, give old-N 50 sessions,
     // delete old-N with a 30 s grace period (a platform starting a new worker and retiring the
-    // old one at once).
+    // old one at once). Both are created before either is waited for: on the real lane a pod
+    // is Ready only once kube-scheduler and kwok ran it.
     let mut seconds = Vec::new();
     for n in 1..=3 {
         start_of_a_second().await;
         let old = format!("old-{n}");
         let new = format!("new-{n}");
-        cluster.ready_pod(&old, "worker", None).await;
+        let pods = cluster
+            .ready_pods(&[
+                WorkerPod::new(&old, "worker"),
+                WorkerPod::new(&new, "worker"),
+            ])
+            .await;
         stores.seed(std::slice::from_ref(&old), 50).await;
-        cluster.ready_pod(&new, "worker", None).await;
         cluster
             .pods()
             .delete(
@@ -66,17 +80,7 @@ async fn a_replacement_created_in_the_same_second_receives_the_sessions() {
             )
             .await
             .expect("delete old");
-        let created = |name: String| {
-            let api = cluster.pods();
-            async move {
-                api.get(&name)
-                    .await
-                    .ok()
-                    .and_then(|p| p.metadata.creation_timestamp)
-                    .map(|t| t.0.as_second())
-            }
-        };
-        seconds.push((created(old).await, created(new).await));
+        seconds.push((created(&pods[0]), created(&pods[1])));
     }
     eprintln!("creation seconds (old, new): {seconds:?}");
     assert!(
@@ -118,7 +122,7 @@ async fn rollout_restart_right_after_ready_reroutes_every_departure() {
     operator.wait_leader(Duration::from_secs(20)).await;
 
     // A 4-replica Deployment with the default strategy (25 % surge / 25 % unavailable), run by
-    // the emulator's Deployment and ReplicaSet controllers.
+    // the Deployment and ReplicaSet controllers (the emulator's, or kube-controller-manager's).
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "workers", "namespace": NS},
