@@ -43,6 +43,16 @@ live_pid() {
   echo "$pid"
 }
 
+# Whether the process started as `name` still runs (not exited, not a zombie). Unlike
+# live_pid it does not look at the command line: right after `start` the pid may still be the
+# forked shell that has yet to exec the component, whose command line is this script's.
+running() {
+  local dir=$1 name=$2 pid state
+  pid=$(cat "$dir/pids/$name" 2>/dev/null) || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ -n "$state" && "$state" != Z ]]
+}
+
 down() {
   local dir=$1 pid stopped=() name
   [[ -d "$dir" ]] || die "$dir does not exist"
@@ -146,8 +156,10 @@ wait_until() {
       tail -n 20 "$DIR/logs/$logname.log" >&2 || true
       return 1
     fi
-    if [[ -n "$logname" ]] && ! live_pid "$DIR" "$logname" >/dev/null; then
-      log "$logname exited while waiting for $what; last lines of its log:"
+    if [[ -n "$logname" ]] && ! running "$DIR" "$logname"; then
+      local status=0
+      wait "$(cat "$DIR/pids/$logname")" 2>/dev/null || status=$?
+      log "$logname exited (status $status) while waiting for $what; last lines of its log:"
       tail -n 20 "$DIR/logs/$logname.log" >&2 || true
       return 1
     fi

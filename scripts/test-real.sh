@@ -25,7 +25,17 @@ what=${1:-all}
 
 ./scripts/build-control-plane.sh
 dir=$(mktemp -d "${TMPDIR:-/tmp}/session-operator-cp.XXXXXX")
-trap './scripts/control-plane.sh down "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+# On failure the components' logs are kept (the cluster directory itself is removed).
+cleanup() {
+  local rc=$?
+  ./scripts/control-plane.sh down "$dir" >/dev/null 2>&1 || true
+  if [[ $rc != 0 && -d "$dir/logs" ]]; then
+    local kept="${TMPDIR:-/tmp}/session-operator-cp-logs.$$"
+    cp -r "$dir/logs" "$kept" && echo "test-real: failed (status $rc); control-plane logs kept in $kept" >&2
+  fi
+  rm -rf "$dir"
+}
+trap cleanup EXIT
 ./scripts/control-plane.sh up "$dir" --nodes 3
 ./scripts/control-plane.sh check "$dir"
 export PATH="$PWD/tools/control-plane/bin:$PATH"
