@@ -4,7 +4,8 @@
 # nodes. Binaries come from scripts/build-control-plane.sh (built on first use).
 #
 #   scripts/control-plane.sh up DIR [--nodes N]   start; exits 0 once /readyz passes and the
-#                                                 N nodes (node-1 … node-N) are Ready
+#                                                 N nodes (node-1 … node-N) are Ready and
+#                                                 renew their Leases
 #   scripts/control-plane.sh check DIR            what a user checks first: /version is v1.34.x,
 #                                                 a Deployment rolls out and `rollout restart` makes
 #                                                 a second ReplicaSet, the `default`
@@ -142,7 +143,16 @@ start() {
   local dir=$1 name=$2
   shift 2
   nohup "$BIN/$name" "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$dir/pids/$name"
+  local pid=$!
+  echo "$pid" >"$dir/pids/$name"
+  # Until the forked shell has exec'd the binary, /proc/PID/cmdline is this script's own and
+  # live_pid does not know the component: a `down` then (a failed `up`'s trap, on busy cores)
+  # would leave it running. Returns once it is exec'd (or gone: `running` reports that).
+  for _ in $(seq 1 200); do
+    live_pid "$dir" "$name" >/dev/null && return 0
+    [[ -d /proc/$pid ]] || return 0
+    sleep 0.05
+  done
 }
 
 # Waits until `check` succeeds; on timeout shows the component's log tail and fails.
@@ -178,6 +188,26 @@ nodes_ready() {
     -o jsonpath='{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}|{.spec.taints}{"\n"}{end}' |
     grep -c '=True|$' || true)
   [[ "$ready" == "$want" ]]
+}
+
+# Every node's Lease in kube-node-lease is held and fresh (renewed within its duration): what
+# the node-lifecycle controller reads as the node's heartbeat.
+node_leases_fresh() {
+  local want=$1 fresh
+  fresh=$("$BIN/kubectl" --kubeconfig "$DIR/kubeconfig" -n kube-node-lease get leases -o json |
+    python3 -c '
+import datetime, json, sys
+now = datetime.datetime.now(datetime.timezone.utc)
+n = 0
+for lease in json.load(sys.stdin)["items"]:
+    spec = lease.get("spec", {})
+    if not lease["metadata"]["name"].startswith("node-") or not spec.get("holderIdentity"):
+        continue
+    renewed = datetime.datetime.fromisoformat(spec["renewTime"].replace("Z", "+00:00"))
+    if (now - renewed).total_seconds() < spec.get("leaseDurationSeconds", 0):
+        n += 1
+print(n)')
+  [[ "$fresh" == "$want" ]]
 }
 
 default_sa() { "$BIN/kubectl" --kubeconfig "$DIR/kubeconfig" -n default get serviceaccount default; }
@@ -251,10 +281,17 @@ EOF
     --authentication-kubeconfig "$DIR/scheduler.kubeconfig" \
     --authorization-kubeconfig "$DIR/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$sched_port" --leader-elect=false
-  # kwok plays the kubelet of every node annotated kwok.x-k8s.io/node=fake: node heartbeats
-  # (Leases), pods Pending → Running → Ready, graceful deletion.
+  # kwok plays the kubelet of every node annotated kwok.x-k8s.io/node=fake: node heartbeats,
+  # pods Pending → Running → Ready, graceful deletion. --node-lease-duration-seconds: the
+  # kubelet's default of 40 s, renewed every 10 s in kube-node-lease. The kwok binary's default
+  # is 0, which means no Lease at all and a node-status heartbeat only every 10–20 min: the
+  # node-lifecycle controller then finds every node's heartbeat older than its 50 s grace period,
+  # marks the node Unknown and sets Ready=False on each of its pods (the pods stay so; kwok puts
+  # the node back to Ready at once but never the pods) — every ~55 s, a pod NotReady under any
+  # test that outlives the next round.
   start "$DIR" kwok --kubeconfig "$DIR/kubeconfig" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --node-lease-duration-seconds 40 \
     --cidr 10.244.0.0/16 --node-ip 127.0.0.1 --server-address "127.0.0.1:$kwok_port"
   wait_until 60 "kube-controller-manager /healthz" kube-controller-manager healthz_ok "$kcm_port"
   wait_until 60 "kube-scheduler /healthz" kube-scheduler healthz_ok "$sched_port"
@@ -275,6 +312,7 @@ status:
   done
   echo "$manifest" | "$BIN/kubectl" --kubeconfig "$DIR/kubeconfig" apply -f - >/dev/null
   wait_until 60 "$nodes Ready, untainted nodes" kwok nodes_ready "$nodes"
+  wait_until 30 "the $nodes nodes' Leases" kwok node_leases_fresh "$nodes"
   wait_until 30 "the default ServiceAccount" kube-controller-manager default_sa
   log "ready in $((SECONDS - started))s: KUBECONFIG=$DIR/kubeconfig ($api, $nodes nodes)"
 }

@@ -2,8 +2,7 @@
 # The real-cluster lane: starts a real control plane (scripts/control-plane.sh: etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler, kwok with 3 fake nodes) and runs
 # against it
-#   - the end-to-end suite (tests/e2e, E2E_BACKEND=real, see tests/e2e/backend.rs; everything
-#     but the scenarios not yet green there, listed below — `e2e` runs them too): the
+#   - the end-to-end suite (tests/e2e, E2E_BACKEND=real, see tests/e2e/backend.rs): the
 #     operator running with a ServiceAccount token that has exactly the chart's rendered RBAC,
 #     rollouts done by kube-controller-manager, pods run by kube-scheduler and kwok;
 #   - the chart's Helm SDK install/upgrade/uninstall and CEL tests (tests/chart/test_real_cluster.py);
@@ -52,23 +51,7 @@ if [[ $what == all || $what == e2e ]]; then
   E2E_BACKEND=real cargo test -q --test e2e --no-run
   started=$SECONDS
   rc=0
-  args=("$@")
-  # Not yet green on the real lane (open in the project's issue on the real control plane), so
-  # the test command skips them there; they run on the emulator lane, and `e2e` with no
-  # arguments runs everything:
-  #   - status_truth:: sees its target pod turn NotReady under kwok with nothing in the test
-  #     writing to it;
-  #   - the two takeovers of a SIGKILLed leader (leadership::standby_takes_over_…,
-  #     records::the_next_leader_…) now and then time out waiting for the standby to finish
-  #     (about one whole-suite run in four; never when run alone).
-  if [[ $what == all && ${#args[@]} -eq 0 ]]; then
-    args=(--skip status_truth:: --skip leadership::standby_takes_over_a_killed_leader_and_finishes_the_rollout
-      --skip records::the_next_leader_completes_a_departure_the_killed_leader_observed)
-    echo "test-real: skipping on the real lane (not yet green there): status_truth::," \
-      "leadership::standby_takes_over_a_killed_leader_and_finishes_the_rollout," \
-      "records::the_next_leader_completes_a_departure_the_killed_leader_observed" >&2
-  fi
-  E2E_BACKEND=real cargo test -q --test e2e -- "${args[@]}" || rc=$?
+  E2E_BACKEND=real cargo test -q --test e2e -- "$@" || rc=$?
   echo "test-real: e2e took $((SECONDS - started)) s"
   [[ $rc == 0 ]] || exit "$rc"
 fi
