@@ -195,8 +195,11 @@ async fn redis_only_keeps_the_records_in_redis() {
 async fn the_next_leader_completes_a_departure_the_killed_leader_observed() {
     let cluster = Cluster::start().await;
     let stores = Stores::new().await;
-    bare_pod(&cluster, "pod-a", "wid-a").await;
+    // pod-b first: an ownerless pod created after pod-a (in a later second, as on a real API
+    // server where each pod takes a while to turn Ready) would be pod-a's clear replacement,
+    // and this scenario is the one without a replacement.
     bare_pod(&cluster, "pod-b", "wid-b").await;
+    bare_pod(&cluster, "pod-a", "wid-a").await;
     stores
         .seed(&["wid-a".to_string(), "wid-b".to_string()], 30)
         .await;
