@@ -160,11 +160,13 @@ impl StoreArgs {
         }
         .context("combining the Redis cache with Postgres")?;
         let layered = Arc::new(layered);
-        Ok(Connected {
+        let connected = Connected {
             store: layered.clone(),
             layered: Some(layered),
             records: Arc::new(PgWorkerRecords::new(primary_pg, &self.schema)),
-        })
+        };
+        connected.reapply_migrations();
+        Ok(connected)
     }
 
     /// The configured store: layered with both URLs, otherwise the one given.
@@ -212,18 +214,39 @@ impl StoreArgs {
     }
 }
 
-/// A connected store, and the layered store behind it if there is one.
+/// A connected store: the one handle commands and the operator use. `store` is what they
+/// read and mutate; `layered` is the same store seen as the layered store it is when Redis
+/// caches Postgres (for its cache health and repairs); `records` is where the operator keeps
+/// its durable memory of each policy's workers.
+#[derive(Clone)]
 pub(crate) struct Connected {
     pub store: Arc<dyn Store>,
-    layered: Option<Arc<LayeredStore>>,
-    /// Where the operator keeps its durable memory of each policy's workers.
+    pub layered: Option<Arc<LayeredStore>>,
     pub records: Arc<dyn WorkerRecords>,
 }
 
+/// How long after a migration the operator applies it to the Redis cache once more (see
+/// [`LayeredStore::reapply_migrations_after`]).
+const REAPPLY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Connected {
-    /// The layered store, when both URLs were given.
-    pub(crate) fn layered(&self) -> Option<Arc<LayeredStore>> {
-        self.layered.clone()
+    /// A store without a cache layer, whose worker records live in process memory (the
+    /// embedded memory store, whose sessions do too). Only the demo runs on it.
+    #[cfg(feature = "lab")]
+    pub(crate) fn plain(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            layered: None,
+            records: Arc::new(crate::store::MemoryWorkerRecords::default()),
+        }
+    }
+
+    /// For the operator (and the demo's): migrations are applied to the cache once more after
+    /// [`REAPPLY_DELAY`]. One-shot commands do not, as they would exit before it fires.
+    pub(crate) fn reapply_migrations(&self) {
+        if let Some(layered) = &self.layered {
+            layered.reapply_migrations_after(REAPPLY_DELAY);
+        }
     }
 
     /// Call before exiting: a one-shot command must not leave stale routes in the cache

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::{self, SessionStore, Settings};
+use crate::connect::Connected;
+use crate::controller::{self, Settings};
 use crate::leader::{self, Fence, LeaseConfig};
 use crate::telemetry::{Health, Metrics};
 
@@ -25,7 +26,7 @@ pub(crate) struct OperatorConfig {
 /// process should exit so that it restarts as a clean standby).
 pub(crate) async fn run(
     client: kube::Client,
-    store: SessionStore,
+    store: Connected,
     config: OperatorConfig,
     metrics: Metrics,
     health: Arc<Health>,
@@ -102,6 +103,9 @@ pub(crate) async fn run(
     // What the cache could not be told yet is repaired before the lease is released (and stays
     // recorded in Postgres for the next leader if Redis still does not answer).
     if let Some(layered) = layered {
+        // The migrations' delayed cache re-applications first (at most their delay), then
+        // the repair of what the cache could not be told.
+        layered.wait_reapplied().await;
         crate::cache_repair::before_shutdown(&layered, &fence).await;
     }
     release.cancel();

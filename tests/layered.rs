@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{ChaosProxy, PgSchema, RedisPrefix};
 use session_operator::store::{
-    Entry, LayeredStore, PostgresStore, RedisStore, Store, StoreOptions,
+    BatchRun, Entry, LayeredStore, PostgresStore, RedisStore, Store, StoreOptions, Unguarded,
+    WorkerMove, migrate_worker,
 };
 
 struct Setup {
@@ -466,6 +467,59 @@ async fn delayed_double_invalidation_fixes_a_foreign_stale_fill() {
         .await
         .unwrap();
     assert_eq!(s.cache.get("t").await.unwrap(), None);
+}
+
+/// The same through the store's own re-application: a migration run of a layered store asked
+/// to re-apply migrations applies its ids to the cache once more after the delay, whichever
+/// caller ran it (the operator's guarded run here), overwriting a foreign stale fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_run_is_reapplied_to_the_cache_after_the_delay() {
+    let s = setup(StoreOptions::default()).await;
+    s.layered
+        .reapply_migrations_after(Duration::from_millis(200));
+    for id in ["s", "t"] {
+        s.layered.set(id, &Entry::new("w1", "")).await.unwrap();
+    }
+    s.layered.set("d", &Entry::new("w3", "")).await.unwrap();
+    let run = migrate_worker(
+        s.layered.as_ref(),
+        WorkerMove::Reroute {
+            from: "w1",
+            to: "w2",
+        },
+        BatchRun::skipping_locked(),
+        1,
+        &Unguarded,
+    )
+    .await;
+    assert!(run.outcome.is_ok());
+    assert_eq!(run.ids.len(), 2, "one batch per session");
+    let deleted = migrate_worker(
+        s.layered.as_ref(),
+        WorkerMove::Delete { worker: "w3" },
+        BatchRun::skipping_locked(),
+        10,
+        &Unguarded,
+    )
+    .await;
+    assert_eq!(deleted.ids, vec!["d".to_string()]);
+    // Foreign proxies write what they read before the migration.
+    let mut conn = s.prefix.conn().await;
+    for (id, worker) in [("s", "w1"), ("t", "w1"), ("d", "w3")] {
+        let _: () =
+            redis::AsyncCommands::hset(&mut conn, s.cache.session_key(id), "worker_id", worker)
+                .await
+                .unwrap();
+    }
+    s.layered.wait_reapplied().await;
+    for id in ["s", "t"] {
+        assert_eq!(
+            worker_of(s.layered.as_ref(), id).await.as_deref(),
+            Some("w2"),
+            "{id}"
+        );
+    }
+    assert_eq!(s.cache.get("d").await.unwrap(), None);
 }
 
 /// The ids a reroute could not update in Redis survive the process: another layered store over

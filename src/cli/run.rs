@@ -9,8 +9,9 @@ use clap::{ArgAction, Args};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::Connected;
 use crate::connect::StoreArgs;
-use crate::controller::{SessionStore, Settings};
+use crate::controller::Settings;
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
 use crate::store::redact_url;
@@ -246,17 +247,11 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Connects to the store, retrying with backoff: a store that is down at start-up makes the
 /// replica unready, not a crash loop. `None` when shut down meanwhile.
-async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<SessionStore> {
+async fn connect_store(args: &RunArgs, shutdown: &CancellationToken) -> Option<Connected> {
     let mut delay = Duration::from_millis(500);
     loop {
         match args.store.connect_operator().await {
-            Ok(connected) => {
-                return Some(SessionStore {
-                    layered: connected.layered(),
-                    records: connected.records.clone(),
-                    store: connected.store,
-                });
-            }
+            Ok(connected) => return Some(connected),
             Err(e) => {
                 tracing::warn!(error = %super::error_line(&e), retry_in = ?delay, "cannot reach the session store");
             }

@@ -24,9 +24,9 @@ use tokio_util::task::TaskTracker;
 use super::planner::{Action, Reason};
 use super::state::PolicyState;
 use super::{Context, GuardedPolicy};
-use crate::leader::{Fence, NotLeader};
+use crate::leader::NotLeader;
 use crate::policy::{SessionPolicy, WorkerIdSource};
-use crate::store::{LayeredStore, StoreError};
+use crate::store::{BatchGuard, BatchRun, MigrationStop, StoreError, WorkerMove, migrate_worker};
 use crate::telemetry::{ErrorKind, StoreOp};
 
 /// The migrations of every policy.
@@ -47,9 +47,9 @@ impl Migrations {
         }
     }
 
-    /// Waits until every migration task (and its delayed cache re-application) ended; called
-    /// once the controllers stopped, so that the Lease is released only when no store mutation
-    /// can follow.
+    /// Waits until every migration task ended; called once the controllers stopped, so that
+    /// the Lease is released only when no store mutation can follow (the store's delayed cache
+    /// re-applications are waited for by the operator, see `LayeredStore::wait_reapplied`).
     pub async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
@@ -193,23 +193,58 @@ fn related_pod(policy: &SessionPolicy, action: &Action) -> Option<ObjectReferenc
     })
 }
 
-/// One migration, in committed batches, each behind the fence: a replica whose lease ran out
-/// stops between two batches, and so does one that is shutting down (the next leader finishes
-/// the migration); the store itself refuses a batch of a superseded epoch (see
-/// [`crate::store::Fencing`]). Every committed batch is logged and counted as it commits, so a
-/// migration that fails later still accounts for what it changed.
+/// One migration, in committed batches ([`crate::store::migrate_worker`]), each behind the
+/// fence: a replica whose lease ran out stops between two batches, and so does one that is
+/// shutting down (the next leader finishes the migration); the store itself refuses a batch of
+/// a superseded epoch (see [`crate::store::Fencing`]). Every committed batch is logged and
+/// counted as it commits, so a migration that fails later still accounts for what it changed.
 ///
 /// Rows another transaction holds locked are skipped (`SKIP LOCKED`): a proxy idle in a
 /// transaction must not keep the rest of the worker's sessions from moving. When only such
 /// rows are left, the migration ends with an error saying how many, and is retried. With a
-/// Redis cache, the moved ids are re-applied to the cache once more after [`REAPPLY_DELAY`]
-/// (see [`reapply_to_cache`]).
+/// Redis cache, the store re-applies the moved ids to the cache once more a moment later (see
+/// [`crate::store::LayeredStore::reapply_migrations_after`]).
 async fn migrate(
     ctx: &Context,
     policy: &SessionPolicy,
     action: &Action,
 ) -> Result<u64, MigrationError> {
-    let result = batches(ctx, policy, action).await;
+    let started = Instant::now();
+    let (mv, op) = match action {
+        Action::Reroute { from, to, .. } => {
+            (WorkerMove::Reroute { from, to }, StoreOp::RerouteWorker)
+        }
+        Action::Delete { worker, .. } => (WorkerMove::Delete { worker }, StoreOp::DeleteByWorker),
+    };
+    let guard = Guard {
+        ctx,
+        policy,
+        action,
+    };
+    let limit = ctx.store.options().batch();
+    let run = migrate_worker(
+        ctx.store.as_ref(),
+        mv,
+        BatchRun::skipping_locked(),
+        limit,
+        &guard,
+    )
+    .await;
+    ctx.metrics.observe_store(op, started.elapsed());
+    let worker = || action.worker().to_string();
+    let result = match run.outcome {
+        Ok(()) => Ok(run.ids.len() as u64),
+        Err(MigrationStop::Guard(e)) => Err(e),
+        Err(MigrationStop::Store(source)) => Err(MigrationError::Store {
+            worker: worker(),
+            source,
+        }),
+        Err(MigrationStop::Locked { left }) => Err(MigrationError::Locked {
+            worker: worker(),
+            moved: run.ids.len(),
+            left,
+        }),
+    };
     if let Err(e) = &result
         && let Some(kind) = e.kind()
     {
@@ -218,86 +253,30 @@ async fn migrate(
     result
 }
 
-/// The batch loop of [`migrate`].
-async fn batches(
-    ctx: &Context,
-    policy: &SessionPolicy,
-    action: &Action,
-) -> Result<u64, MigrationError> {
-    let started = Instant::now();
-    let worker = || action.worker().to_string();
-    let limit = ctx.store.options().batch();
-    let mut ids: Vec<String> = Vec::new();
-    let outcome = loop {
-        if let Err(e) = ctx.fence.check() {
-            break Err(MigrationError::from(e));
+/// What lets a migration go on between two batches: this replica leads and is not shutting
+/// down. It also logs and counts each committed batch.
+struct Guard<'a> {
+    ctx: &'a Context,
+    policy: &'a SessionPolicy,
+    action: &'a Action,
+}
+
+impl BatchGuard for Guard<'_> {
+    type Stop = MigrationError;
+
+    fn before_batch(&self) -> Result<(), MigrationError> {
+        self.ctx.fence.check()?;
+        if self.ctx.migrations.stop.is_cancelled() {
+            return Err(MigrationError::ShuttingDown {
+                worker: self.action.worker().to_string(),
+            });
         }
-        if ctx.migrations.stop.is_cancelled() {
-            break Err(MigrationError::ShuttingDown { worker: worker() });
-        }
-        let batch = match action {
-            Action::Reroute { from, to, .. } => {
-                ctx.store.reroute_unlocked_batch(from, to, limit).await
-            }
-            Action::Delete { worker, .. } => ctx.store.delete_unlocked_batch(worker, limit).await,
-        };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(source) => {
-                break Err(MigrationError::Store {
-                    worker: worker(),
-                    source,
-                });
-            }
-        };
-        let (n, full) = (batch.len(), batch.len() >= limit);
-        if n > 0 {
-            committed(ctx, policy, action, n as u64);
-            ids.extend(batch);
-        }
-        if full {
-            continue;
-        }
-        // A short batch: done, unless rows were skipped because another transaction holds
-        // them, or a proxy wrote late sessions meanwhile (then the next batch takes them).
-        match ctx.store.count_for_worker(action.worker()).await {
-            Ok(0) => break Ok(()),
-            Ok(left) if n == 0 => {
-                break Err(MigrationError::Locked {
-                    worker: worker(),
-                    moved: ids.len(),
-                    left,
-                });
-            }
-            Ok(_) => {}
-            Err(source) => {
-                break Err(MigrationError::Store {
-                    worker: worker(),
-                    source,
-                });
-            }
-        }
-    };
-    let op = match action {
-        Action::Reroute { .. } => StoreOp::RerouteWorker,
-        Action::Delete { .. } => StoreOp::DeleteByWorker,
-    };
-    ctx.metrics.observe_store(op, started.elapsed());
-    let moved = ids.len() as u64;
-    if let Some(layered) = ctx.layered.clone()
-        && !ids.is_empty()
-    {
-        // Tracked like the migration itself: a shutdown waits for it (at most REAPPLY_DELAY)
-        // before the Lease is released, so that it is not lost with the process. Committed
-        // batches are re-applied even when a later batch failed.
-        ctx.migrations.tasks.spawn(reapply_to_cache(
-            layered,
-            ctx.fence.clone(),
-            action.clone(),
-            ids,
-        ));
+        Ok(())
     }
-    outcome.map(|()| moved)
+
+    fn committed(&self, ids: &[String]) {
+        committed(self.ctx, self.policy, self.action, ids.len() as u64);
+    }
 }
 
 /// Logs (with the identity and epoch that made the mutation) and counts one committed batch.
@@ -322,32 +301,6 @@ fn committed(ctx: &Context, policy: &SessionPolicy, action: &Action, n: u64) {
                 sessions = n, reason = reason.as_str(), "committed a batch of deleted sessions"
             );
         }
-    }
-}
-
-/// How long after a migration its cache update is applied once more.
-const REAPPLY_DELAY: Duration = Duration::from_secs(2);
-
-/// Delayed double invalidation: a proxy that honours none of this library's cache tickets
-/// (blockyard's own) may have read Postgres just before the migration committed and fill the
-/// cache with the old worker afterwards. Re-applying the migration to the cache by id a moment
-/// later overwrites such a copy.
-async fn reapply_to_cache(
-    layered: Arc<LayeredStore>,
-    fence: Fence,
-    action: Action,
-    ids: Vec<String>,
-) {
-    tokio::time::sleep(REAPPLY_DELAY).await;
-    if fence.check().is_err() {
-        return;
-    }
-    let result = match &action {
-        Action::Reroute { from, to, .. } => layered.cache_reroute_ids(&ids, from, to).await,
-        Action::Delete { .. } => layered.cache_invalidate(&ids).await,
-    };
-    if let Err(e) = result {
-        tracing::warn!(worker = action.worker(), error = %e, "re-applying a migration to the cache failed");
     }
 }
 

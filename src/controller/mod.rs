@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use events::Events;
 use migrations::Migrations;
 
+use crate::connect::Connected;
 use crate::leader::Fence;
 use crate::policy::SessionPolicy;
 use crate::store::{LayeredStore, Store, WorkerRecords};
@@ -57,29 +58,6 @@ pub use state::PolicyState;
 
 /// A policy object that may have failed to deserialize (it then gets `Ready=False`).
 pub type GuardedPolicy = DeserializeGuard<SessionPolicy>;
-
-/// The session store the operator mutates, the layered store behind it when Redis caches
-/// Postgres (migrations are re-applied to its cache after a delay), and where the operator
-/// keeps its durable memory of each policy's workers (see [`records`]).
-#[derive(Clone)]
-pub struct SessionStore {
-    pub store: Arc<dyn Store>,
-    pub layered: Option<Arc<LayeredStore>>,
-    pub records: Arc<dyn WorkerRecords>,
-}
-
-impl SessionStore {
-    /// A store without a cache layer, whose worker records live in process memory (the
-    /// embedded memory store, whose sessions do too). Only the demo runs on it.
-    #[cfg(feature = "lab")]
-    pub fn plain(store: Arc<dyn Store>) -> Self {
-        Self {
-            store,
-            layered: None,
-            records: Arc::new(crate::store::MemoryWorkerRecords::default()),
-        }
-    }
-}
 
 /// Session counts of all workers, shared by the passes of every policy.
 pub type SessionCounts = Arc<BTreeMap<String, u64>>;
@@ -188,7 +166,7 @@ impl Context {
 /// Runs the controller until `shutdown` is cancelled.
 pub async fn run(
     client: Client,
-    store: SessionStore,
+    store: Connected,
     fence: Fence,
     metrics: Metrics,
     health: Arc<Health>,

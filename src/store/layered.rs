@@ -35,14 +35,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
 
+use tokio_util::task::TaskTracker;
+
+use super::migrate::{self, BatchRun, Unguarded, WorkerMove, migrate_worker};
 use super::{
-    Cache, Entry, Lookup, RepairKind, Result, Store, StoreError, StoreOptions, Sweep, validate_id,
+    Cache, Entry, Fencing, Lookup, RepairKind, Result, Store, StoreError, StoreOptions, Sweep,
+    validate_id,
 };
 
 /// Dirty session ids remembered before the layered store gives up tracking them one by one and
@@ -95,6 +99,13 @@ pub struct LayeredStore {
     cache_down: Mutex<Option<String>>,
     /// Durable marks seen at the last look at the primary.
     durable_pending: AtomicU64,
+    /// How long after a migration run its ids are applied to the cache once more (unset: never;
+    /// see [`LayeredStore::reapply_migrations_after`]).
+    reapply_after: OnceLock<Duration>,
+    /// The pending re-applications.
+    reapplies: TaskTracker,
+    /// The fence of the mutations of this store, once set; a re-application checks it.
+    fencing: OnceLock<Arc<dyn Fencing>>,
 }
 
 impl std::fmt::Debug for LayeredStore {
@@ -148,6 +159,9 @@ impl LayeredStore {
             coalesced_touches: AtomicU64::new(0),
             cache_down: Mutex::default(),
             durable_pending: AtomicU64::new(0),
+            reapply_after: OnceLock::new(),
+            reapplies: TaskTracker::new(),
+            fencing: OnceLock::new(),
         })
     }
 
@@ -408,6 +422,25 @@ impl LayeredStore {
         self.cache.invalidate(ids).await
     }
 
+    /// Makes every worker migration run ([`migrate_worker`], also `reroute_worker` and
+    /// `delete_by_worker`) apply its ids to the cache once more `delay` after it ended: the
+    /// *delayed double invalidation*. A proxy that honours none of this library's cache tickets
+    /// (blockyard's own) may have read the primary just before a batch committed and fill the
+    /// cache with the old worker afterwards; re-applying the migration by id a moment later
+    /// overwrites such a copy. Set once (the operator sets it; one-shot commands do not, as
+    /// they would exit before it fires); later calls are ignored.
+    pub fn reapply_migrations_after(&self, delay: Duration) {
+        let _ = self.reapply_after.set(delay);
+    }
+
+    /// Waits until every pending re-application (see [`Self::reapply_migrations_after`]) ran:
+    /// called before the operator releases its lease, so that none is lost with the process.
+    pub async fn wait_reapplied(&self) {
+        self.reapplies.close();
+        self.reapplies.wait().await;
+        self.reapplies.reopen();
+    }
+
     /// Remembers a primary write of `last_access` for coalescing. The time is the entry's own
     /// `last_access` (a `set` may write an old one), so coalescing never lets the primary lag
     /// the real last access by more than the window.
@@ -647,17 +680,17 @@ impl Store for LayeredStore {
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
         self.retry_repair().await;
-        let mut removed = 0;
-        let mut cache_up = true;
-        loop {
-            let ids = self
-                .delete_step(worker_id, self.options.batch(), &mut cache_up, false)
-                .await?;
-            if ids.is_empty() {
-                return Ok(removed);
-            }
-            removed += ids.len() as u64;
-        }
+        let mv = WorkerMove::Delete { worker: worker_id };
+        migrate::moved(
+            migrate_worker(
+                self,
+                mv,
+                BatchRun::waiting(),
+                self.options.batch(),
+                &Unguarded,
+            )
+            .await,
+        )
     }
 
     async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
@@ -691,17 +724,17 @@ impl Store for LayeredStore {
             return self.primary.count_for_worker(from).await;
         }
         self.retry_repair().await;
-        let mut moved = 0;
-        let mut cache_up = true;
-        loop {
-            let ids = self
-                .reroute_step(from, to, self.options.batch(), &mut cache_up, false)
-                .await?;
-            if ids.is_empty() {
-                return Ok(moved);
-            }
-            moved += ids.len() as u64;
-        }
+        let mv = WorkerMove::Reroute { from, to };
+        migrate::moved(
+            migrate_worker(
+                self,
+                mv,
+                BatchRun::waiting(),
+                self.options.batch(),
+                &Unguarded,
+            )
+            .await,
+        )
     }
 
     async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
@@ -715,6 +748,51 @@ impl Store for LayeredStore {
         limit: usize,
     ) -> Result<Vec<String>> {
         self.reroute_step(from, to, limit, &mut true, true).await
+    }
+
+    async fn migration_batch(
+        &self,
+        mv: WorkerMove<'_>,
+        limit: usize,
+        run: &mut BatchRun,
+    ) -> Result<Vec<String>> {
+        match mv {
+            WorkerMove::Reroute { from, to } => {
+                self.reroute_step(from, to, limit, &mut run.cache_up, run.skip_locked)
+                    .await
+            }
+            WorkerMove::Delete { worker } => {
+                self.delete_step(worker, limit, &mut run.cache_up, run.skip_locked)
+                    .await
+            }
+        }
+    }
+
+    async fn migration_done(&self, mv: WorkerMove<'_>, ids: &[String]) {
+        let Some(delay) = self.reapply_after.get().copied() else {
+            return;
+        };
+        let cache = self.cache.clone();
+        let fencing = self.fencing.get().cloned();
+        let ids = ids.to_vec();
+        let (worker, to) = match mv {
+            WorkerMove::Reroute { from, to } => (from.to_string(), Some(to.to_string())),
+            WorkerMove::Delete { worker } => (worker.to_string(), None),
+        };
+        self.reapplies.spawn(async move {
+            tokio::time::sleep(delay).await;
+            // Only while this process may still mutate: a deposed leader's copy is stale.
+            if fencing.is_some_and(|f| f.grant().is_err()) {
+                return;
+            }
+            let result = match &to {
+                Some(to) => cache.reroute_ids(&ids, &worker, to).await,
+                None => cache.invalidate(&ids).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(%worker, error = %e, "re-applying a migration to the cache failed");
+            }
+        });
     }
 
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
@@ -766,9 +844,10 @@ impl Store for LayeredStore {
         self.primary.claim_epoch(scope, holder).await
     }
 
-    fn set_fencing(&self, fencing: Arc<dyn super::Fencing>) {
+    fn set_fencing(&self, fencing: Arc<dyn Fencing>) {
         self.primary.set_fencing(fencing.clone());
-        self.cache.set_fencing(fencing);
+        self.cache.set_fencing(fencing.clone());
+        let _ = self.fencing.set(fencing);
     }
 }
 

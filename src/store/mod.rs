@@ -15,6 +15,7 @@ mod error;
 mod fencing;
 mod layered;
 mod memory;
+mod migrate;
 mod options;
 mod postgres;
 mod redis;
@@ -32,6 +33,9 @@ pub use error::{StoreError, redact_url};
 pub use fencing::{Fencing, Grant};
 pub use layered::{LayeredStats, LayeredStore};
 pub use memory::MemoryStore;
+pub use migrate::{
+    BatchGuard, BatchRun, Migration, MigrationStop, Unguarded, WorkerMove, migrate_worker,
+};
 pub use options::{StoreOptions, check_postgres_url, redis_key_prefix};
 pub use postgres::{DEFAULT_SCHEMA, FencedTransaction, PostgresOptions, PostgresStore};
 pub use redis::{DEFAULT_PREFIX, RedisOptions, RedisStore};
@@ -170,6 +174,35 @@ pub trait Store: Send + Sync {
     async fn delete_unlocked_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
         self.delete_worker_batch(worker_id, limit).await
     }
+
+    /// One batch of a worker migration run by [`migrate_worker`], the one batch loop of this
+    /// crate: at most `limit` sessions of `mv`'s worker, committed, their ids returned.
+    ///
+    /// The provided implementation calls the batch methods above (`run.skip_locked` picks the
+    /// `*_unlocked_*` ones); the layered store overrides it to update its cache by the batch's
+    /// ids and remembers in `run` when the cache failed.
+    async fn migration_batch(
+        &self,
+        mv: WorkerMove<'_>,
+        limit: usize,
+        run: &mut BatchRun,
+    ) -> Result<Vec<String>> {
+        match (mv, run.skip_locked) {
+            (WorkerMove::Reroute { from, to }, true) => {
+                self.reroute_unlocked_batch(from, to, limit).await
+            }
+            (WorkerMove::Reroute { from, to }, false) => self.reroute_batch(from, to, limit).await,
+            (WorkerMove::Delete { worker }, true) => {
+                self.delete_unlocked_batch(worker, limit).await
+            }
+            (WorkerMove::Delete { worker }, false) => self.delete_worker_batch(worker, limit).await,
+        }
+    }
+
+    /// Hears every id a [`migrate_worker`] run changed, once it ended (also when it stopped
+    /// early). Nothing by default; the layered store may re-apply them to its cache later
+    /// (see [`LayeredStore::reapply_migrations_after`]).
+    async fn migration_done(&self, _mv: WorkerMove<'_>, _ids: &[String]) {}
 
     /// Snapshot of a worker's live sessions.
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>>;

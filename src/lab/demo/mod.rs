@@ -24,8 +24,9 @@ use super::shared::{
     Tracker, WORKERS, pod_reader, prepare, ready_workers, restart, rollout_complete,
     session_policy, workers_deployment,
 };
+use crate::connect::Connected;
 use crate::connect::StoreArgs;
-use crate::controller::{SessionStore, Settings};
+use crate::controller::Settings;
 use crate::leader::LeaseConfig;
 use crate::operator::{self, OperatorConfig};
 use crate::policy::SessionPolicy;
@@ -212,10 +213,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// The configured store, or an embedded memory store when no URL is given.
-async fn connect(args: &DemoArgs) -> anyhow::Result<(SessionStore, String)> {
+async fn connect(args: &DemoArgs) -> anyhow::Result<(Connected, String)> {
     if args.store.database_url.is_none() && args.store.redis_url.is_none() {
         return Ok((
-            SessionStore::plain(Arc::new(MemoryStore::new(args.store.options()))),
+            Connected::plain(Arc::new(MemoryStore::new(args.store.options()))),
             "embedded memory store (pass --database-url/--redis-url for Postgres/Redis)".into(),
         ));
     }
@@ -228,17 +229,13 @@ async fn connect(args: &DemoArgs) -> anyhow::Result<(SessionStore, String)> {
             .context("migrating the Postgres schema")?;
     }
     let connected = args.store.connect().await?;
+    connected.reapply_migrations();
     let name = match (&args.store.database_url, &args.store.redis_url) {
         (Some(_), Some(_)) => "Redis cache over Postgres (layered)",
         (Some(_), None) => "Postgres",
         _ => "Redis",
     };
-    let store = SessionStore {
-        layered: connected.layered(),
-        records: connected.records.clone(),
-        store: connected.store,
-    };
-    Ok((store, name.into()))
+    Ok((connected, name.into()))
 }
 
 async fn create_workload(client: &Client, args: &DemoArgs) -> anyhow::Result<()> {
