@@ -114,7 +114,7 @@ pub struct Migration<S> {
 /// or a batch fails.
 ///
 /// A short batch does not always mean done: rows skipped because another transaction holds
-/// them, or sessions a proxy wrote for the worker meanwhile, are still there. So after a short
+/// them, or sessions a proxy wrote for the worker meanwhile, are still there. So after each
 /// batch the worker's sessions are counted: none left ends the run; some left after a batch
 /// that took nothing (in a run that skips locked rows) ends it as [`MigrationStop::Locked`];
 /// otherwise the next batch takes them. A run that waits for locks ends at its first empty
@@ -141,12 +141,12 @@ pub async fn migrate_worker<G: BatchGuard>(
             guard.committed(&batch);
             ids.extend(batch);
         }
-        if n >= limit {
-            continue;
-        }
         if n == 0 && !run.skip_locked {
             break Ok(());
         }
+        // Also after a full batch: a count is a read, where another batch that finds nothing
+        // would be one more (fenced, synced) write transaction — for a worker of exactly
+        // `limit` sessions, or the last full batch of any worker.
         match store.count_for_worker(mv.worker()).await {
             Ok(0) => break Ok(()),
             Ok(left) if n == 0 => break Err(MigrationStop::Locked { left }),

@@ -42,6 +42,10 @@ pub(crate) struct OperatorBench {
     /// Small sizes for a quick check (used by scripts/test.sh).
     #[arg(long)]
     smoke: bool,
+    /// Write the operator's log (JSON, info level) to this file, to see where a migration's
+    /// time goes; by default it logs warnings only, to its stderr.
+    #[arg(long)]
+    operator_log: Option<std::path::PathBuf>,
 }
 
 const NS: &str = "bench";
@@ -149,8 +153,17 @@ async fn measure(
         .args(["--lease-namespace", NS, "--identity", "bench-operator"])
         .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .env(
+            "RUST_LOG",
+            if args.operator_log.is_some() { "info" } else { "warn" },
+        )
+        .stdout(match &args.operator_log {
+            Some(path) => Stdio::from(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            None => Stdio::null(),
+        })
         .kill_on_drop(true)
         .spawn()
         .context("starting the operator")?;
@@ -181,6 +194,7 @@ async fn measure(
     }
     let rollout = started.elapsed();
     let rss = operator.id().and_then(peak_rss_kib);
+    let cpu = operator.id().and_then(cpu_seconds);
     let _ = operator.kill().await;
     let workers = ready_workers(&pods);
     stop.cancel();
@@ -213,6 +227,12 @@ async fn measure(
             kib as f64 / 1024.0
         ),
         None => println!("operator peak RSS: unavailable (no /proc)"),
+    }
+    if let Some(cpu) = cpu {
+        println!(
+            "operator CPU time: {cpu:.2} s from its start to the rollout's end ({:.0} % of one core during the rollout)",
+            100.0 * cpu / rollout.as_secs_f64().max(0.001)
+        );
     }
     anyhow::ensure!(
         total == args.sessions as u64,
@@ -360,4 +380,14 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// CPU time (user + system) a process used so far, from `/proc/<pid>/stat`, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Some(ticks as f64 / 100.0)
 }
