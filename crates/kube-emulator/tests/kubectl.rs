@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/real_kubectl.rs"]
+mod real_kubectl;
+use real_kubectl::RealServer;
+
 /// The kubectl to run: `$KUBECTL` if set, else `kubectl` from `PATH`.
 fn kubectl_bin() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
@@ -112,61 +116,6 @@ fn ok(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The real kube-apiserver of `DIFF_KUBECONFIG` (the real lane, `scripts/test-real.sh`): a copy
-/// of its kubeconfig whose context namespace is a fresh namespace of this run, deleted (with
-/// the file) on drop.
-struct RealServer {
-    kubeconfig: PathBuf,
-    ns: String,
-}
-
-impl RealServer {
-    fn from_env() -> Option<Self> {
-        let source = std::env::var("DIFF_KUBECONFIG").ok()?;
-        let ns = format!("kubectl-{}", std::process::id());
-        let kubeconfig =
-            std::env::temp_dir().join(format!("kube-emulator-kubectl-real-{}", std::process::id()));
-        std::fs::copy(&source, &kubeconfig).expect("copy DIFF_KUBECONFIG");
-        let real = Self { kubeconfig, ns };
-        let kc = real.kubeconfig.as_path();
-        ok(kc, &["create", "namespace", &real.ns], None);
-        ok(
-            kc,
-            &[
-                "config",
-                "set-context",
-                "--current",
-                "--namespace",
-                &real.ns,
-            ],
-            None,
-        );
-        // ServiceAccount admission refuses pods until the controller made `default`.
-        ok(
-            kc,
-            &[
-                "wait",
-                "--for=create",
-                "--timeout=60s",
-                "serviceaccount/default",
-            ],
-            None,
-        );
-        Some(real)
-    }
-}
-
-impl Drop for RealServer {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &self.kubeconfig,
-            &["delete", "namespace", &self.ns, "--wait=false"],
-            None,
-        );
-        let _ = std::fs::remove_file(&self.kubeconfig);
-    }
-}
-
 const CRD: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -249,7 +198,7 @@ fn kubectl_drives_the_binary() {
         "namespace/seeded"
     );
     scenario(kc, "default");
-    if let Some(real) = RealServer::from_env() {
+    if let Some(real) = RealServer::from_env("kubectl") {
         eprintln!("kubectl scenario on kube-apiserver (namespace {})", real.ns);
         scenario(&real.kubeconfig, &real.ns);
     }
