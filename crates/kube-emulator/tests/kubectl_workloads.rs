@@ -192,13 +192,18 @@ async fn live_hashes(pods: &Api<Pod>) -> Vec<String> {
 }
 
 /// Watches the workers from `rv` until every pod runs a hash other than `old_hash` and
-/// 4 are Ready, asserting at every event: at most 5 live pods (replicas + maxSurge 25%
-/// rounded up) and at least 3 Ready ones (replicas − maxUnavailable 25% rounded down).
+/// 4 are Ready, asserting at every event when `pod_bounds`: at most 5 live pods (replicas +
+/// maxSurge 25% rounded up) and at least 3 Ready ones (replicas − maxUnavailable 25% rounded
+/// down). The emulator's deployment controller keeps live pods within them; the real one
+/// bounds the replica sets' `spec.replicas` and reads their (lagging) status, so live pods
+/// briefly leave them while a scaled-down replica set's pods are still being deleted (6 of
+/// 4 + 1 seen on the real lane): a listed difference, not asserted there.
 async fn watch_rollout(
     pods: Api<Pod>,
     rv: String,
     mut state: BTreeMap<String, Pod>,
     old_hash: String,
+    pod_bounds: bool,
 ) -> usize {
     let mut stream = pods
         .watch(
@@ -224,7 +229,7 @@ async fn watch_rollout(
         let live = state.values().filter(|p| is_live(p)).count();
         let ready = state.values().filter(|p| is_live(p) && is_ready(p)).count();
         assert!(
-            live <= 5,
+            live <= 5 || !pod_bounds,
             "{live} live pods exceed 4 + 1 at event {events}: {:?}",
             state
                 .values()
@@ -237,7 +242,7 @@ async fn watch_rollout(
                 .collect::<Vec<_>>()
         );
         assert!(
-            ready >= 3,
+            ready >= 3 || !pod_bounds,
             "{ready} ready pods below 4 - 1 at event {events}"
         );
         let done = state.values().all(|p| hash_of(p) != old_hash)
@@ -278,20 +283,22 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         .to_string();
     let client =
         kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
-    rollouts(kc, Api::namespaced(client, "default")).await;
+    rollouts(kc, Api::namespaced(client, "default"), true).await;
     if let Some(real) = RealServer::from_env("kubectl-rollouts") {
         eprintln!("rollouts on kube-apiserver (namespace {})", real.ns);
         rollouts(
             &real.kubeconfig,
             Api::namespaced(real.client().await, &real.ns),
+            false,
         )
         .await;
     }
     audit_log_names_the_calls(server);
 }
 
-/// The rollout scenario; `kc`'s context namespace is the namespace of `pods`.
-async fn rollouts(kc: &Path, pods: Api<Pod>) {
+/// The rollout scenario; `kc`'s context namespace is the namespace of `pods`; `pod_bounds`:
+/// see [`watch_rollout`].
+async fn rollouts(kc: &Path, pods: Api<Pod>, pod_bounds: bool) {
     ok(kc, &["apply", "-f", "-"], Some(DEPLOYMENT));
     ok(
         kc,
@@ -309,7 +316,13 @@ async fn rollouts(kc: &Path, pods: Api<Pod>) {
     let rv = list.metadata.resource_version.clone().expect("rv");
     let state: BTreeMap<String, Pod> = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
     assert_eq!(state.values().filter(|p| is_ready(p)).count(), 4);
-    let watcher = tokio::spawn(watch_rollout(pods.clone(), rv, state, first[0].clone()));
+    let watcher = tokio::spawn(watch_rollout(
+        pods.clone(),
+        rv,
+        state,
+        first[0].clone(),
+        pod_bounds,
+    ));
     ok(kc, &["rollout", "restart", "deployment/workers"], None);
     let status = ok(
         kc,
@@ -369,18 +382,27 @@ async fn rollouts(kc: &Path, pods: Api<Pod>) {
         &["rollout", "status", "deployment/workers", "--timeout=60s"],
         None,
     );
-    let ready = ok(
-        kc,
-        &[
-            "get",
-            "deployment",
-            "workers",
-            "-o",
-            "jsonpath={.status.readyReplicas}",
-        ],
-        None,
-    );
-    assert_eq!(ready, "2");
+    // `rollout status` can return before the replica sets' status reached the Deployment's
+    // on a real cluster (its controllers update them in turn): the count settles at 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = ok(
+            kc,
+            &[
+                "get",
+                "deployment",
+                "workers",
+                "-o",
+                "jsonpath={.status.readyReplicas}",
+            ],
+            None,
+        );
+        if ready == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyReplicas {ready}, not 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // StatefulSets: rollout status and restart.
     ok(kc, &["apply", "-f", "-"], Some(STATEFULSET));
