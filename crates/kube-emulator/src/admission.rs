@@ -446,6 +446,9 @@ pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiRes
             }),
         }
     }
+    if rt.group.is_empty() && rt.plural == "events" {
+        causes.extend(event_namespace(obj));
+    }
     if rt.group == "apiextensions.k8s.io"
         && rt.plural == "customresourcedefinitions"
         && let Err(c) = crd::resource_types(obj)
@@ -469,6 +472,27 @@ pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiRes
     } else {
         Err(ApiError::invalid(&rt.group, &rt.kind, name, causes))
     }
+}
+
+/// A core Event's `involvedObject.namespace` must be its own namespace; an empty one (a
+/// cluster-scoped object's) only goes with `default` (or no namespace), as the API server's
+/// event validation says.
+fn event_namespace(obj: &Value) -> Option<Cause> {
+    let own = meta_str(obj, "namespace").unwrap_or("");
+    let involved = obj
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let fine = if involved.is_empty() {
+        own.is_empty() || own == "default"
+    } else {
+        involved == own
+    };
+    (!fine).then(|| Cause {
+        reason: "FieldValueInvalid",
+        field: "involvedObject.namespace".into(),
+        message: format!("Invalid value: {involved:?}: does not match event.namespace"),
+    })
 }
 
 /// Kinds whose `metadata.generation` counts spec changes; others (ConfigMaps, Secrets,
