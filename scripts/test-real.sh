@@ -6,8 +6,10 @@
 #     operator running with a ServiceAccount token that has exactly the chart's rendered RBAC,
 #     rollouts done by kube-controller-manager, pods run by kube-scheduler and kwok;
 #   - the chart's Helm SDK install/upgrade/uninstall and CEL tests (tests/chart/test_real_cluster.py);
-#   - the emulator's differential test (crates/kube-emulator/tests/differential.rs): the same
-#     requests against both, compared;
+#   - the emulator's differential test (crates/kube-emulator/tests/differential.rs: the same
+#     requests against both, compared) and its kube-rs and kubectl scenario tests (tests/kube_rs,
+#     tests/kubectl.rs, tests/kubectl_workloads.rs: every scenario that needs no emulator hook
+#     asserts the same on the real server, in a namespace of its own);
 # then stops the control plane. Needs Go (the binaries are built on first use, see
 # scripts/build-control-plane.sh), openssl, curl, python3, cargo, Postgres and Redis
 # (DATABASE_URL/REDIS_URL as scripts/test.sh sets them).
@@ -15,7 +17,7 @@
 #   ./scripts/test-real.sh            # everything above
 #   ./scripts/test-real.sh e2e ARGS   # only the e2e lane; ARGS (filters, --nocapture, ...)
 #                                     # go to the test binary
-#   ./scripts/test-real.sh chart|diff # only the chart tests / the differential test
+#   ./scripts/test-real.sh chart|diff # only the chart tests / the emulator's tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,8 +58,17 @@ if [[ $what == all || $what == e2e ]]; then
   [[ $rc == 0 ]] || exit "$rc"
 fi
 if [[ $what == all || $what == diff ]]; then
-  # --workspace: the features of `cargo test --workspace`, so nothing is rebuilt.
-  DIFF_KUBECONFIG="$dir/kubeconfig" cargo test -q --workspace --test differential
+  # --workspace: the features of `cargo test --workspace`, so nothing is rebuilt. Built before
+  # the clock starts.
+  emulator_tests=(--test differential --test kube_rs --test kubectl --test kubectl_workloads)
+  cargo test -q --workspace "${emulator_tests[@]}" --no-run
+  started=$SECONDS
+  rc=0
+  DIFF_KUBECONFIG="$dir/kubeconfig" cargo test -q --workspace "${emulator_tests[@]}" || rc=$?
+  echo "test-real: emulator tests on both servers took $((SECONDS - started)) s"
+  [[ $rc == 0 ]] || exit "$rc"
+  # The Node the kube_rs scenarios bind their idle pods to (tests/kube_rs/backend.rs).
+  kubectl --kubeconfig "$dir/kubeconfig" delete node idle-node --ignore-not-found >/dev/null
 fi
 if [[ $what == all || $what == chart ]]; then
   REAL_KUBECONFIG="$dir/kubeconfig" CHART_TEST_REQUIRE_BINARIES=1 \

@@ -58,9 +58,88 @@ pub(crate) fn pod_scheduled(pod: &Value) -> bool {
         .is_some_and(|n| !n.is_empty())
 }
 
-/// Rejects bodies whose `kind`/`apiVersion` name a different type.
+/// Go's name for a JSON value's type in `encoding/json` errors.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Label and annotation maps hold strings: a body with anything else does not decode into
+/// `ObjectMeta`, which the API server answers with a 400 before any validation.
+fn check_string_maps(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    for field in ["labels", "annotations"] {
+        let Some(map) = obj.get("metadata").and_then(|m| m.get(field)) else {
+            continue;
+        };
+        let wrong = match map {
+            Value::Null => None,
+            Value::Object(m) => m
+                .values()
+                .find(|v| !v.is_string())
+                .map(|v| (json_type(v), "string")),
+            other => Some((json_type(other), "map[string]string")),
+        };
+        if let Some((got, want)) = wrong {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: json: cannot \
+                 unmarshal {got} into Go struct field ObjectMeta.metadata.{field} of type {want}",
+                kind = rt.kind,
+                version = rt.version,
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A patch's result must decode into the type: `metadata` (and a built-in kind's `spec` and
+/// `status`) an object, labels and annotations strings. The API server reports a result
+/// that does not as a 422 on the field `patch` (after applying it, so not a 400).
+pub(crate) fn check_patched(rt: &ResourceType, name: &str, obj: &Value) -> ApiResult<()> {
+    check_shape(obj).map_err(|e| patch_invalid(rt, name, &e.message))?;
+    let typed: &[&str] = if rt.custom { &[] } else { &["spec", "status"] };
+    for field in typed {
+        if let Some(v) = obj.get(*field)
+            && !v.is_object()
+            && !v.is_null()
+        {
+            return Err(patch_invalid(
+                rt,
+                name,
+                &format!(
+                    "json: cannot unmarshal {} into Go struct field {}.{field}",
+                    json_type(v),
+                    rt.kind
+                ),
+            ));
+        }
+    }
+    check_string_maps(rt, obj).map_err(|e| patch_invalid(rt, name, &e.message))
+}
+
+fn patch_invalid(rt: &ResourceType, name: &str, why: &str) -> ApiError {
+    ApiError::invalid(
+        &rt.group,
+        &rt.kind,
+        name,
+        vec![Cause {
+            reason: "FieldValueInvalid",
+            field: "patch".into(),
+            message: format!("Invalid value: the patched object: {why}"),
+        }],
+    )
+}
+
+/// Rejects bodies whose `kind`/`apiVersion` name a different type, or that do not decode
+/// into it.
 pub(crate) fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     check_shape(obj)?;
+    check_string_maps(rt, obj)?;
     if let Some(kind) = obj.get("kind").and_then(Value::as_str)
         && !kind.is_empty()
         && kind != rt.kind
@@ -367,6 +446,9 @@ pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiRes
             }),
         }
     }
+    if rt.group.is_empty() && rt.plural == "events" {
+        causes.extend(event_namespace(obj));
+    }
     if rt.group == "apiextensions.k8s.io"
         && rt.plural == "customresourcedefinitions"
         && let Err(c) = crd::resource_types(obj)
@@ -390,6 +472,27 @@ pub(crate) fn validate(rt: &ResourceType, obj: &mut Value, name: &str) -> ApiRes
     } else {
         Err(ApiError::invalid(&rt.group, &rt.kind, name, causes))
     }
+}
+
+/// A core Event's `involvedObject.namespace` must be its own namespace; an empty one (a
+/// cluster-scoped object's) only goes with `default` (or no namespace), as the API server's
+/// event validation says.
+fn event_namespace(obj: &Value) -> Option<Cause> {
+    let own = meta_str(obj, "namespace").unwrap_or("");
+    let involved = obj
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let fine = if involved.is_empty() {
+        own.is_empty() || own == "default"
+    } else {
+        involved == own
+    };
+    (!fine).then(|| Cause {
+        reason: "FieldValueInvalid",
+        field: "involvedObject.namespace".into(),
+        message: format!("Invalid value: {involved:?}: does not match event.namespace"),
+    })
 }
 
 /// Kinds whose `metadata.generation` counts spec changes; others (ConfigMaps, Secrets,

@@ -37,7 +37,7 @@ impl ApiError {
     }
 
     /// `StatusDetails.group` is `omitempty`: the core group leaves it out.
-    fn with_details(mut self, mut details: Value) -> Self {
+    pub(crate) fn with_details(mut self, mut details: Value) -> Self {
         if let Some(map) = details.as_object_mut()
             && map.get("group").and_then(Value::as_str) == Some("")
         {
@@ -153,6 +153,13 @@ impl ApiError {
         });
         if let Some(details) = &self.details {
             status["details"] = details.clone();
+        }
+        if self.reason.is_empty() {
+            // `reason` is omitempty: some API server errors (a 500 for an unparsable watch
+            // version) have none.
+            if let Some(m) = status.as_object_mut() {
+                m.remove("reason");
+            }
         }
         status
     }

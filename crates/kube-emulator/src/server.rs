@@ -110,13 +110,12 @@ async fn route(
             return Ok(json_response(StatusCode::OK, &list));
         }
         ["apis", group] => {
-            let g = discovery::group(&resources, group).ok_or_else(|| ApiError::no_route(path))?;
-            return Ok(json_response(StatusCode::OK, &g));
+            return Ok(discovery::group(&resources, group)
+                .map_or_else(page_not_found, |g| json_response(StatusCode::OK, &g)));
         }
         ["apis", group, version] => {
-            let list = discovery::resource_list(&resources, group, version)
-                .ok_or_else(|| ApiError::no_route(path))?;
-            return Ok(json_response(StatusCode::OK, &list));
+            return Ok(discovery::resource_list(&resources, group, version)
+                .map_or_else(page_not_found, |l| json_response(StatusCode::OK, &l)));
         }
         ["openapi", "v2"] | ["swagger-2.0.0.pb-v1"] => {
             let accept = headers
@@ -372,6 +371,16 @@ fn verb_of(method: &Method, target: &Target, watch: bool) -> &'static str {
     }
 }
 
+/// The API server's answer for a discovery path of a group or version it does not serve: Go's
+/// plain-text mux 404, not a `Status`.
+fn page_not_found() -> Response {
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from("404 page not found\n"))
+        .unwrap_or_default()
+}
+
 fn list(
     store: &Store,
     target: &Target,
@@ -380,11 +389,14 @@ fn list(
 ) -> ApiResult<Response> {
     let rt = &target.rt;
     let (labels, fields) = selectors(store, rt, query)?;
+    // Zero and negative limits mean "no limit", as in the API server.
     let limit = match query.get("limit") {
-        Some(l) if !l.is_empty() => Some(
-            l.parse::<usize>()
+        Some(l) if !l.is_empty() => usize::try_from(
+            l.parse::<i64>()
                 .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
-        ),
+        )
+        .ok()
+        .filter(|l| *l > 0),
         _ => None,
     };
     let continue_token = query.get("continue").map(String::as_str);
@@ -445,7 +457,15 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> ApiResult<De
     let body: Value = if body.is_empty() {
         json!({})
     } else {
-        parse_json(body)?
+        // The API server reads the body's apiVersion/kind first and answers a body that is
+        // not JSON with a 500 without a reason.
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(
+                500,
+                "",
+                format!("couldn't get version/kind; json parse error: {e}"),
+            )
+        })?
     };
     let grace = query
         .get("gracePeriodSeconds")

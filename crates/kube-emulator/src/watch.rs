@@ -21,6 +21,25 @@ use crate::store::{WatchEvent, WatchStart};
 /// Longest watch `timeoutSeconds` honoured (one year).
 const MAX_TIMEOUT_SECONDS: u64 = 365 * 24 * 3600;
 
+/// A watch's `timeoutSeconds`: an int64 as the API server decodes it (anything else is a
+/// 400 with Go's `strconv` message), zero or negative meaning none. Capped so the deadline
+/// arithmetic cannot overflow; a year is "forever" here.
+fn parse_timeout_seconds(text: &str) -> Result<Option<Duration>, ApiError> {
+    let seconds = text.parse::<i64>().map_err(|e| {
+        let why = match e.kind() {
+            std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                "value out of range"
+            }
+            _ => "invalid syntax",
+        };
+        ApiError::bad_request(format!("strconv.ParseInt: parsing {text:?}: {why}"))
+    })?;
+    Ok(u64::try_from(seconds)
+        .ok()
+        .filter(|t| *t > 0)
+        .map(|t| Duration::from_secs(t.min(MAX_TIMEOUT_SECONDS))))
+}
+
 /// Filters the global event stream down to one watch's resource, namespace and selectors.
 struct WatchFilter {
     rt: ResourceType,
@@ -96,17 +115,23 @@ pub(crate) fn serve_watch(
         None | Some("" | "0") => WatchStart::Current,
         Some(_) if send_initial => WatchStart::Current,
         Some(rv) => WatchStart::After(
-            rv.parse::<u64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+            // The API server answers an unparsable watch version with a 500 without a reason.
+            rv.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    500,
+                    "",
+                    format!(
+                        "resourceVersion: Invalid value: {rv:?}: strconv.ParseUint: parsing {rv:?}: invalid syntax"
+                    ),
+                )
+            })?,
         ),
     };
     let bookmarks = flag(query, "allowWatchBookmarks");
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .filter(|t| *t > 0)
-        // Capped so the deadline arithmetic cannot overflow; a year is "forever" here.
-        .map(|t| Duration::from_secs(t.min(MAX_TIMEOUT_SECONDS)));
+    let timeout = match query.get("timeoutSeconds") {
+        None => None,
+        Some(t) => parse_timeout_seconds(t)?,
+    };
     let filter = WatchFilter {
         rt,
         namespace: target.namespace.clone(),

@@ -1,8 +1,13 @@
-//! kubectl against the `kube-emulator` binary: the protocol as a Go client sees it.
+//! kubectl against the `kube-emulator` binary: the protocol as a Go client sees it. The same
+//! scenario runs against the real kube-apiserver of `DIFF_KUBECONFIG` when it is set.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/real_kubectl.rs"]
+mod real_kubectl;
+use real_kubectl::RealServer;
 
 /// The kubectl to run: `$KUBECTL` if set, else `kubectl` from `PATH`.
 fn kubectl_bin() -> String {
@@ -152,7 +157,7 @@ const EVENT: &str = r#"
 apiVersion: v1
 kind: Event
 metadata: {name: web-started}
-involvedObject: {kind: Pod, name: web, namespace: default}
+involvedObject: {kind: Pod, name: web, namespace: NAMESPACE}
 reason: Started
 message: Started container
 type: Normal
@@ -187,13 +192,31 @@ fn kubectl_drives_the_binary() {
     }
     let server = start_binary();
     let kc = server.kubeconfig.as_path();
-
-    // Objects from --load exist before the kubeconfig appears.
+    // Objects from --load exist before the kubeconfig appears (an emulator-only flag).
     assert_eq!(
         ok(kc, &["get", "namespace", "seeded", "-o", "name"], None).trim(),
         "namespace/seeded"
     );
+    scenario(kc, "default");
+    if let Some(real) = RealServer::from_env("kubectl") {
+        eprintln!("kubectl scenario on kube-apiserver (namespace {})", real.ns);
+        scenario(&real.kubeconfig, &real.ns);
+    }
 
+    // SIGTERM shuts the binary down cleanly.
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "emulator exited with {exit:?}");
+}
+
+/// What kubectl does against either server: `kc`'s context namespace is `ns`.
+fn scenario(kc: &Path, ns: &str) {
     let resources = ok(kc, &["api-resources"], None);
     assert!(
         resources.contains("pods") && resources.contains("leases"),
@@ -201,6 +224,17 @@ fn kubectl_drives_the_binary() {
     );
 
     ok(kc, &["apply", "-f", "-"], Some(CRD));
+    // A real server serves the resource a moment after the CRD is Established.
+    ok(
+        kc,
+        &[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/gizmos.example.com",
+        ],
+        None,
+    );
     ok(kc, &["apply", "-f", "-"], Some(GIZMOS));
     let json: serde_json::Value =
         serde_json::from_str(&ok(kc, &["get", "gizmos", "-o", "json"], None)).expect("json");
@@ -318,7 +352,14 @@ fn kubectl_drives_the_binary() {
     // Built-in pods: strategic merge patch, graceful delete.
     ok(
         kc,
-        &["run", "web", "--image=nginx", "--labels=app=web"],
+        // No scheduler binds it (a real cluster's would, and kwok would start it).
+        &[
+            "run",
+            "web",
+            "--image=nginx",
+            "--labels=app=web",
+            r#"--overrides={"spec":{"schedulerName":"no-scheduler"}}"#,
+        ],
         None,
     );
     ok(
@@ -357,7 +398,11 @@ fn kubectl_drives_the_binary() {
     assert_eq!(ok(kc, &["get", "pods", "-o", "name"], None).trim(), "");
 
     // Events print with kubectl's familiar columns.
-    ok(kc, &["apply", "-f", "-"], Some(EVENT));
+    ok(
+        kc,
+        &["apply", "-f", "-"],
+        Some(&EVENT.replace("NAMESPACE", ns)),
+    );
     let events = ok(kc, &["get", "events"], None);
     assert!(
         events.starts_with("LAST SEEN") && events.contains("pod/web") && events.contains("Started"),
@@ -394,15 +439,4 @@ fn kubectl_drives_the_binary() {
         !out.status.success(),
         "gizmos are no longer served after the CRD is deleted"
     );
-
-    // SIGTERM shuts the binary down cleanly.
-    let mut server = server;
-    let pid = server.child.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = server.child.wait().expect("wait");
-    assert!(exit.success(), "emulator exited with {exit:?}");
 }

@@ -1,6 +1,8 @@
 //! kubectl's workload commands against the binary with its default controllers:
 //! `rollout status|restart|history|undo`, `scale`, while a kube-rs watch checks the
-//! rolling update's bounds at every event; and the `--audit-log` file.
+//! rolling update's bounds at every event; and the `--audit-log` file. The kubectl scenarios
+//! run against the real kube-apiserver of `DIFF_KUBECONFIG` too (its kube-controller-manager,
+//! kube-scheduler and kwok doing what the emulator's controllers do).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,10 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+
+#[path = "support/real_kubectl.rs"]
+mod real_kubectl;
+use real_kubectl::RealServer;
 
 fn kubectl_bin() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string())
@@ -186,13 +192,18 @@ async fn live_hashes(pods: &Api<Pod>) -> Vec<String> {
 }
 
 /// Watches the workers from `rv` until every pod runs a hash other than `old_hash` and
-/// 4 are Ready, asserting at every event: at most 5 live pods (replicas + maxSurge 25%
-/// rounded up) and at least 3 Ready ones (replicas − maxUnavailable 25% rounded down).
+/// 4 are Ready, asserting at every event when `pod_bounds`: at most 5 live pods (replicas +
+/// maxSurge 25% rounded up) and at least 3 Ready ones (replicas − maxUnavailable 25% rounded
+/// down). The emulator's deployment controller keeps live pods within them; the real one
+/// bounds the replica sets' `spec.replicas` and reads their (lagging) status, so live pods
+/// briefly leave them while a scaled-down replica set's pods are still being deleted (6 of
+/// 4 + 1 seen on the real lane): a listed difference, not asserted there.
 async fn watch_rollout(
     pods: Api<Pod>,
     rv: String,
     mut state: BTreeMap<String, Pod>,
     old_hash: String,
+    pod_bounds: bool,
 ) -> usize {
     let mut stream = pods
         .watch(
@@ -218,7 +229,7 @@ async fn watch_rollout(
         let live = state.values().filter(|p| is_live(p)).count();
         let ready = state.values().filter(|p| is_live(p) && is_ready(p)).count();
         assert!(
-            live <= 5,
+            live <= 5 || !pod_bounds,
             "{live} live pods exceed 4 + 1 at event {events}: {:?}",
             state
                 .values()
@@ -231,7 +242,7 @@ async fn watch_rollout(
                 .collect::<Vec<_>>()
         );
         assert!(
-            ready >= 3,
+            ready >= 3 || !pod_bounds,
             "{ready} ready pods below 4 - 1 at event {events}"
         );
         let done = state.values().all(|p| hash_of(p) != old_hash)
@@ -272,8 +283,22 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         .to_string();
     let client =
         kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
-    let pods: Api<Pod> = Api::namespaced(client, "default");
+    rollouts(kc, Api::namespaced(client, "default"), true).await;
+    if let Some(real) = RealServer::from_env("kubectl-rollouts") {
+        eprintln!("rollouts on kube-apiserver (namespace {})", real.ns);
+        rollouts(
+            &real.kubeconfig,
+            Api::namespaced(real.client().await, &real.ns),
+            false,
+        )
+        .await;
+    }
+    audit_log_names_the_calls(server);
+}
 
+/// The rollout scenario; `kc`'s context namespace is the namespace of `pods`; `pod_bounds`:
+/// see [`watch_rollout`].
+async fn rollouts(kc: &Path, pods: Api<Pod>, pod_bounds: bool) {
     ok(kc, &["apply", "-f", "-"], Some(DEPLOYMENT));
     ok(
         kc,
@@ -291,7 +316,13 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
     let rv = list.metadata.resource_version.clone().expect("rv");
     let state: BTreeMap<String, Pod> = list.items.into_iter().map(|p| (p.name_any(), p)).collect();
     assert_eq!(state.values().filter(|p| is_ready(p)).count(), 4);
-    let watcher = tokio::spawn(watch_rollout(pods.clone(), rv, state, first[0].clone()));
+    let watcher = tokio::spawn(watch_rollout(
+        pods.clone(),
+        rv,
+        state,
+        first[0].clone(),
+        pod_bounds,
+    ));
     ok(kc, &["rollout", "restart", "deployment/workers"], None);
     let status = ok(
         kc,
@@ -351,18 +382,27 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         &["rollout", "status", "deployment/workers", "--timeout=60s"],
         None,
     );
-    let ready = ok(
-        kc,
-        &[
-            "get",
-            "deployment",
-            "workers",
-            "-o",
-            "jsonpath={.status.readyReplicas}",
-        ],
-        None,
-    );
-    assert_eq!(ready, "2");
+    // `rollout status` can return before the replica sets' status reached the Deployment's
+    // on a real cluster (its controllers update them in turn): the count settles at 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = ok(
+            kc,
+            &[
+                "get",
+                "deployment",
+                "workers",
+                "-o",
+                "jsonpath={.status.readyReplicas}",
+            ],
+            None,
+        );
+        if ready == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyReplicas {ready}, not 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // StatefulSets: rollout status and restart.
     ok(kc, &["apply", "-f", "-"], Some(STATEFULSET));
@@ -458,9 +498,11 @@ async fn kubectl_rollouts_against_the_simulated_cluster() {
         assert!(Instant::now() < deadline, "dependents left: {rs} {pods}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
 
-    // The audit log names what kubectl called, in RBAC terms; it is complete once the
-    // binary has shut down.
+/// The audit log names what kubectl called, in RBAC terms; it is complete once the binary
+/// has shut down. (The emulator's own feature.)
+fn audit_log_names_the_calls(server: Server) {
     let mut server = server;
     let pid = server.child.id().to_string();
     let status = Command::new("kill")
@@ -535,11 +577,35 @@ fn kubectl_create_commands_send_protobuf() {
     }
     let server = start_binary("create");
     let kc = server.kubeconfig.as_path();
-    ok(kc, &["create", "namespace", "apps"], None);
-    let ns = json_of(kc, &["get", "namespace", "apps"]);
+    create_commands(kc, "apps");
+    // Kinds outside the decoder's tables get the clear 415 (emulator-only: a real server
+    // decodes every kind).
+    let out = kubectl(
+        kc,
+        &["create", "priorityclass", "high", "--value=1000"],
+        None,
+    );
+    assert!(!out.status.success());
+    if let Some(real) = RealServer::from_env("kubectl-create") {
+        eprintln!("create commands on kube-apiserver");
+        // Its own namespace is the context's; the scenario creates `{ns}-apps` besides.
+        let apps = format!("{}-apps", real.ns);
+        create_commands(&real.kubeconfig, &apps);
+        let _ = kubectl(
+            &real.kubeconfig,
+            &["delete", "namespace", &apps, "--wait=false"],
+            None,
+        );
+    }
+}
+
+/// The typed generators' objects in namespace `apps`, which the scenario creates.
+fn create_commands(kc: &Path, apps: &str) {
+    ok(kc, &["create", "namespace", apps], None);
+    let ns = json_of(kc, &["get", "namespace", apps]);
     assert_eq!(
         ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
-        "apps"
+        apps
     );
     assert!(
         ns["metadata"]
@@ -547,7 +613,7 @@ fn kubectl_create_commands_send_protobuf() {
             .is_some_and(serde_json::Value::is_string)
     );
 
-    let n = ["-n", "apps"];
+    let n = ["-n", apps];
     let run = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend(n);
@@ -584,7 +650,7 @@ fn kubectl_create_commands_send_protobuf() {
         "rolebinding",
         "robot-reads",
         "--role=reader",
-        "--serviceaccount=apps:robot",
+        &format!("--serviceaccount={apps}:robot"),
     ]);
     // kubectl before 1.21 creates policy/v1beta1 budgets, which are not served.
     let pdb = kubectl_minor() >= 21;
@@ -628,7 +694,7 @@ fn kubectl_create_commands_send_protobuf() {
             "status",
             "deployment/web",
             "-n",
-            "apps",
+            apps,
             "--timeout=60s",
         ],
         None,
@@ -653,17 +719,9 @@ fn kubectl_create_commands_send_protobuf() {
     assert_eq!(binding["roleRef"]["name"], "reader");
     assert_eq!(binding["roleRef"]["kind"], "Role");
     assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
-    assert_eq!(binding["subjects"][0]["namespace"], "apps");
+    assert_eq!(binding["subjects"][0]["namespace"], apps);
     if pdb {
         let budget = get(&["get", "poddisruptionbudget", "web"]);
         assert_eq!(budget["spec"]["minAvailable"], 1);
     }
-
-    // Kinds outside the decoder's tables still get the clear 415.
-    let out = kubectl(
-        kc,
-        &["create", "priorityclass", "high", "--value=1000"],
-        None,
-    );
-    assert!(!out.status.success());
 }

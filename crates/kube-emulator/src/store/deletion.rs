@@ -140,6 +140,29 @@ impl Store {
             && inner.dependents.get(&uid).is_some_and(|d| !d.is_empty());
         if grace == 0 && !has_finalizers(&obj) && !wait_for_dependents {
             inner.terminating.remove(&key);
+            // Pods have a graceful-deletion strategy: even a deletion without a grace period
+            // is first written (deletionTimestamp now, grace 0: MODIFIED), then removed
+            // (DELETED) — unless a zero grace period was written already.
+            let zero_written = obj
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                == Some(0);
+            if is_pod(rt) && !zero_written {
+                let mut marked = obj.clone();
+                if let Some(m) = meta_mut(&mut marked) {
+                    mark_for_deletion(m, 0);
+                }
+                self.commit(
+                    inner,
+                    rt,
+                    key.clone(),
+                    Some(Stored {
+                        obj: marked,
+                        owners: owners.clone(),
+                    }),
+                    EventType::Modified,
+                );
+            }
             let removed = self.remove_locked(inner, rt, key, opts.orphan);
             return Ok(Deleted::Removed(present(rt, &removed)));
         }
@@ -164,22 +187,7 @@ impl Store {
             // deletionTimestamp is set once; a later delete may only shorten the grace period.
             let current_grace = m.get("deletionGracePeriodSeconds").and_then(Value::as_i64);
             if current_grace.is_none_or(|g| grace < g) {
-                // Like the API server, setting deletionTimestamp (not shortening it) bumps
-                // a tracked generation.
-                if !m.contains_key("deletionTimestamp")
-                    && let Some(generation) = m
-                        .get("generation")
-                        .and_then(Value::as_i64)
-                        .filter(|g| *g > 0)
-                {
-                    m.insert("generation".into(), json!(generation + 1));
-                }
-                let now = SystemTime::now();
-                let at = now
-                    .checked_add(Duration::from_secs(grace.unsigned_abs()))
-                    .unwrap_or(now);
-                m.insert("deletionTimestamp".into(), json!(format_time(at, false)));
-                m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                mark_for_deletion(m, grace);
             }
             if wait_for_dependents {
                 let finalizers = m.entry("finalizers").or_insert_with(|| json!([]));
@@ -271,15 +279,9 @@ impl Store {
                 list.retain(|f| f != FOREGROUND_FINALIZER);
             }
             if Self::ready_to_remove(inner, &owner_rt, &key, &obj) {
-                // Only DELETED (with the final state), as when the API server's garbage
-                // collector removes the last finalizer.
-                self.remove_final_locked(
-                    inner,
-                    &owner_rt,
-                    key,
-                    false,
-                    Some(Stored { obj, owners }),
-                );
+                // Only DELETED, carrying the last stored state (`foregroundDeletion` still in
+                // it), as when the garbage collector's update removes the last finalizer.
+                self.remove_locked(inner, &owner_rt, key, false);
             } else {
                 self.commit(
                     inner,
@@ -357,7 +359,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes the object now, emits DELETED, and cascades to dependents and namespace contents.
+    /// Removes the object now, emits DELETED (carrying the stored state at the deletion's
+    /// resourceVersion), and cascades to dependents and namespace contents.
     pub(super) fn remove_locked(
         &self,
         inner: &mut Inner,
@@ -365,20 +368,7 @@ impl Store {
         key: ObjectKey,
         orphan: bool,
     ) -> Value {
-        self.remove_final_locked(inner, rt, key, orphan, None)
-    }
-
-    /// [`Store::remove_locked`], with the DELETED event (and the returned object) carrying
-    /// `final_state` instead of the stored object when given.
-    pub(super) fn remove_final_locked(
-        &self,
-        inner: &mut Inner,
-        rt: &ResourceType,
-        key: ObjectKey,
-        orphan: bool,
-        final_state: Option<Stored>,
-    ) -> Value {
-        let removed = self.commit(inner, rt, key.clone(), final_state, EventType::Deleted);
+        let removed = self.commit(inner, rt, key.clone(), None, EventType::Deleted);
         inner.terminating.remove(&key);
         if rt.group.is_empty() && rt.plural == "namespaces" {
             self.purge_namespace(inner, &key.1);
@@ -486,6 +476,26 @@ impl Store {
     pub fn set_max_grace_period(&self, max: Option<Duration>) {
         self.lock().max_grace = max;
     }
+}
+
+/// Writes a deletion with `grace` seconds into an object's metadata: `deletionTimestamp`
+/// (now + grace) and `deletionGracePeriodSeconds`. Like the API server, setting
+/// `deletionTimestamp` (not shortening it) bumps a tracked generation.
+fn mark_for_deletion(m: &mut serde_json::Map<String, Value>, grace: i64) {
+    if !m.contains_key("deletionTimestamp")
+        && let Some(generation) = m
+            .get("generation")
+            .and_then(Value::as_i64)
+            .filter(|g| *g > 0)
+    {
+        m.insert("generation".into(), json!(generation + 1));
+    }
+    let now = SystemTime::now();
+    let at = now
+        .checked_add(Duration::from_secs(grace.unsigned_abs()))
+        .unwrap_or(now);
+    m.insert("deletionTimestamp".into(), json!(format_time(at, false)));
+    m.insert("deletionGracePeriodSeconds".into(), json!(grace));
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use tokio::sync::broadcast;
 mod deletion;
 
 use crate::admission::{
-    applied_for_subresource, apply_defaults, check_kind, check_shape, fold_string_data,
-    prepare_create, scope_namespace, set_server_labels, spec_of, tracks_generation, validate,
+    applied_for_subresource, apply_defaults, check_kind, check_patched, check_shape,
+    fold_string_data, prepare_create, scope_namespace, set_server_labels, spec_of,
+    tracks_generation, validate,
 };
 use crate::crd;
 use crate::error::{ApiError, ApiResult, Cause};
@@ -652,9 +653,15 @@ impl Store {
             }
             PatchKind::Apply => {
                 if manager.is_empty() {
-                    return Err(ApiError::bad_request(
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
                         "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-                    ));
+                    )
+                    .with_details(json!({"group": "meta.k8s.io", "kind": "PatchOptions",
+                        "causes": [{"reason": "FieldValueRequired",
+                            "message": "Required value: is required for apply patch",
+                            "field": "fieldManager"}]})));
                 }
                 check_kind(rt, body)?;
                 // Ownership is tracked per subresource, as managedFields entries are.
@@ -674,7 +681,7 @@ impl Store {
                 .map_err(|conflicts| patch::conflict_error(&conflicts))?;
             }
         }
-        check_shape(&patched)?;
+        check_patched(rt, name, &patched)?;
         if let Some(rv) = meta_str(&patched, "resourceVersion")
             && Some(rv) != meta_str(&old, "resourceVersion")
         {
@@ -832,16 +839,12 @@ impl Store {
         }
         let obj_key = (ns.to_string(), name.to_string());
         if Self::ready_to_remove(inner, rt, &obj_key, &new) {
-            // Removing the last finalizer of an object marked for deletion deletes it: the
-            // API server emits only DELETED, carrying this final state.
-            let removed = self.remove_final_locked(
-                inner,
-                rt,
-                obj_key,
-                false,
-                Some(Stored { obj: new, owners }),
-            );
-            return Ok(present(rt, &removed));
+            // Removing the last finalizer of an object marked for deletion deletes it. As in
+            // the API server, the write is never stored: it answers with the written state,
+            // and the DELETED event carries the last stored one (finalizers and all, at the
+            // deletion's resourceVersion: etcd's previous value of the key).
+            self.remove_locked(inner, rt, obj_key, false);
+            return Ok(present(rt, &new));
         }
         let committed = self.commit(
             inner,
@@ -874,7 +877,7 @@ impl Store {
                 m.insert("resourceVersion".into(), json!(rv.to_string()));
             }
             let obj = stored.obj.clone();
-            // A DELETED event may carry a final state that is not stored.
+            // A DELETED event (none is committed with a new state now) is not stored.
             if kind != EventType::Deleted {
                 bucket.insert(key.clone(), stored);
             }

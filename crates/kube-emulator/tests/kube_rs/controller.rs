@@ -1,10 +1,9 @@
-//! A kube-rs Controller reconciling a small CRD on the emulator.
+//! A kube-rs Controller reconciling a small CRD on each backend.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{self, finalizer};
@@ -13,7 +12,7 @@ use kube::{CustomResource, CustomResourceExt, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{eventually, start};
+use crate::{backends, eventually, install_crd, on_each};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[kube(
@@ -67,73 +66,73 @@ async fn reconcile(gadget: Arc<Gadget>, api: Arc<Api<Gadget>>) -> Result<Action,
 
 #[tokio::test]
 async fn controller_reconciles_custom_resources() {
-    let (emulator, client) = start().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &Gadget::crd())
-        .await
-        .expect("CRD from kube-derive is accepted");
-    let gadgets: Api<Gadget> = Api::namespaced(client.clone(), "default");
-    let ctx = Arc::new(gadgets.clone());
-    let controller = Controller::new(gadgets.clone(), watcher::Config::default())
-        .run(
-            reconcile,
-            |_, e, _| {
-                eprintln!("reconcile error: {e:?}");
-                Action::requeue(Duration::from_millis(200))
-            },
-            ctx,
-        )
-        .for_each(|_| async {});
-    let task = tokio::spawn(controller);
+    on_each(backends("controller").await, async |b| {
+        let client = b.client.clone();
+        // The CRD from kube-derive is accepted.
+        install_crd(b, serde_json::to_value(Gadget::crd()).expect("crd json")).await;
+        let gadgets: Api<Gadget> = Api::namespaced(client.clone(), &b.ns);
+        let ctx = Arc::new(gadgets.clone());
+        let controller = Controller::new(gadgets.clone(), watcher::Config::default())
+            .run(
+                reconcile,
+                |_, e, _| {
+                    eprintln!("reconcile error: {e:?}");
+                    Action::requeue(Duration::from_millis(200))
+                },
+                ctx,
+            )
+            .for_each(|_| async {});
+        let task = tokio::spawn(controller);
 
-    for i in 1..=5u32 {
-        let g = Gadget::new(&format!("g{i}"), GadgetSpec { size: i });
-        gadgets
-            .create(&PostParams::default(), &g)
-            .await
-            .expect("create");
-    }
-    let all_doubled = || async {
-        let list = gadgets.list(&Default::default()).await.expect("list");
-        list.items.len() == 5
-            && list
-                .items
-                .iter()
-                .all(|g| g.status.as_ref().map(|s| s.doubled) == Some(g.spec.size * 2))
-    };
-    eventually("every gadget reconciled", all_doubled).await;
+        for i in 1..=5u32 {
+            let g = Gadget::new(&format!("g{i}"), GadgetSpec { size: i });
+            gadgets
+                .create(&PostParams::default(), &g)
+                .await
+                .expect("create");
+        }
+        let all_doubled = || async {
+            let list = gadgets.list(&Default::default()).await.expect("list");
+            list.items.len() == 5
+                && list
+                    .items
+                    .iter()
+                    .all(|g| g.status.as_ref().map(|s| s.doubled) == Some(g.spec.size * 2))
+        };
+        eventually("every gadget reconciled", all_doubled).await;
 
-    gadgets
-        .patch(
-            "g3",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"size": 10}})),
-        )
-        .await
-        .expect("update spec");
-    eventually("spec change reconciled", || async {
         gadgets
-            .get("g3")
+            .patch(
+                "g3",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"size": 10}})),
+            )
             .await
-            .expect("get")
-            .status
-            .map(|s| s.doubled)
-            == Some(20)
+            .expect("update spec");
+        eventually("spec change reconciled", || async {
+            gadgets
+                .get("g3")
+                .await
+                .expect("get")
+                .status
+                .map(|s| s.doubled)
+                == Some(20)
+        })
+        .await;
+        let g3 = gadgets.get("g3").await.expect("get");
+        assert_eq!(g3.finalizers(), [FINALIZER.to_string()]);
+        assert_eq!(g3.spec.size, 10, "status apply leaves spec alone");
+
+        // Deletion waits for the controller to remove its finalizer.
+        gadgets
+            .delete("g3", &Default::default())
+            .await
+            .expect("delete");
+        eventually("finalizer cleanup completes deletion", || async {
+            gadgets.get_opt("g3").await.expect("get").is_none()
+        })
+        .await;
+        task.abort();
     })
     .await;
-    let g3 = gadgets.get("g3").await.expect("get");
-    assert_eq!(g3.finalizers(), [FINALIZER.to_string()]);
-    assert_eq!(g3.spec.size, 10, "status apply leaves spec alone");
-
-    // Deletion waits for the controller to remove its finalizer.
-    gadgets
-        .delete("g3", &Default::default())
-        .await
-        .expect("delete");
-    eventually("finalizer cleanup completes deletion", || async {
-        gadgets.get_opt("g3").await.expect("get").is_none()
-    })
-    .await;
-    task.abort();
-    emulator.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! Every verb through `kube::Api`, with the error codes clients depend on.
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::ResourceExt;
 use kube::api::{
@@ -13,14 +13,14 @@ use kube::discovery::Discovery;
 use kube_emulator::Fault;
 use serde_json::json;
 
-use crate::{eventually, start, widget_crd};
+use crate::{Backend, backends, eventually, install_crd, on_each, start, widget_crd};
 
 fn pod(name: &str, labels: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
         // Scheduled: unscheduled pods are deleted at once, without a grace period.
-        "spec": {"nodeName": "node-1", "containers": [{"name": "main", "image": "busybox"}]}
+        "spec": {"nodeName": crate::IDLE_NODE, "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }
@@ -39,184 +39,190 @@ pub(crate) fn widgets_resource() -> ApiResource {
     )
 }
 
-pub(crate) async fn install_widgets(client: &kube::Client) {
-    let crds: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
-            "customresourcedefinitions",
-        ),
-    );
-    let crd: DynamicObject = serde_json::from_value(widget_crd()).expect("crd");
-    crds.create(&PostParams::default(), &crd)
-        .await
-        .expect("create CRD");
+pub(crate) async fn install_widgets(b: &Backend) {
+    install_crd(b, widget_crd()).await;
 }
 
 #[tokio::test]
 async fn discovery_lists_builtins_and_custom_resources() {
-    let (emulator, client) = start().await;
-    let version = client.apiserver_version().await.expect("version");
-    assert_eq!(version.major, "1");
-    install_widgets(&client).await;
-    let discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .expect("discovery");
-    let mut found = Vec::new();
-    for group in discovery.groups() {
-        for (ar, _) in group.recommended_resources() {
-            found.push(format!("{}/{}", ar.group, ar.plural));
+    on_each(backends("discovery").await, async |b| {
+        let client = b.client.clone();
+        let version = client.apiserver_version().await.expect("version");
+        assert_eq!(version.major, "1");
+        install_widgets(b).await;
+        let discovery = Discovery::new(client.clone())
+            .run()
+            .await
+            .expect("discovery");
+        let mut found = Vec::new();
+        for group in discovery.groups() {
+            for (ar, _) in group.recommended_resources() {
+                found.push(format!("{}/{}", ar.group, ar.plural));
+            }
         }
-    }
-    for expected in [
-        "/pods",
-        "/namespaces",
-        "/events",
-        "events.k8s.io/events",
-        "coordination.k8s.io/leases",
-        "/nodes",
-        "/secrets",
-        "/services",
-        "apps/deployments",
-        "apps/replicasets",
-        "apiextensions.k8s.io/customresourcedefinitions",
-        "example.com/widgets",
-    ] {
-        assert!(
-            found.contains(&expected.to_string()),
-            "{expected} missing from {found:?}"
-        );
-    }
-    emulator.shutdown().await;
+        for expected in [
+            "/pods",
+            "/namespaces",
+            "/events",
+            "events.k8s.io/events",
+            "coordination.k8s.io/leases",
+            "/nodes",
+            "/secrets",
+            "/services",
+            "apps/deployments",
+            "apps/replicasets",
+            "apiextensions.k8s.io/customresourcedefinitions",
+            "example.com/widgets",
+        ] {
+            assert!(
+                found.contains(&expected.to_string()),
+                "{expected} missing from {found:?}"
+            );
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn create_get_list_and_errors() {
-    let (emulator, client) = start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let created = pods
-        .create(
+    on_each(backends("crud-basics").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let created = pods
+            .create(
+                &PostParams::default(),
+                &pod("a", json!({"app": "web", "tier": "front"})),
+            )
+            .await
+            .expect("create");
+        let meta = &created.metadata;
+        assert!(
+            meta.uid.is_some()
+                && meta.creation_timestamp.is_some()
+                && meta.resource_version.is_some()
+        );
+        assert_eq!(
+            created.status.and_then(|s| s.phase).as_deref(),
+            Some("Pending")
+        );
+
+        let err = api_error(
+            pods.create(&PostParams::default(), &pod("a", json!({})))
+                .await
+                .expect_err("duplicate"),
+        );
+        assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
+        let err = api_error(pods.get("missing").await.expect_err("missing"));
+        assert_eq!((err.code, err.reason.as_str()), (404, "NotFound"));
+        let nowhere: Api<Pod> = Api::namespaced(client.clone(), "nowhere");
+        let err = api_error(
+            nowhere
+                .create(&PostParams::default(), &pod("x", json!({})))
+                .await
+                .expect_err("no ns"),
+        );
+        assert_eq!(err.code, 404);
+        let mut bad = pod("bad", json!({}));
+        bad.spec.as_mut().expect("spec").containers.clear();
+        let err = api_error(
+            pods.create(&PostParams::default(), &bad)
+                .await
+                .expect_err("invalid"),
+        );
+        assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
+        assert!(err.message.contains("spec.containers"), "{}", err.message);
+
+        pods.create(
             &PostParams::default(),
-            &pod("a", json!({"app": "web", "tier": "front"})),
+            &pod("b", json!({"app": "db", "tier": "back"})),
         )
         .await
-        .expect("create");
-    let meta = &created.metadata;
-    assert!(
-        meta.uid.is_some() && meta.creation_timestamp.is_some() && meta.resource_version.is_some()
-    );
-    assert_eq!(
-        created.status.and_then(|s| s.phase).as_deref(),
-        Some("Pending")
-    );
-
-    let err = api_error(
-        pods.create(&PostParams::default(), &pod("a", json!({})))
+        .expect("b");
+        pods.create(&PostParams::default(), &pod("c", json!({"app": "web"})))
             .await
-            .expect_err("duplicate"),
-    );
-    assert_eq!((err.code, err.reason.as_str()), (409, "AlreadyExists"));
-    let err = api_error(pods.get("missing").await.expect_err("missing"));
-    assert_eq!((err.code, err.reason.as_str()), (404, "NotFound"));
-    let nowhere: Api<Pod> = Api::namespaced(client.clone(), "nowhere");
-    let err = api_error(
-        nowhere
-            .create(&PostParams::default(), &pod("x", json!({})))
-            .await
-            .expect_err("no ns"),
-    );
-    assert_eq!(err.code, 404);
-    let mut bad = pod("bad", json!({}));
-    bad.spec.as_mut().expect("spec").containers.clear();
-    let err = api_error(
-        pods.create(&PostParams::default(), &bad)
-            .await
-            .expect_err("invalid"),
-    );
-    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"));
-    assert!(err.message.contains("spec.containers"), "{}", err.message);
-
-    pods.create(
-        &PostParams::default(),
-        &pod("b", json!({"app": "db", "tier": "back"})),
-    )
-    .await
-    .expect("b");
-    pods.create(&PostParams::default(), &pod("c", json!({"app": "web"})))
+            .expect("c");
+        let names = |list: kube::core::ObjectList<Pod>| -> Vec<String> {
+            list.items
+                .into_iter()
+                .map(|p| p.metadata.name.unwrap_or_default())
+                .collect()
+        };
+        for (selector, expected) in [
+            ("app=web", vec!["a", "c"]),
+            ("app==web,tier", vec!["a"]),
+            ("app!=web", vec!["b"]),
+            ("app in (db,cache)", vec!["b"]),
+            ("app notin (db)", vec!["a", "c"]),
+            ("!tier", vec!["c"]),
+        ] {
+            let got = names(
+                pods.list(&ListParams::default().labels(selector))
+                    .await
+                    .expect("list"),
+            );
+            assert_eq!(got, expected, "selector {selector}");
+        }
+        // Through the status subresource, as a kubelet writes it (on both servers).
+        pods.patch_status(
+            "b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
         .await
-        .expect("c");
-    let names = |list: kube::core::ObjectList<Pod>| -> Vec<String> {
-        list.items
-            .into_iter()
-            .map(|p| p.metadata.name.unwrap_or_default())
-            .collect()
-    };
-    for (selector, expected) in [
-        ("app=web", vec!["a", "c"]),
-        ("app==web,tier", vec!["a"]),
-        ("app!=web", vec!["b"]),
-        ("app in (db,cache)", vec!["b"]),
-        ("app notin (db)", vec!["a", "c"]),
-        ("!tier", vec!["c"]),
-    ] {
-        let got = names(
-            pods.list(&ListParams::default().labels(selector))
+        .expect("phase");
+        let running = names(
+            pods.list(&ListParams::default().fields("status.phase=Running"))
                 .await
                 .expect("list"),
         );
-        assert_eq!(got, expected, "selector {selector}");
-    }
-    emulator
-        .control()
-        .set_pod_phase("default", "b", "Running")
-        .expect("phase");
-    let running = names(
-        pods.list(&ListParams::default().fields("status.phase=Running"))
-            .await
-            .expect("list"),
-    );
-    assert_eq!(running, vec!["b"]);
-    let by_name = names(
-        pods.list(&ListParams::default().fields("metadata.name=c"))
-            .await
-            .expect("list"),
-    );
-    assert_eq!(by_name, vec!["c"]);
-    let err = api_error(
-        pods.list(&ListParams::default().fields("spec.bogus=1"))
-            .await
-            .expect_err("bad field"),
-    );
-    assert_eq!(err.code, 400);
+        assert_eq!(running, vec!["b"]);
+        let by_name = names(
+            pods.list(&ListParams::default().fields("metadata.name=c"))
+                .await
+                .expect("list"),
+        );
+        assert_eq!(by_name, vec!["c"]);
+        let err = api_error(
+            pods.list(&ListParams::default().fields("spec.bogus=1"))
+                .await
+                .expect_err("bad field"),
+        );
+        assert_eq!(err.code, 400);
 
-    // Pagination returns every object exactly once.
-    let mut seen = Vec::new();
-    let mut params = ListParams::default().limit(2);
-    loop {
-        let page = pods.list(&params).await.expect("page");
-        assert!(page.items.len() <= 2);
-        let token = page.metadata.continue_.clone();
-        seen.extend(names(page));
-        match token {
-            Some(t) if !t.is_empty() => params = params.continue_token(&t),
-            _ => break,
+        // Pagination returns every object exactly once.
+        let mut seen = Vec::new();
+        let mut params = ListParams::default().limit(2);
+        loop {
+            let page = pods.list(&params).await.expect("page");
+            assert!(page.items.len() <= 2);
+            let token = page.metadata.continue_.clone();
+            seen.extend(names(page));
+            match token {
+                Some(t) if !t.is_empty() => params = params.continue_token(&t),
+                _ => break,
+            }
         }
-    }
-    assert_eq!(seen, vec!["a", "b", "c"]);
+        assert_eq!(seen, vec!["a", "b", "c"]);
 
-    let all: Api<Pod> = Api::all(client.clone());
-    assert_eq!(
-        all.list(&ListParams::default())
+        // The cluster-wide list holds the three (a shared real server holds other
+        // scenarios' pods besides).
+        let all: Api<Pod> = Api::all(client.clone());
+        let mine = all
+            .list(&ListParams::default())
             .await
             .expect("all")
             .items
-            .len(),
-        3
-    );
-    emulator.shutdown().await;
+            .into_iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(b.ns.as_str()))
+            .count();
+        assert_eq!(mine, 3);
+    })
+    .await;
 }
 
+/// Emulator-only: on a real cluster kube-controller-manager's deployment controller writes
+/// the Deployment's status right after each change, so the stale-write and status steps
+/// would race it (the emulator's controllers are off here).
 #[tokio::test]
 async fn replace_uses_optimistic_concurrency_and_tracks_generation() {
     let (emulator, client) = start().await;
@@ -309,96 +315,100 @@ async fn replace_uses_optimistic_concurrency_and_tracks_generation() {
 
 #[tokio::test]
 async fn merge_json_and_strategic_patches() {
-    let (emulator, client) = start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let mut p = pod("p", json!({"app": "web"}));
-    p.spec
-        .as_mut()
-        .expect("spec")
-        .containers
-        .push(serde_json::from_value(json!({"name": "side", "image": "envoy:1"})).expect("c"));
-    pods.create(&PostParams::default(), &p)
-        .await
-        .expect("create");
+    on_each(backends("patches").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let mut p = pod("p", json!({"app": "web"}));
+        p.spec
+            .as_mut()
+            .expect("spec")
+            .containers
+            .push(serde_json::from_value(json!({"name": "side", "image": "envoy:1"})).expect("c"));
+        pods.create(&PostParams::default(), &p)
+            .await
+            .expect("create");
 
-    let merged = pods
-        .patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"app": null, "new": "1"}}})),
-        )
-        .await
-        .expect("merge");
-    assert_eq!(
-        merged.metadata.labels,
-        Some([("new".to_string(), "1".to_string())].into())
-    );
+        let merged = pods
+            .patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"app": null, "new": "1"}}})),
+            )
+            .await
+            .expect("merge");
+        assert_eq!(
+            merged.metadata.labels,
+            Some([("new".to_string(), "1".to_string())].into())
+        );
 
-    let jp: json_patch_v4::Patch = serde_json::from_value(json!([
-        {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}},
-        {"op": "replace", "path": "/spec/containers/0/image", "value": "busybox:2"}
-    ]))
-    .expect("json patch");
-    let patched = pods
-        .patch("p", &PatchParams::default(), &Patch::<()>::Json(jp))
-        .await
+        let jp: json_patch_v4::Patch = serde_json::from_value(json!([
+            {"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}},
+            {"op": "replace", "path": "/spec/containers/0/image", "value": "busybox:2"}
+        ]))
         .expect("json patch");
-    assert_eq!(
-        patched.spec.as_ref().expect("spec").containers[0]
-            .image
-            .as_deref(),
-        Some("busybox:2")
-    );
-    let failing: json_patch_v4::Patch =
-        serde_json::from_value(json!([{"op": "test", "path": "/metadata/name", "value": "other"}]))
-            .expect("patch");
-    let err = api_error(
-        pods.patch("p", &PatchParams::default(), &Patch::<()>::Json(failing))
+        let patched = pods
+            .patch("p", &PatchParams::default(), &Patch::<()>::Json(jp))
             .await
-            .expect_err("test op"),
-    );
-    assert_eq!(err.code, 422);
-
-    // Strategic merge: containers merge by name instead of being replaced.
-    let sm = pods
-        .patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Strategic(
-                json!({"spec": {"containers": [{"name": "side", "image": "envoy:2"}]}}),
-            ),
+            .expect("json patch");
+        assert_eq!(
+            patched.spec.as_ref().expect("spec").containers[0]
+                .image
+                .as_deref(),
+            Some("busybox:2")
+        );
+        let failing: json_patch_v4::Patch = serde_json::from_value(
+            json!([{"op": "test", "path": "/metadata/name", "value": "other"}]),
         )
-        .await
-        .expect("strategic");
-    let containers = sm.spec.expect("spec").containers;
-    assert_eq!(containers.len(), 2);
-    assert_eq!(containers[0].image.as_deref(), Some("busybox:2"));
-    assert_eq!(containers[1].image.as_deref(), Some("envoy:2"));
+        .expect("patch");
+        let err = api_error(
+            pods.patch("p", &PatchParams::default(), &Patch::<()>::Json(failing))
+                .await
+                .expect_err("test op"),
+        );
+        assert_eq!(err.code, 422);
 
-    // A patch carrying a stale resourceVersion is a conflict.
-    let err = api_error(
-        pods.patch(
-            "p",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"z": "z"}}})),
-        )
-        .await
-        .expect_err("stale patch"),
-    );
-    assert_eq!(err.code, 409);
-    let err = api_error(
-        pods.patch("nope", &PatchParams::default(), &Patch::Merge(json!({})))
+        // Strategic merge: containers merge by name instead of being replaced.
+        let sm = pods
+            .patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Strategic(
+                    json!({"spec": {"containers": [{"name": "side", "image": "envoy:2"}]}}),
+                ),
+            )
             .await
-            .expect_err("missing"),
-    );
-    assert_eq!(err.code, 404);
-    emulator.shutdown().await;
+            .expect("strategic");
+        let containers = sm.spec.expect("spec").containers;
+        assert_eq!(containers.len(), 2);
+        assert_eq!(containers[0].image.as_deref(), Some("busybox:2"));
+        assert_eq!(containers[1].image.as_deref(), Some("envoy:2"));
+
+        // A patch carrying a stale resourceVersion is a conflict.
+        let err = api_error(
+            pods.patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"resourceVersion": "1", "labels": {"z": "z"}}})),
+            )
+            .await
+            .expect_err("stale patch"),
+        );
+        assert_eq!(err.code, 409);
+        let err = api_error(
+            pods.patch("nope", &PatchParams::default(), &Patch::Merge(json!({})))
+                .await
+                .expect_err("missing"),
+        );
+        assert_eq!(err.code, 404);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn server_side_apply_creates_merges_and_detects_conflicts() {
-    let (emulator, client) = start().await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    on_each(backends("ssa").await, async |b| {
+    let client = b.client.clone();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &b.ns);
     let apply = |manager: &str, force: bool| {
         let mut p = PatchParams::apply(manager);
         p.force = force;
@@ -479,9 +489,9 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
 
     // One manager applying spec and status separately: the subresources are owned
     // separately, so neither apply removes the other's fields.
-    install_widgets(&client).await;
+    install_widgets(b).await;
     let widgets: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &widgets_resource());
+        Api::namespaced_with(client.clone(), &b.ns, &widgets_resource());
     let spec = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 2}});
     widgets
         .patch("w", &apply("ctl", true), &Patch::Apply(&spec))
@@ -513,36 +523,45 @@ async fn server_side_apply_creates_merges_and_detects_conflicts() {
     );
     assert_eq!(err.code, 422);
 
-    // Built-in keyed lists merge by key: two managers each own one container.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let main = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ssa"},
-        "spec": {"containers": [{"name": "main", "image": "app:1"}]}});
-    pods.patch("ssa", &apply("app", false), &Patch::Apply(&main))
+    // Built-in keyed lists merge by key: two managers each own one container. (In a pod
+    // template: a pod's own container list cannot change after creation.)
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &b.ns);
+    let main = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ssa"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "ssa"}},
+            "template": {"metadata": {"labels": {"app": "ssa"}},
+                "spec": {"containers": [{"name": "main", "image": "app:1"}]}}}});
+    deployments
+        .patch("ssa", &apply("app", false), &Patch::Apply(&main))
         .await
         .expect("apply main");
-    let side = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ssa"},
-        "spec": {"containers": [{"name": "proxy", "image": "proxy:1"}]}});
-    let merged = pods
+    let side = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ssa"},
+        "spec": {"template": {"spec": {"containers": [{"name": "proxy", "image": "proxy:1"}]}}}});
+    let merged = deployments
         .patch("ssa", &apply("mesh", false), &Patch::Apply(&side))
         .await
         .expect("apply sidecar");
     let names: Vec<String> = merged
         .spec
         .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
         .containers
         .into_iter()
         .map(|c| c.name)
         .collect();
     assert_eq!(names, vec!["main", "proxy"]);
-    emulator.shutdown().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn custom_resources_are_validated_and_have_a_status_subresource() {
-    let (emulator, client) = start().await;
-    install_widgets(&client).await;
+    on_each(backends("cr-validation").await, async |b| {
+    let client = b.client.clone();
+    install_widgets(b).await;
     let widgets: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &widgets_resource());
+        Api::namespaced_with(client.clone(), &b.ns, &widgets_resource());
     let w = |spec: serde_json::Value| -> DynamicObject {
         serde_json::from_value(json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": spec})).expect("widget")
     };
@@ -640,78 +659,194 @@ async fn custom_resources_are_validated_and_have_a_status_subresource() {
             .expect_err("strategic on CR"),
     );
     assert_eq!(err.code, 415);
-    emulator.shutdown().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn pod_deletion_honours_grace_periods_finalizers_and_preconditions() {
-    let (emulator, client) = start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let created = pods
-        .create(&PostParams::default(), &pod("slow", json!({})))
-        .await
-        .expect("create");
-    let mut events = pods
-        .watch(
-            &WatchParams::default().fields("metadata.name=slow"),
-            created.metadata.resource_version.as_deref().expect("rv"),
+    on_each(backends("deletion").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let created = pods
+            .create(&PostParams::default(), &pod("slow", json!({})))
+            .await
+            .expect("create");
+        let mut events = pods
+            .watch(
+                &WatchParams::default().fields("metadata.name=slow"),
+                created.metadata.resource_version.as_deref().expect("rv"),
+            )
+            .await
+            .expect("watch")
+            .boxed();
+        let pending = pods
+            .delete("slow", &DeleteParams::default().grace_period(600))
+            .await
+            .expect("delete");
+        let marked = pending.left().expect("pod is still terminating");
+        assert!(marked.metadata.deletion_timestamp.is_some());
+        assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(600));
+        assert!(
+            pods.get("slow").await.is_ok(),
+            "pod survives until its grace period ends"
+        );
+        // A forced delete (grace 0) ends the grace period now; a kubelet would do this once the
+        // containers stopped (the emulator-only test below ends it through its hook).
+        pods.delete("slow", &DeleteParams::default().grace_period(0))
+            .await
+            .expect("forced delete");
+        assert_eq!(
+            api_error(pods.get("slow").await.expect_err("gone")).code,
+            404
+        );
+        // Watchers see the marking (MODIFIED with deletionTimestamp), the forced delete's
+        // write of a zero grace period (MODIFIED), then the removal.
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(60), events.try_next())
+                .await
+                .expect("watch event arrives")
+                .expect("watch event")
+                .expect("stream open");
+            match event {
+                WatchEvent::Modified(p) => {
+                    assert!(
+                        p.metadata.deletion_timestamp.is_some(),
+                        "MODIFIED carries deletionTimestamp"
+                    );
+                    seen.push("MODIFIED");
+                }
+                WatchEvent::Deleted(p) => {
+                    assert!(p.metadata.deletion_timestamp.is_some());
+                    seen.push("DELETED");
+                }
+                WatchEvent::Bookmark(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, ["MODIFIED", "MODIFIED", "DELETED"]);
+        drop(events);
+
+        pods.create(&PostParams::default(), &pod("quick", json!({})))
+            .await
+            .expect("create");
+        pods.delete("quick", &DeleteParams::default().grace_period(0))
+            .await
+            .expect("delete");
+        assert_eq!(
+            api_error(pods.get("quick").await.expect_err("gone")).code,
+            404
+        );
+
+        // Preconditions.
+        let p = pods
+            .create(&PostParams::default(), &pod("pre", json!({})))
+            .await
+            .expect("create");
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some("not-the-uid".into()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        assert_eq!(
+            api_error(pods.delete("pre", &dp).await.expect_err("precondition")).code,
+            409
+        );
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: p.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        pods.delete("pre", &dp)
+            .await
+            .expect("delete with matching uid");
+
+        // Finalizers hold objects until cleared.
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &b.ns);
+        let cm: ConfigMap = serde_json::from_value(
+            json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]}}),
+        )
+        .expect("cm");
+        cms.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+        let pending = cms
+            .delete("held", &DeleteParams::default())
+            .await
+            .expect("delete");
+        assert!(pending.is_left(), "finalizer keeps the object");
+        assert!(
+            cms.get("held")
+                .await
+                .expect("still there")
+                .metadata
+                .deletion_timestamp
+                .is_some()
+        );
+        cms.patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
         )
         .await
-        .expect("watch")
-        .boxed();
-    let pending = pods
-        .delete("slow", &DeleteParams::default().grace_period(600))
-        .await
-        .expect("delete");
-    let marked = pending.left().expect("pod is still terminating");
-    assert!(marked.metadata.deletion_timestamp.is_some());
-    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(600));
-    assert!(
-        pods.get("slow").await.is_ok(),
-        "pod survives until its grace period ends"
-    );
-    emulator.control().expire_grace_periods();
-    assert_eq!(
-        api_error(pods.get("slow").await.expect_err("gone")).code,
-        404
-    );
-    // Watchers see the marking (MODIFIED with deletionTimestamp), then the removal.
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let event = tokio::time::timeout(std::time::Duration::from_secs(60), events.try_next())
-            .await
-            .expect("watch event arrives")
-            .expect("watch event")
-            .expect("stream open");
-        match event {
-            WatchEvent::Modified(p) => {
-                assert!(
-                    p.metadata.deletion_timestamp.is_some(),
-                    "MODIFIED carries deletionTimestamp"
-                );
-                seen.push("MODIFIED");
-            }
-            WatchEvent::Deleted(p) => {
-                assert!(p.metadata.deletion_timestamp.is_some());
-                seen.push("DELETED");
-            }
-            WatchEvent::Bookmark(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(seen, ["MODIFIED", "DELETED"]);
-    drop(events);
+        .expect("clear");
+        assert!(cms.get_opt("held").await.expect("get").is_none());
 
-    pods.create(&PostParams::default(), &pod("quick", json!({})))
+        // deletecollection by label.
+        for (name, tier) in [("x1", "a"), ("x2", "a"), ("x3", "b")] {
+            cms.create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": name, "labels": {"tier": tier}}}),
+                )
+                .expect("cm"),
+            )
+            .await
+            .expect("create");
+        }
+        cms.delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("tier=a"),
+        )
+        .await
+        .expect("deletecollection");
+        // Among the labelled ones: a real server also keeps `kube-root-ca.crt` in every
+        // namespace (a listed difference).
+        let left: Vec<String> = cms
+            .list(&ListParams::default().labels("tier"))
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        assert_eq!(left, vec!["x3"]);
+    })
+    .await;
+}
+
+/// Emulator-only: the emulator removes a pod when its grace period ends (on a real cluster the
+/// pod's kubelet does, and the real lane's pods on `IDLE_NODE` have none), and
+/// `expire_grace_periods` is a hook.
+#[tokio::test]
+async fn grace_periods_end_without_a_kubelet() {
+    let (emulator, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("slow", json!({})))
         .await
         .expect("create");
-    pods.delete("quick", &DeleteParams::default().grace_period(0))
+    pods.delete("slow", &DeleteParams::default().grace_period(600))
         .await
         .expect("delete");
-    assert_eq!(
-        api_error(pods.get("quick").await.expect_err("gone")).code,
-        404
-    );
+    assert!(pods.get_opt("slow").await.expect("get").is_some());
+    emulator.control().expire_grace_periods();
+    assert!(pods.get_opt("slow").await.expect("get").is_none());
 
     // A short grace period ends on its own.
     pods.create(&PostParams::default(), &pod("short", json!({})))
@@ -724,219 +859,154 @@ async fn pod_deletion_honours_grace_periods_finalizers_and_preconditions() {
         pods.get_opt("short").await.expect("get").is_none()
     })
     .await;
-
-    // Preconditions.
-    let p = pods
-        .create(&PostParams::default(), &pod("pre", json!({})))
-        .await
-        .expect("create");
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: Some("not-the-uid".into()),
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    assert_eq!(
-        api_error(pods.delete("pre", &dp).await.expect_err("precondition")).code,
-        409
-    );
-    let dp = DeleteParams {
-        grace_period_seconds: Some(0),
-        preconditions: Some(Preconditions {
-            uid: p.metadata.uid.clone(),
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    pods.delete("pre", &dp)
-        .await
-        .expect("delete with matching uid");
-
-    // Finalizers hold objects until cleared.
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap = serde_json::from_value(
-        json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]}}),
-    )
-    .expect("cm");
-    cms.create(&PostParams::default(), &cm)
-        .await
-        .expect("create");
-    let pending = cms
-        .delete("held", &DeleteParams::default())
-        .await
-        .expect("delete");
-    assert!(pending.is_left(), "finalizer keeps the object");
-    assert!(
-        cms.get("held")
-            .await
-            .expect("still there")
-            .metadata
-            .deletion_timestamp
-            .is_some()
-    );
-    cms.patch(
-        "held",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .expect("clear");
-    assert!(cms.get_opt("held").await.expect("get").is_none());
-
-    // deletecollection by label.
-    for (name, tier) in [("x1", "a"), ("x2", "a"), ("x3", "b")] {
-        cms.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": name, "labels": {"tier": tier}}}))
-                .expect("cm"),
-        )
-        .await
-        .expect("create");
-    }
-    cms.delete_collection(
-        &DeleteParams::default(),
-        &ListParams::default().labels("tier=a"),
-    )
-    .await
-    .expect("deletecollection");
-    let left: Vec<String> = cms
-        .list(&ListParams::default())
-        .await
-        .expect("list")
-        .items
-        .into_iter()
-        .filter_map(|c| c.metadata.name)
-        .collect();
-    assert_eq!(left, vec!["x3"]);
     emulator.shutdown().await;
 }
 
 #[tokio::test]
-async fn owners_namespaces_and_injected_faults() {
-    let (emulator, client) = start().await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "team"}})).expect("ns"),
-        )
-        .await
-        .expect("ns");
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "team");
-    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), "team");
-    let d = deployments
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "d"},
-            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}})).expect("d"))
-        .await
-        .expect("deployment");
-    let rs: ReplicaSet =
-        serde_json::from_value(json!({"metadata": {"name": "d-1", "ownerReferences": [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "name": "d", "uid": d.metadata.uid}]},
-        "spec": {"selector": {"matchLabels": {"a": "b"}}}}))
-        .expect("rs");
-    replicasets
-        .create(&PostParams::default(), &rs)
-        .await
-        .expect("rs");
-    deployments
-        .delete("d", &DeleteParams::background())
-        .await
-        .expect("delete deployment");
-    assert!(
-        replicasets.get_opt("d-1").await.expect("get").is_none(),
-        "dependent collected"
-    );
+async fn owners_and_namespaces() {
+    on_each(backends("owners").await, async |b| {
+        let client = b.client.clone();
+        // Owners and dependents are config maps and pods: kinds no controller of a real
+        // cluster acts on, so only the garbage collector changes them. It works in the
+        // background there (at once in the emulator), hence `eventually`.
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &b.ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let cm = |name: &str, owner: Option<&ConfigMap>| -> ConfigMap {
+            let refs: Vec<serde_json::Value> = owner
+                .map(|o| {
+                    json!({"apiVersion": "v1", "kind": "ConfigMap", "name": o.name_any(),
+                           "uid": o.metadata.uid, "blockOwnerDeletion": true})
+                })
+                .into_iter()
+                .collect();
+            serde_json::from_value(json!({"metadata": {"name": name, "ownerReferences": refs}}))
+                .expect("cm")
+        };
+        let owned_pod = |name: &str, owner: &ConfigMap| -> Pod {
+            let mut p = pod(name, json!({}));
+            p.metadata.owner_references = serde_json::from_value(json!([{"apiVersion": "v1",
+                "kind": "ConfigMap", "name": owner.name_any(), "uid": owner.metadata.uid,
+                "blockOwnerDeletion": true}]))
+            .expect("refs");
+            p
+        };
+        let pp = PostParams::default();
 
-    // Foreground: the owner waits, marked, until its dependents (and theirs) are gone.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "team");
-    let d2 = deployments
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "d2"},
-            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}})).expect("d2"))
-        .await
-        .expect("deployment");
-    let owned_by = |kind: &str, name: &str, uid: &Option<String>| json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": uid}]);
-    let rs2: ReplicaSet = serde_json::from_value(json!({"metadata": {"name": "d2-1", "ownerReferences": owned_by("Deployment", "d2", &d2.metadata.uid)},
-        "spec": {"selector": {"matchLabels": {"a": "b"}}}})).expect("rs");
-    let rs2 = replicasets
-        .create(&PostParams::default(), &rs2)
-        .await
-        .expect("rs");
-    let mut worker = pod("worker", json!({}));
-    worker.metadata.owner_references =
-        serde_json::from_value(owned_by("ReplicaSet", "d2-1", &rs2.metadata.uid)).expect("refs");
-    pods.create(&PostParams::default(), &worker)
-        .await
-        .expect("pod");
-    let pending = deployments
-        .delete("d2", &DeleteParams::foreground())
-        .await
-        .expect("foreground delete");
-    let marked = pending.left().expect("owner waits for dependents");
-    assert!(marked.metadata.deletion_timestamp.is_some());
-    assert!(
-        marked
-            .finalizers()
-            .contains(&"foregroundDeletion".to_string())
-    );
-    assert!(
-        pods.get("worker")
+        // Background: the owner goes at once, its dependent after it.
+        let d = cms.create(&pp, &cm("d", None)).await.expect("owner");
+        cms.create(&pp, &cm("d-1", Some(&d)))
             .await
-            .expect("pod")
-            .metadata
-            .deletion_timestamp
-            .is_some(),
-        "pod terminating"
-    );
-    assert!(deployments.get_opt("d2").await.expect("get").is_some());
-    emulator.control().expire_grace_periods();
-    eventually("foreground chain completes", || async {
-        deployments.get_opt("d2").await.expect("get").is_none()
-            && replicasets.get_opt("d2-1").await.expect("get").is_none()
+            .expect("dependent");
+        cms.delete("d", &DeleteParams::background())
+            .await
+            .expect("delete owner");
+        eventually("dependent collected", || async {
+            cms.get_opt("d-1").await.expect("get").is_none()
+        })
+        .await;
+
+        // Foreground: the owner waits, marked, until its dependents (and theirs) are gone.
+        let d2 = cms.create(&pp, &cm("d2", None)).await.expect("owner");
+        let d21 = cms
+            .create(&pp, &cm("d2-1", Some(&d2)))
+            .await
+            .expect("dependent");
+        pods.create(&pp, &owned_pod("worker", &d21))
+            .await
+            .expect("pod");
+        let pending = cms
+            .delete("d2", &DeleteParams::foreground())
+            .await
+            .expect("foreground delete");
+        let marked = pending.left().expect("owner waits for dependents");
+        assert!(marked.metadata.deletion_timestamp.is_some());
+        assert!(
+            marked
+                .finalizers()
+                .contains(&"foregroundDeletion".to_string())
+        );
+        eventually("the dependent's pod is terminating", || async {
+            pods.get("worker")
+                .await
+                .expect("pod")
+                .metadata
+                .deletion_timestamp
+                .is_some()
+        })
+        .await;
+        assert!(
+            cms.get_opt("d2").await.expect("get").is_some(),
+            "the owner waits for the terminating pod"
+        );
+        // The pod's grace period ends (no kubelet here: a forced delete).
+        pods.delete("worker", &DeleteParams::default().grace_period(0))
+            .await
+            .expect("forced delete");
+        eventually("foreground chain completes", || async {
+            cms.get_opt("d2").await.expect("get").is_none()
+                && cms.get_opt("d2-1").await.expect("get").is_none()
+        })
+        .await;
+
+        // Orphan: dependents stay and lose the owner reference.
+        let rs3 = cms.create(&pp, &cm("rs3", None)).await.expect("owner");
+        pods.create(&pp, &owned_pod("orphan", &rs3))
+            .await
+            .expect("pod");
+        cms.delete("rs3", &DeleteParams::orphan())
+            .await
+            .expect("orphan delete");
+        eventually("the orphan loses its owner reference", || async {
+            pods.get("orphan")
+                .await
+                .expect("orphan survives")
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .is_empty()
+        })
+        .await;
+        eventually("the orphaning owner is gone", || async {
+            cms.get_opt("rs3").await.expect("get").is_none()
+        })
+        .await;
+
+        // Deleting a namespace removes what is in it, then the namespace.
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let team = format!("{}-team", b.ns);
+        namespaces
+            .create(
+                &pp,
+                &serde_json::from_value(json!({"metadata": {"name": team}})).expect("ns"),
+            )
+            .await
+            .expect("ns");
+        let team_cms: Api<ConfigMap> = Api::namespaced(client.clone(), &team);
+        team_cms.create(&pp, &cm("c", None)).await.expect("cm");
+        namespaces
+            .delete(&team, &DeleteParams::default())
+            .await
+            .expect("delete ns");
+        eventually("the namespace and its objects are gone", || async {
+            namespaces.get_opt(&team).await.expect("get").is_none()
+        })
+        .await;
+        assert!(
+            team_cms
+                .list(&ListParams::default())
+                .await
+                .expect("list")
+                .items
+                .is_empty()
+        );
     })
     .await;
+}
 
-    // Orphan: dependents stay and lose the owner reference.
-    let rs3 = replicasets
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "rs3"}, "spec": {"selector": {"matchLabels": {"a": "b"}}}})).expect("rs3"))
-        .await
-        .expect("rs3");
-    let mut orphan = pod("orphan", json!({}));
-    orphan.metadata.owner_references =
-        serde_json::from_value(owned_by("ReplicaSet", "rs3", &rs3.metadata.uid)).expect("refs");
-    pods.create(&PostParams::default(), &orphan)
-        .await
-        .expect("pod");
-    replicasets
-        .delete("rs3", &DeleteParams::orphan())
-        .await
-        .expect("orphan delete");
-    let kept = pods.get("orphan").await.expect("orphan survives");
-    assert!(
-        kept.metadata
-            .owner_references
-            .unwrap_or_default()
-            .is_empty()
-    );
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "team");
-    pods.create(&PostParams::default(), &pod("p", json!({})))
-        .await
-        .expect("pod");
-    namespaces
-        .delete("team", &DeleteParams::default())
-        .await
-        .expect("delete ns");
-    let all: Api<Pod> = Api::all(client.clone());
-    assert!(
-        all.list(&ListParams::default())
-            .await
-            .expect("list")
-            .items
-            .is_empty()
-    );
-    assert!(namespaces.get_opt("team").await.expect("get").is_none());
-
+/// Emulator-only: fault injection is a hook.
+#[tokio::test]
+async fn injected_faults_fail_requests_until_used_up() {
+    let (emulator, client) = start().await;
     let default_pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     emulator
         .control()

@@ -5,22 +5,32 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams, WatchEvent};
 use serde_json::json;
 
-use crate::{eventually, start};
+use crate::{backends, eventually, install_crd, on_each, start, widget_crd};
 
 fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name},
         // Scheduled: unscheduled pods are deleted at once, without a grace period.
-        "spec": {"nodeName": "node-1", "containers": [{"name": "main", "image": "busybox"}]}
+        "spec": {"nodeName": crate::IDLE_NODE, "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }
 
-fn delete_request(name: &str, grace: i64) -> http::Request<Vec<u8>> {
+/// A pod no scheduler binds: on a real cluster kube-scheduler would bind one without a
+/// `nodeName` (and kwok start it) while the test looks at it.
+fn unscheduled(name: &str) -> Pod {
+    let mut p = pod(name);
+    let spec = p.spec.as_mut().expect("spec");
+    spec.node_name = None;
+    spec.scheduler_name = Some("no-scheduler".into());
+    p
+}
+
+fn delete_request(ns: &str, name: &str, grace: i64) -> http::Request<Vec<u8>> {
     http::Request::builder()
         .method("DELETE")
-        .uri(format!("/api/v1/namespaces/default/pods/{name}"))
+        .uri(format!("/api/v1/namespaces/{ns}/pods/{name}"))
         .header("content-type", "application/json")
         .body(
             serde_json::to_vec(
@@ -33,15 +43,16 @@ fn delete_request(name: &str, grace: i64) -> http::Request<Vec<u8>> {
 
 #[tokio::test]
 async fn extreme_grace_periods_and_watch_timeouts_do_not_break_the_server() {
-    let (emulator, client) = start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    on_each(backends("extremes").await, async |b| {
+    let client = b.client.clone();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
 
     // A grace period near i64::MAX is capped instead of overflowing.
     pods.create(&PostParams::default(), &pod("forever"))
         .await
         .expect("create");
     let marked: Pod = client
-        .request(delete_request("forever", i64::MAX))
+        .request(delete_request(&b.ns, "forever", i64::MAX))
         .await
         .expect("delete with a huge grace period");
     let grace = marked
@@ -64,7 +75,7 @@ async fn extreme_grace_periods_and_watch_timeouts_do_not_break_the_server() {
         .request(
             http::Request::builder()
                 .method("DELETE")
-                .uri("/api/v1/namespaces/default/pods/long")
+                .uri(format!("/api/v1/namespaces/{}/pods/long", b.ns))
                 .body(Vec::new())
                 .expect("request"),
         )
@@ -77,18 +88,40 @@ async fn extreme_grace_periods_and_watch_timeouts_do_not_break_the_server() {
         .await
         .expect("create");
     let marked: Pod = client
-        .request(delete_request("negative", -5))
+        .request(delete_request(&b.ns, "negative", -5))
         .await
         .expect("delete with a negative grace period");
     assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(1));
-    eventually("pod with a negative grace period disappears", || async {
-        pods.get_opt("negative").await.expect("get").is_none()
-    })
-    .await;
+    if !b.is_real() {
+        // The emulator ends grace periods itself; on a real cluster the pod's kubelet does
+        // (`IDLE_NODE` has none).
+        eventually("pod with a negative grace period disappears", || async {
+            pods.get_opt("negative").await.expect("get").is_none()
+        })
+        .await;
+    }
 
-    // A huge watch timeout keeps the watch open instead of killing it.
+    // A timeout beyond int64 is a 400, as the API server's query decoding says.
+    let too_big = http::Request::builder()
+        .uri(format!(
+            "/api/v1/namespaces/{}/pods?watch=true&resourceVersion=0&timeoutSeconds=18446744073709551615",
+            b.ns
+        ))
+        .body(Vec::new())
+        .expect("request");
+    match client.request_events::<Pod>(too_big).await {
+        Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest")),
+        Err(other) => panic!("expected a 400 Status, got {other:?}"),
+        Ok(_) => panic!("expected a 400 Status, got a watch"),
+    }
+    // A huge watch timeout (about 31 years) keeps the watch open instead of killing it.
+    // (Near i64::MAX seconds Go's Duration overflows and a real server ends the watch at
+    // once: a listed difference.)
     let request = http::Request::builder()
-        .uri("/api/v1/namespaces/default/pods?watch=true&resourceVersion=0&timeoutSeconds=18446744073709551615")
+        .uri(format!(
+            "/api/v1/namespaces/{}/pods?watch=true&resourceVersion=0&timeoutSeconds=1000000000",
+            b.ns
+        ))
         .body(Vec::new())
         .expect("request");
     let mut events = client
@@ -120,9 +153,11 @@ async fn extreme_grace_periods_and_watch_timeouts_do_not_break_the_server() {
             .expect("server still serves")
             .is_some()
     );
-    emulator.shutdown().await;
+    })
+    .await;
 }
 
+/// Emulator-only: seeding through `Control::create` and `drop_watches` are hooks.
 #[tokio::test]
 async fn dropping_watches_during_the_initial_replay_ends_them() {
     let (emulator, client) = start().await;
@@ -168,31 +203,33 @@ fn widget(name: &str) -> kube::api::DynamicObject {
 
 #[tokio::test]
 async fn marking_for_deletion_bumps_generation() {
-    let (emulator, client) = start().await;
-    crate::crud::install_widgets(&client).await;
-    let widgets: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &crate::crud::widgets_resource());
-    let created = widgets
-        .create(&PostParams::default(), &widget("held"))
-        .await
-        .expect("create");
-    let generation = created.metadata.generation.expect("generation tracked");
-    let marked = widgets
-        .delete("held", &kube::api::DeleteParams::default())
-        .await
-        .expect("delete")
-        .left()
-        .expect("the finalizer keeps it");
-    assert!(marked.metadata.deletion_timestamp.is_some());
-    assert_eq!(marked.metadata.generation, Some(generation + 1));
-    // A repeated delete changes nothing.
-    widgets
-        .delete("held", &kube::api::DeleteParams::default())
-        .await
-        .expect("delete again");
-    let current = widgets.get("held").await.expect("get");
-    assert_eq!(current.metadata.generation, Some(generation + 1));
-    emulator.shutdown().await;
+    on_each(backends("mark-generation").await, async |b| {
+        let client = b.client.clone();
+        install_crd(b, widget_crd()).await;
+        let widgets: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &b.ns, &crate::crud::widgets_resource());
+        let created = widgets
+            .create(&PostParams::default(), &widget("held"))
+            .await
+            .expect("create");
+        let generation = created.metadata.generation.expect("generation tracked");
+        let marked = widgets
+            .delete("held", &kube::api::DeleteParams::default())
+            .await
+            .expect("delete")
+            .left()
+            .expect("the finalizer keeps it");
+        assert!(marked.metadata.deletion_timestamp.is_some());
+        assert_eq!(marked.metadata.generation, Some(generation + 1));
+        // A repeated delete changes nothing.
+        widgets
+            .delete("held", &kube::api::DeleteParams::default())
+            .await
+            .expect("delete again");
+        let current = widgets.get("held").await.expect("get");
+        assert_eq!(current.metadata.generation, Some(generation + 1));
+    })
+    .await;
 }
 
 /// Event types (and the object's finalizers) for `name` until it is DELETED.
@@ -230,95 +267,116 @@ where
 
 #[tokio::test]
 async fn removing_the_last_finalizer_emits_only_deleted() {
-    let (emulator, client) = start().await;
-    crate::crud::install_widgets(&client).await;
-    let widgets: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &crate::crud::widgets_resource());
-    let created = widgets
-        .create(&PostParams::default(), &widget("held"))
-        .await
-        .expect("create");
-    let rv = created.metadata.resource_version.expect("rv");
-    let mut stream = widgets
-        .watch(&kube::api::WatchParams::default(), &rv)
-        .await
-        .expect("watch")
-        .boxed();
-    widgets
-        .delete("held", &kube::api::DeleteParams::default())
+    on_each(backends("last-finalizer").await, async |b| {
+        let client = b.client.clone();
+        install_crd(b, widget_crd()).await;
+        let widgets: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &b.ns, &crate::crud::widgets_resource());
+        let created = widgets
+            .create(&PostParams::default(), &widget("held"))
+            .await
+            .expect("create");
+        let rv = created.metadata.resource_version.expect("rv");
+        let mut stream = widgets
+            .watch(&kube::api::WatchParams::default(), &rv)
+            .await
+            .expect("watch")
+            .boxed();
+        widgets
+            .delete("held", &kube::api::DeleteParams::default())
+            .await
+            .expect("delete");
+        let cleared = widgets
+            .patch(
+                "held",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .expect("clear finalizers");
+        assert!(cleared.metadata.finalizers.is_none_or(|f| f.is_empty()));
+        assert_eq!(
+            kinds_until_deleted(&mut stream, "held").await,
+            [("MODIFIED", 1), ("DELETED", 1)],
+            "marking is MODIFIED; removing the last finalizer is only DELETED, which carries \
+             the last stored state (its finalizer still in it), as etcd's previous value"
+        );
+        assert!(widgets.get_opt("held").await.expect("get").is_none());
+        drop(stream);
+
+        // A pod still in its grace period stays (MODIFIED) until the grace period ends.
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let mut held = pod("held-pod");
+        held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        let created = pods
+            .create(&PostParams::default(), &held)
+            .await
+            .expect("create");
+        let rv = created.metadata.resource_version.expect("rv");
+        let mut stream = pods
+            .watch(&kube::api::WatchParams::default(), &rv)
+            .await
+            .expect("watch")
+            .boxed();
+        pods.delete(
+            "held-pod",
+            &kube::api::DeleteParams::default().grace_period(600),
+        )
         .await
         .expect("delete");
-    let cleared = widgets
-        .patch(
-            "held",
+        pods.patch(
+            "held-pod",
             &kube::api::PatchParams::default(),
             &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
         )
         .await
         .expect("clear finalizers");
-    assert!(cleared.metadata.finalizers.is_none_or(|f| f.is_empty()));
-    assert_eq!(
-        kinds_until_deleted(&mut stream, "held").await,
-        [("MODIFIED", 1), ("DELETED", 0)],
-        "marking is MODIFIED; removing the last finalizer is only DELETED, with the final state"
-    );
-    assert!(widgets.get_opt("held").await.expect("get").is_none());
-    drop(stream);
-
-    // A pod still in its grace period stays (MODIFIED) until the grace period ends.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let mut held = pod("held-pod");
-    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
-    let created = pods
-        .create(&PostParams::default(), &held)
+        assert!(pods.get_opt("held-pod").await.expect("get").is_some());
+        // The grace period ends: a forced delete, as a kubelet sends once the containers stopped.
+        pods.delete(
+            "held-pod",
+            &kube::api::DeleteParams::default().grace_period(0),
+        )
         .await
-        .expect("create");
-    let rv = created.metadata.resource_version.expect("rv");
-    let mut stream = pods
-        .watch(&kube::api::WatchParams::default(), &rv)
-        .await
-        .expect("watch")
-        .boxed();
-    pods.delete(
-        "held-pod",
-        &kube::api::DeleteParams::default().grace_period(600),
-    )
-    .await
-    .expect("delete");
-    pods.patch(
-        "held-pod",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .expect("clear finalizers");
-    assert!(pods.get_opt("held-pod").await.expect("get").is_some());
-    emulator.control().expire_grace_periods();
-    assert_eq!(
-        kinds_until_deleted(&mut stream, "held-pod").await,
-        [("MODIFIED", 1), ("MODIFIED", 0), ("DELETED", 0)]
-    );
-    emulator.shutdown().await;
+        .expect("forced delete");
+        assert_eq!(
+            kinds_until_deleted(&mut stream, "held-pod").await,
+            // Marked, finalizer cleared, the forced delete's zero grace period written, removed.
+            [
+                ("MODIFIED", 1),
+                ("MODIFIED", 0),
+                ("MODIFIED", 0),
+                ("DELETED", 0)
+            ]
+        );
+    })
+    .await;
 }
 
 #[tokio::test]
-async fn unscheduled_pods_are_deleted_at_once_and_running_ones_gracefully() {
+async fn unscheduled_pods_are_deleted_at_once() {
+    on_each(backends("unscheduled").await, async |b| {
+        let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+        pods.create(&PostParams::default(), &unscheduled("unscheduled"))
+            .await
+            .expect("create");
+        pods.delete("unscheduled", &kube::api::DeleteParams::default())
+            .await
+            .expect("delete");
+        assert!(
+            pods.get_opt("unscheduled").await.expect("get").is_none(),
+            "no node, no grace period"
+        );
+    })
+    .await;
+}
+
+/// Emulator-only: `set_pod_phase`/`set_pod_ready` are hooks (they bind the pod, as a
+/// scheduler and kubelet would) and `expire_grace_periods` ends the grace period.
+#[tokio::test]
+async fn pods_the_kubelet_helpers_bound_are_deleted_gracefully() {
     let (emulator, client) = start().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let mut unscheduled = pod("unscheduled");
-    unscheduled.spec.as_mut().expect("spec").node_name = None;
-    pods.create(&PostParams::default(), &unscheduled)
-        .await
-        .expect("create");
-    pods.delete("unscheduled", &kube::api::DeleteParams::default())
-        .await
-        .expect("delete");
-    assert!(
-        pods.get_opt("unscheduled").await.expect("get").is_none(),
-        "no node, no grace period"
-    );
-
-    // The kubelet helpers bind the pod to a node, so its deletion is graceful.
     let mut started = pod("started");
     started.spec.as_mut().expect("spec").node_name = None;
     pods.create(&PostParams::default(), &started)

@@ -8,12 +8,14 @@ use kube::api::{Api, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchP
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
-use crate::{eventually, start};
+use crate::{backends, eventually, install_crd, on_each, start};
 
+/// A pod no scheduler binds (on a real cluster kube-scheduler would, and record an event
+/// about it).
 fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name},
-        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        "spec": {"schedulerName": "no-scheduler", "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }
@@ -108,34 +110,34 @@ async fn latency_injection_delays_requests() {
 
 #[tokio::test]
 async fn cluster_scoped_custom_resources() {
-    let (emulator, client) = start().await;
+    on_each(backends("cluster-crd").await, async |b| {
+    let client = b.client.clone();
     let crd_resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
         "customresourcedefinitions",
     );
     let crds: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
-    let crd: DynamicObject = serde_json::from_value(json!({
+    let crd = json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "realms.example.com"},
         "spec": {"group": "example.com", "scope": "Cluster",
             "names": {"plural": "realms", "singular": "realm", "kind": "Realm"},
             "versions": [{"name": "v1", "served": true, "storage": true,
                 "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
-    }))
-    .expect("crd");
-    let created = crds
-        .create(&PostParams::default(), &crd)
-        .await
-        .expect("create CRD");
-    let conditions = created.data["status"]["conditions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert!(
-        conditions
-            .iter()
-            .any(|c| c["type"] == "Established" && c["status"] == "True")
-    );
+    });
+    install_crd(b, crd).await;
+    // Established (the emulator says so in the create response already, a real server's
+    // controller a moment later).
+    eventually("the CRD is Established", || async {
+        let current = crds.get("realms.example.com").await.expect("get CRD");
+        current.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            })
+    })
+    .await;
 
     let realm = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("example.com", "v1", "Realm"),
@@ -166,18 +168,24 @@ async fn cluster_scoped_custom_resources() {
         1
     );
     // There is no namespaced path for a cluster-scoped resource.
-    let namespaced: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &realm);
+    let namespaced: Api<DynamicObject> = Api::namespaced_with(client.clone(), &b.ns, &realm);
     assert!(namespaced.get("north").await.is_err());
 
     // Deleting the CRD removes its objects and stops serving the resource.
     crds.delete("realms.example.com", &DeleteParams::default())
         .await
         .expect("delete CRD");
-    match realms.list(&Default::default()).await {
-        Err(kube::Error::Api(s)) => assert_eq!(s.code, 404),
-        other => panic!("expected 404 after CRD deletion, got {other:?}"),
-    }
-    emulator.shutdown().await;
+    // (At once in the emulator; a real server first deletes the objects, then the CRD.)
+    eventually("the resource is no longer served", || async {
+        match realms.list(&Default::default()).await {
+            Err(kube::Error::Api(s)) => s.code == 404,
+            Ok(_) => false,
+            other => panic!("expected 404 after CRD deletion, got {other:?}"),
+        }
+    })
+    .await;
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -214,173 +222,173 @@ async fn events_are_shared_between_the_two_event_apis() {
     use kube::Resource;
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
-    let (emulator, client) = start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let p = pods
-        .create(&PostParams::default(), &pod("evented"))
-        .await
-        .expect("create");
-    let reporter = Reporter {
-        controller: "test-controller".into(),
-        instance: Some("i-1".into()),
-    };
-    let recorder = Recorder::new(client.clone(), reporter);
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "Routed".into(),
-        note: Some("pod joined the routing table".into()),
-        action: "Route".into(),
-        secondary: None,
-    };
-    recorder
-        .publish(&event, &p.object_ref(&()))
-        .await
-        .expect("publish");
-    recorder
-        .publish(&event, &p.object_ref(&()))
-        .await
-        .expect("publish again (series)");
+    on_each(backends("events").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        let p = pods
+            .create(&PostParams::default(), &pod("evented"))
+            .await
+            .expect("create");
+        let reporter = Reporter {
+            controller: "test-controller".into(),
+            instance: Some("i-1".into()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Routed".into(),
+            note: Some("pod joined the routing table".into()),
+            action: "Route".into(),
+            secondary: None,
+        };
+        recorder
+            .publish(&event, &p.object_ref(&()))
+            .await
+            .expect("publish");
+        recorder
+            .publish(&event, &p.object_ref(&()))
+            .await
+            .expect("publish again (series)");
 
-    // Recorded through events.k8s.io/v1, read through core/v1 with kubectl-describe-style selectors.
-    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
-    let lp = kube::api::ListParams::default()
-        .fields("involvedObject.name=evented,involvedObject.kind=Pod");
-    let listed = core.list(&lp).await.expect("list core events");
-    assert_eq!(
-        listed.items.len(),
-        1,
-        "repeated events are one object with a series"
-    );
-    let e = &listed.items[0];
-    assert_eq!(e.message.as_deref(), Some("pod joined the routing table"));
-    assert_eq!(e.reporting_component.as_deref(), Some("test-controller"));
-    assert_eq!(e.involved_object.uid, p.metadata.uid);
+        // Recorded through events.k8s.io/v1, read through core/v1 with kubectl-describe-style selectors.
+        let core: Api<CoreEvent> = Api::namespaced(client.clone(), &b.ns);
+        let lp = kube::api::ListParams::default()
+            .fields("involvedObject.name=evented,involvedObject.kind=Pod");
+        let listed = core.list(&lp).await.expect("list core events");
+        assert_eq!(
+            listed.items.len(),
+            1,
+            "repeated events are one object with a series"
+        );
+        let e = &listed.items[0];
+        assert_eq!(e.message.as_deref(), Some("pod joined the routing table"));
+        assert_eq!(e.reporting_component.as_deref(), Some("test-controller"));
+        assert_eq!(e.involved_object.uid, p.metadata.uid);
 
-    // And the other way round: a core event shows up in events.k8s.io/v1, also on watches.
-    let new_api: Api<NewEvent> = Api::namespaced(client.clone(), "default");
-    let mut stream = new_api
-        .watch(&WatchParams::default(), "0")
-        .await
-        .expect("watch")
-        .boxed();
-    let core_event: CoreEvent = serde_json::from_value(json!({
-        "metadata": {"name": "legacy"}, "involvedObject": {"kind": "Pod", "name": "evented"},
-        "reason": "Old", "message": "from core", "type": "Warning"
-    }))
-    .expect("event");
-    core.create(&PostParams::default(), &core_event)
-        .await
-        .expect("create core event");
-    let mut received = Vec::new();
-    while received.len() < 2 {
-        match stream.next().await.expect("stream open").expect("event") {
-            WatchEvent::Added(e) | WatchEvent::Modified(e) => received.push(e),
-            _ => {}
+        // And the other way round: a core event shows up in events.k8s.io/v1, also on watches.
+        let new_api: Api<NewEvent> = Api::namespaced(client.clone(), &b.ns);
+        let mut stream = new_api
+            .watch(&WatchParams::default(), "0")
+            .await
+            .expect("watch")
+            .boxed();
+        let core_event: CoreEvent = serde_json::from_value(json!({
+            "metadata": {"name": "legacy"}, "involvedObject": {"kind": "Pod", "name": "evented", "namespace": b.ns},
+            "reason": "Old", "message": "from core", "type": "Warning"
+        }))
+        .expect("event");
+        core.create(&PostParams::default(), &core_event)
+            .await
+            .expect("create core event");
+        let mut received = Vec::new();
+        while received.len() < 2 {
+            match stream.next().await.expect("stream open").expect("event") {
+                WatchEvent::Added(e) | WatchEvent::Modified(e) => received.push(e),
+                _ => {}
+            }
         }
-    }
-    // The first event is the initial (replayed) one for the recorded event: converted once,
-    // with every field intact.
-    let first = &received[0];
-    assert_eq!(
-        first.note.as_deref(),
-        Some("pod joined the routing table"),
-        "{first:?}"
-    );
-    assert_eq!(
-        first.regarding.as_ref().and_then(|r| r.name.as_deref()),
-        Some("evented"),
-        "{first:?}"
-    );
-    assert_eq!(
-        first.reporting_controller.as_deref(),
-        Some("test-controller")
-    );
-    let notes: Vec<String> = received
-        .iter()
-        .map(|e| e.note.clone().unwrap_or_default())
-        .collect();
-    assert!(notes.contains(&"from core".to_string()), "{notes:?}");
-    drop(stream);
+        // The first event is the initial (replayed) one for the recorded event: converted once,
+        // with every field intact.
+        let first = &received[0];
+        assert_eq!(
+            first.note.as_deref(),
+            Some("pod joined the routing table"),
+            "{first:?}"
+        );
+        assert_eq!(
+            first.regarding.as_ref().and_then(|r| r.name.as_deref()),
+            Some("evented"),
+            "{first:?}"
+        );
+        assert_eq!(
+            first.reporting_controller.as_deref(),
+            Some("test-controller")
+        );
+        let notes: Vec<String> = received
+            .iter()
+            .map(|e| e.note.clone().unwrap_or_default())
+            .collect();
+        assert!(notes.contains(&"from core".to_string()), "{notes:?}");
+        drop(stream);
 
-    // Field selectors apply to initial events too.
-    let mut selected = new_api
-        .watch(
-            &WatchParams::default().fields("regarding.name=evented,reason=Routed"),
-            "0",
-        )
-        .await
-        .expect("watch with a field selector")
-        .boxed();
-    match tokio::time::timeout(std::time::Duration::from_secs(60), selected.next())
-        .await
-        .expect("the initial event arrives")
-        .expect("stream open")
-        .expect("event")
-    {
-        WatchEvent::Added(e) => {
-            assert_eq!(e.reason.as_deref(), Some("Routed"));
-            assert_eq!(e.note.as_deref(), Some("pod joined the routing table"));
+        // Field selectors apply to initial events too.
+        let mut selected = new_api
+            .watch(
+                &WatchParams::default().fields("regarding.name=evented,reason=Routed"),
+                "0",
+            )
+            .await
+            .expect("watch with a field selector")
+            .boxed();
+        match tokio::time::timeout(std::time::Duration::from_secs(60), selected.next())
+            .await
+            .expect("the initial event arrives")
+            .expect("stream open")
+            .expect("event")
+        {
+            WatchEvent::Added(e) => {
+                assert_eq!(e.reason.as_deref(), Some("Routed"));
+                assert_eq!(e.note.as_deref(), Some("pod joined the routing table"));
+            }
+            other => panic!("expected the initial ADDED, got {other:?}"),
         }
-        other => panic!("expected the initial ADDED, got {other:?}"),
-    }
-    drop(selected);
-    let fetched = new_api.get("legacy").await.expect("get as events.k8s.io");
-    assert_eq!(
-        fetched.regarding.and_then(|r| r.name).as_deref(),
-        Some("evented")
-    );
-    assert_eq!(fetched.type_.as_deref(), Some("Warning"));
-    emulator.shutdown().await;
+        drop(selected);
+        let fetched = new_api.get("legacy").await.expect("get as events.k8s.io");
+        assert_eq!(
+            fetched.regarding.and_then(|r| r.name).as_deref(),
+            Some("evented")
+        );
+        assert_eq!(fetched.type_.as_deref(), Some("Warning"));
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn secrets_fold_string_data_and_services_are_served() {
     use k8s_openapi::api::core::v1::{Secret, Service};
-    let (emulator, client) = start().await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
-    let s: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "db"}, "stringData": {"password": "foobar"}}),
-    )
-    .expect("secret");
-    let created = secrets
-        .create(&PostParams::default(), &s)
-        .await
-        .expect("create");
-    assert!(created.string_data.is_none());
-    let data = created.data.expect("data");
-    assert_eq!(data["password"].0, b"foobar".to_vec());
-
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}))
-    .expect("service");
-    services
-        .create(&PostParams::default(), &svc)
-        .await
-        .expect("create service");
-    assert_eq!(
-        services
-            .list(&Default::default())
+    on_each(backends("secrets").await, async |b| {
+        let client = b.client.clone();
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &b.ns);
+        let s: Secret = serde_json::from_value(
+            json!({"metadata": {"name": "db"}, "stringData": {"password": "foobar"}}),
+        )
+        .expect("secret");
+        let created = secrets
+            .create(&PostParams::default(), &s)
             .await
-            .expect("list")
-            .items
-            .len(),
-        1
-    );
-    emulator.shutdown().await;
+            .expect("create");
+        assert!(created.string_data.is_none());
+        let data = created.data.expect("data");
+        assert_eq!(data["password"].0, b"foobar".to_vec());
+
+        let services: Api<Service> = Api::namespaced(client.clone(), &b.ns);
+        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}))
+        .expect("service");
+        services
+            .create(&PostParams::default(), &svc)
+            .await
+            .expect("create service");
+        assert_eq!(
+            services
+                .list(&Default::default())
+                .await
+                .expect("list")
+                .items
+                .len(),
+            1
+        );
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn multi_version_crds_share_objects() {
-    let (emulator, client) = start().await;
-    let crd_resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
-        "customresourcedefinitions",
-    );
-    let crds: Api<DynamicObject> = Api::all_with(client.clone(), &crd_resource);
+    on_each(backends("multi-version").await, async |b| {
+    let client = b.client.clone();
     let schema = json!({"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object",
         "properties": {"n": {"type": "integer"}}}}}});
-    let crd: DynamicObject = serde_json::from_value(json!({
+    let crd = json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "dials.example.com"},
         "spec": {"group": "example.com", "scope": "Namespaced",
@@ -389,17 +397,14 @@ async fn multi_version_crds_share_objects() {
                 {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
                 {"name": "v1", "served": true, "storage": true, "schema": schema}
             ]}
-    }))
-    .expect("crd");
-    crds.create(&PostParams::default(), &crd)
-        .await
-        .expect("create CRD");
+    });
+    install_crd(b, crd).await;
     let at = |version: &str| {
         let ar = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("example.com", version, "Dial"),
             "dials",
         );
-        Api::<DynamicObject>::namespaced_with(client.clone(), "default", &ar)
+        Api::<DynamicObject>::namespaced_with(client.clone(), &b.ns, &ar)
     };
     let (beta, v1) = (at("v1beta1"), at("v1"));
     let mut stream = v1
@@ -420,7 +425,12 @@ async fn multi_version_crds_share_objects() {
         Some("example.com/v1")
     );
     assert_eq!(got.data["spec"]["n"], 1);
-    match stream.next().await {
+    // Bookmarks may come first (a real server sends one whenever it likes).
+    let mut first = stream.next().await;
+    while matches!(first, Some(Ok(WatchEvent::Bookmark(_)))) {
+        first = stream.next().await;
+    }
+    match first {
         Some(Ok(WatchEvent::Added(o))) => {
             assert_eq!(
                 o.types.map(|t| t.api_version).as_deref(),
@@ -429,7 +439,8 @@ async fn multi_version_crds_share_objects() {
         }
         other => panic!("expected ADDED, got {other:?}"),
     }
-    emulator.shutdown().await;
+    })
+    .await;
 }
 
 #[tokio::test]

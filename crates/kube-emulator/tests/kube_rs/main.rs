@@ -1,5 +1,13 @@
 //! Integration tests driving the emulator with real kube-rs clients.
+//!
+//! Scenarios that need no emulator hook run on every [`Backend`]: the emulator, and — when
+//! `DIFF_KUBECONFIG` names an admin kubeconfig of a real kube-apiserver (`scripts/test-real.sh`
+//! sets it) — that server too, each in a fresh namespace of its own. They assert the same
+//! Kubernetes behaviour on both, so a pass on the real server shows that what the emulator
+//! is held to is what Kubernetes does. Scenarios that need a hook (fault injection, seeding,
+//! compaction, dropped watches, the `Control` pod helpers) stay emulator-only and say why.
 
+mod backend;
 mod controller;
 mod crud;
 mod edge_cases;
@@ -15,6 +23,8 @@ use std::time::Duration;
 
 use kube::Client;
 use kube_emulator::Emulator;
+
+pub use backend::{Backend, IDLE_NODE, backends, backends_with, install_crd, on_each};
 
 /// Starts an emulator and a client for it.
 pub async fn start() -> (Emulator, Client) {

@@ -14,12 +14,14 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube_emulator::{Emulator, Fault};
 use serde_json::json;
 
-use crate::eventually;
+use crate::{backends, backends_with, eventually, on_each};
 
+/// A pod nothing acts on: no scheduler binds it (on a real cluster kube-scheduler would
+/// bind one of `default-scheduler` and kwok start it, adding events of their own).
 fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"gen": "0"}},
-        "spec": {"containers": [{"name": "main", "image": "busybox"}]}
+        "spec": {"schedulerName": "no-scheduler", "containers": [{"name": "main", "image": "busybox"}]}
     }))
     .expect("pod")
 }
@@ -76,6 +78,7 @@ async fn storm(pods: &Api<Pod>, round: usize, count: usize) {
     }
 }
 
+/// Emulator-only: dropped watches, injected faults and compaction are hooks.
 #[tokio::test]
 async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
     let emulator = Emulator::builder()
@@ -140,274 +143,287 @@ async fn reflector_stays_consistent_through_storms_dropped_watches_and_gone() {
 
 #[tokio::test]
 async fn raw_watch_semantics() {
-    let emulator = Emulator::builder()
-        .bookmark_interval(Duration::from_millis(200))
-        .start()
-        .await
-        .expect("start");
-    let client = emulator.client().expect("client");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.create(&PostParams::default(), &pod("w"))
-        .await
-        .expect("create");
-    let rv = pods
-        .get("w")
-        .await
-        .expect("get")
-        .metadata
-        .resource_version
-        .expect("rv");
-
-    // Label selector transitions: leaving the selection is DELETED, re-entering is ADDED.
-    let mut params = WatchParams::default().labels("gen=0");
-    params.bookmarks = true;
-    let mut stream = pods.watch(&params, &rv).await.expect("watch").boxed();
-    pods.patch(
-        "w",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"gen": "5"}}})),
-    )
-    .await
-    .expect("leave");
-    pods.patch(
-        "w",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"gen": "0"}}})),
-    )
-    .await
-    .expect("enter");
-    // Bookmarks may arrive at any point; the changes must arrive in order.
-    let rv_of = |p: &Pod| -> u64 {
-        p.metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let mut last_rv = 0u64;
-    let mut kinds = Vec::new();
-    loop {
-        match stream
-            .try_next()
+    // Bookmarks every 200 ms on the emulator; the real server sends them about once a
+    // minute, so there the loop below ends with the two changes instead of waiting.
+    let builder = Emulator::builder().bookmark_interval(Duration::from_millis(200));
+    on_each(backends_with("raw-watch", builder).await, async |b| {
+        let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+        pods.create(&PostParams::default(), &pod("w"))
             .await
-            .expect("event")
-            .expect("open stream")
-        {
-            WatchEvent::Added(p) => {
-                kinds.push("ADDED");
-                last_rv = rv_of(&p);
-            }
-            WatchEvent::Deleted(p) => {
-                kinds.push("DELETED");
-                last_rv = rv_of(&p);
-            }
-            WatchEvent::Modified(p) => {
-                kinds.push("MODIFIED");
-                last_rv = rv_of(&p);
-            }
-            WatchEvent::Bookmark(b) => {
-                // Bookmarks arrive even when nothing changes; once both changes were
-                // replayed, a bookmark carries a version at least as new as them.
-                let bookmark_rv: u64 = b.metadata.resource_version.parse().expect("numeric rv");
-                if kinds.len() == 2 {
-                    assert!(
-                        bookmark_rv >= last_rv,
-                        "bookmark {bookmark_rv} older than {last_rv}"
-                    );
-                    break;
+            .expect("create");
+        let rv = pods
+            .get("w")
+            .await
+            .expect("get")
+            .metadata
+            .resource_version
+            .expect("rv");
+
+        // Label selector transitions: leaving the selection is DELETED, re-entering is ADDED.
+        let mut params = WatchParams::default().labels("gen=0");
+        params.bookmarks = true;
+        let mut stream = pods.watch(&params, &rv).await.expect("watch").boxed();
+        pods.patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"gen": "5"}}})),
+        )
+        .await
+        .expect("leave");
+        pods.patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"gen": "0"}}})),
+        )
+        .await
+        .expect("enter");
+        // Bookmarks may arrive at any point; the changes must arrive in order.
+        let rv_of = |p: &Pod| -> u64 {
+            p.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut last_rv = 0u64;
+        let mut kinds = Vec::new();
+        loop {
+            match stream
+                .try_next()
+                .await
+                .expect("event")
+                .expect("open stream")
+            {
+                WatchEvent::Added(p) => {
+                    kinds.push("ADDED");
+                    last_rv = rv_of(&p);
                 }
+                WatchEvent::Deleted(p) => {
+                    kinds.push("DELETED");
+                    last_rv = rv_of(&p);
+                }
+                WatchEvent::Modified(p) => {
+                    kinds.push("MODIFIED");
+                    last_rv = rv_of(&p);
+                }
+                WatchEvent::Bookmark(_) if b.is_real() => {}
+                WatchEvent::Bookmark(b) => {
+                    // Bookmarks arrive even when nothing changes; once both changes were
+                    // replayed, a bookmark carries a version at least as new as them.
+                    let bookmark_rv: u64 = b.metadata.resource_version.parse().expect("numeric rv");
+                    if kinds.len() == 2 {
+                        assert!(
+                            bookmark_rv >= last_rv,
+                            "bookmark {bookmark_rv} older than {last_rv}"
+                        );
+                        break;
+                    }
+                }
+                WatchEvent::Error(e) => panic!("unexpected error {e:?}"),
             }
-            WatchEvent::Error(e) => panic!("unexpected error {e:?}"),
+            if b.is_real() && kinds.len() == 2 {
+                break;
+            }
         }
-    }
-    assert_eq!(kinds, ["DELETED", "ADDED"], "selector transitions");
-    drop(stream);
+        assert_eq!(kinds, ["DELETED", "ADDED"], "selector transitions");
+        drop(stream);
 
-    // A timed-out watch ends on its own.
-    let events: Vec<_> = pods
-        .watch(&WatchParams::default().timeout(1), "0")
-        .await
-        .expect("watch")
-        .collect()
-        .await;
-    assert!(
-        events.iter().any(|e| matches!(e, Ok(WatchEvent::Added(_)))),
-        "rv=0 starts with the current objects"
-    );
+        // A timed-out watch ends on its own.
+        let events: Vec<_> = pods
+            .watch(&WatchParams::default().timeout(1), "0")
+            .await
+            .expect("watch")
+            .collect()
+            .await;
+        assert!(
+            events.iter().any(|e| matches!(e, Ok(WatchEvent::Added(_)))),
+            "rv=0 starts with the current objects"
+        );
 
-    // Resuming from a compacted version is 410 Gone.
-    emulator.control().compact_history();
-    pods.patch(
-        "w",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
-    )
-    .await
-    .expect("touch");
-    let mut stream = pods
-        .watch(&WatchParams::default(), &rv)
+        // Resuming from a compacted version is 410 Gone (compaction is a hook).
+        let Some(control) = b.control() else { return };
+        control.compact_history();
+        pods.patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+        )
         .await
-        .expect("watch")
-        .boxed();
-    match stream.try_next().await.expect("event") {
-        Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
-        other => panic!("expected 410, got {other:?}"),
-    }
-    emulator.shutdown().await;
+        .expect("touch");
+        let mut stream = pods
+            .watch(&WatchParams::default(), &rv)
+            .await
+            .expect("watch")
+            .boxed();
+        match stream.try_next().await.expect("event") {
+            Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
+            other => panic!("expected 410, got {other:?}"),
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn streaming_list_watch_is_supported() {
-    let (emulator, client) = crate::start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    for i in 0..5 {
-        pods.create(&PostParams::default(), &pod(&format!("s{i}")))
+    on_each(backends("streaming-list").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        for i in 0..5 {
+            pods.create(&PostParams::default(), &pod(&format!("s{i}")))
+                .await
+                .expect("create");
+        }
+        let (reader, writer) = reflector::store();
+        let cfg = watcher::Config::default().streaming_lists();
+        let task = tokio::spawn(
+            watcher(pods.clone(), cfg)
+                .default_backoff()
+                .reflect(writer)
+                .for_each(|_| async {}),
+        );
+        reader.wait_until_ready().await.expect("ready");
+        assert_eq!(reader.state().len(), 5);
+        pods.delete("s0", &DeleteParams::default().grace_period(0))
             .await
-            .expect("create");
-    }
-    let (reader, writer) = reflector::store();
-    let cfg = watcher::Config::default().streaming_lists();
-    let task = tokio::spawn(
-        watcher(pods.clone(), cfg)
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| async {}),
-    );
-    reader.wait_until_ready().await.expect("ready");
-    assert_eq!(reader.state().len(), 5);
-    pods.delete("s0", &DeleteParams::default().grace_period(0))
-        .await
-        .expect("delete");
-    eventually("streaming reflector sees delete", || async {
-        reader.state().len() == 4
+            .expect("delete");
+        eventually("streaming reflector sees delete", || async {
+            reader.state().len() == 4
+        })
+        .await;
+        task.abort();
     })
     .await;
-    task.abort();
-    emulator.shutdown().await;
 }
 
 #[tokio::test]
 async fn metadata_watcher_receives_partial_objects() {
-    let (emulator, client) = crate::start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    pods.create(&PostParams::default(), &pod("m1"))
-        .await
-        .expect("create");
-    let meta = pods.get_metadata("m1").await.expect("get_metadata");
-    assert_eq!(
-        meta.types.as_ref().map(|t| t.kind.as_str()),
-        Some("PartialObjectMetadata")
-    );
-    let list = pods
-        .list_metadata(&ListParams::default())
-        .await
-        .expect("list_metadata");
-    assert_eq!(list.items.len(), 1);
+    on_each(backends("metadata-watch").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        pods.create(&PostParams::default(), &pod("m1"))
+            .await
+            .expect("create");
+        let meta = pods.get_metadata("m1").await.expect("get_metadata");
+        assert_eq!(
+            meta.types.as_ref().map(|t| t.kind.as_str()),
+            Some("PartialObjectMetadata")
+        );
+        let list = pods
+            .list_metadata(&ListParams::default())
+            .await
+            .expect("list_metadata");
+        assert_eq!(list.items.len(), 1);
 
-    let (reader, writer) = reflector::store();
-    let task = tokio::spawn(
-        watcher(
-            Api::<kube::core::PartialObjectMeta<Pod>>::namespaced(client.clone(), "default"),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(writer)
-        .for_each(|_| async {}),
-    );
-    reader.wait_until_ready().await.expect("ready");
-    pods.create(&PostParams::default(), &pod("m2"))
-        .await
-        .expect("create");
-    eventually("metadata reflector sees both pods", || async {
-        reader.state().len() == 2
+        let (reader, writer) = reflector::store();
+        let task = tokio::spawn(
+            watcher(
+                Api::<kube::core::PartialObjectMeta<Pod>>::namespaced(client.clone(), &b.ns),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| async {}),
+        );
+        reader.wait_until_ready().await.expect("ready");
+        pods.create(&PostParams::default(), &pod("m2"))
+            .await
+            .expect("create");
+        eventually("metadata reflector sees both pods", || async {
+            reader.state().len() == 2
+        })
+        .await;
+        let cached = reader.state();
+        assert!(cached.iter().all(|m| {
+            m.types
+                .as_ref()
+                .is_some_and(|t| t.api_version == "meta.k8s.io/v1")
+        }));
+        task.abort();
     })
     .await;
-    let cached = reader.state();
-    assert!(cached.iter().all(|m| {
-        m.types
-            .as_ref()
-            .is_some_and(|t| t.api_version == "meta.k8s.io/v1")
-    }));
-    task.abort();
-    emulator.shutdown().await;
 }
 
 #[tokio::test]
 async fn paginated_initial_lists_stay_consistent_under_concurrent_writes() {
-    let (emulator, client) = crate::start().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    for i in 0..40 {
-        pods.create(&PostParams::default(), &pod(&format!("page-{i:02}")))
-            .await
-            .expect("create");
-    }
-    // Continue pages report the first page's version.
-    let first = pods
-        .list(&ListParams::default().limit(10))
-        .await
-        .expect("page 1");
-    pods.patch(
-        "page-00",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"gen": "x"}}})),
-    )
-    .await
-    .expect("write between pages");
-    let token = first.metadata.continue_.clone().expect("more pages");
-    let second = pods
-        .list(&ListParams::default().limit(10).continue_token(&token))
-        .await
-        .expect("page 2");
-    assert_eq!(
-        second.metadata.resource_version,
-        first.metadata.resource_version
-    );
-
-    // A reflector lists 5 at a time while a writer keeps changing early and late keys.
-    let (reader, writer_store) = reflector::store();
-    let task = tokio::spawn(
-        watcher(pods.clone(), watcher::Config::default().page_size(5))
-            .default_backoff()
-            .reflect(writer_store)
-            .for_each(|_| async {}),
-    );
-    let writer_pods = pods.clone();
-    let writer = tokio::spawn(async move {
-        for round in 0..60 {
-            let name = format!("page-{:02}", (round * 7) % 40);
-            let patch = Patch::Merge(json!({"metadata": {"labels": {"gen": round.to_string()}}}));
-            writer_pods
-                .patch(&name, &PatchParams::default(), &patch)
-                .await
-                .expect("modify");
-            writer_pods
-                .create(&PostParams::default(), &pod(&format!("late-{round:02}")))
+    on_each(backends("pagination").await, async |b| {
+        let client = b.client.clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &b.ns);
+        for i in 0..40 {
+            pods.create(&PostParams::default(), &pod(&format!("page-{i:02}")))
                 .await
                 .expect("create");
         }
-    });
-    writer.await.expect("writer");
-    eventually("paged reflector matches the server", || async {
-        cache_view(&reader) == server_view(&pods).await
+        // Continue pages report the first page's version.
+        let first = pods
+            .list(&ListParams::default().limit(10))
+            .await
+            .expect("page 1");
+        pods.patch(
+            "page-00",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"gen": "x"}}})),
+        )
+        .await
+        .expect("write between pages");
+        let token = first.metadata.continue_.clone().expect("more pages");
+        let second = pods
+            .list(&ListParams::default().limit(10).continue_token(&token))
+            .await
+            .expect("page 2");
+        assert_eq!(
+            second.metadata.resource_version,
+            first.metadata.resource_version
+        );
+
+        // A reflector lists 5 at a time while a writer keeps changing early and late keys.
+        let (reader, writer_store) = reflector::store();
+        let task = tokio::spawn(
+            watcher(pods.clone(), watcher::Config::default().page_size(5))
+                .default_backoff()
+                .reflect(writer_store)
+                .for_each(|_| async {}),
+        );
+        let writer_pods = pods.clone();
+        let writer = tokio::spawn(async move {
+            for round in 0..60 {
+                let name = format!("page-{:02}", (round * 7) % 40);
+                let patch =
+                    Patch::Merge(json!({"metadata": {"labels": {"gen": round.to_string()}}}));
+                writer_pods
+                    .patch(&name, &PatchParams::default(), &patch)
+                    .await
+                    .expect("modify");
+                writer_pods
+                    .create(&PostParams::default(), &pod(&format!("late-{round:02}")))
+                    .await
+                    .expect("create");
+            }
+        });
+        writer.await.expect("writer");
+        eventually("paged reflector matches the server", || async {
+            cache_view(&reader) == server_view(&pods).await
+        })
+        .await;
+
+        task.abort();
+        // A continue token whose version left the history is 410 Gone (compaction is a hook).
+        let Some(control) = b.control() else { return };
+        control.compact_history();
+        pods.patch(
+            "page-01",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"gen": "y"}}})),
+        )
+        .await
+        .expect("touch");
+        match pods
+            .list(&ListParams::default().limit(10).continue_token(&token))
+            .await
+        {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 410),
+            other => panic!("expected 410 for an expired continue token, got {other:?}"),
+        }
+        task.abort();
     })
     .await;
-
-    // A continue token whose version left the history is 410 Gone.
-    emulator.control().compact_history();
-    pods.patch(
-        "page-01",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"gen": "y"}}})),
-    )
-    .await
-    .expect("touch");
-    match pods
-        .list(&ListParams::default().limit(10).continue_token(&token))
-        .await
-    {
-        Err(kube::Error::Api(s)) => assert_eq!(s.code, 410),
-        other => panic!("expected 410 for an expired continue token, got {other:?}"),
-    }
-    task.abort();
-    emulator.shutdown().await;
 }
