@@ -20,23 +20,6 @@
 mod cache_repair;
 pub mod cli;
 mod connect;
-// The controller is being restructured (issue 14, items 2, 3 and 5): until that lands, its
-// items stay `pub` inside this private module (reachable from nowhere outside the crate all the
-// same) and the pedantic lints it does not follow yet are allowed here, not fixed in its files.
-// Remove these allows with the restructuring.
-#[allow(
-    unreachable_pub,
-    clippy::redundant_closure_for_method_calls,
-    clippy::ignored_unit_patterns,
-    clippy::map_unwrap_or,
-    clippy::single_match_else,
-    clippy::unnested_or_patterns,
-    clippy::semicolon_if_nothing_returned,
-    clippy::manual_let_else,
-    clippy::items_after_statements,
-    clippy::explicit_iter_loop,
-    clippy::needless_for_each
-)]
 mod controller;
 #[cfg(feature = "lab")]
 mod lab;

@@ -27,11 +27,11 @@ use crate::telemetry::{ErrorKind, Metrics};
 const QUEUE: usize = 4096;
 
 /// How often late-session migrations are summarised (per policy, worker and target).
-pub const LATE_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+pub(super) const LATE_SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// One late-session migration, as reported to [`Events::late_sessions`].
 #[derive(Debug, Clone)]
-pub struct LateMigration {
+pub(super) struct LateMigration {
     pub namespace: String,
     pub policy: String,
     pub from: String,
@@ -49,7 +49,7 @@ enum Queued {
 
 /// The sending side: cheap to clone, never blocks.
 #[derive(Clone)]
-pub struct Events {
+pub(super) struct Events {
     queue: mpsc::Sender<Queued>,
     metrics: Metrics,
 }
@@ -57,7 +57,7 @@ pub struct Events {
 impl Events {
     /// Starts the publisher. It publishes only while this replica leads: a standby's Events
     /// would describe mutations it did not make.
-    pub fn spawn(recorder: Recorder, fence: Fence, metrics: Metrics) -> Self {
+    pub(super) fn spawn(recorder: Recorder, fence: Fence, metrics: Metrics) -> Self {
         let (queue, mut rx) = mpsc::channel::<Queued>(QUEUE);
         tokio::spawn({
             let metrics = metrics.clone();
@@ -92,12 +92,12 @@ impl Events {
     }
 
     /// Queues an Event on `policy`.
-    pub fn publish(&self, policy: &SessionPolicy, event: Event) {
+    pub(super) fn publish(&self, policy: &SessionPolicy, event: Event) {
         self.send(Queued::Event(reference(policy), event));
     }
 
     /// Tallies a late-session migration for the next summary.
-    pub fn late_sessions(&self, policy: &SessionPolicy, migration: LateMigration) {
+    pub(super) fn late_sessions(&self, policy: &SessionPolicy, migration: LateMigration) {
         self.send(Queued::Late(reference(policy), migration));
     }
 
@@ -127,7 +127,7 @@ async fn publish(
 
 /// Late-session migrations since the last summary, per (namespace, policy, worker, target).
 #[derive(Debug, Default)]
-pub struct LateTally {
+pub(super) struct LateTally {
     tallies: BTreeMap<(String, String, String, Option<String>), Tally>,
 }
 
@@ -140,7 +140,7 @@ struct Tally {
 }
 
 impl LateTally {
-    pub fn add(&mut self, reference: ObjectReference, m: LateMigration) {
+    pub(super) fn add(&mut self, reference: ObjectReference, m: LateMigration) {
         let key = (m.namespace, m.policy, m.from, m.to);
         let tally = self.tallies.entry(key).or_insert(Tally {
             reference,
@@ -154,7 +154,7 @@ impl LateTally {
 
     /// Logs one info line per tally and returns its Event (none for tallies that moved no
     /// session: nothing happened worth an Event).
-    pub fn drain(&mut self, identity: &str) -> Vec<(ObjectReference, Event)> {
+    pub(super) fn drain(&mut self, identity: &str) -> Vec<(ObjectReference, Event)> {
         let every = LATE_SUMMARY_EVERY.as_secs();
         std::mem::take(&mut self.tallies)
             .into_iter()
@@ -204,7 +204,7 @@ impl LateTally {
 
 /// The policy's reference without its resourceVersion: the key of an Event series must not
 /// change with every status write.
-pub fn reference(policy: &SessionPolicy) -> ObjectReference {
+pub(super) fn reference(policy: &SessionPolicy) -> ObjectReference {
     let mut reference = policy.object_ref(&());
     reference.resource_version = None;
     reference

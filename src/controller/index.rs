@@ -22,7 +22,7 @@ use crate::policy::overlap::Claimant;
 use crate::policy::{InvalidSpec, SessionPolicy, ValidPolicy};
 
 /// A spec, checked and parsed, or why it cannot be acted on.
-pub type Parsed = Result<Arc<ValidPolicy>, InvalidSpec>;
+pub(super) type Parsed = Result<Arc<ValidPolicy>, InvalidSpec>;
 
 /// One version of one policy: its uid and generation. Objects without a generation (an API
 /// server that does not track it) are keyed by their resourceVersion instead.
@@ -56,13 +56,13 @@ impl Version {
 
 /// Parsed specs per policy version, shared by every pass and the pod-event mapper.
 #[derive(Debug, Default)]
-pub struct PolicyIndex {
+pub(super) struct PolicyIndex {
     parsed: Mutex<HashMap<Version, Parsed>>,
 }
 
 impl PolicyIndex {
     /// The parsed spec of `policy`, parsed now only if this version was not parsed before.
-    pub fn parse(&self, policy: &SessionPolicy) -> Parsed {
+    pub(super) fn parse(&self, policy: &SessionPolicy) -> Parsed {
         let version = Version::of(policy);
         if let Some(parsed) = self.lock().get(&version) {
             return parsed.clone();
@@ -76,7 +76,7 @@ impl PolicyIndex {
 
     /// Every policy in `objects`, parsed (from the index where possible); forgets the versions
     /// no longer among them.
-    pub fn snapshot(&self, objects: &[Arc<GuardedPolicy>]) -> Policies {
+    pub(super) fn snapshot(&self, objects: &[Arc<GuardedPolicy>]) -> Policies {
         let mut by_namespace: HashMap<Option<String>, Vec<Indexed>> = HashMap::new();
         let mut live = HashSet::new();
         for object in objects {
@@ -102,7 +102,9 @@ impl PolicyIndex {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Version, Parsed>> {
-        self.parsed.lock().unwrap_or_else(|e| e.into_inner())
+        self.parsed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     #[cfg(test)]
@@ -113,7 +115,7 @@ impl PolicyIndex {
 
 /// A valid policy as a pass sees the others.
 #[derive(Debug, Clone)]
-pub struct Indexed {
+pub(super) struct Indexed {
     pub name: String,
     pub created: Option<Timestamp>,
     pub deleting: bool,
@@ -122,7 +124,7 @@ pub struct Indexed {
 
 impl Indexed {
     /// The policy as the ownership rule sees it.
-    pub fn claimant(&self) -> Claimant {
+    pub(super) fn claimant(&self) -> Claimant {
         Claimant {
             name: self.name.clone(),
             created: self.created,
@@ -133,13 +135,13 @@ impl Indexed {
 
 /// The valid policies of every watched scope, by namespace.
 #[derive(Debug, Default)]
-pub struct Policies {
+pub(super) struct Policies {
     by_namespace: HashMap<Option<String>, Vec<Indexed>>,
 }
 
 impl Policies {
     /// The valid policies of a namespace (deleted ones included).
-    pub fn in_namespace(&self, namespace: &Option<String>) -> &[Indexed] {
+    pub(super) fn in_namespace(&self, namespace: &Option<String>) -> &[Indexed] {
         self.by_namespace
             .get(namespace)
             .map(Vec::as_slice)

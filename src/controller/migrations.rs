@@ -30,7 +30,7 @@ use crate::store::{BatchGuard, BatchRun, MigrationStop, StoreError, WorkerMove, 
 use crate::telemetry::{ErrorKind, StoreOp};
 
 /// The migrations of every policy.
-pub struct Migrations {
+pub(super) struct Migrations {
     /// At most this many migrations touch the store at once.
     permits: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -39,7 +39,7 @@ pub struct Migrations {
 }
 
 impl Migrations {
-    pub fn new(concurrency: usize, stop: CancellationToken) -> Self {
+    pub(super) fn new(concurrency: usize, stop: CancellationToken) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks: TaskTracker::new(),
@@ -50,7 +50,7 @@ impl Migrations {
     /// Waits until every migration task ended; called once the controllers stopped, so that
     /// the Lease is released only when no store mutation can follow (the store's delayed cache
     /// re-applications are waited for by the operator, see `LayeredStore::wait_reapplied`).
-    pub async fn wait(&self) {
+    pub(super) async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -83,7 +83,7 @@ pub(super) fn spawn(
 /// Why a migration stopped before its worker held no sessions. Its text is the `failing`
 /// message status and the Warning Event show.
 #[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
+pub(super) enum MigrationError {
     /// Leadership ended (or was never confirmed) between two batches.
     #[error(transparent)]
     NotLeader(#[from] NotLeader),
@@ -104,7 +104,7 @@ pub enum MigrationError {
 
 impl MigrationError {
     /// How the error is counted in `session_operator_errors_total` (a shutdown is not an error).
-    pub fn kind(&self) -> Option<ErrorKind> {
+    pub(super) fn kind(&self) -> Option<ErrorKind> {
         match self {
             MigrationError::NotLeader(_) => Some(ErrorKind::Fenced),
             MigrationError::ShuttingDown { .. } => None,
@@ -172,8 +172,8 @@ async fn run(
     if failed {
         // Not at once: a store that refuses this migration would be hammered in a loop.
         tokio::select! {
-            _ = tokio::time::sleep(RETRY_AFTER) => {}
-            _ = ctx.migrations.stop.cancelled() => return,
+            () = tokio::time::sleep(RETRY_AFTER) => {}
+            () = ctx.migrations.stop.cancelled() => return,
         }
     }
     ctx.request_pass(&key);

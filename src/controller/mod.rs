@@ -20,14 +20,14 @@
 mod events;
 mod index;
 mod migrations;
-pub mod observe;
+pub(crate) mod observe;
 mod ownership;
 mod pass;
-pub mod planner;
+pub(crate) mod planner;
 mod records;
 mod state;
-pub mod status;
-pub mod workers;
+pub(crate) mod status;
+pub(crate) mod workers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -54,17 +54,17 @@ use crate::policy::SessionPolicy;
 use crate::store::{LayeredStore, Store, WorkerRecords};
 use crate::telemetry::{ErrorKind, Health, Metrics, PolicySnapshot};
 
-pub use state::PolicyState;
+pub(crate) use state::PolicyState;
 
 /// A policy object that may have failed to deserialize (it then gets `Ready=False`).
-pub type GuardedPolicy = DeserializeGuard<SessionPolicy>;
+pub(crate) type GuardedPolicy = DeserializeGuard<SessionPolicy>;
 
 /// Session counts of all workers, shared by the passes of every policy.
-pub type SessionCounts = Arc<BTreeMap<String, u64>>;
+pub(crate) type SessionCounts = Arc<BTreeMap<String, u64>>;
 
 /// Operator-wide settings of the controller.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
     /// How long an unknown worker id must hold sessions without a pod before it counts as
@@ -88,7 +88,7 @@ impl Default for Settings {
 }
 
 /// Shared by every reconciliation.
-pub struct Context {
+pub(crate) struct Context {
     pub client: Client,
     pub store: Arc<dyn Store>,
     /// The layered store behind `store`, when Redis caches Postgres.
@@ -122,23 +122,29 @@ pub struct Context {
 
 impl Context {
     fn state(&self, key: &ObjectRef<GuardedPolicy>) -> Arc<tokio::sync::Mutex<PolicyState>> {
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         states.entry(key.clone()).or_default().clone()
     }
 
     fn forget(&self, key: &ObjectRef<GuardedPolicy>) {
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         states.remove(key);
     }
 
     /// Every cached pod of every watched scope.
-    pub fn all_pods(&self) -> Vec<Arc<Pod>> {
-        self.pods.iter().flat_map(|r| r.state()).collect()
+    pub(crate) fn all_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods.iter().flat_map(Reader::state).collect()
     }
 
     /// Every cached policy of every watched scope.
-    pub fn all_policies(&self) -> Vec<Arc<GuardedPolicy>> {
-        self.policies.iter().flat_map(|r| r.state()).collect()
+    pub(crate) fn all_policies(&self) -> Vec<Arc<GuardedPolicy>> {
+        self.policies.iter().flat_map(Reader::state).collect()
     }
 
     /// Asks for another pass over a policy (one of its migrations ended).
@@ -158,13 +164,16 @@ impl Context {
             .iter()
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect();
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         states.retain(|key, _| live.contains(key));
     }
 }
 
 /// Runs the controller until `shutdown` is cancelled.
-pub async fn run(
+pub(crate) async fn run(
     client: Client,
     store: Connected,
     fence: Fence,
@@ -201,7 +210,7 @@ pub async fn run(
         move || {
             policies
                 .iter()
-                .flat_map(|r| r.state())
+                .flat_map(Reader::state)
                 .filter_map(|p| p.0.as_ref().ok().and_then(PolicySnapshot::of))
                 .collect()
         }
@@ -336,8 +345,8 @@ const STORE_PROBE_EVERY: Duration = Duration::from_secs(2);
 async fn probe_store(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(STORE_PROBE_EVERY) => {}
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(STORE_PROBE_EVERY) => {}
         }
         let ok = match tokio::time::timeout(STORE_PROBE_EVERY * 5, ctx.store.get(PROBE_ID)).await {
             Ok(Ok(_)) => true,

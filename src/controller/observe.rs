@@ -20,7 +20,7 @@ use kube::runtime::watcher::Event;
 
 /// When and in which order the operator first saw a pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Observed {
+pub(crate) struct Observed {
     /// Increases with every pod first seen by this process; orders pods seen while watching.
     pub seq: u64,
     /// When it was first seen (millisecond resolution).
@@ -37,7 +37,7 @@ pub struct Observed {
 /// First observations of the pods of every watched scope, keyed by pod uid (a StatefulSet pod
 /// recreated under its name is a new pod).
 #[derive(Debug, Default)]
-pub struct Observations {
+pub(crate) struct Observations {
     seq: AtomicU64,
     inner: Mutex<ObservationsInner>,
 }
@@ -52,8 +52,11 @@ struct ObservationsInner {
 impl Observations {
     /// Records what a watch event says about pod order. Call for every event, in stream order,
     /// before the pass that reads the reflector can see the pod.
-    pub fn record(&self, event: &Event<Pod>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn record(&self, event: &Event<Pod>) {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match event {
             Event::Apply(pod) => {
                 if let Some(uid) = pod.metadata.uid.as_deref() {
@@ -98,9 +101,12 @@ impl Observations {
     }
 
     /// The first observation of a pod, if a watch showed it.
-    pub fn of(&self, pod: &Pod) -> Option<Observed> {
+    pub(crate) fn of(&self, pod: &Pod) -> Option<Observed> {
         let uid = pod.metadata.uid.as_deref()?;
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.pods.get(uid).copied()
     }
 }
@@ -111,12 +117,12 @@ fn departing(pod: &Pod) -> bool {
 
 /// Whether every watch stream delivered its initial list (`InitDone`) at least once.
 #[derive(Debug)]
-pub struct Synced {
+pub(crate) struct Synced {
     streams: Vec<AtomicBool>,
 }
 
 impl Synced {
-    pub fn new(streams: usize) -> Self {
+    pub(crate) fn new(streams: usize) -> Self {
         Self {
             streams: (0..streams).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -124,14 +130,14 @@ impl Synced {
 
     /// Marks stream `index` synced when `is_init_done`; returns whether all streams are synced.
     /// A later re-list keeps a stream synced: its reflector keeps serving the previous list.
-    pub fn mark(&self, index: usize, is_init_done: bool) -> bool {
+    pub(crate) fn mark(&self, index: usize, is_init_done: bool) -> bool {
         if is_init_done && let Some(flag) = self.streams.get(index) {
             flag.store(true, Ordering::Relaxed);
         }
         self.all()
     }
 
-    pub fn all(&self) -> bool {
+    pub(crate) fn all(&self) -> bool {
         self.streams.iter().all(|f| f.load(Ordering::Relaxed))
     }
 }

@@ -18,10 +18,10 @@ use crate::policy::overlap::{self, Claimant};
 
 /// How long a ceded worker id without sessions stays remembered: longer than the planner
 /// remembers a resolved departure (`max(replacementWait, 10 min)`), for the usual waits.
-pub const RETENTION: Duration = Duration::from_secs(20 * 60);
+pub(super) const RETENTION: Duration = Duration::from_secs(20 * 60);
 
 /// The pods a policy selects, split by ownership.
-pub struct Split {
+pub(super) struct Split {
     /// Selected pods this policy owns.
     pub owned: Vec<Arc<Pod>>,
     /// Worker ids of selected pods another policy owns → that policy's name.
@@ -34,7 +34,7 @@ pub struct Split {
 
 /// Splits the pods a policy selects (`me`, parsed as `valid`) by the ownership rule; `others`
 /// are the other valid, non-deleted policies of its namespace.
-pub fn split(
+pub(super) fn split(
     me: &Claimant,
     others: &[Claimant],
     valid: &ValidPolicy,
@@ -74,14 +74,14 @@ pub fn split(
 
 /// Worker ids this policy left to other policies, remembered beyond their pods.
 #[derive(Debug, Default)]
-pub struct Ceded {
+pub(super) struct Ceded {
     ids: BTreeMap<String, Instant>,
 }
 
 impl Ceded {
     /// Records this pass: `now_ceded` are ceded now; ids this policy owns now (`owned`) are its
     /// own again; ids without sessions are forgotten after [`RETENTION`].
-    pub fn update(
+    pub(super) fn update(
         &mut self,
         now_ceded: &BTreeMap<String, String>,
         owned: &BTreeSet<&str>,
@@ -101,7 +101,7 @@ impl Ceded {
         }
     }
 
-    pub fn contains(&self, id: &str) -> bool {
+    pub(super) fn contains(&self, id: &str) -> bool {
         self.ids.contains_key(id)
     }
 }

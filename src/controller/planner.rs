@@ -30,7 +30,7 @@ use crate::policy::{OnReplace, OnTerminate};
 
 /// The policy's rules, as the planner needs them.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub(crate) struct Rules {
     pub on_replace: OnReplace,
     pub on_terminate: OnTerminate,
     pub replacement_wait: Duration,
@@ -41,7 +41,7 @@ pub struct Rules {
 
 /// A worker as [`Memory::remembered`] reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Remembered {
+pub(crate) struct Remembered {
     pub pod: Option<String>,
     pub family: Option<Family>,
     pub created: Option<Timestamp>,
@@ -50,7 +50,7 @@ pub struct Remembered {
 
 /// One pass's view of the world.
 #[derive(Debug)]
-pub struct Input<'a> {
+pub(crate) struct Input<'a> {
     pub now: Timestamp,
     pub rules: &'a Rules,
     /// The policy's worker pods (with worker ids), live or departing.
@@ -70,7 +70,7 @@ pub struct Input<'a> {
 
 /// What to do with a departed worker's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Reroute {
         from: String,
         to: String,
@@ -87,7 +87,7 @@ pub enum Action {
 
 impl Action {
     /// The departed worker the action migrates.
-    pub fn worker(&self) -> &str {
+    pub(crate) fn worker(&self) -> &str {
         match self {
             Action::Reroute { from, .. } => from,
             Action::Delete { worker, .. } => worker,
@@ -95,7 +95,7 @@ impl Action {
     }
 
     /// When the departure (or the late sessions) the action handles was observed.
-    pub fn observed_at(&self) -> Timestamp {
+    pub(crate) fn observed_at(&self) -> Timestamp {
         match self {
             Action::Reroute { observed_at, .. } | Action::Delete { observed_at, .. } => {
                 *observed_at
@@ -106,7 +106,7 @@ impl Action {
 
 /// Why an action was planned; becomes the Event's reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// A departed worker with a Ready replacement.
     Replaced,
     /// No replacement within `replacementWait`.
@@ -116,7 +116,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::Replaced => "Replaced",
             Reason::Terminated => "Terminated",
@@ -127,7 +127,7 @@ impl Reason {
 
 /// The result of one pass.
 #[derive(Debug, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub actions: Vec<Action>,
     /// The earliest time a waiting departure needs another look.
     pub wake_at: Option<Timestamp>,
@@ -139,7 +139,7 @@ pub struct Plan {
 
 /// A departure the planner is tracking.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Departure {
+pub(crate) struct Departure {
     pub observed_at: Timestamp,
     pub created: Option<Timestamp>,
     pub family: Option<Family>,
@@ -156,7 +156,7 @@ pub struct Departure {
 
 /// What the planner remembers of a worker it saw in the last pass.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub family: Option<Family>,
     pub created: Option<Timestamp>,
     pub pod: String,
@@ -178,7 +178,7 @@ impl Seen {
 
 /// How a departure ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Rerouted {
         to: String,
     },
@@ -189,7 +189,7 @@ pub enum Resolution {
 
 /// A worker of the policy known from the durable records (see [`Memory::restore`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     pub pod: String,
     pub family: Option<Family>,
     pub created: Option<Timestamp>,
@@ -201,7 +201,7 @@ pub struct Recorded {
 /// durably (see [`Memory::remembered`] and [`Memory::restore`]); the rest (pairings, in-flight
 /// actions, late-session waits) is rebuilt from the store and the pods.
 #[derive(Debug, Default, Clone)]
-pub struct Memory {
+pub(crate) struct Memory {
     /// Workers known from the durable records and not seen since: a pass that finds no pod for
     /// one departs it (it vanished, or departed under a previous leader).
     recorded: BTreeMap<String, Recorded>,
@@ -229,7 +229,7 @@ impl Memory {
     /// Records that an action of the last plan was handed to the executor. Until it is
     /// reported with [`Self::completed`] or [`Self::failed`], its worker is not planned again and
     /// a `Replaced` action's replacement stays paired.
-    pub fn started(&mut self, action: &Action, now: Timestamp) {
+    pub(crate) fn started(&mut self, action: &Action, now: Timestamp) {
         let id = action.worker();
         let target = match action {
             Action::Reroute {
@@ -250,7 +250,7 @@ impl Memory {
     }
 
     /// Records a successfully executed action.
-    pub fn completed(&mut self, action: &Action, now: Timestamp) {
+    pub(crate) fn completed(&mut self, action: &Action, now: Timestamp) {
         let id = action.worker().to_string();
         if let Some(Some(target)) = self.in_flight.remove(&id) {
             // Retention of the pairing counts from the moment the sessions arrived.
@@ -270,19 +270,19 @@ impl Memory {
 
     /// Records an action that failed: its worker is planned afresh by the next pass, and its
     /// replacement is free again.
-    pub fn failed(&mut self, action: &Action) {
+    pub(crate) fn failed(&mut self, action: &Action) {
         if let Some(Some(target)) = self.in_flight.remove(action.worker()) {
             self.paired.remove(&target);
         }
     }
 
     /// How many actions are executing.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
     /// Worker ids the planner has seen or tracked, and so claims for this policy.
-    pub fn knows(&self, id: &str) -> bool {
+    pub(crate) fn knows(&self, id: &str) -> bool {
         self.last_seen.contains_key(id)
             || self.departures.contains_key(id)
             || self.resolved.contains_key(id)
@@ -293,7 +293,7 @@ impl Memory {
     /// pass departs each one whose id no pod holds: a vanished worker, or one whose departure a
     /// previous leader observed, is completed like a departure seen here (its replacement is
     /// any Ready worker of its family, as for an orphan).
-    pub fn restore(&mut self, records: impl IntoIterator<Item = (String, Recorded)>) {
+    pub(crate) fn restore(&mut self, records: impl IntoIterator<Item = (String, Recorded)>) {
         for (id, record) in records {
             if !self.knows(&id) {
                 self.recorded.insert(id, record);
@@ -304,7 +304,7 @@ impl Memory {
     /// Every worker this memory knows, as the durable records should hold it: serving workers
     /// without `departed`, departures and resolved ones (kept while late sessions may follow)
     /// with it. Pod details the memory no longer holds (resolved workers) are `None`.
-    pub fn remembered(&self) -> BTreeMap<String, Remembered> {
+    pub(crate) fn remembered(&self) -> BTreeMap<String, Remembered> {
         let mut out: BTreeMap<String, Remembered> = BTreeMap::new();
         for (id, r) in &self.recorded {
             out.insert(
@@ -353,7 +353,7 @@ impl Memory {
         out
     }
 
-    pub fn resolution(&self, id: &str) -> Option<&Resolution> {
+    pub(crate) fn resolution(&self, id: &str) -> Option<&Resolution> {
         self.resolved.get(id).map(|(r, _, _)| r)
     }
 }
@@ -369,7 +369,7 @@ fn before(t: Timestamp, d: Duration) -> Timestamp {
 }
 
 /// Runs one pass: updates `memory` with what it observes and returns the actions to take.
-pub fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
+pub(crate) fn plan(memory: &mut Memory, input: &Input<'_>) -> Plan {
     let mut plan = Plan::default();
     let pass = Pass::new(input);
     note_departures(memory, &pass);
@@ -734,21 +734,18 @@ fn terminate(
                 .iter()
                 .filter(|w| w.id != id)
                 .min_by_key(|w| candidate_key(w, departure, loads, input.with_sessions));
-            match target {
-                Some(to) => {
-                    let moved = input.loads.get(&id).copied().unwrap_or(0);
-                    *loads.entry(to.id.clone()).or_default() += moved;
-                    plan.actions.push(Action::Reroute {
-                        from: id,
-                        to: to.id.clone(),
-                        observed_at: departure.observed_at,
-                        reason: Reason::Terminated,
-                    });
-                }
-                None => {
-                    plan.waiting += 1;
-                    plan.stuck_no_ready_worker += 1;
-                }
+            if let Some(to) = target {
+                let moved = input.loads.get(&id).copied().unwrap_or(0);
+                *loads.entry(to.id.clone()).or_default() += moved;
+                plan.actions.push(Action::Reroute {
+                    from: id,
+                    to: to.id.clone(),
+                    observed_at: departure.observed_at,
+                    reason: Reason::Terminated,
+                });
+            } else {
+                plan.waiting += 1;
+                plan.stuck_no_ready_worker += 1;
             }
         }
     }
@@ -842,7 +839,7 @@ fn arrival(w: &Worker, d: &Departure) -> Arrival {
     if let (Some(wo), Some(dobs)) = (w.observed, d.observed) {
         match (wo.listed, dobs.listed) {
             (false, false) if wo.seq > dobs.seq => return Arrival::After,
-            (false, false) | (true, false) => return Arrival::Before,
+            (false | true, false) => return Arrival::Before,
             (false, true) => return Arrival::After,
             (true, true) => {}
         }
@@ -895,7 +892,7 @@ fn sibling_order(w: &Worker, d: &Departure) -> Option<Arrival> {
 }
 
 /// How long before a departure a pod may have been created and still count as its replacement.
-pub const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
+pub(crate) const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
 
 /// Sort key: same family first, then workers holding no session (a fresh pod rather than one
 /// that may be the next to leave; `with_sessions` is read every pass, loads are sampled less

@@ -28,7 +28,7 @@ use crate::telemetry::ErrorKind;
 
 /// What a policy's state knows about its records in the store.
 #[derive(Debug, Default)]
-pub struct RecordsState {
+pub(super) struct RecordsState {
     /// `None`: not loaded yet; `Some(leader)`: loaded, as leader or as standby.
     loaded_as: Option<bool>,
     /// The records as the store holds them (as loaded, plus what this replica wrote since).
@@ -36,7 +36,7 @@ pub struct RecordsState {
 }
 
 /// The policy's key in the records: `namespace/name`.
-pub fn policy_key(key: &ObjectRef<GuardedPolicy>) -> String {
+pub(super) fn policy_key(key: &ObjectRef<GuardedPolicy>) -> String {
     format!(
         "{}/{}",
         key.namespace.as_deref().unwrap_or_default(),
@@ -140,7 +140,7 @@ async fn persist(
 /// The records to write and to remove so that the store holds `remembered`. A record whose
 /// pod, family, creation and departure are unchanged is not rewritten; the first departure time
 /// is kept.
-pub fn changes(
+pub(super) fn changes(
     written: &BTreeMap<String, WorkerRecord>,
     remembered: &BTreeMap<String, Remembered>,
     now: DateTime<Utc>,
@@ -203,7 +203,7 @@ fn recorded(r: &WorkerRecord) -> Recorded {
 }
 
 /// `Deployment/web`, `StatefulSet/db`, `Generated/job-`.
-pub fn family_name(family: &Family) -> String {
+pub(super) fn family_name(family: &Family) -> String {
     match family {
         Family::Deployment(name) => format!("Deployment/{name}"),
         Family::StatefulSet(name) => format!("StatefulSet/{name}"),
@@ -211,7 +211,7 @@ pub fn family_name(family: &Family) -> String {
     }
 }
 
-pub fn parse_family(name: &str) -> Option<Family> {
+pub(super) fn parse_family(name: &str) -> Option<Family> {
     let (kind, rest) = name.split_once('/')?;
     match kind {
         "Deployment" => Some(Family::Deployment(rest.to_string())),

@@ -19,7 +19,7 @@ use crate::policy::{IdleSweepRecord, MigrationCounters, SessionPolicyStatus};
 
 /// What the operator remembers about one policy between passes.
 #[derive(Debug, Default)]
-pub struct PolicyState {
+pub(crate) struct PolicyState {
     pub(super) memory: Memory,
     /// Taken from status when this replica becomes leader, then kept here.
     pub(super) counters: Option<MigrationCounters>,
@@ -38,7 +38,7 @@ pub struct PolicyState {
 
 /// How a migration ended: the sessions it moved, or why it stopped (the message shown in
 /// status and in the Warning Event).
-pub type Outcome<'a> = Result<u64, &'a str>;
+pub(super) type Outcome<'a> = Result<u64, &'a str>;
 
 impl PolicyState {
     /// Marks the plan's actions as handed to their tasks: until each reports its outcome, its

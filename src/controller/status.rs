@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 /// The reasons of the `Ready` condition. **Declaration order is priority**: when several
 /// apply, the first one is shown (docs/operator.md, "Conditions and their priority").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ReadyReason {
+pub(crate) enum ReadyReason {
     /// The spec cannot be acted on; nothing else is looked at.
     InvalidSpec,
     /// The session store could not be read: the pass learned nothing.
@@ -26,7 +26,7 @@ pub enum ReadyReason {
 
 impl ReadyReason {
     /// The condition's `reason` string.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ReadyReason::InvalidSpec => "InvalidSpec",
             ReadyReason::StoreUnavailable => "StoreUnavailable",
@@ -37,7 +37,7 @@ impl ReadyReason {
     }
 
     /// The condition's status with this reason.
-    pub fn is_ready(self) -> bool {
+    pub(crate) fn is_ready(self) -> bool {
         matches!(self, ReadyReason::Paused | ReadyReason::Reconciled)
     }
 }
@@ -45,7 +45,7 @@ impl ReadyReason {
 /// The reasons of `Degraded=True`. **Declaration order is priority**: `Degraded` shows one
 /// reason at a time, the first that applies; fixing it may reveal the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum DegradedReason {
+pub(crate) enum DegradedReason {
     InvalidSpec,
     StoreUnavailable,
     /// Some selected pods belong to another policy.
@@ -64,7 +64,7 @@ pub enum DegradedReason {
 
 impl DegradedReason {
     /// The condition's `reason` string.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DegradedReason::InvalidSpec => "InvalidSpec",
             DegradedReason::StoreUnavailable => "StoreUnavailable",
@@ -82,7 +82,7 @@ impl DegradedReason {
 /// One condition as the reconciler decides it; turned into a `metav1.Condition` that keeps its
 /// `lastTransitionTime` while its status does not change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cond {
+pub(crate) struct Cond {
     pub type_: &'static str,
     pub status: bool,
     pub reason: &'static str,
@@ -90,7 +90,7 @@ pub struct Cond {
 }
 
 impl Cond {
-    pub fn new(
+    pub(crate) fn new(
         type_: &'static str,
         status: bool,
         reason: &'static str,
@@ -107,7 +107,7 @@ impl Cond {
 
 /// Builds conditions, carrying `lastTransitionTime` over from `previous` when the status of a
 /// condition type did not change.
-pub fn conditions(
+pub(crate) fn conditions(
     wanted: &[Cond],
     previous: &[Condition],
     generation: Option<i64>,
@@ -120,8 +120,7 @@ pub fn conditions(
             let since = previous
                 .iter()
                 .find(|p| p.type_ == c.type_ && p.status == status)
-                .map(|p| p.last_transition_time.clone())
-                .unwrap_or(Time(now));
+                .map_or(Time(now), |p| p.last_transition_time.clone());
             Condition {
                 type_: c.type_.to_string(),
                 status: status.to_string(),
@@ -143,7 +142,10 @@ pub fn conditions(
 /// recently — keeps the total true as of the count (a rollout moves sessions between the
 /// policy's own workers), where summing over the current pods alone read 0 after every
 /// rollout until the next count.
-pub fn policy_sessions(counts: &BTreeMap<String, u64>, belongs: impl Fn(&str) -> bool) -> u64 {
+pub(crate) fn policy_sessions(
+    counts: &BTreeMap<String, u64>,
+    belongs: impl Fn(&str) -> bool,
+) -> u64 {
     counts
         .iter()
         .filter(|(id, _)| belongs(id))
@@ -153,18 +155,18 @@ pub fn policy_sessions(counts: &BTreeMap<String, u64>, belongs: impl Fn(&str) ->
 
 /// How long a migration may keep failing (or keep leaving sessions behind) before the policy
 /// stops claiming `Ready`: a few retries (one every 5 s) ride out a blip.
-pub const PERSISTENT: Duration = Duration::from_secs(30);
+pub(crate) const PERSISTENT: Duration = Duration::from_secs(30);
 
 /// Workers whose migration keeps failing or leaves sessions behind, and since when.
 #[derive(Debug, Default)]
-pub struct MigrationHealth {
+pub(crate) struct MigrationHealth {
     /// worker → (since, reason, message)
     troubled: BTreeMap<String, (Instant, DegradedReason, String)>,
 }
 
 /// What [`MigrationHealth`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Trouble {
+pub(crate) struct Trouble {
     /// `MigrationFailed` or `MigrationIncomplete`.
     pub reason: DegradedReason,
     pub message: String,
@@ -176,7 +178,11 @@ impl MigrationHealth {
     /// Records one pass: `failing` are workers whose last migration failed (→ the error);
     /// `lingering` are workers the policy migrated that still hold sessions (rows it could not
     /// move, or a proxy still writing for them). A worker in neither is healthy again.
-    pub fn observe(&mut self, failing: &BTreeMap<String, String>, lingering: &BTreeSet<String>) {
+    pub(crate) fn observe(
+        &mut self,
+        failing: &BTreeMap<String, String>,
+        lingering: &BTreeSet<String>,
+    ) {
         self.observe_at(Instant::now(), failing, lingering);
     }
 
@@ -211,7 +217,7 @@ impl MigrationHealth {
     }
 
     /// The longest-standing trouble, with how many workers are in trouble.
-    pub fn verdict(&self) -> Option<Trouble> {
+    pub(crate) fn verdict(&self) -> Option<Trouble> {
         self.verdict_at(Instant::now())
     }
 

@@ -3,12 +3,12 @@
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-pub use super::observe::Observed;
+pub(crate) use super::observe::Observed;
 use crate::policy::{ValidPolicy, WorkerIdSource};
 
 /// A pod selected by a policy, seen through the planner's eyes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Worker {
+pub(crate) struct Worker {
     /// The worker id proxies route to.
     pub id: String,
     /// The pod's name, for events and the deletion-cost annotation.
@@ -38,7 +38,7 @@ pub struct Worker {
 /// The workload that owns a pod, and what its pods' names look like, so that sessions of a pod
 /// that vanished while no operator was running can still be attributed to the policy.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
+pub(crate) enum Family {
     /// Pods `<deployment>-<pod-template-hash>-<suffix>` of a Deployment's ReplicaSets.
     Deployment(String),
     /// Pods `<statefulset>-<ordinal>`.
@@ -49,7 +49,7 @@ pub enum Family {
 
 impl Family {
     /// Whether `name` looks like the name of a pod of this family.
-    pub fn matches_name(&self, name: &str) -> bool {
+    pub(crate) fn matches_name(&self, name: &str) -> bool {
         let suffix_ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
         match self {
             Family::Deployment(deployment) => name
@@ -69,18 +69,22 @@ impl Family {
 }
 
 /// Whether a pod's phase is final (Failed or Succeeded): it will not serve again.
-pub fn is_finished(pod: &Pod) -> bool {
+pub(crate) fn is_finished(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Failed" | "Succeeded")
     )
 }
 
-pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
+pub(crate) const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// The worker view of a pod the policy selects, with the watch's first observation of it;
 /// `None` when the pod has no worker id (a missing label or annotation).
-pub fn worker(policy: &ValidPolicy, pod: &Pod, observed: Option<Observed>) -> Option<Worker> {
+pub(crate) fn worker(
+    policy: &ValidPolicy,
+    pod: &Pod,
+    observed: Option<Observed>,
+) -> Option<Worker> {
     let id = policy.worker_id(pod)?;
     let meta = &pod.metadata;
     let status = pod.status.as_ref();
@@ -119,7 +123,7 @@ pub fn worker(policy: &ValidPolicy, pod: &Pod, observed: Option<Observed>) -> Op
 }
 
 /// The pod's controller owner as `Kind/name`.
-pub fn owner(pod: &Pod) -> Option<String> {
+pub(crate) fn owner(pod: &Pod) -> Option<String> {
     pod.metadata
         .owner_references
         .as_ref()?
@@ -129,7 +133,7 @@ pub fn owner(pod: &Pod) -> Option<String> {
 }
 
 /// The family of a pod, from its controller owner reference.
-pub fn family(pod: &Pod) -> Option<Family> {
+pub(crate) fn family(pod: &Pod) -> Option<Family> {
     let meta = &pod.metadata;
     let owner = meta
         .owner_references
@@ -152,7 +156,7 @@ pub fn family(pod: &Pod) -> Option<Family> {
 
 /// Whether sessions of the unknown worker id `id` plausibly belong to a pod of `families`.
 /// Only pod names carry a family; uids, labels and annotations do not.
-pub fn claims_orphan(policy: &ValidPolicy, families: &[Family], id: &str) -> Option<Family> {
+pub(crate) fn claims_orphan(policy: &ValidPolicy, families: &[Family], id: &str) -> Option<Family> {
     if policy.worker_id.from != WorkerIdSource::PodName {
         return None;
     }

@@ -39,27 +39,30 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// Why a pass failed (it is retried by [`error_policy`]).
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(super) enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 }
 
 impl Error {
     /// How the failure is counted in `session_operator_errors_total`.
-    pub fn kind(&self) -> ErrorKind {
+    pub(super) fn kind(&self) -> ErrorKind {
         match self {
             Error::Kube(_) => ErrorKind::Kube,
         }
     }
 }
 
-pub fn error_policy(_: Arc<GuardedPolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
+pub(super) fn error_policy(_: Arc<GuardedPolicy>, error: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics.error(error.kind());
     tracing::warn!(%error, "reconcile failed");
     Requeue::requeue(Duration::from_secs(5))
 }
 
-pub async fn reconcile(object: Arc<GuardedPolicy>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+pub(super) async fn reconcile(
+    object: Arc<GuardedPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
     let key = ObjectRef::from_obj(object.as_ref());
     ctx.forget_deleted();
     if object.meta().deletion_timestamp.is_some() {

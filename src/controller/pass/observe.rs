@@ -41,7 +41,7 @@ pub(crate) struct Pods {
 
 impl Pods {
     /// The ids of this policy's workers.
-    pub fn selected(&self) -> BTreeSet<&str> {
+    pub(super) fn selected(&self) -> BTreeSet<&str> {
         self.workers.iter().map(|w| w.id.as_str()).collect()
     }
 }
@@ -157,7 +157,11 @@ pub(crate) async fn store(ctx: &Arc<Context>) -> Result<StoreFacts, StoreError> 
 /// Session counts of all workers. A full count costs O(sessions), so it never delays a pass:
 /// once a snapshot exists, passes use it and a stale one is refreshed in the background.
 async fn session_counts(ctx: &Arc<Context>) -> Result<SessionCounts, StoreError> {
-    let snapshot = ctx.counts.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let snapshot = ctx
+        .counts
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     match snapshot {
         Some((at, counts)) => {
             if at.elapsed() >= ctx.settings.counts_interval
@@ -184,7 +188,10 @@ async fn refresh_counts(ctx: &Context) -> Result<SessionCounts, StoreError> {
     ctx.metrics
         .observe_store(StoreOp::CountsByWorker, started.elapsed());
     let counts = Arc::new(counts?);
-    *ctx.counts.write().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), counts.clone()));
+    *ctx.counts
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some((Instant::now(), counts.clone()));
     Ok(counts)
 }
 

@@ -32,7 +32,7 @@ pub(crate) struct Problems {
 
 impl Problems {
     /// Every `Degraded` reason that applies, with its message, by priority.
-    pub fn degraded(&self) -> Vec<(DegradedReason, String)> {
+    pub(super) fn degraded(&self) -> Vec<(DegradedReason, String)> {
         let mut reasons = Vec::new();
         if let Some(message) = &self.overlap {
             reasons.push((DegradedReason::OverlappingSelector, message.clone()));
@@ -243,8 +243,7 @@ fn cache_condition(cache: &CacheView) -> Cond {
 fn previous_conditions(policy: Option<&SessionPolicy>) -> &[Condition] {
     policy
         .and_then(|p| p.status.as_ref())
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or(&[])
+        .map_or(&[], |s| s.conditions.as_slice())
 }
 
 #[cfg(test)]

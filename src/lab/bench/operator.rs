@@ -155,7 +155,11 @@ async fn measure(
         .env("KUBECONFIG", &kubeconfig)
         .env(
             "RUST_LOG",
-            if args.operator_log.is_some() { "info" } else { "warn" },
+            if args.operator_log.is_some() {
+                "info"
+            } else {
+                "warn"
+            },
         )
         .stdout(match &args.operator_log {
             Some(path) => Stdio::from(
