@@ -42,7 +42,7 @@ pub(crate) struct OperatorBench {
     /// Small sizes for a quick check (used by scripts/test.sh).
     #[arg(long)]
     smoke: bool,
-    /// Write the operator's log (JSON, info level) to this file, to see where a migration's
+    /// Write the operator's log (JSON; info, the controller at debug) to this file, to see where a migration's
     /// time goes; by default it logs warnings only, to its stderr.
     #[arg(long)]
     operator_log: Option<std::path::PathBuf>,
@@ -156,7 +156,7 @@ async fn measure(
         .env(
             "RUST_LOG",
             if args.operator_log.is_some() {
-                "info"
+                "info,session_operator::controller=debug"
             } else {
                 "warn"
             },
