@@ -102,6 +102,7 @@ CHART_TEST_REQUIRE_BINARIES=1 ./scripts/chart-test.sh --ignore=tests/chart/test_
 ./scripts/test-real.sh
 cargo run -q -- bench store --smoke
 cargo run -q -- bench operator --smoke
+cargo run -q -- bench pass --smoke
 # Benchmark targets built in the test profile and run once with small sizes.
 BENCH_SMOKE=1 cargo test -q -p kube-emulator --bench emulator
 echo "all tests passed"

@@ -63,7 +63,13 @@ pub(crate) async fn act(
         migrations::spawn(ctx, target.key, target.handle, policy, actions);
     }
     if leader {
-        records::save(ctx, target.key, &mut state.records, &state.memory).await;
+        crate::telemetry::awaiting_store(records::save(
+            ctx,
+            target.key,
+            &mut state.records,
+            &state.memory,
+        ))
+        .await;
     }
     let mut acted = Acted::default();
     if let Some(ttl) = valid.idle_ttl {

@@ -95,7 +95,8 @@ pub(super) async fn reconcile(
         policy,
         valid: &valid,
     };
-    let result = pass(&ctx, &target, &mut state).await;
+    let (result, cost) = crate::telemetry::measure_pass(pass(&ctx, &target, &mut state)).await;
+    ctx.metrics.observe_pass(&cost);
     ctx.metrics.reconciled(result.is_ok());
     result
 }
@@ -135,13 +136,13 @@ async fn pass(
         Ok(store) => store,
         Err(e) => return store_unavailable(ctx, policy, state, &pods.workers, e.to_string()).await,
     };
-    records::load(
+    crate::telemetry::awaiting_store(records::load(
         ctx,
         target.key,
         &mut state.records,
         &mut state.memory,
         leader,
-    )
+    ))
     .await;
 
     let mut planned = plan::plan(state, valid, &pods, &store, ctx.settings.orphan_grace, now);

@@ -1,12 +1,15 @@
 //! Benchmarks behind `session-operator bench`, printing their figures. Each result is reported
 //! with a baseline measured in the same run, so figures from noisy machines stay comparable.
 
+mod harness;
 mod operator;
+mod pass;
 mod store;
 
 use clap::{Args, Subcommand};
 
 use operator::OperatorBench;
+use pass::PassBench;
 use store::StoreBench;
 
 /// Where the benchmarks find Postgres and Redis (each run uses a schema and key prefix of its
@@ -36,12 +39,17 @@ pub(crate) enum BenchCommand {
     /// Migration latency of a rolling update (real operator binary, emulator, Redis over
     /// Postgres) and the operator's peak memory.
     Operator(OperatorBench),
+    /// The cost of one level-triggered pass (store time, operator CPU time, p50/p99) at
+    /// 1k/10k workers and 1M/10M sessions, the operator's RSS with every worker pod watched,
+    /// and the API requests it makes per rolling update of N pods.
+    Pass(PassBench),
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store::run(args).await,
         BenchCommand::Operator(args) => operator::run(args).await,
+        BenchCommand::Pass(args) => pass::run(args).await,
     }
 }
 

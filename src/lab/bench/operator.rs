@@ -2,7 +2,6 @@
 //! operator binary against the emulator and a layered store (Redis over Postgres), and the
 //! operator's peak memory.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,15 +13,14 @@ use kube_emulator::{Controllers, Emulator};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::harness::{self, Operator};
 use super::percentile_ms;
 use crate::lab::shared::{
     LOOK_EVERY, Tracker, WORKERS, pod_reader, prepare, ready_workers, restart, rollout_complete,
     session_policy, workers_deployment,
 };
 use crate::policy::SessionPolicy;
-use crate::store::{
-    Entry, LayeredStore, PostgresStore, RedisOptions, RedisStore, Store, StoreOptions,
-};
+use crate::store::{Entry, Store};
 
 #[derive(Debug, Args)]
 pub(crate) struct OperatorBench {
@@ -56,38 +54,16 @@ pub(crate) async fn run(mut args: OperatorBench) -> anyhow::Result<()> {
         args.sessions = 2_000;
     }
     let tag = format!("bench_operator_{}", std::process::id());
-    let prefix = format!("{tag}:");
-    let options = StoreOptions::default();
-    let primary = Arc::new(
-        PostgresStore::connect(&args.stores.database_url, &tag, options.clone())
-            .await
-            .context("connecting to Postgres")?,
-    );
-    primary.migrate(&tag).await.context("migrating")?;
-    let cache = Arc::new(
-        RedisStore::connect(
-            &args.stores.redis_url,
-            options.clone(),
-            RedisOptions {
-                prefix: prefix.clone(),
-                ..RedisOptions::default()
-            },
-        )
-        .await
-        .context("connecting to Redis")?,
-    );
-    let store: Arc<dyn Store> = Arc::new(LayeredStore::new(cache, primary, options)?);
-    let result = measure(&args, &tag, &prefix, store).await;
-    cleanup(&args, &tag, &prefix).await;
+    let result = async {
+        let store = harness::layered_store(&args.stores, &tag).await?;
+        measure(&args, &tag, store).await
+    }
+    .await;
+    harness::cleanup(&args.stores, &tag).await;
     result
 }
 
-async fn measure(
-    args: &OperatorBench,
-    schema: &str,
-    prefix: &str,
-    store: Arc<dyn Store>,
-) -> anyhow::Result<()> {
+async fn measure(args: &OperatorBench, schema: &str, store: Arc<dyn Store>) -> anyhow::Result<()> {
     let emulator = Emulator::builder()
         .controllers(Controllers::all())
         .nodes(10)
@@ -139,38 +115,13 @@ async fn measure(
         .create(&PostParams::default(), &policy)
         .await
         .context("creating the SessionPolicy")?;
-    let kubeconfig = std::env::temp_dir().join(format!("{schema}.kubeconfig"));
-    std::fs::write(&kubeconfig, emulator.kubeconfig())?;
-    let mut operator = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("run")
-        .args([
-            "--database-url",
-            &args.stores.database_url,
-            "--redis-url",
-            &args.stores.redis_url,
-        ])
-        .args(["--schema", schema, "--redis-prefix", prefix])
-        .args(["--lease-namespace", NS, "--identity", "bench-operator"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env(
-            "RUST_LOG",
-            if args.operator_log.is_some() {
-                "info,session_operator::controller=debug"
-            } else {
-                "warn"
-            },
-        )
-        .stdout(match &args.operator_log {
-            Some(path) => Stdio::from(
-                std::fs::File::create(path)
-                    .with_context(|| format!("creating {}", path.display()))?,
-            ),
-            None => Stdio::null(),
-        })
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the operator")?;
+    let operator = Operator::start(
+        &args.stores,
+        &emulator,
+        schema,
+        NS,
+        args.operator_log.as_deref(),
+    )?;
     // Let it elect itself and settle its first pass.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -197,9 +148,9 @@ async fn measure(
         );
     }
     let rollout = started.elapsed();
-    let rss = operator.id().and_then(peak_rss_kib);
-    let cpu = operator.id().and_then(cpu_seconds);
-    let _ = operator.kill().await;
+    let rss = operator.peak_rss_kib();
+    let cpu = operator.cpu_seconds();
+    operator.stop().await;
     let workers = ready_workers(&pods);
     stop.cancel();
     emulator.shutdown().await;
@@ -340,58 +291,4 @@ async fn seed(
         r?;
     }
     Ok(())
-}
-
-async fn cleanup(args: &OperatorBench, schema: &str, prefix: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(&args.stores.database_url).await {
-        let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
-    }
-    if let Ok(client) = redis::Client::open(args.stores.redis_url.as_str())
-        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-    {
-        let mut cursor: u64 = 0;
-        loop {
-            let reply: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await;
-            let Ok((next, keys)) = reply else { break };
-            if !keys.is_empty() {
-                let _: redis::RedisResult<()> =
-                    redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-    }
-}
-
-/// Peak resident set size of a process, from `/proc/<pid>/status` (`VmHWM`), in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// CPU time (user + system) a process used so far, from `/proc/<pid>/stat`, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after its ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // The kernel's USER_HZ is 100 on every Linux this runs on.
-    Some(ticks as f64 / 100.0)
 }
