@@ -441,6 +441,20 @@ impl LayeredStore {
         self.reapplies.reopen();
     }
 
+    /// `reroute_worker`/`delete_by_worker`: the whole migration, unguarded, waiting for locked
+    /// rows, after a repair attempt if the cache needs one.
+    async fn migrate_all(&self, mv: WorkerMove<'_>) -> Result<u64> {
+        self.retry_repair().await;
+        let run = migrate_worker(
+            self,
+            mv,
+            BatchRun::waiting(),
+            self.options.batch(),
+            &Unguarded,
+        );
+        migrate::moved(run.await)
+    }
+
     /// Remembers a primary write of `last_access` for coalescing. The time is the entry's own
     /// `last_access` (a `set` may write an old one), so coalescing never lets the primary lag
     /// the real last access by more than the window.
@@ -679,18 +693,8 @@ impl Store for LayeredStore {
 
     async fn delete_by_worker(&self, worker_id: &str) -> Result<u64> {
         validate_id("worker id", worker_id)?;
-        self.retry_repair().await;
-        let mv = WorkerMove::Delete { worker: worker_id };
-        migrate::moved(
-            migrate_worker(
-                self,
-                mv,
-                BatchRun::waiting(),
-                self.options.batch(),
-                &Unguarded,
-            )
-            .await,
-        )
+        self.migrate_all(WorkerMove::Delete { worker: worker_id })
+            .await
     }
 
     async fn delete_worker_batch(&self, worker_id: &str, limit: usize) -> Result<Vec<String>> {
@@ -723,18 +727,7 @@ impl Store for LayeredStore {
         if from == to {
             return self.primary.count_for_worker(from).await;
         }
-        self.retry_repair().await;
-        let mv = WorkerMove::Reroute { from, to };
-        migrate::moved(
-            migrate_worker(
-                self,
-                mv,
-                BatchRun::waiting(),
-                self.options.batch(),
-                &Unguarded,
-            )
-            .await,
-        )
+        self.migrate_all(WorkerMove::Reroute { from, to }).await
     }
 
     async fn reroute_batch(&self, from: &str, to: &str, limit: usize) -> Result<Vec<String>> {
