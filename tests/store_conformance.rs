@@ -395,6 +395,10 @@ async fn bad_ids_are_rejected(store: Arc<dyn Store>) {
                 .err(),
             store.reroute_batch(bad, "w", 1).await.err(),
             store.delete_worker_batch(bad, 1).await.err(),
+            store
+                .workers_holding(&["w".into(), bad.to_string()])
+                .await
+                .err(),
         ];
         for err in errs {
             let err = err.unwrap_or_else(|| panic!("{:?} accepted", &bad[..bad.len().min(10)]));
@@ -469,7 +473,19 @@ async fn workers_with_sessions(store: Arc<dyn Store>) {
         store.workers_with_sessions().await.unwrap(),
         workers(&["c", "d"])
     );
+    // A probe answers for the ids asked, and only those: "a" and "b" were emptied, "zz" never held.
+    let ask: Vec<String> = ["a", "b", "c", "zz", "d"].map(String::from).into();
+    assert_eq!(
+        store.workers_holding(&ask).await.unwrap(),
+        workers(&["c", "d"])
+    );
+    assert_eq!(
+        store.workers_holding(&["d".into()]).await.unwrap(),
+        workers(&["d"])
+    );
+    assert!(store.workers_holding(&[]).await.unwrap().is_empty());
     assert!(store.delete("c-s0").await.unwrap());
+    assert_eq!(store.workers_holding(&ask).await.unwrap(), workers(&["d"]));
     assert_eq!(
         store.workers_with_sessions().await.unwrap(),
         workers(&["d"])

@@ -31,7 +31,7 @@ pub(crate) mod workers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use events::Events;
 use migrations::Migrations;
+use pass::Listing;
 
 use crate::connect::Connected;
 use crate::leader::Fence;
@@ -115,9 +116,10 @@ pub(crate) struct Context {
     pub settings: Settings,
     /// Per-policy memory (planner memory, counters, sweep times).
     states: Mutex<HashMap<ObjectRef<GuardedPolicy>, Arc<tokio::sync::Mutex<PolicyState>>>>,
-    /// Session counts of all workers, refreshed every `counts_interval`.
-    counts: std::sync::RwLock<Option<(Instant, SessionCounts)>>,
-    counts_refreshing: std::sync::atomic::AtomicBool,
+    /// The store-wide listing (session counts, workers holding sessions), refreshed every
+    /// `counts_interval` in the background (see [`pass`]'s observe step).
+    listing: std::sync::RwLock<Option<Arc<Listing>>>,
+    listing_refreshing: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -240,8 +242,8 @@ pub(crate) async fn run(
         health,
         settings,
         states: Mutex::default(),
-        counts: std::sync::RwLock::default(),
-        counts_refreshing: std::sync::atomic::AtomicBool::new(false),
+        listing: std::sync::RwLock::default(),
+        listing_refreshing: std::sync::atomic::AtomicBool::new(false),
     });
 
     // Readiness: every watch stream delivered its initial list (its own InitDone event), and

@@ -104,6 +104,10 @@ impl Ceded {
     pub(super) fn contains(&self, id: &str) -> bool {
         self.ids.contains_key(id)
     }
+
+    pub(super) fn ids(&self) -> impl Iterator<Item = &str> {
+        self.ids.keys().map(String::as_str)
+    }
 }
 
 #[cfg(test)]

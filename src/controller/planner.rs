@@ -289,6 +289,17 @@ impl Memory {
             || self.recorded.contains_key(id)
     }
 
+    /// Every id this memory tracks: the ones [`Memory::knows`], and the orphans it watches.
+    pub(crate) fn tracked_ids(&self) -> impl Iterator<Item = &str> {
+        self.last_seen
+            .keys()
+            .chain(self.departures.keys())
+            .chain(self.resolved.keys())
+            .chain(self.recorded.keys())
+            .chain(self.orphans_seen.keys())
+            .map(String::as_str)
+    }
+
     /// Adds the workers of the durable records that this memory does not know yet. The next
     /// pass departs each one whose id no pod holds: a vanished worker, or one whose departure a
     /// previous leader observed, is completed like a departure seen here (its replacement is

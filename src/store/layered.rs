@@ -386,7 +386,7 @@ impl LayeredStore {
         *last_attempt = Some(Instant::now());
         if self.repair_dirty().await? {
             if self.cache_error().is_some() {
-                self.cache.ping().await?;
+                Cache::ping(self.cache.as_ref()).await?;
                 self.cache_ok();
             }
             return Ok(0);
@@ -719,6 +719,14 @@ impl Store for LayeredStore {
 
     async fn workers_with_sessions(&self) -> Result<BTreeSet<String>> {
         self.primary.workers_with_sessions().await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.primary.ping().await
+    }
+
+    async fn workers_holding(&self, worker_ids: &[String]) -> Result<BTreeSet<String>> {
+        self.primary.workers_holding(worker_ids).await
     }
 
     async fn reroute_worker(&self, from: &str, to: &str) -> Result<u64> {

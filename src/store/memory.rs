@@ -267,6 +267,18 @@ impl Store for MemoryStore {
         Ok(self.tables().by_worker.keys().cloned().collect())
     }
 
+    async fn workers_holding(&self, worker_ids: &[String]) -> Result<BTreeSet<String>> {
+        for w in worker_ids {
+            validate_id("worker id", w)?;
+        }
+        let tables = self.tables();
+        Ok(worker_ids
+            .iter()
+            .filter(|w| tables.by_worker.contains_key(w.as_str()))
+            .cloned()
+            .collect())
+    }
+
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
         validate_id("worker id", worker_id)?;
         Ok(self

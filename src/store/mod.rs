@@ -103,6 +103,36 @@ pub trait Store: Send + Sync {
         Ok(self.counts_by_worker().await?.into_keys().collect())
     }
 
+    /// One round trip to the store, to learn that it answers: the operator's pass pings it when
+    /// it has nothing else to ask, so that every pass notices an unreachable store. Stores
+    /// without a connection (memory) answer at once.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Which of `worker_ids` hold at least one session, counted as [`Store::workers_with_sessions`]
+    /// counts them (rows expired but not swept yet included). The operator's passes ask this of
+    /// the few ids whose answer must be fresh (departures, vanished workers, orphans) and take
+    /// the rest from a listing refreshed in the background: a probe costs O(ids asked), where a
+    /// full listing costs O(workers) on every pass.
+    ///
+    /// The provided implementation filters [`Store::workers_with_sessions`]; stores override it
+    /// with a probe per id.
+    async fn workers_holding(&self, worker_ids: &[String]) -> Result<BTreeSet<String>> {
+        for w in worker_ids {
+            validate_id("worker id", w)?;
+        }
+        if worker_ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let all = self.workers_with_sessions().await?;
+        Ok(worker_ids
+            .iter()
+            .filter(|w| all.contains(*w))
+            .cloned()
+            .collect())
+    }
+
     /// Moves every session of `from` to `to`; returns how many moved.
     ///
     /// Sessions that expired but were not swept yet are moved too (Postgres and memory): blockyard

@@ -748,6 +748,34 @@ impl Store for PostgresStore {
         Ok(workers.into_iter().collect())
     }
 
+    async fn ping(&self) -> Result<()> {
+        match sqlx::query("SELECT 1").execute(&self.pool).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.explain(e.into()).await),
+        }
+    }
+
+    async fn workers_holding(&self, worker_ids: &[String]) -> Result<BTreeSet<String>> {
+        for w in worker_ids {
+            validate_id("worker id", w)?;
+        }
+        if worker_ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        // One index probe per id asked (the `worker_id` index), whatever the table holds.
+        let workers: std::result::Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(self.sql(
+            "SELECT w FROM unnest($1::text[]) AS w
+             WHERE EXISTS (SELECT 1 FROM blockyard_sessions s WHERE s.worker_id = w)",
+        ))
+        .bind(worker_ids)
+        .fetch_all(&self.pool)
+        .await;
+        match workers {
+            Ok(v) => Ok(v.into_iter().collect()),
+            Err(e) => Err(self.explain(e.into()).await),
+        }
+    }
+
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
         validate_id("worker id", worker_id)?;
         let rows: Vec<Row> = sqlx::query_as(self.sql(

@@ -985,6 +985,32 @@ impl Store for RedisStore {
         Ok(self.indexed_workers().await?.into_iter().collect())
     }
 
+    async fn ping(&self) -> Result<()> {
+        Cache::ping(self).await
+    }
+
+    async fn workers_holding(&self, worker_ids: &[String]) -> Result<BTreeSet<String>> {
+        for w in worker_ids {
+            validate_id("worker id", w)?;
+        }
+        if worker_ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        self.adopt_if_needed().await?;
+        let mut conn = self.conn.clone();
+        // One SMISMEMBER on the set of indexed workers: the same set `workers_with_sessions` lists.
+        let held: Vec<bool> = redis::cmd("SMISMEMBER")
+            .arg(format!("{}session-index:workers", self.redis.prefix))
+            .arg(worker_ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(worker_ids
+            .iter()
+            .zip(held)
+            .filter_map(|(w, held)| held.then(|| w.clone()))
+            .collect())
+    }
+
     async fn entries_for_worker(&self, worker_id: &str) -> Result<HashMap<String, Entry>> {
         validate_id("worker id", worker_id)?;
         self.adopt_if_needed().await?;

@@ -36,6 +36,7 @@ pub(crate) struct SweepLabels {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub(crate) enum StoreOp {
     WorkersWithSessions,
+    WorkersHolding,
     CountsByWorker,
     RerouteWorker,
     DeleteByWorker,

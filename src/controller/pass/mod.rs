@@ -15,6 +15,8 @@ mod plan;
 mod report;
 mod writer;
 
+pub(super) use observe::Listing;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -132,8 +134,8 @@ async fn pass(
 
     let policies = ctx.index.snapshot(&ctx.all_policies());
     let pods = observe::pods(ctx, &policies, policy, valid);
-    let store = match observe::store(ctx).await {
-        Ok(store) => store,
+    let listing = match observe::listing(ctx).await {
+        Ok(listing) => listing,
         Err(e) => return store_unavailable(ctx, policy, state, &pods.workers, e.to_string()).await,
     };
     crate::telemetry::awaiting_store(records::load(
@@ -144,6 +146,15 @@ async fn pass(
         leader,
     ))
     .await;
+    let probe = observe::probe_ids(
+        &listing,
+        state.memory.tracked_ids().chain(state.ceded.ids()),
+        &pods,
+    );
+    let store = match observe::facts(ctx, &listing, &probe).await {
+        Ok(store) => store,
+        Err(e) => return store_unavailable(ctx, policy, state, &pods.workers, e.to_string()).await,
+    };
 
     let mut planned = plan::plan(state, valid, &pods, &store, ctx.settings.orphan_grace, now);
     log_plan(
