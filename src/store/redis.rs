@@ -1007,7 +1007,8 @@ impl Store for RedisStore {
         Ok(worker_ids
             .iter()
             .zip(held)
-            .filter_map(|(w, held)| held.then(|| w.clone()))
+            .filter(|(_, held)| *held)
+            .map(|(w, _)| w.clone())
             .collect())
     }
 
