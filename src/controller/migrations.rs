@@ -152,7 +152,7 @@ async fn run(
                 success(&ctx, &policy, &action, moved)
             }
             Err(message) => {
-                tracing::warn!(worker = action.worker(), %message, "migration failed");
+                tracing::warn!(worker = action.worker(), error = %message, "migration failed");
                 Some(Event {
                     type_: EventType::Warning,
                     reason: "MigrationFailed".into(),

@@ -90,14 +90,21 @@ impl Observations {
             .pods
             .entry(uid.to_string())
             .or_insert_with(|| Observed {
-                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                seq: self.seq.fetch_add(1, Ordering::AcqRel),
                 at: Timestamp::now(),
                 listed,
                 departed: None,
             });
         if gone && observed.departed.is_none() {
-            observed.departed = Some((self.seq.fetch_add(1, Ordering::Relaxed), listed));
+            observed.departed = Some((self.seq.fetch_add(1, Ordering::AcqRel), listed));
         }
+    }
+
+    /// The number the next first sighting will get: read after scanning the reflectors, every
+    /// pod the scan saw has a lower [`Observed::seq`] (its event was recorded before the
+    /// reflector stored it).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
     }
 
     /// The first observation of a pod, if a watch showed it.

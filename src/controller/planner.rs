@@ -66,6 +66,9 @@ pub(crate) struct Input<'a> {
     /// selects (relabelled out of rotation, a narrowed selector). Proxies may still route to
     /// them: their sessions are left alone, never taken for a departure.
     pub unselected: &'a BTreeSet<String>,
+    /// The watch's numbering (see [`Observed::seq`]) when this pass read the pods: every pod it
+    /// sees was first shown by a watch with a lower number.
+    pub seen_through: u64,
 }
 
 /// What to do with a departed worker's sessions.
@@ -219,6 +222,15 @@ pub(crate) struct Memory {
     /// replacement the action pairs with. Migrations run outside the pass, so a pass must
     /// neither plan them again nor pair their replacement with another departure.
     in_flight: BTreeMap<String, Option<String>>,
+    /// Departed worker → the replacement of its failed action, and what that action would
+    /// have made of it. A migration commits in batches, so a failed one may already have moved
+    /// some or all of the sessions: its replacement stays paired with this departure (another
+    /// departure must not land on it too), the retry goes there again, and a departure found
+    /// empty by the retry counts as migrated there (late sessions follow).
+    unfinished: BTreeMap<String, (String, Resolution)>,
+    /// [`Input::seen_through`] of the last pass: a pod that vanished since departed after
+    /// every pod that pass saw had appeared.
+    seen_through: Option<u64>,
     /// Unknown worker ids with sessions → first seen.
     orphans_seen: BTreeMap<String, Timestamp>,
     /// Migrated workers with late sessions whose target is live but not Ready → since when.
@@ -252,6 +264,7 @@ impl Memory {
     /// Records a successfully executed action.
     pub(crate) fn completed(&mut self, action: &Action, now: Timestamp) {
         let id = action.worker().to_string();
+        self.unfinished.remove(&id);
         if let Some(Some(target)) = self.in_flight.remove(&id) {
             // Retention of the pairing counts from the moment the sessions arrived.
             self.paired.insert(target, now);
@@ -268,11 +281,17 @@ impl Memory {
         self.resolved.insert(id, (resolution, now, family));
     }
 
-    /// Records an action that failed: its worker is planned afresh by the next pass, and its
-    /// replacement is free again.
+    /// Records an action that failed: its worker is planned again by the next pass, onto the
+    /// same replacement while that one is Ready (see [`Memory::unfinished`]); the replacement
+    /// stays paired with it either way, since the failed action may have moved sessions there.
     pub(crate) fn failed(&mut self, action: &Action) {
         if let Some(Some(target)) = self.in_flight.remove(action.worker()) {
-            self.paired.remove(&target);
+            let resolution = match action {
+                Action::Reroute { to, .. } => Resolution::Rerouted { to: to.clone() },
+                Action::Delete { .. } => Resolution::Deleted,
+            };
+            self.unfinished
+                .insert(action.worker().to_string(), (target, resolution));
         }
     }
 
@@ -453,11 +472,12 @@ fn note_departures(memory: &mut Memory, pass: &Pass<'_>) {
                 family: seen.family.clone(),
                 pod: Some(seen.pod.clone()),
                 orphan: false,
-                observed: seen.observed,
+                observed: seen.observed.map(|o| vanished(o, memory.seen_through)),
                 owner: seen.owner.clone(),
             });
         }
     }
+    memory.seen_through = Some(input.seen_through);
     // Unselected pods stay remembered: when they are deleted later, they depart like any worker.
     let mut seen: BTreeMap<String, Seen> = input
         .workers
@@ -510,6 +530,20 @@ fn note_departures(memory: &mut Memory, pass: &Pass<'_>) {
         .departures
         .retain(|id, _| !live.contains(id.as_str()));
     memory.resolved.retain(|id, _| !live.contains(id.as_str()));
+}
+
+/// The observation of a pod that vanished between two passes without a pass seeing it depart
+/// (deleted at once, or terminating only briefly). Its departure is known to have come after
+/// every pod the last pass saw: a sibling that pass saw is a peer (the next pod of a rollout,
+/// not its replacement), one that appeared later may replace it (see [`sibling_order`]).
+fn vanished(o: Observed, last_pass: Option<u64>) -> Observed {
+    Observed {
+        // Numbered just below the pods that appeared after that pass (`seq >= last_pass`).
+        departed: o
+            .departed
+            .or_else(|| last_pass.map(|seq| (seq.saturating_sub(1), false))),
+        ..o
+    }
 }
 
 /// Step 2. Orphans: unknown ids with sessions, after a grace period.
@@ -653,11 +687,24 @@ fn pair_departures(
         }
         if !input.with_sessions.contains(&id) {
             memory.departures.remove(&id);
+            // Emptied by an action that failed after its last batch: migrated all the same.
+            let resolution = memory
+                .unfinished
+                .remove(&id)
+                .map_or(Resolution::Empty, |(_, resolution)| resolution);
             memory
                 .resolved
-                .insert(id, (Resolution::Empty, now, departure.family));
+                .insert(id, (resolution, now, departure.family));
             continue;
         }
+        // The retry of a failed action goes where that action went, while it is Ready: the
+        // sessions it moved are there, and splitting a worker over two replacements would
+        // leave the second one paired twice over.
+        let retry = memory
+            .unfinished
+            .get(&id)
+            .and_then(|(to, _)| ready.iter().find(|w| &w.id == to))
+            .copied();
         let candidates: Vec<(&Worker, Fit)> = ready
             .iter()
             .filter(|w| w.id != id)
@@ -674,7 +721,7 @@ fn pair_departures(
         let deadline = after(departure.observed_at, rules.replacement_wait);
         // A replacement that is ambiguous (created in the departed pod's second, order unseen)
         // is taken only when the alternative is deleting the sessions: a move can be undone.
-        let replacement = best(Fit::Clear).or_else(|| {
+        let replacement = retry.or_else(|| best(Fit::Clear)).or_else(|| {
             (now >= deadline
                 && rules.on_terminate == OnTerminate::Delete
                 && rules.on_replace == OnReplace::Reroute)
@@ -765,6 +812,10 @@ fn terminate(
 /// Step 5. Forget what no longer matters.
 fn forget(memory: &mut Memory, pass: &Pass<'_>) {
     let (input, now, retention) = (pass.input, pass.now, pass.retention);
+    let departures = &memory.departures;
+    memory
+        .unfinished
+        .retain(|id, _| departures.contains_key(id));
     memory
         .resolved
         .retain(|id, (_, at, _)| input.with_sessions.contains(id) || now < after(*at, retention));

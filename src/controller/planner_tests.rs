@@ -149,6 +149,13 @@ impl World {
             .iter()
             .map(|(id, f)| (id.to_string(), f.clone()))
             .collect();
+        // As the controller reads it: every pod given was numbered before.
+        let seen_through = workers
+            .iter()
+            .filter_map(|w| w.observed)
+            .map(|o| o.seq.max(o.departed.map_or(0, |(seq, _)| seq)) + 1)
+            .max()
+            .unwrap_or(0);
         plan(
             &mut self.memory,
             &Input {
@@ -159,6 +166,7 @@ impl World {
                 orphans: &orphans,
                 loads: &self.sessions,
                 unselected: &self.unselected,
+                seen_through,
             },
         )
     }
@@ -601,10 +609,12 @@ fn an_action_in_flight_is_not_planned_again_and_keeps_its_replacement() {
 }
 
 #[test]
-fn a_failed_action_frees_its_replacement_and_is_planned_again() {
+fn a_failed_action_is_planned_again_onto_the_same_replacement() {
     let mut w = World::new(rules(), &[("a", 4)]);
     w.step(1_000, &[ready("a", 0, 5)]);
     let r = ready("r", 990, 995);
+    // r2 would win a fresh choice (Ready earlier): the retry still goes where a's action went.
+    let r2 = ready("r2", 990, 992);
     let plan = w.plan(1_010, &[terminating("a", 0), r.clone()]);
     assert_eq!(
         plan.actions.iter().map(show).collect::<Vec<_>>(),
@@ -613,8 +623,51 @@ fn a_failed_action_frees_its_replacement_and_is_planned_again() {
     w.memory.started(&plan.actions[0], t(1_010));
     w.memory.failed(&plan.actions[0]);
     assert_eq!(w.memory.in_flight(), 0);
-    assert_eq!(w.step(1_015, &[terminating("a", 0), r]), ["a->r Replaced"]);
+    assert_eq!(
+        w.step(1_015, &[terminating("a", 0), r, r2]),
+        ["a->r Replaced"]
+    );
     assert_eq!(w.count("r"), 4);
+}
+
+/// A migration commits in batches: one that fails after its last batch (a store error on the
+/// final count, a lost lease) has moved every session. Its replacement must not take a second
+/// departure, and the departure found empty counts as rerouted there.
+#[test]
+fn a_failed_action_that_moved_the_sessions_keeps_its_replacement() {
+    let mut w = World::new(rules(), &[("a", 4), ("b", 4)]);
+    w.step(1_000, &[ready("a", 0, 5), ready("b", 0, 5)]);
+    let r = ready("r", 990, 995);
+    let plan = w.plan(1_010, &[terminating("a", 0), ready("b", 0, 5), r.clone()]);
+    assert_eq!(
+        plan.actions.iter().map(show).collect::<Vec<_>>(),
+        ["a->r Replaced"]
+    );
+    w.memory.started(&plan.actions[0], t(1_010));
+    // The batches landed, then the action failed.
+    w.sessions.remove("a");
+    *w.sessions.entry("r".into()).or_default() += 4;
+    w.memory.failed(&plan.actions[0]);
+    // b departs: r replaced a already, so b waits for a replacement of its own.
+    let next = w.plan(
+        1_012,
+        &[terminating("a", 0), terminating("b", 0), r.clone()],
+    );
+    assert!(next.actions.is_empty(), "{:?}", next.actions);
+    assert_eq!(next.waiting, 1);
+    assert_eq!(
+        w.memory.resolution("a"),
+        Some(&Resolution::Rerouted { to: "r".into() })
+    );
+    let r3 = ready("r3", 1_011, 1_013);
+    assert_eq!(
+        w.step(1_014, &[terminating("b", 0), r.clone(), r3.clone()]),
+        ["b->r3 Replaced"]
+    );
+    // A lagging proxy writes for a again: its sessions follow to r.
+    w.write("a", 1);
+    assert_eq!(w.step(1_016, &[r, r3]), ["a->r LateSessions"]);
+    assert_eq!((w.count("r"), w.count("r3")), (5, 4));
 }
 
 #[test]
@@ -1072,6 +1125,39 @@ fn a_sibling_the_watch_showed_before_the_departure_is_a_peer_even_if_created_lat
         w.step(1_003 + WAIT, &[old1, old0]),
         ["old-1 deleted Terminated"]
     );
+}
+
+/// The same rollout when no pass saw old-1 terminating: its ReplicaSet deleted it with a short
+/// grace period (or the kubelet had already stopped it), so it only vanished between two passes.
+/// Found on the real control plane: old-1's sessions went to old-2, and old-2's, later, both to
+/// one new pod.
+#[test]
+fn a_sibling_seen_before_a_pod_vanished_is_a_peer_even_if_created_later() {
+    let rs_old = "ReplicaSet/web-1";
+    let mut w = World::new(rules(), &[("old-1", 50), ("old-2", 50)]);
+    let old1 = owned(seen(ready("old-1", 1_000, 1_000), 1, false), rs_old);
+    let old2 = owned(seen(ready("old-2", 1_001, 1_001), 2, false), rs_old);
+    assert!(w.step(1_002, &[old1, old2.clone()]).is_empty());
+    // old-1 is gone; old-2 (created a second later, seen before) is not its replacement.
+    let plan = w.plan(1_003, std::slice::from_ref(&old2));
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.waiting, 1);
+    // A pod of the new ReplicaSet is; so would be a sibling that appeared after the last pass.
+    let new1 = owned(
+        seen(ready("new-1", 1_003, 1_004), 3, false),
+        "ReplicaSet/web-2",
+    );
+    assert_eq!(
+        w.step(1_004, &[old2.clone(), new1]),
+        ["old-1->new-1 Replaced"]
+    );
+
+    let mut w = World::new(rules(), &[("a", 5)]);
+    let a = owned(seen(ready("a", 1_000, 1_000), 1, false), rs_old);
+    let peer = owned(seen(ready("peer", 1_001, 1_001), 2, false), rs_old);
+    assert!(w.step(1_002, &[a, peer.clone()]).is_empty());
+    let successor = owned(seen(ready("successor", 1_002, 1_002), 3, false), rs_old);
+    assert_eq!(w.step(1_003, &[peer, successor]), ["a->successor Replaced"]);
 }
 
 #[test]
@@ -1567,8 +1653,9 @@ enum Op {
     Write { target: usize, n: u64 },
     /// Time passes.
     Advance(u16),
-    /// The actions of the next pass fail (store error): started, not applied, failed.
-    FailNext,
+    /// The actions of the next pass fail (a store error, a lost lease): started, then failed;
+    /// with `moved`, after their batches landed (the error came with the final count).
+    FailNext { moved: bool },
     /// The actions of the next pass stay in flight for two more passes: the first sees them
     /// running (nothing moved yet); the second sees their effect in the store, and they are
     /// reported completed only after it planned (the worst order for the planner).
@@ -1585,7 +1672,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..8).prop_map(Op::Reuse),
         4 => (0usize..16, 1u64..20).prop_map(|(target, n)| Op::Write { target, n }),
         3 => (0u16..400).prop_map(Op::Advance),
-        1 => Just(Op::FailNext),
+        1 => any::<bool>().prop_map(|moved| Op::FailNext { moved }),
         2 => Just(Op::DeferNext),
     ]
 }
@@ -1631,16 +1718,16 @@ struct Sim {
     sessions: BTreeMap<String, u64>,
     written: u64,
     deleted: u64,
-    fail_next: bool,
+    fail_next: Option<bool>,
     defer_next: bool,
     /// Every action stays in flight for two passes (as with [`Op::DeferNext`]).
     slow: bool,
     /// Actions started by an earlier pass and not reported back yet, with whether they
     /// already ran through one pass.
     in_flight: Vec<(Action, bool)>,
-    /// Replacement → when a `Replaced` reroute onto it completed, while it stays live and
-    /// within the planner's retention.
-    replaced_onto: BTreeMap<String, i64>,
+    /// Replacement → when a `Replaced` reroute onto it started, and from which departure,
+    /// while it stays live and within the planner's retention.
+    replaced_onto: BTreeMap<String, (i64, String)>,
 }
 
 impl Sim {
@@ -1655,7 +1742,7 @@ impl Sim {
             sessions: BTreeMap::new(),
             written: 0,
             deleted: 0,
-            fail_next: false,
+            fail_next: None,
             defer_next: false,
             slow: false,
             in_flight: Vec::new(),
@@ -1711,7 +1798,7 @@ impl Sim {
                 self.written += n;
             }
             Op::Advance(secs) => self.now += i64::from(secs),
-            Op::FailNext => self.fail_next = true,
+            Op::FailNext { moved } => self.fail_next = Some(moved),
             Op::DeferNext => self.defer_next = true,
             _ => {}
         }
@@ -1807,7 +1894,9 @@ impl Sim {
                         plan.actions
                     );
                     prop_assert!(
-                        !self.replaced_onto.contains_key(to),
+                        self.replaced_onto
+                            .get(to)
+                            .is_none_or(|(_, earlier)| earlier == from),
                         "{to} replaced another departure already: {action:?}"
                     );
                 }
@@ -1853,6 +1942,7 @@ impl Sim {
                 orphans: &orphans,
                 loads: &self.sessions,
                 unselected: &BTreeSet::new(),
+                seen_through: self.next as u64 + 1,
             },
         );
 
@@ -1868,7 +1958,7 @@ impl Sim {
             .as_secs() as i64;
         let now = self.now;
         self.replaced_onto
-            .retain(|id, at| live.contains(id.as_str()) && now < *at + retention);
+            .retain(|id, (at, _)| live.contains(id.as_str()) && now < *at + retention);
         self.check_actions(&plan, &workers, &live, &landed, &running)?;
 
         let now = t(self.now);
@@ -1877,26 +1967,25 @@ impl Sim {
         }
         self.in_flight
             .extend(running.into_iter().map(|action| (action, true)));
-        let fail = std::mem::take(&mut self.fail_next);
+        let fail = self.fail_next.take();
         let defer = std::mem::take(&mut self.defer_next) || self.slow;
         for action in &plan.actions {
             self.memory.started(action, now);
-            let replaced = match action {
-                Action::Reroute {
-                    to,
-                    reason: Reason::Replaced,
-                    ..
-                } => Some(to.clone()),
-                _ => None,
-            };
-            if let Some(to) = &replaced {
-                self.replaced_onto.insert(to.clone(), self.now);
+            if let Action::Reroute {
+                from,
+                to,
+                reason: Reason::Replaced,
+                ..
+            } = action
+            {
+                self.replaced_onto
+                    .insert(to.clone(), (self.now, from.clone()));
             }
-            if fail {
-                self.memory.failed(action);
-                if let Some(to) = &replaced {
-                    self.replaced_onto.remove(to);
+            if let Some(moved) = fail {
+                if moved {
+                    self.execute(action);
                 }
+                self.memory.failed(action);
             } else if defer {
                 self.in_flight.push((action.clone(), false));
             } else {

@@ -190,9 +190,26 @@ async fn rollout_restart_right_after_ready_reroutes_every_departure() {
     }
     assert!(deletes(&operator).is_empty(), "{:?}", deletes(&operator));
     eprintln!("after the rollout: {counts:?}");
+    // Which departure went where, and any failed migration, so that a failure says why.
+    let moves: Vec<String> = operator
+        .mutations()
+        .iter()
+        .filter(|m| m["mutation"] == "reroute_worker")
+        .map(|m| {
+            format!(
+                "{} -> {} ({}, {})",
+                m["from"], m["to"], m["reason"], m["sessions"]
+            )
+        })
+        .collect();
+    let failures: Vec<String> = operator
+        .logs_with_message("migration failed")
+        .iter()
+        .map(|l| format!("{}: {}", l["worker"], l["error"]))
+        .collect();
     assert!(
         counts.len() == 4 && counts.values().all(|n| *n == 50),
-        "one departure per new pod: {counts:?}"
+        "one departure per new pod: {counts:?}\nreroutes: {moves:#?}\nfailed: {failures:#?}"
     );
     assert_eq!(operator.terminate().await, Some(0));
 }

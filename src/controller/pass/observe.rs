@@ -38,6 +38,9 @@ pub(crate) struct Pods {
     pub ceded: BTreeMap<String, String>,
     /// The `OverlappingSelector` message, when some selected pods belong to another policy.
     pub overlap: Option<String>,
+    /// [`Observations::next_seq`](super::super::observe::Observations::next_seq) after the
+    /// scan: the planner orders pods that vanish before the next pass by it.
+    pub seen_through: u64,
 }
 
 impl Pods {
@@ -90,7 +93,11 @@ pub(crate) fn pods(
             unselected.insert(id);
         }
     }
-    from_selected(ctx, &me, &others, valid, selected, unselected, live_ids)
+    let seen_through = ctx.observations.next_seq();
+    Pods {
+        seen_through,
+        ..from_selected(ctx, &me, &others, valid, selected, unselected, live_ids)
+    }
 }
 
 /// The ownership split of the selected pods, and their workers.
@@ -125,6 +132,7 @@ fn from_selected(
         live_ids,
         ceded: split.ceded,
         overlap: split.message,
+        seen_through: 0,
     }
 }
 

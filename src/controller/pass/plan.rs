@@ -60,6 +60,7 @@ pub(crate) fn plan(
             orphans: &orphans,
             loads: &store.counts,
             unselected: &pods.unselected,
+            seen_through: pods.seen_through,
         },
     );
     let trouble = migration_health(state, &with_sessions);
